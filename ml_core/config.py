@@ -1,0 +1,196 @@
+"""Recipe configuration: the one typed description of a specialization run.
+
+Shared by ml_core (which runs it), the worker (which stores it with a job) and the app (which
+validates a customer's job spec against it). Defaults follow ../shared/docs/recipe.md, scaled to
+what a CPU machine can do; the paper's GPU-scale values are noted where they differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class QueryType(StrEnum):
+    """The six synthetic query types of the recipe (Tamber et al. 2025, section 3)."""
+
+    QUESTIONS = "questions"
+    CLAIMS = "claims"
+    TITLES = "titles"
+    KEYWORDS = "keywords"
+    ZERO_SHOT_USER = "zero_shot_user"
+    FEW_SHOT_USER = "few_shot_user"
+
+
+ALL_QUERY_TYPES: tuple[QueryType, ...] = tuple(QueryType)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CorpusConfig(_Section):
+    """Corpus hygiene and chunking."""
+
+    min_chars: Annotated[int, Field(ge=0, le=1000)] = 10
+    dedupe: bool = True
+    # Passages longer than the student's passage length are split into overlapping chunks that
+    # keep their parent id, so evaluation maps chunks back to documents.
+    chunk_overlap_tokens: Annotated[int, Field(ge=0, le=256)] = 32
+    max_chars: Annotated[int, Field(ge=64, le=100_000)] = 2048
+
+
+class GenerationConfig(_Section):
+    """Synthetic query generation."""
+
+    query_types: Annotated[list[QueryType], Field(min_length=1)] = list(ALL_QUERY_TYPES)
+    # Passages sampled for generation (paper: up to 100k). One query per passage per type.
+    passages: Annotated[int, Field(ge=1, le=1_000_000)] = 600
+    backend: Literal["transformers", "vllm", "openai"] = "transformers"
+    # For backend="openai": any OpenAI-compatible completions endpoint (vLLM server, hosted API).
+    endpoint: str | None = None
+    api_key_env: str = "TAILOR_GENERATOR_API_KEY"
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.8
+    max_new_tokens: Annotated[int, Field(ge=4, le=256)] = 40
+    few_shot_examples: Annotated[int, Field(ge=0, le=8)] = 3
+    batch_size: Annotated[int, Field(ge=1, le=1024)] = 16
+
+    @model_validator(mode="after")
+    def _endpoint_for_openai(self) -> GenerationConfig:
+        if self.backend == "openai" and not self.endpoint:
+            raise ValueError("generation.endpoint is required when generation.backend is 'openai'")
+        return self
+
+
+class CandidateConfig(_Section):
+    """First-stage candidates, teacher scoring and the round-trip filter."""
+
+    # Candidates per query from the fused first stage (paper: 100). The teacher scores these,
+    # so this is the main CPU cost knob.
+    top_k: Annotated[int, Field(ge=2, le=1000)] = 30
+    use_bm25: bool = True
+    rrf_k: Annotated[int, Field(ge=1, le=1000)] = 60
+    # Round-trip filter: the source passage must be the teacher's #1 and in the student's top N.
+    round_trip: bool = True
+    student_top_n: Annotated[int, Field(ge=1, le=1000)] = 20
+    # Drop queries whose best teacher score is under this percentile of all best scores.
+    min_score_percentile: Annotated[float, Field(ge=0.0, le=99.0)] = 25.0
+    # Teacher scores are min-max normalised between these percentiles and clipped to [0, 1].
+    norm_low_percentile: Annotated[float, Field(ge=0.0, le=50.0)] = 1.0
+    norm_high_percentile: Annotated[float, Field(ge=50.0, le=100.0)] = 99.0
+    # "cross_encoder": the teacher's scores as they are. "fused": the teacher's scores blended
+    # with reciprocal-rank evidence from BM25 and the student, for domains where the
+    # cross-encoder alone is no better than the student (see docs/models.md, Cranfield).
+    teacher_signal: Literal["cross_encoder", "fused"] = "cross_encoder"
+    fused_teacher_weight: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    teacher_batch_size: Annotated[int, Field(ge=1, le=1024)] = 32
+
+
+class TrainingConfig(_Section):
+    """Student training: listwise distillation + a small InfoNCE term (or the InfoNCE baseline)."""
+
+    loss: Literal["listwise", "infonce"] = "listwise"
+    # Passages per query list: the positive + (list_size - 1) candidates (paper: 20).
+    list_size: Annotated[int, Field(ge=2, le=128)] = 16
+    # Queries per optimizer step, and per gradient-cache chunk (memory is set by the chunk).
+    batch_size: Annotated[int, Field(ge=1, le=65_536)] = 32
+    micro_batch_size: Annotated[int, Field(ge=1, le=4096)] = 8
+    learning_rate: Annotated[float, Field(gt=0.0, le=1e-2)] = 2e-5
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
+    warmup_epochs: Annotated[float, Field(ge=0.0, le=10.0)] = 0.5
+    min_lr_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+    grad_clip: Annotated[float, Field(gt=0.0, le=100.0)] = 1.0
+    max_epochs: Annotated[int, Field(ge=1, le=100)] = 10
+    patience: Annotated[int, Field(ge=1, le=100)] = 2
+    kl_student_temperature: Annotated[float, Field(gt=0.0, le=10.0)] = 0.05
+    kl_teacher_temperature: Annotated[float, Field(gt=0.0, le=10.0)] = 0.3
+    infonce_temperature: Annotated[float, Field(gt=0.0, le=10.0)] = 0.01
+    infonce_weight: Annotated[float, Field(ge=0.0, le=10.0)] = 0.1
+    false_negative_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.6
+    max_query_length: Annotated[int, Field(ge=8, le=512)] = 64
+    max_passage_length: Annotated[int, Field(ge=16, le=8192)] = 256
+    dev_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.1
+
+    @model_validator(mode="after")
+    def _micro_batch_fits(self) -> TrainingConfig:
+        if self.micro_batch_size > self.batch_size:
+            raise ValueError("training.micro_batch_size must not exceed training.batch_size")
+        return self
+
+
+class EvaluationConfig(_Section):
+    """Evaluation: held-out synthetic test split unless customer judgements are supplied."""
+
+    test_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.1
+    # A tuned model must beat its base by at least this much nDCG@10 to be recommended.
+    min_gain: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.0
+
+
+class RecipeConfig(_Section):
+    """Everything a specialization run needs besides the corpus itself."""
+
+    seed: int = 13
+    student: str = "minilm-l6"
+    teacher: str = "ms-marco-minilm-l12"
+    generator: str = "smollm2-135m"
+    corpus: CorpusConfig = CorpusConfig()
+    generation: GenerationConfig = GenerationConfig()
+    candidates: CandidateConfig = CandidateConfig()
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+
+    def fingerprint(self, *sections: str) -> str:
+        """sha256 of the named sections (all when none): a stage's config hash in its manifest."""
+        data = self.model_dump(mode="json")
+        if sections:
+            data = {name: data[name] for name in sections}
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# Presets are partial overrides applied on top of the defaults.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    # The embedded demo on a 2-core machine: a few hundred queries, short lists, few epochs.
+    "quick": {
+        "generation": {"passages": 160, "query_types": ["questions", "keywords", "titles"],
+                       "max_new_tokens": 24},
+        "candidates": {"top_k": 12, "student_top_n": 12},
+        "training": {"list_size": 8, "batch_size": 16, "micro_batch_size": 8, "max_epochs": 3,
+                     "max_passage_length": 160},
+    },
+}
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def build_config(preset: str = "default", overrides: dict[str, Any] | None = None) -> RecipeConfig:
+    """A RecipeConfig from a preset name plus nested overrides; raises KeyError for an unknown preset."""
+    if preset not in PRESETS:
+        raise KeyError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return RecipeConfig.model_validate(_merge(PRESETS[preset], overrides or {}))
+
+
+def load_config(path: Path | None, preset: str = "default") -> RecipeConfig:
+    """Read a YAML or JSON recipe file (nested overrides, optional top-level `preset`)."""
+    overrides: dict[str, Any] = {}
+    if path is not None:
+        overrides = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(overrides, dict):
+            raise ValueError(f"{path}: a recipe file must hold a mapping")
+        preset = overrides.pop("preset", preset)
+    return build_config(preset, overrides)
