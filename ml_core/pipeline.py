@@ -1,0 +1,397 @@
+"""The specialization pipeline: which stage consumes which artifact, in one place.
+
+Stages (each a function of a StageContext, writing only under `workdir/<stage>/`):
+
+    prepare   corpus file          -> passages.jsonl (hygiene + chunks), sample.jsonl (splits)
+    generate  sample               -> queries.jsonl (synthetic queries, one per passage per type)
+    filter    queries + passages   -> candidates.jsonl (teacher-scored lists), queries.jsonl (kept)
+    distill   candidates + queries -> model/ (sentence-transformers folder), history.json
+    evaluate  model + test queries -> report.json (base vs tuned, teacher check, recommendation)
+
+A stage is finished when its manifest.json exists with the same fingerprint (its config sections
+plus the fingerprints of what it read), so a rerun or a redelivered task skips finished stages and
+a changed setting reruns exactly the stages downstream of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ml_core.config import RecipeConfig
+from ml_core.records import Passage, ProgressFn, Query, ScoredList, no_progress, read_jsonl, write_jsonl
+from ml_core.registry import ModelRegistry
+
+STAGES: tuple[str, ...] = ("prepare", "generate", "filter", "distill", "evaluate")
+
+# Which recipe sections each stage depends on (beyond its upstream stages' fingerprints).
+_STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "prepare": ("seed", "student", "corpus", "evaluation"),
+    "generate": ("seed", "generator", "generation"),
+    "filter": ("seed", "student", "teacher", "candidates"),
+    "distill": ("seed", "training"),
+    "evaluate": ("evaluation",),
+}
+_UPSTREAM: dict[str, tuple[str, ...]] = {
+    "prepare": (),
+    "generate": ("prepare",),
+    "filter": ("prepare", "generate"),
+    "distill": ("prepare", "filter"),
+    "evaluate": ("prepare", "generate", "filter", "distill"),
+}
+MANIFEST = "manifest.json"
+
+
+class StageError(RuntimeError):
+    """A stage cannot run: missing upstream output, or inputs that leave nothing to do."""
+
+    code = "stage_failed"
+
+
+@dataclass
+class StageContext:
+    """Everything a stage needs: where to work, what to read, and whom to tell about progress."""
+
+    workdir: Path
+    corpus_path: Path
+    config: RecipeConfig
+    registry: ModelRegistry
+    eval_queries: Path | None = None
+    eval_qrels: Path | None = None
+    progress: ProgressFn = no_progress
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.workdir / stage
+
+
+@dataclass
+class StageResult:
+    """What a stage did: its manifest, and whether it was skipped as already finished."""
+
+    stage: str
+    skipped: bool
+    manifest: dict[str, Any]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 hex digest of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def stage_fingerprint(stage: str, ctx: StageContext) -> str:
+    """The hash that decides whether a finished stage can be reused."""
+    parts: dict[str, Any] = {"stage": stage, "config": _section_hash(ctx.config, stage)}
+    for upstream in _UPSTREAM[stage]:
+        manifest = read_manifest(ctx.stage_dir(upstream))
+        if manifest is None:
+            raise StageError(f"stage {stage!r} needs stage {upstream!r} to finish first")
+        parts[upstream] = manifest["fingerprint"]
+    if stage == "prepare":
+        parts["corpus"] = file_sha256(ctx.corpus_path)
+    if stage == "evaluate":
+        for name in ("eval_queries", "eval_qrels"):
+            path = getattr(ctx, name)
+            parts[name] = file_sha256(path) if path else None
+    blob = json.dumps(parts, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _section_hash(config: RecipeConfig, stage: str) -> str:
+    data = config.model_dump(mode="json")
+    picked = {name: data[name] for name in _STAGE_SECTIONS[stage]}
+    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
+
+
+def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
+    """The stage's manifest, or None when the stage has not finished."""
+    path = stage_dir / MANIFEST
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def is_finished(stage: str, ctx: StageContext) -> bool:
+    """True when the stage's manifest matches the current config and upstream outputs."""
+    manifest = read_manifest(ctx.stage_dir(stage))
+    if manifest is None:
+        return False
+    try:
+        return manifest["fingerprint"] == stage_fingerprint(stage, ctx)
+    except StageError:
+        return False
+
+
+def run_stage(stage: str, ctx: StageContext) -> StageResult:
+    """Run one stage unless its manifest says it already finished with the same inputs."""
+    if stage not in STAGES:
+        raise KeyError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    fingerprint = stage_fingerprint(stage, ctx)
+    out = ctx.stage_dir(stage)
+    manifest = read_manifest(out)
+    if manifest is not None and manifest["fingerprint"] == fingerprint:
+        ctx.progress(1.0, f"{stage}: already finished, skipped")
+        return StageResult(stage, True, manifest, manifest.get("metrics", {}))
+    # A half-written stage folder from a crash is discarded, except distill's training state
+    # when it was written for these same inputs: that is what lets training resume mid-run.
+    started_for = out / ".fingerprint"
+    resumable = stage == "distill" and started_for.exists() and started_for.read_text() == fingerprint
+    if out.exists() and not resumable:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started_for.write_text(fingerprint)
+    started = time.monotonic()
+    counts, metrics = _RUNNERS[stage](ctx, out)
+    manifest = {
+        "stage": stage,
+        "fingerprint": fingerprint,
+        "config_hash": _section_hash(ctx.config, stage),
+        "inputs": {name: read_manifest(ctx.stage_dir(name))["fingerprint"]  # type: ignore[index]
+                   for name in _UPSTREAM[stage]},
+        "counts": counts,
+        "metrics": metrics,
+        "seconds": round(time.monotonic() - started, 2),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    tmp.replace(out / MANIFEST)  # written last: its presence marks the stage finished
+    ctx.progress(1.0, f"{stage}: done")
+    return StageResult(stage, False, manifest, metrics)
+
+
+def run_all(ctx: StageContext, on_stage: Callable[[str], ProgressFn] | None = None) -> list[StageResult]:
+    """Run every stage in order; `on_stage(name)` may supply a per-stage progress callback."""
+    results = []
+    for stage in STAGES:
+        stage_ctx = ctx if on_stage is None else _with_progress(ctx, on_stage(stage))
+        results.append(run_stage(stage, stage_ctx))
+    return results
+
+
+def _with_progress(ctx: StageContext, progress: ProgressFn) -> StageContext:
+    return StageContext(ctx.workdir, ctx.corpus_path, ctx.config, ctx.registry,
+                        ctx.eval_queries, ctx.eval_qrels, progress)
+
+
+# ---------------------------------------------------------------------------------------------
+# Artifact readers shared by the stages
+
+
+def load_passages(ctx: StageContext) -> list[Passage]:
+    """The prepared passages (after hygiene and chunking)."""
+    return list(read_jsonl(ctx.stage_dir("prepare") / "passages.jsonl", Passage))
+
+
+def load_splits(ctx: StageContext) -> dict[str, str]:
+    """Sampled passage id -> "test" | "train" | "dev"."""
+    rows = (json.loads(line) for line in (ctx.stage_dir("prepare") / "sample.jsonl").open())
+    return {row["id"]: row["split"] for row in rows}
+
+
+def load_queries(path: Path) -> list[Query]:
+    return list(read_jsonl(path, Query))
+
+
+def _student_spec(ctx: StageContext):  # noqa: ANN202 - ModelSpec, imported lazily with torch
+    return ctx.registry.get(ctx.config.student)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages
+
+
+def _prepare(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    from ml_core.corpus import chunk_passages, clean_passages, iter_corpus, sample_passages
+    from ml_core.candidates import split_by_passage
+    from ml_core.student import Student
+
+    cfg = ctx.config
+    ctx.progress(0.0, "reading corpus")
+    documents = list(iter_corpus(ctx.corpus_path))
+    cleaned, hygiene = clean_passages(documents, cfg.corpus)
+    ctx.progress(0.3, "chunking long passages")
+    student = Student.load(ctx.registry.path(cfg.student))
+    max_tokens = min(cfg.training.max_passage_length, student.max_passage_length)
+    passages = chunk_passages(cleaned, student.tokenizer, max_tokens, cfg.corpus.chunk_overlap_tokens)
+    if not passages:
+        raise StageError("the corpus has no passages left after hygiene")
+    write_jsonl(out / "passages.jsonl", passages)
+
+    # Split by passage: test passages are held out of training entirely; the rest is 90/10.
+    sample = sample_passages(passages, cfg.generation.passages, cfg.seed)
+    ids = [p.id for p in sample]
+    test_share = cfg.evaluation.test_fraction
+    dev_share = cfg.training.dev_fraction * (1 - test_share)
+    splits = split_by_passage(ids, {"test": test_share, "dev": dev_share,
+                                    "train": 1 - test_share - dev_share}, cfg.seed)
+    write_jsonl(out / "sample.jsonl", ({"id": pid, "split": splits[pid]} for pid in ids))
+    (out / "hygiene.json").write_text(json.dumps(_as_dict(hygiene), indent=2))
+    split_counts = {name: sum(1 for s in splits.values() if s == name) for name in ("train", "dev", "test")}
+    counts = {"documents": len(documents), "passages": len(passages), "sampled": len(ids), **split_counts}
+    return counts, {"hygiene": _as_dict(hygiene)}
+
+
+def _generate(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    from ml_core.generation import generate_queries, load_generator
+
+    cfg = ctx.config
+    splits = load_splits(ctx)
+    by_id = {p.id: p for p in load_passages(ctx)}
+    sample = [by_id[pid] for pid in splits]
+    generator = load_generator(cfg.generation, ctx.registry.get(cfg.generator), ctx.registry)
+    queries = generate_queries(sample, cfg.generation, generator, cfg.seed, ctx.progress)
+    queries = [_with_split(q, splits[q.source_id]) for q in queries]
+    if not queries:
+        raise StageError("the generator produced no usable queries")
+    write_jsonl(out / "queries.jsonl", queries)
+    per_type: dict[str, int] = {}
+    for q in queries:
+        per_type[q.query_type] = per_type.get(q.query_type, 0) + 1
+    return {"queries": len(queries), "per_type": per_type}, {}
+
+
+def _with_split(query: Query, split: str) -> Query:
+    return Query(query.id, query.text, query.query_type, query.source_id, split)
+
+
+def _filter(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    from ml_core.candidates import mine_candidates, score_and_filter
+    from ml_core.student import Student
+    from ml_core.teacher import load_teacher
+
+    cfg = ctx.config
+    passages = load_passages(ctx)
+    queries = load_queries(ctx.stage_dir("generate") / "queries.jsonl")
+    student = Student.load(ctx.registry.path(cfg.student))
+    teacher = load_teacher(ctx.registry.get(cfg.teacher), ctx.registry)
+
+    ctx.progress(0.0, f"encoding {len(passages)} passages with the student")
+    vectors = student.encode_passages(passages)
+    np.save(out / "base_passage_vectors.npy", vectors)  # reused by evaluate for the base model
+    ctx.progress(0.2, "retrieving candidates (student + BM25, fused)")
+    candidates = mine_candidates(queries, passages, student, cfg.candidates, passage_vectors=vectors)
+    result = score_and_filter(queries, candidates, passages, teacher, cfg.candidates,
+                              progress=lambda f, m: ctx.progress(0.3 + 0.7 * f, m))
+    if not result.lists:
+        raise StageError("no synthetic query survived the teacher's round-trip filter")
+    kept = {sl.query_id for sl in result.lists}
+    write_jsonl(out / "candidates.jsonl", result.lists)
+    write_jsonl(out / "queries.jsonl", (q for q in queries if q.id in kept))
+    (out / "filter.json").write_text(json.dumps(result.summary, indent=2))
+    return {"kept": len(kept), "generated": len(queries)}, result.summary
+
+
+def _distill(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    from ml_core.student import Student
+    from ml_core.training import train_student
+
+    cfg = ctx.config
+    passages = {p.id: p for p in load_passages(ctx)}
+    queries = {q.id: q for q in load_queries(ctx.stage_dir("filter") / "queries.jsonl")}
+    splits = load_splits(ctx)
+    test_ids = {pid for pid, split in splits.items() if split == "test"}
+    train_lists: list[ScoredList] = []
+    dev_lists: list[ScoredList] = []
+    for scored in read_jsonl(ctx.stage_dir("filter") / "candidates.jsonl", ScoredList):
+        split = queries[scored.query_id].split
+        if split not in ("train", "dev"):
+            continue
+        # Test passages are never trained on, not even as negatives.
+        keep = [i for i, pid in enumerate(scored.passage_ids) if i == 0 or pid not in test_ids]
+        scored = ScoredList(scored.query_id, [scored.passage_ids[i] for i in keep],
+                            [scored.teacher_scores[i] for i in keep],
+                            [scored.raw_scores[i] for i in keep] if scored.raw_scores else [])
+        (train_lists if split == "train" else dev_lists).append(scored)
+    if not train_lists:
+        raise StageError("no training queries left after filtering")
+    if not dev_lists:  # tiny corpora: hold out one training list so dev loss is still defined
+        dev_lists = train_lists[-1:]
+    student = Student.load(ctx.registry.path(cfg.student))
+    result = train_student(student, train_lists, dev_lists, passages, queries, cfg.training,
+                           out, cfg.seed, ctx.progress)
+    model_dir = out / "model"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    shutil.copytree(result.best_dir, model_dir)
+    history = {"best_epoch": result.best_epoch, "steps": result.steps,
+               "stopped_early": result.stopped_early, "epochs": result.history}
+    (out / "history.json").write_text(json.dumps(history, indent=2))
+    counts = {"train_queries": len(train_lists), "dev_queries": len(dev_lists), "steps": result.steps}
+    return counts, {"best_epoch": result.best_epoch}
+
+
+def _evaluate(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    from ml_core.corpus import read_qrels, read_queries
+    from ml_core.evaluation import build_report, evaluate_retriever, teacher_check
+    from ml_core.student import Student
+    from ml_core.teacher import load_teacher
+
+    cfg = ctx.config
+    passages = load_passages(ctx)
+    if ctx.eval_queries and ctx.eval_qrels:
+        judgements = "customer"
+        queries = list(read_queries(ctx.eval_queries))
+        qrels = read_qrels(ctx.eval_qrels)
+        queries = [q for q in queries if q.id in qrels]
+    else:
+        judgements = "synthetic"
+        generated = load_queries(ctx.stage_dir("generate") / "queries.jsonl")
+        kept = {q.id for q in load_queries(ctx.stage_dir("filter") / "queries.jsonl")}
+        # Held-out synthetic test queries that the teacher confirmed (round trip).
+        queries = [q for q in generated if q.split == "test" and q.id in kept]
+        by_id = {p.id: p for p in passages}
+        qrels = {q.id: {by_id[q.source_id].document_id: 1} for q in queries}
+    if not queries:
+        raise StageError("no evaluation queries: supply judgements or a larger passage sample")
+
+    base = Student.load(ctx.registry.path(cfg.student))
+    tuned = Student.load(ctx.stage_dir("distill") / "model")
+    base_vectors = np.load(ctx.stage_dir("filter") / "base_passage_vectors.npy")
+    ctx.progress(0.05, f"evaluating base model on {len(queries)} queries")
+    base_metrics = evaluate_retriever(base, passages, queries, qrels, passage_vectors=base_vectors)
+    ctx.progress(0.35, "evaluating tuned model")
+    tuned_metrics = evaluate_retriever(tuned, passages, queries, qrels)
+    ctx.progress(0.75, "checking the teacher against the student")
+    teacher = load_teacher(ctx.registry.get(cfg.teacher), ctx.registry)
+    check = teacher_check(base, teacher, passages, queries, qrels, passage_vectors=base_vectors)
+    report = build_report(base_metrics, tuned_metrics, check, cfg.evaluation, judgements)
+    report["models"] = {"student": cfg.student, "teacher": cfg.teacher, "generator": cfg.generator}
+    report["recipe"] = cfg.model_dump(mode="json")
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return {"queries": len(queries)}, {
+        "base_ndcg@10": report["base"]["ndcg@10"],
+        "tuned_ndcg@10": report["tuned"]["ndcg@10"],
+        "recommended": report["recommended"],
+    }
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    if hasattr(value, "model_dump"):
+        return value.model_dump()
+    if hasattr(value, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return asdict(value)
+    return dict(value)
+
+
+_RUNNERS: dict[str, Callable[[StageContext, Path], tuple[dict[str, Any], dict[str, Any]]]] = {
+    "prepare": _prepare,
+    "generate": _generate,
+    "filter": _filter,
+    "distill": _distill,
+    "evaluate": _evaluate,
+}
