@@ -1,0 +1,1 @@
+"""Database access: ORM models, engine and session factories, migrations."""

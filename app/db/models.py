@@ -1,0 +1,223 @@
+"""ORM models: the service's tables (docs/contracts.md, "Service data model")."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from app.db.base import Base, BigIntPK, JSONType, utcnow
+
+
+class JobStatus(StrEnum):
+    """Lifecycle of a job: queued -> running -> succeeded | failed; cancel via cancelling."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+
+ACTIVE_JOB_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING)
+FINISHED_JOB_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class EventKind(StrEnum):
+    """What a job event records."""
+
+    STATUS = "status"
+    STAGE = "stage"
+    PROGRESS = "progress"
+    METRIC = "metric"
+    WARNING = "warning"
+
+
+class Recommendation(StrEnum):
+    """Which model the evaluation recommends serving."""
+
+    TUNED = "tuned"
+    BASE = "base"
+
+
+def _str_enum(enum: type[StrEnum], name: str) -> Enum:
+    # VARCHAR + CHECK on every backend (no native PostgreSQL enum: adding a value stays a
+    # one-line migration); values, not member names, are stored.
+    return Enum(
+        enum,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda members: [member.value for member in members],
+        validate_strings=True,
+    )
+
+
+# The many-to-one relationships below also tell the unit of work to insert parents first.
+
+
+class Tenant(Base):
+    """A customer account: every other resource belongs to exactly one tenant."""
+
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiKey(Base):
+    """A tenant's API key, stored as a sha256 hash and found by its first 12 characters."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    prefix: Mapped[str] = mapped_column(String(12), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    tenant: Mapped[Tenant] = relationship(lazy="joined")
+
+
+class Corpus(Base):
+    """An uploaded, validated BEIR corpus (JSONL, plain or gzip) in the object store."""
+
+    __tablename__ = "corpora"
+    __table_args__ = (Index("ix_corpora_tenant_created", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    filename: Mapped[str] = mapped_column(String(255))
+    object_key: Mapped[str] = mapped_column(String(512))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    documents: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    tenant: Mapped[Tenant] = relationship()
+
+
+class EvalSet(Base):
+    """Customer relevance judgements (BEIR queries + qrels) for one corpus."""
+
+    __tablename__ = "eval_sets"
+    __table_args__ = (Index("ix_eval_sets_tenant_created", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    corpus_id: Mapped[str] = mapped_column(ForeignKey("corpora.id"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    queries_key: Mapped[str] = mapped_column(String(512))
+    qrels_key: Mapped[str] = mapped_column(String(512))
+    # Judged queries, and (query, document) judgements.
+    queries: Mapped[int] = mapped_column(Integer)
+    judgements: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    tenant: Mapped[Tenant] = relationship()
+    corpus: Mapped[Corpus] = relationship()
+
+
+class Job(Base):
+    """One specialization run: the request, its resolved recipe and its progress."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key"),
+        Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    corpus_id: Mapped[str] = mapped_column(ForeignKey("corpora.id"), index=True)
+    eval_set_id: Mapped[str | None] = mapped_column(ForeignKey("eval_sets.id"), default=None)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)
+    # sha256 of the canonical request body: a retried Idempotency-Key must carry the same body.
+    request_hash: Mapped[str | None] = mapped_column(String(64), default=None)
+    # The request as sent (base_model, teacher, generator, preset, overrides...).
+    spec: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    # The resolved RecipeConfig.model_dump(mode="json") the worker runs.
+    recipe: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    status: Mapped[JobStatus] = mapped_column(
+        _str_enum(JobStatus, "job_status"), default=JobStatus.QUEUED, index=True
+    )
+    stage: Mapped[str | None] = mapped_column(String(32), default=None)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    # {"code": ..., "message": ..., "stage": ...} when failed.
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSONType, default=None)
+    celery_task_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Plain column, not a foreign key: tuned_models.job_id already points back here.
+    model_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    recommended: Mapped[Recommendation | None] = mapped_column(
+        _str_enum(Recommendation, "recommendation"), default=None
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    tenant: Mapped[Tenant] = relationship()
+    corpus: Mapped[Corpus] = relationship()
+    eval_set: Mapped[EvalSet | None] = relationship()
+
+
+class JobEvent(Base):
+    """An append-only record of a job's status, stage, progress, metrics and warnings."""
+
+    __tablename__ = "job_events"
+    __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    kind: Mapped[EventKind] = mapped_column(_str_enum(EventKind, "event_kind"))
+    stage: Mapped[str | None] = mapped_column(String(32), default=None)
+    progress: Mapped[float | None] = mapped_column(Float, default=None)
+    message: Mapped[str] = mapped_column(Text, default="")
+    data: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+
+    job: Mapped[Job] = relationship()
+
+
+class TunedModel(Base):
+    """A model a job produced: a sentence-transformers folder archived in the object store."""
+
+    __tablename__ = "tuned_models"
+    __table_args__ = (Index("ix_tuned_models_tenant_created", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    base_model: Mapped[str] = mapped_column(String(100))
+    object_key: Mapped[str] = mapped_column(String(512))
+    folder_key: Mapped[str] = mapped_column(String(512))
+    dim: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    recommended: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    tenant: Mapped[Tenant] = relationship()
+    job: Mapped[Job] = relationship()

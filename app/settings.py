@@ -1,0 +1,70 @@
+"""The one settings object: every component's URL and limit, read from TAILOR_* env / .env."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Defaults are anchored at the repository root so the API, the worker and the CLI agree on the
+# embedded set-up whatever directory they are started from.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VAR = REPO_ROOT / "var"
+
+GiB = 1024**3
+
+
+class Settings(BaseSettings):
+    """Configuration for the API, the worker and the CLI (env prefix TAILOR_)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TAILOR_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # Components.
+    database_url: str = f"sqlite:///{VAR / 'tailor.db'}"
+    # "filesystem://" is kombu's serverless transport (messages are files under broker_dir);
+    # "redis://host:6379/0" in production.
+    broker_url: str = "filesystem://"
+    broker_dir: Path = VAR / "broker"
+    # Celery result backend; None: results are not stored (job state lives in the database).
+    result_backend_url: str | None = None
+    object_store_url: str = f"file://{VAR / 'objects'}"
+    model_store: Path = VAR / "models"
+    work_dir: Path = VAR / "work"
+
+    # S3 (object_store_url = s3://bucket[/prefix]); unset keys fall back to boto3's chain.
+    s3_endpoint_url: str | None = None
+    # Endpoint written into presigned download URLs when clients reach S3 by another name.
+    s3_public_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_create_bucket: bool = False
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = None
+
+    # API server.
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=1, le=65535)
+    max_upload_bytes: int = Field(default=1 * GiB, ge=1)
+    # Uploads are spooled here while they are validated (None: the system temp dir).
+    upload_dir: Path | None = None
+    presigned_url_expires: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
+
+    # Embedding serving.
+    embed_model_cache_size: int = Field(default=4, ge=1)
+    embed_cache_dir: Path = VAR / "cache" / "models"
+    embed_max_inputs: int = Field(default=256, ge=1)
+    embed_max_input_chars: int = Field(default=16_384, ge=1)
+    embed_batch_size: int = Field(default=32, ge=1)
+
+    # Worker / queue. Seconds a delivered but unacknowledged stage task may run before the
+    # broker redelivers it (acks_late): longer than the slowest stage.
+    visibility_timeout: int = Field(default=6 * 3600, ge=60)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings (cached; tests call `get_settings.cache_clear()`)."""
+    return Settings()
