@@ -444,12 +444,17 @@ def copy_tree_to_store(
     return keys
 
 
-def copy_store_to_tree(store: ObjectStore, prefix: str, folder: Path) -> list[Path]:
+def copy_store_to_tree(
+    store: ObjectStore, prefix: str, folder: Path, skip: tuple[str, ...] = ()
+) -> list[Path]:
     """Download every object under `prefix/` into `folder`, skipping files already present
-    with the same size (resume after a crash downloads only what is missing)."""
+    with the same size (resume after a crash downloads only what is missing) and the relative
+    names in `skip`."""
     prefix = prefix.rstrip("/") + "/"
     fetched = []
     for key in store.list(prefix):
+        if key[len(prefix) :] in skip:
+            continue
         dest = Path(folder) / key[len(prefix) :]
         if dest.is_file() and dest.stat().st_size == store.size(key):
             continue

@@ -1,0 +1,74 @@
+"""How a worker moves stage folders between its scratch space and the object store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from app.storage import LocalObjectStore
+from ml_core.pipeline import StageError
+from worker.tasks import STAGE_WEIGHTS, stage_offset, sync_stage_down, upload_stage
+
+
+def _stage_folder(root: Path, stage: str, marker: str) -> Path:
+    folder = root / stage
+    (folder / "model" / "1_Pooling").mkdir(parents=True)
+    (folder / "model" / "1_Pooling" / "config.json").write_text('{"word_embedding_dimension": 8}')
+    (folder / "state").mkdir()
+    (folder / "state" / "checkpoint.pt").write_bytes(b"optimizer state")
+    (folder / "history.json").write_text("[]")
+    (folder / ".fingerprint").write_text("abc")
+    (folder / "manifest.json").write_text(json.dumps({"stage": stage, "run": marker}))
+    return folder
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalObjectStore:
+    return LocalObjectStore(tmp_path / "objects")
+
+
+def test_upload_puts_manifest_last_and_keeps_local_only_files_local(
+    store: LocalObjectStore, tmp_path: Path
+) -> None:
+    folder = _stage_folder(tmp_path / "host-a", "distill", "1")
+    uploaded: list[str] = []
+    original = store.put_file
+    store.put_file = lambda key, path: (uploaded.append(key), original(key, path))  # type: ignore[method-assign]
+    upload_stage(store, "job_1", "distill", folder)
+    assert uploaded[-1] == "jobs/job_1/distill/manifest.json"
+    assert store.list("jobs/job_1/") == [
+        "jobs/job_1/distill/history.json",
+        "jobs/job_1/distill/manifest.json",
+        "jobs/job_1/distill/model/1_Pooling/config.json",
+    ]
+
+
+def test_sync_down_reuses_rebuilds_and_resumes(store: LocalObjectStore, tmp_path: Path) -> None:
+    upload_stage(store, "job_1", "filter", _stage_folder(tmp_path / "a", "filter", "stored"))
+    target = tmp_path / "b" / "filter"
+
+    assert sync_stage_down(store, "job_1", "filter", target)
+    assert json.loads((target / "manifest.json").read_text())["run"] == "stored"
+    assert (target / "model" / "1_Pooling" / "config.json").is_file()
+    # Same manifest locally: nothing is fetched again.
+    assert not sync_stage_down(store, "job_1", "filter", target)
+
+    # A local copy from another run (different manifest) is replaced, stray files included.
+    (target / "manifest.json").write_text('{"run": "other"}')
+    (target / "stray.txt").write_text("left over")
+    assert sync_stage_down(store, "job_1", "filter", target)
+    assert not (target / "stray.txt").exists()
+    assert json.loads((target / "manifest.json").read_text())["run"] == "stored"
+
+
+def test_sync_down_refuses_an_unfinished_stage(store: LocalObjectStore, tmp_path: Path) -> None:
+    with pytest.raises(StageError, match="no stored manifest"):
+        sync_stage_down(store, "job_1", "prepare", tmp_path / "prepare")
+
+
+def test_stage_weights_cover_the_job() -> None:
+    assert sum(STAGE_WEIGHTS.values()) == pytest.approx(1.0)
+    assert stage_offset("prepare") == 0.0
+    assert stage_offset("evaluate") == pytest.approx(0.9)

@@ -1,0 +1,701 @@
+"""The stage task: one Celery task runs one ml_core stage of one job (docs/contracts.md,
+"Worker flow").
+
+    load job row -> sync earlier stages from the object store -> run the stage (or skip it when
+    its manifest is already stored) -> upload its folder, manifest last -> record metrics and
+    events -> send the next stage's task; after evaluate, archive the model and finish the job.
+
+Everything a task needs is in the database row and the object store, so any worker on any host
+can run any stage, and a redelivered task (worker crash, lost host) repeats only unfinished
+work. Cancellation is cooperative (the progress callback raises JobCancelled when the row says
+`cancelling`) and forced (revoke with terminate: SIGTERM to the pool process, see
+`_on_terminated`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tarfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from celery import signals
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.db.base import utcnow
+from app.db.models import (
+    FINISHED_JOB_STATUSES,
+    Corpus,
+    EvalSet,
+    EventKind,
+    Job,
+    JobEvent,
+    JobStatus,
+    Recommendation,
+    TunedModel,
+)
+from app.db.session import get_engine, session_scope
+from app.ids import new_id
+from app.settings import Settings, get_settings
+from app.storage import ObjectNotFound, ObjectStore, copy_store_to_tree, object_store_from_url
+from ml_core.config import RecipeConfig
+from ml_core.pipeline import MANIFEST, STAGES, StageContext, StageError, stage_fingerprint
+from ml_core.pipeline import run_stage as run_pipeline_stage
+from ml_core.registry import ModelRegistry
+from worker.celery_app import TASK_RUN_STAGE, celery_app
+from worker.dispatch import send_stage
+
+log = logging.getLogger(__name__)
+
+# Share of the whole job each stage represents, for one overall progress figure. Rough
+# wall-clock shares of a CPU run; generation and training dominate.
+STAGE_WEIGHTS: dict[str, float] = {
+    "prepare": 0.05,
+    "generate": 0.30,
+    "filter": 0.25,
+    "distill": 0.30,
+    "evaluate": 0.10,
+}
+# Progress is written at most this often, and the row's status is read at most this often to
+# notice a cancel request: about once a second keeps cancel prompt and the database quiet.
+PROGRESS_INTERVAL_S = 1.0
+# Progress events (the job's timeline) are sparser than progress updates.
+PROGRESS_EVENT_INTERVAL_S = 10.0
+# Files a stage writes for its own resume or bookkeeping that other hosts never need:
+# distill's training state and best-checkpoint copy (model/ holds the same weights).
+LOCAL_ONLY: dict[str, tuple[str, ...]] = {"distill": ("state", "best", "best.tmp", "best.old")}
+TRANSIENT_RETRIES = 3
+
+
+class JobCancelled(Exception):
+    """Raised from the progress callback when the job row says `cancelling`."""
+
+
+@dataclass(frozen=True)
+class JobInputs:
+    """What a stage reads from the job's rows, copied out of the session."""
+
+    job_id: str
+    tenant_id: str
+    recipe: dict[str, Any]
+    spec: dict[str, Any]
+    corpus_key: str
+    eval_queries_key: str | None
+    eval_qrels_key: str | None
+
+
+def stage_offset(stage: str) -> float:
+    """Overall progress when `stage` starts."""
+    return sum(STAGE_WEIGHTS[s] for s in STAGES[: STAGES.index(stage)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Database helpers (short transactions: never hold a transaction across a stage)
+
+
+def add_event(
+    session: Session,
+    job_id: str,
+    kind: EventKind,
+    message: str,
+    stage: str | None = None,
+    progress: float | None = None,
+    data: dict[str, Any] | None = None,
+) -> None:
+    """Append one event to a job's timeline."""
+    session.add(
+        JobEvent(
+            job_id=job_id,
+            kind=kind,
+            stage=stage,
+            progress=progress,
+            message=message,
+            data=data or {},
+        )
+    )
+
+
+def _locked_job(session: Session, job_id: str) -> Job | None:
+    # FOR UPDATE serialises the worker against the cancel endpoint on PostgreSQL (SQLite
+    # ignores it: it has one writer at a time anyway).
+    return session.scalars(select(Job).where(Job.id == job_id).with_for_update()).one_or_none()
+
+
+def mark_cancelled(job_id: str, stage: str | None, message: str) -> bool:
+    """cancelling/running/queued -> cancelled, once; True when this call made the change."""
+    with session_scope() as session:
+        job = _locked_job(session, job_id)
+        if job is None or job.status in FINISHED_JOB_STATUSES:
+            return False
+        job.status = JobStatus.CANCELLED
+        job.finished_at = utcnow()
+        add_event(
+            session, job_id, EventKind.STATUS, message, stage=stage, data={"status": "cancelled"}
+        )
+        return True
+
+
+def _mark_failed(job_id: str, stage: str, code: str, detail: str, data: dict[str, Any]) -> None:
+    with session_scope() as session:
+        job = _locked_job(session, job_id)
+        if job is None or job.status in FINISHED_JOB_STATUSES:
+            return
+        job.status = JobStatus.FAILED
+        job.error = {"error": code, "detail": detail, "stage": stage}
+        job.finished_at = utcnow()
+        add_event(
+            session,
+            job_id,
+            EventKind.STATUS,
+            f"{stage} failed: {detail}",
+            stage=stage,
+            data={"status": "failed", "error": code, **data},
+        )
+
+
+def _claim(job_id: str, stage: str, redelivered: bool) -> JobInputs | None:
+    """Decide whether this delivery should run; mark the job running. None: nothing to do."""
+    with session_scope() as session:
+        job = _locked_job(session, job_id)
+        if job is None:
+            log.warning("job %s not found; dropping its %s task", job_id, stage)
+            return None
+        if job.status in FINISHED_JOB_STATUSES:
+            log.info("job %s is %s; dropping its %s task", job_id, job.status, stage)
+            return None
+        if job.status == JobStatus.CANCELLING:
+            job.status = JobStatus.CANCELLED
+            job.finished_at = utcnow()
+            add_event(
+                session,
+                job_id,
+                EventKind.STATUS,
+                "cancelled before " + stage,
+                stage=stage,
+                data={"status": "cancelled"},
+            )
+            return None
+        if job.stage in STAGES and STAGES.index(job.stage) > STAGES.index(stage):
+            # A duplicate delivery of a stage the job has moved past (redelivered after the
+            # visibility timeout while the first copy finished): the first copy already sent
+            # the next stage, so this one must not.
+            log.info("job %s is at %s; dropping stale %s task", job_id, job.stage, stage)
+            return None
+        first_start = job.status == JobStatus.QUEUED
+        job.status = JobStatus.RUNNING
+        job.started_at = job.started_at or utcnow()
+        job.attempts = (job.attempts or 0) + 1
+        job.stage = stage
+        job.progress = max(job.progress or 0.0, stage_offset(stage))
+        if first_start:
+            add_event(session, job_id, EventKind.STATUS, "running", data={"status": "running"})
+        add_event(
+            session,
+            job_id,
+            EventKind.STAGE,
+            f"{stage} started",
+            stage=stage,
+            progress=job.progress,
+            data={"attempt": job.attempts, "redelivered": redelivered},
+        )
+        corpus = session.get(Corpus, job.corpus_id)
+        eval_set = session.get(EvalSet, job.eval_set_id) if job.eval_set_id else None
+        if corpus is None:
+            raise StageError(f"corpus {job.corpus_id} of job {job_id} no longer exists")
+        return JobInputs(
+            job_id=job.id,
+            tenant_id=job.tenant_id,
+            recipe=dict(job.recipe),
+            spec=dict(job.spec or {}),
+            corpus_key=corpus.object_key,
+            eval_queries_key=eval_set.queries_key if eval_set else None,
+            eval_qrels_key=eval_set.qrels_key if eval_set else None,
+        )
+
+
+class ProgressReporter:
+    """The ProgressFn handed to a stage: throttled progress writes, events and cancel checks."""
+
+    def __init__(self, job_id: str, stage: str) -> None:
+        self.job_id, self.stage = job_id, stage
+        self._last_write = 0.0
+        self._last_event = 0.0
+        self._last_event_tenth = -1
+        self._last_message = ""
+
+    def __call__(self, fraction: float, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last_write < PROGRESS_INTERVAL_S and fraction < 1.0:
+            return
+        self._last_write = now
+        fraction = min(max(fraction, 0.0), 1.0)
+        overall = stage_offset(self.stage) + STAGE_WEIGHTS[self.stage] * fraction
+        tenth = int(fraction * 10)
+        want_event = message != self._last_message and (
+            tenth != self._last_event_tenth or now - self._last_event >= PROGRESS_EVENT_INTERVAL_S
+        )
+        with session_scope() as session:
+            job = session.get(Job, self.job_id)
+            if job is None or job.status in (JobStatus.CANCELLING, JobStatus.CANCELLED):
+                raise JobCancelled(self.job_id)
+            # A redelivered stage reports again from 0: never move the bar backwards.
+            session.execute(
+                update(Job)
+                .where(Job.id == self.job_id, Job.progress < overall)
+                .values(progress=overall)
+            )
+            if want_event:
+                add_event(
+                    session,
+                    self.job_id,
+                    EventKind.PROGRESS,
+                    message,
+                    stage=self.stage,
+                    progress=round(overall, 4),
+                    data={"stage_fraction": round(fraction, 4)},
+                )
+        if want_event:
+            self._last_event, self._last_event_tenth = now, tenth
+            self._last_message = message
+
+
+# ---------------------------------------------------------------------------------------------
+# Object store helpers
+
+
+def store_for(settings: Settings) -> ObjectStore:
+    """The configured object store."""
+    return object_store_from_url(settings.object_store_url, settings)
+
+
+def stage_prefix(job_id: str, stage: str) -> str:
+    return f"jobs/{job_id}/{stage}"
+
+
+def sync_stage_down(store: ObjectStore, job_id: str, stage: str, folder: Path) -> bool:
+    """Make `folder` hold the stored copy of a finished stage; True if anything was fetched.
+
+    The local copy is reused when its manifest equals the stored one. Otherwise the folder is
+    rebuilt from the store (a marker records which manifest a partial download belongs to, so
+    an interrupted download resumes with only the missing files), manifest written last.
+    """
+    try:
+        stored = store.get_bytes(f"{stage_prefix(job_id, stage)}/{MANIFEST}")
+    except ObjectNotFound:
+        raise StageError(f"stage {stage!r} of job {job_id} has no stored manifest") from None
+    local_manifest = folder / MANIFEST
+    if local_manifest.is_file() and local_manifest.read_bytes() == stored:
+        return False
+    marker = folder / ".syncing"
+    digest = hashlib.sha256(stored).hexdigest()
+    if not (marker.is_file() and marker.read_text() == digest):
+        shutil.rmtree(folder, ignore_errors=True)  # another run's output: start clean
+        folder.mkdir(parents=True)
+        marker.write_text(digest)
+    copy_store_to_tree(store, stage_prefix(job_id, stage), folder, skip=(MANIFEST,))
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_bytes(stored)
+    tmp.replace(local_manifest)
+    marker.unlink()
+    return True
+
+
+def upload_stage(store: ObjectStore, job_id: str, stage: str, folder: Path) -> int:
+    """Upload a finished stage folder, manifest.json last (its presence marks it done)."""
+    prefix = stage_prefix(job_id, stage)
+    # Remove the stored manifest first: a crash mid-upload must not leave an old manifest
+    # vouching for a mix of old and new files.
+    store.delete(f"{prefix}/{MANIFEST}")
+    skip_top = set(LOCAL_ONLY.get(stage, ()))
+    count = 0
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if (
+            not path.is_file()
+            or rel.as_posix() == MANIFEST
+            or rel.parts[0] in skip_top
+            or rel.name.startswith(".")
+            or rel.name.endswith(".tmp")
+        ):
+            continue
+        store.put_file(f"{prefix}/{rel.as_posix()}", path)
+        count += 1
+    store.put_file(f"{prefix}/{MANIFEST}", folder / MANIFEST)
+    return count + 1
+
+
+def fetch_input(store: ObjectStore, key: str, dest: Path) -> Path:
+    """Download an input file unless an identical-size copy is already there."""
+    if not (dest.is_file() and dest.stat().st_size == store.size(key)):
+        store.get_file(key, dest)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------
+# The task
+
+
+@celery_app.task(
+    name=TASK_RUN_STAGE, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True
+)
+def run_stage(self: Any, job_id: str, stage: str) -> str:
+    """Run one stage of one job (see the module docstring); returns what happened."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}")
+    delivery = getattr(self.request, "delivery_info", None) or {}
+    redelivered = bool(delivery.get("redelivered"))
+    try:
+        inputs = _claim(job_id, stage, redelivered)
+        if inputs is None:
+            return "dropped"
+        return StageRun(inputs, stage, get_settings()).run()
+    except JobCancelled:
+        mark_cancelled(job_id, stage, f"cancelled during {stage}")
+        return "cancelled"
+    except SystemExit:
+        # billiard turns the SIGTERM of revoke(terminate=True) (and of a cold shutdown) into
+        # SystemExit in the pool process. Record a cancel; a shutdown leaves the job alone.
+        _on_terminated(job_id, stage)
+        raise
+    except Exception as error:
+        if _is_transient(error) and self.request.retries < TRANSIENT_RETRIES:
+            log.warning("job %s %s: transient error, retrying: %s", job_id, stage, error)
+            raise self.retry(exc=error, countdown=10 * (self.request.retries + 1)) from error
+        _record_failure(job_id, stage, error)
+        return "failed"
+
+
+def _on_terminated(job_id: str, stage: str) -> None:
+    """The pool process is being terminated mid-stage: finish a requested cancel.
+
+    A terminate that is not a cancel (cold shutdown) leaves the row untouched: the message is
+    not acknowledged, so the broker redelivers the stage to another worker.
+    """
+    try:
+        with session_scope() as session:
+            status = session.scalar(select(Job.status).where(Job.id == job_id))
+        if status == JobStatus.CANCELLING:
+            mark_cancelled(job_id, stage, f"cancelled during {stage} (task terminated)")
+    except Exception:  # we are exiting; never mask the SystemExit
+        log.exception("could not record termination of job %s", job_id)
+
+
+def _is_transient(error: Exception) -> bool:
+    """Infrastructure hiccups worth a retry (broker, database or object store connection)."""
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import EndpointConnectionError
+    from sqlalchemy.exc import OperationalError
+
+    return isinstance(
+        error,
+        (
+            ConnectionError,
+            BotoConnectionError,
+            EndpointConnectionError,
+            OperationalError,
+            TimeoutError,
+        ),
+    )
+
+
+def _record_failure(job_id: str, stage: str, error: Exception) -> None:
+    """Mark the job failed: ml_core errors with their message, anything else as internal."""
+    code = _ml_error_code(error)
+    if code is not None:
+        detail, data = str(error), {"exception": type(error).__name__}
+        log.warning("job %s failed in %s: %s", job_id, stage, error)
+    else:
+        # The traceback goes into the event (operators), never into the API's error detail.
+        code, detail = "internal_error", f"the {stage} stage failed unexpectedly"
+        data = {
+            "exception": type(error).__name__,
+            "message": str(error)[:2000],
+            "traceback": traceback.format_exc()[-8000:],
+        }
+        log.exception("job %s failed in %s", job_id, stage)
+    try:
+        _mark_failed(job_id, stage, code, detail, data)
+    except Exception:
+        log.exception("could not record the failure of job %s", job_id)
+        raise
+
+
+def _ml_error_code(error: Exception) -> str | None:
+    """An error code for the errors ml_core raises on bad inputs or settings, else None."""
+    if isinstance(error, StageError):
+        return getattr(error, "code", "stage_failed")
+    name = type(error).__name__
+    if name == "CorpusError":
+        return "invalid_corpus"
+    if name == "ValidationError":
+        return "invalid_recipe"
+    if isinstance(error, KeyError) and "model" in str(error).lower():
+        return "unknown_model"
+    return None
+
+
+class StageRun:
+    """One execution of one stage for one job."""
+
+    def __init__(self, inputs: JobInputs, stage: str, settings: Settings) -> None:
+        self.inputs, self.stage, self.settings = inputs, stage, settings
+        self.job_id = inputs.job_id
+        self.store = store_for(settings)
+        self.workdir = Path(settings.work_dir) / self.job_id
+        self.config = RecipeConfig.model_validate(inputs.recipe)
+
+    def run(self) -> str:
+        index = STAGES.index(self.stage)
+        for upstream in STAGES[:index]:
+            sync_stage_down(self.store, self.job_id, upstream, self.workdir / upstream)
+        ctx = self._context()
+        stored = self._stored_manifest()
+        if stored is not None and stored.get("fingerprint") == stage_fingerprint(self.stage, ctx):
+            # Finished and uploaded by an earlier delivery: only the bookkeeping is left.
+            outcome = {
+                "skipped": True,
+                "counts": stored.get("counts", {}),
+                "metrics": stored.get("metrics", {}),
+                "seconds": stored.get("seconds"),
+            }
+            if self.stage == "evaluate":
+                sync_stage_down(self.store, self.job_id, self.stage, self.workdir / self.stage)
+        else:
+            result = run_pipeline_stage(self.stage, ctx)
+            self._raise_if_cancelled()
+            upload_stage(self.store, self.job_id, self.stage, self.workdir / self.stage)
+            outcome = {
+                "skipped": False,
+                "counts": result.manifest.get("counts", {}),
+                "metrics": result.metrics,
+                "seconds": result.manifest.get("seconds"),
+            }
+        self._record_stage(outcome)
+        if index + 1 < len(STAGES):
+            self._advance(STAGES[index + 1])
+            return "advanced"
+        self._finish()
+        return "succeeded"
+
+    def _context(self) -> StageContext:
+        inputs_dir = self.workdir / "inputs"
+        corpus_path = inputs_dir / Path(self.inputs.corpus_key).name
+        # Only prepare reads (and fingerprints) the corpus, only evaluate the judgements.
+        if self.stage == "prepare":
+            fetch_input(self.store, self.inputs.corpus_key, corpus_path)
+        eval_queries = eval_qrels = None
+        if self.inputs.eval_queries_key and self.inputs.eval_qrels_key:
+            eval_queries = inputs_dir / "eval" / Path(self.inputs.eval_queries_key).name
+            eval_qrels = inputs_dir / "eval" / Path(self.inputs.eval_qrels_key).name
+            if self.stage == "evaluate":
+                fetch_input(self.store, self.inputs.eval_queries_key, eval_queries)
+                fetch_input(self.store, self.inputs.eval_qrels_key, eval_qrels)
+        return StageContext(
+            workdir=self.workdir,
+            corpus_path=corpus_path,
+            config=self.config,
+            registry=ModelRegistry(Path(self.settings.model_store)),
+            eval_queries=eval_queries,
+            eval_qrels=eval_qrels,
+            progress=ProgressReporter(self.job_id, self.stage),
+        )
+
+    def _stored_manifest(self) -> dict[str, Any] | None:
+        try:
+            raw = self.store.get_bytes(f"{stage_prefix(self.job_id, self.stage)}/{MANIFEST}")
+        except ObjectNotFound:
+            return None
+        return json.loads(raw)
+
+    def _raise_if_cancelled(self) -> None:
+        with session_scope() as session:
+            status = session.scalar(select(Job.status).where(Job.id == self.job_id))
+        if status in (JobStatus.CANCELLING, JobStatus.CANCELLED, None):
+            raise JobCancelled(self.job_id)
+
+    def _record_stage(self, outcome: dict[str, Any]) -> None:
+        with session_scope() as session:
+            job = _locked_job(session, self.job_id)
+            if job is None:
+                raise JobCancelled(self.job_id)
+            metrics = dict(job.metrics or {})
+            stages = dict(metrics.get("stages", {}))
+            stages[self.stage] = {k: outcome[k] for k in ("counts", "metrics", "seconds")}
+            metrics["stages"] = stages
+            job.metrics = metrics  # a new dict: JSON columns do not track in-place changes
+            done = stage_offset(self.stage) + STAGE_WEIGHTS[self.stage]
+            job.progress = max(job.progress or 0.0, done)
+            verb = "skipped (already finished)" if outcome["skipped"] else "finished"
+            add_event(
+                session,
+                self.job_id,
+                EventKind.STAGE,
+                f"{self.stage} {verb}",
+                stage=self.stage,
+                progress=job.progress,
+                data={
+                    "skipped": outcome["skipped"],
+                    "seconds": outcome["seconds"],
+                    "counts": outcome["counts"],
+                },
+            )
+            if outcome["metrics"]:
+                add_event(
+                    session,
+                    self.job_id,
+                    EventKind.METRIC,
+                    f"{self.stage} metrics",
+                    stage=self.stage,
+                    data=outcome["metrics"],
+                )
+
+    def _advance(self, next_stage: str) -> None:
+        """Send the next stage, then point the row at it.
+
+        Send first: a crash between the two leaves a duplicate task at worst (dropped as stale
+        by _claim once the first copy has advanced the job), never a job with no task.
+        """
+        self._raise_if_cancelled()
+        task_id = send_stage(self.job_id, next_stage)
+        with session_scope() as session:
+            session.execute(
+                update(Job)
+                .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING)
+                .values(stage=next_stage, celery_task_id=task_id)
+            )
+
+    def _finish(self) -> None:
+        """Archive the tuned model, create its row and mark the job succeeded."""
+        self._raise_if_cancelled()
+        report = json.loads((self.workdir / "evaluate" / "report.json").read_text())
+        model_dir = self.workdir / "distill" / "model"
+        model_id = self._reserve_model_id()
+        object_key = f"models/{model_id}/model.tar.gz"
+        folder_key = f"models/{model_id}/model/"
+        archive = self.workdir / "export" / "model.tar.gz"
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive, "w:gz") as tar:
+            # One top-level folder named after the model, so extracting never spills files.
+            tar.add(model_dir, arcname=model_id)
+        for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+            self.store.put_file(folder_key + path.relative_to(model_dir).as_posix(), path)
+        self.store.put_file(object_key, archive)
+
+        recommended = report.get("recommended", "base")
+        tuned_metrics = dict(report.get("tuned", {}))
+        job_metrics = {
+            key: report[key]
+            for key in (
+                "base",
+                "tuned",
+                "gain",
+                "warnings",
+                "per_query_type",
+                "teacher_check",
+                "judgements",
+            )
+            if key in report
+        }
+        with session_scope() as session:
+            job = _locked_job(session, self.job_id)
+            if job is None or job.status != JobStatus.RUNNING:
+                raise JobCancelled(self.job_id)
+            if session.get(TunedModel, model_id) is None:
+                session.add(
+                    TunedModel(
+                        id=model_id,
+                        tenant_id=job.tenant_id,
+                        job_id=job.id,
+                        name=str(self.inputs.spec.get("name") or f"{self.config.student}-{job.id}"),
+                        base_model=self.config.student,
+                        object_key=object_key,
+                        folder_key=folder_key,
+                        dim=_model_dim(model_dir),
+                        metrics={**tuned_metrics, "gain": report.get("gain", {})},
+                        recommended=recommended == "tuned",
+                    )
+                )
+            job.metrics = {**(job.metrics or {}), **job_metrics}
+            job.recommended = Recommendation(recommended)
+            job.status = JobStatus.SUCCEEDED
+            job.progress = 1.0
+            job.finished_at = utcnow()
+            if recommended != "tuned":
+                add_event(
+                    session,
+                    job.id,
+                    EventKind.WARNING,
+                    "the tuned model does not beat its base model on evaluation; "
+                    "the base model stays the recommendation",
+                    stage="evaluate",
+                    data={"gain": report.get("gain", {})},
+                )
+            for warning in report.get("warnings", []):
+                add_event(session, job.id, EventKind.WARNING, str(warning), stage="evaluate")
+            add_event(
+                session,
+                job.id,
+                EventKind.STATUS,
+                "succeeded",
+                progress=1.0,
+                data={"status": "succeeded", "model_id": model_id, "recommended": recommended},
+            )
+
+    def _reserve_model_id(self) -> str:
+        """The job's model id, chosen once: a redelivered evaluate reuses it (no orphans)."""
+        with session_scope() as session:
+            job = _locked_job(session, self.job_id)
+            if job is None:
+                raise JobCancelled(self.job_id)
+            if job.model_id is None:
+                job.model_id = new_id("mdl")
+            return job.model_id
+
+
+def _model_dim(model_dir: Path) -> int:
+    """Embedding size from the sentence-transformers pooling config (or the model spec)."""
+    pooling = model_dir / "1_Pooling" / "config.json"
+    if pooling.is_file():
+        return int(json.loads(pooling.read_text())["word_embedding_dimension"])
+    spec = json.loads((model_dir / "tailor-model.json").read_text())
+    return int(spec["dim"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker process hooks
+
+
+@signals.worker_process_init.connect
+def _fresh_connections_after_fork(**_: Any) -> None:
+    """A forked pool process must not reuse the parent's database connections."""
+    get_engine().dispose(close=False)
+
+
+@signals.task_revoked.connect
+def _cancel_revoked_job(request: Any = None, terminated: bool = False, **_: Any) -> None:
+    """In the worker's main process: a revoked stage task of a cancelling job cancels it.
+
+    Covers the task revoked before it started (the worker drops it without running any of our
+    code) and a pool process killed before it could record the cancel itself.
+    """
+    args = getattr(request, "args", None) or ()
+    kwargs = getattr(request, "kwargs", None) or {}
+    job_id = kwargs.get("job_id") or (args[0] if args else None)
+    stage = kwargs.get("stage") or (args[1] if len(args) > 1 else None)
+    if not job_id:
+        return
+    try:
+        with session_scope() as session:
+            status = session.scalar(select(Job.status).where(Job.id == job_id))
+        if status == JobStatus.CANCELLING:
+            how = "terminated" if terminated else "revoked"
+            mark_cancelled(job_id, stage, f"cancelled ({stage} task {how})")
+    except Exception:
+        log.exception("could not record the revoke of job %s", job_id)
