@@ -60,8 +60,8 @@ class Settings(BaseSettings):
     embed_batch_size: int = Field(default=32, ge=1)
 
     # Worker / queue. Seconds a delivered but unacknowledged stage task may run before the
-    # broker redelivers it (acks_late): longer than the slowest stage.
-    visibility_timeout: int = Field(default=6 * 3600, ge=60)
+    # broker redelivers it (acks_late): longer than the slowest stage (tests use a few seconds).
+    visibility_timeout: int = Field(default=6 * 3600, ge=1)
 
 
 @lru_cache
