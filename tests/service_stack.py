@@ -1,0 +1,391 @@
+"""The whole service as real processes, for the end-to-end tests.
+
+`production_env` points every component at PostgreSQL (a fresh database, migrated with Alembic),
+Redis db 15 and a nanio S3 server; `embedded_env` at the zero-set-up default (SQLite, a local
+object folder, kombu's filesystem broker). `ServiceStack` then runs the API (uvicorn) and Celery
+workers as subprocesses and talks to them over HTTP like a customer would.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.processes import (
+    BIN,
+    REPO,
+    ManagedProcess,
+    NanioServer,
+    free_port,
+    start_process,
+    wait_for_log,
+    wait_until,
+)
+
+PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+REDIS_TEST_URL = "redis://127.0.0.1:6379/15"
+
+# Tiny models and tiny hyperparameters: a whole job takes seconds of compute.
+TINY_JOB: dict[str, Any] = {
+    "base_model": "tiny-student",
+    "teacher": "tiny-teacher",
+    "generator": "tiny-generator",
+    "query_types": ["questions", "keywords"],
+    "passages": 30,
+    "hyperparameters": {
+        "generation": {"max_new_tokens": 8, "batch_size": 16},
+        # The tiny teacher is random: a round trip would keep chance survivors only.
+        "candidates": {"top_k": 8, "round_trip": False, "min_score_percentile": 0.0},
+        "training": {
+            "list_size": 4,
+            "batch_size": 8,
+            "micro_batch_size": 4,
+            "max_epochs": 2,
+            "max_passage_length": 64,
+            "max_query_length": 32,
+        },
+        "evaluation": {"test_fraction": 0.2},
+    },
+}
+
+
+def synthetic_corpus(path: Path, documents: int = 60, seed: int = 7) -> Path:
+    """A BEIR corpus of short science-ish documents made of the tiny tokenizer's words."""
+    from tests.tiny_models import SCIENCE_WORDS, WORDS
+
+    rng = random.Random(seed)
+    science = SCIENCE_WORDS.split()
+    common = [w for w in WORDS.split() if w.isalpha() and len(w) > 2]
+    with path.open("w", encoding="utf-8") as out:
+        for i in range(documents):
+            topic = rng.sample(science, 4)
+            sentences = []
+            for _ in range(3):
+                words = topic + rng.sample(science, 3) + rng.sample(common, 5)
+                rng.shuffle(words)
+                sentences.append(" ".join(words) + ".")
+            doc = {"_id": f"d{i:03d}", "title": " ".join(topic[:2]), "text": " ".join(sentences)}
+            out.write(json.dumps(doc) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Environments
+
+
+@contextmanager
+def postgres_database(prefix: str = "tailor_e2e") -> Iterator[str]:
+    """A fresh, empty PostgreSQL database; dropped afterwards. Yields its SQLAlchemy URL."""
+    import psycopg
+
+    name = f"{prefix}_{int(time.time())}_{random.randrange(16**6):06x}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def flush_redis(url: str = REDIS_TEST_URL) -> None:
+    """Empty the test Redis database (stale tasks of an earlier run must not be consumed)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+
+
+def production_env(
+    root: Path, database_url: str, nanio: NanioServer, model_store: Path, visibility: int
+) -> dict[str, str]:
+    """Settings for PostgreSQL + Redis + S3, as in production (short visibility timeout)."""
+    return {
+        **_common_env(root, model_store),
+        "TAILOR_DATABASE_URL": database_url,
+        "TAILOR_BROKER_URL": REDIS_TEST_URL,
+        "TAILOR_VISIBILITY_TIMEOUT": str(visibility),
+        "TAILOR_OBJECT_STORE_URL": f"s3://tailor-e2e-{random.randrange(16**6):06x}",
+        "TAILOR_S3_ENDPOINT_URL": nanio.endpoint_url,
+        "TAILOR_S3_REGION": nanio.region,
+        "TAILOR_S3_CREATE_BUCKET": "true",
+        "TAILOR_AWS_ACCESS_KEY_ID": nanio.access_key,
+        "TAILOR_AWS_SECRET_ACCESS_KEY": nanio.secret_key,
+    }
+
+
+def embedded_env(root: Path, model_store: Path) -> dict[str, str]:
+    """Settings for the embedded default: SQLite, a local object folder, the filesystem broker."""
+    return {
+        **_common_env(root, model_store),
+        "TAILOR_DATABASE_URL": f"sqlite:///{root / 'tailor.db'}",
+        "TAILOR_BROKER_URL": "filesystem://",
+        "TAILOR_BROKER_DIR": str(root / "broker"),
+        "TAILOR_OBJECT_STORE_URL": f"file://{root / 'objects'}",
+    }
+
+
+def _common_env(root: Path, model_store: Path) -> dict[str, str]:
+    return {
+        "TAILOR_MODEL_STORE": str(model_store),
+        "TAILOR_WORK_DIR": str(root / "work"),
+        "TAILOR_EMBED_CACHE_DIR": str(root / "embed-cache"),
+        "TAILOR_UPLOAD_DIR": str(root / "uploads"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        # Two shared cores: one thread per process keeps the API and the worker from fighting.
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The stack
+
+
+@dataclass
+class ServiceStack:
+    """The API server and Celery workers of one environment, plus an API key."""
+
+    env: dict[str, str]
+    root: Path
+    api: ManagedProcess | None = None
+    api_url: str = ""
+    api_key: str = ""
+    workers: list[ManagedProcess] = field(default_factory=list)
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def run_cli(self, *args: str) -> str:
+        """Run `python -m app.cli ...` with this stack's settings; returns stdout."""
+        done = subprocess.run(
+            [sys.executable, "-m", "app.cli", *args],
+            cwd=REPO,
+            env={**_os_env(), **self.env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"app.cli {args} failed:\n{done.stdout}\n{done.stderr}")
+        return done.stdout
+
+    def migrate_and_create_tenant(self) -> None:
+        self.run_cli("migrate")
+        out = self.run_cli("create-tenant", "e2e")
+        match = re.search(r"api_key:\s*(\S+)", out)
+        assert match, out
+        self.api_key = match.group(1)
+
+    def start_api(self) -> None:
+        port = free_port()
+        self.api_url = f"http://127.0.0.1:{port}"
+        self.api = start_process(
+            "api",
+            [
+                str(BIN / "python"),
+                "-m",
+                "uvicorn",
+                "app.main:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            self.env,
+            self.logs,
+        )
+        wait_until(
+            lambda: httpx.get(self.api_url + "/healthz").status_code == 200, 60, self.api, "the API"
+        )
+
+    def start_worker(self, name: str = "worker") -> ManagedProcess:
+        """A Celery worker exactly as deployed: prefork, one process, both queues."""
+        worker = start_process(
+            name,
+            [
+                str(BIN / "celery"),
+                "-A",
+                "worker.celery_app",
+                "worker",
+                "-P",
+                "prefork",
+                "-c",
+                "1",
+                "-Q",
+                "cpu,gpu",
+                "--without-gossip",
+                "--without-mingle",
+                "--loglevel",
+                "INFO",
+                "-n",
+                f"{name}-{random.randrange(16**6):06x}@%h",
+            ],
+            self.env,
+            self.logs,
+        )
+        self.workers.append(worker)
+        wait_for_log(worker, " ready.", 90)
+        return worker
+
+    def stop(self) -> None:
+        for process in [*self.workers, *([self.api] if self.api else [])]:
+            process.stop()
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.api_url,
+            headers={"Authorization": f"Bearer {self.api_key}"},
+            timeout=60,
+        )
+
+    def diagnostics(self) -> str:
+        """Log tails of every process, for failure messages."""
+        parts = [f"--- {p.name} ---\n{p.log_tail(6000)}" for p in [*self.workers, self.api] if p]
+        return "\n".join(parts)
+
+
+def _os_env() -> dict[str, str]:
+    import os
+
+    return dict(os.environ)
+
+
+# ---------------------------------------------------------------------------------------------
+# Customer-side helpers
+
+
+def upload_corpus(client: httpx.Client, path: Path) -> dict[str, Any]:
+    with path.open("rb") as handle:
+        response = client.post(
+            "/v1/corpora",
+            files={"file": (path.name, handle, "application/jsonl")},
+            data={"name": "e2e corpus"},
+        )
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def create_job(client: httpx.Client, corpus_id: str, **overrides: Any) -> dict[str, Any]:
+    response = client.post("/v1/jobs", json={"corpus_id": corpus_id, **TINY_JOB, **overrides})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def get_job(client: httpx.Client, job_id: str) -> dict[str, Any]:
+    response = client.get(f"/v1/jobs/{job_id}")
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def events(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:
+    """Every event of a job, oldest first."""
+    found: list[dict[str, Any]] = []
+    after = None
+    while True:
+        params = {"limit": 1000, **({"after": after} if after is not None else {})}
+        response = client.get(f"/v1/jobs/{job_id}/events", params=params)
+        assert response.status_code == 200, response.text
+        page = response.json()["data"]
+        if not page:
+            return found
+        found.extend(page)
+        after = page[-1]["id"]
+
+
+def wait_for_job(
+    client: httpx.Client, job_id: str, until: Any, timeout: float, stack: ServiceStack
+) -> dict[str, Any]:
+    """Poll the job until `until(job)` is true; fail with the process logs on timeout."""
+    deadline = time.monotonic() + timeout
+    job: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        job = get_job(client, job_id)
+        if until(job):
+            return job
+        if job["status"] in ("failed", "cancelled", "succeeded"):
+            break
+        time.sleep(0.5)
+    raise AssertionError(
+        f"job {job_id} ended as {job.get('status')} / {job.get('error')} "
+        f"(stage {job.get('stage')})\n{stack.diagnostics()}"
+    )
+
+
+def download_and_compare(client: httpx.Client, model_id: str, target: Path) -> None:
+    """Download the tuned model archive, load it with sentence-transformers, and check its
+    vectors match the API's /v1/embed for queries and passages (1e-5)."""
+    import tarfile
+
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    # S3: a 307 to a presigned URL (httpx drops our Authorization header for the other host);
+    # local store: streamed by the API.
+    response = client.get(f"/v1/models/{model_id}/download", follow_redirects=True)
+    assert response.status_code == 200, response.text
+    archive = target / "model.tar.gz"
+    archive.write_bytes(response.content)
+    with tarfile.open(archive, "r:gz") as tar:
+        tar.extractall(target / "unpacked", filter="data")
+    folder = target / "unpacked" / model_id
+    assert (folder / "modules.json").is_file(), sorted(p.name for p in folder.iterdir())
+    model = SentenceTransformer(str(folder), device="cpu")
+
+    queries = ["what is the flow over a wing", "heat transfer in a boundary layer"]
+    passages = ["the pressure distribution on a thin wing.", "shock waves and heat flux."]
+    for texts, kind in ((queries, "query"), (passages, "passage")):
+        response = client.post(
+            "/v1/embed", json={"model": model_id, "inputs": texts, "input_type": kind}
+        )
+        assert response.status_code == 200, response.text
+        served = np.array([row["embedding"] for row in response.json()["data"]], dtype=np.float32)
+        local = model.encode(texts, prompt_name=kind, convert_to_numpy=True)
+        np.testing.assert_allclose(served, local, atol=1e-5, rtol=0)
+
+
+def run_full_loop(stack: ServiceStack, corpus: Path, tmp: Path, timeout: float = 240) -> str:
+    """Upload a corpus, run a tiny job to success, download and check the model; returns the
+    job id."""
+    with stack.client() as client:
+        corpus_row = upload_corpus(client, corpus)
+        job = create_job(client, corpus_row["id"])
+        assert job["status"] == "queued"
+        done = wait_for_job(client, job["id"], lambda j: j["status"] == "succeeded", timeout, stack)
+        assert done["progress"] == 1.0 and done["stage"] == "evaluate"
+        assert done["recommended"] in ("tuned", "base")
+        assert "ndcg@10" in done["metrics"]["base"] and "ndcg@10" in done["metrics"]["tuned"]
+        assert set(done["metrics"]["stages"]) == {
+            "prepare",
+            "generate",
+            "filter",
+            "distill",
+            "evaluate",
+        }
+        model = client.get(f"/v1/models/{done['model_id']}")
+        assert model.status_code == 200, model.text
+        # A tuned model that does not beat its base is never presented as the recommendation.
+        assert model.json()["recommended"] == (done["recommended"] == "tuned")
+        report = client.get(f"/v1/jobs/{job['id']}/report")
+        assert report.status_code == 200 and report.json()["recommended"] == done["recommended"]
+        download_and_compare(client, done["model_id"], tmp)
+        return job["id"]

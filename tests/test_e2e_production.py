@@ -1,0 +1,164 @@
+"""End to end in the production configuration: PostgreSQL, Redis, S3 (nanio), the API under
+uvicorn and a prefork Celery worker, all real processes, driven over HTTP.
+
+One stack per module (start-up is the slow part); each test creates its own job. The
+visibility timeout is a few seconds so a killed worker's task comes back quickly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.processes import NanioServer, nanio_server
+from tests.service_stack import (
+    ServiceStack,
+    create_job,
+    events,
+    flush_redis,
+    postgres_database,
+    production_env,
+    run_full_loop,
+    synthetic_corpus,
+    upload_corpus,
+    wait_for_job,
+)
+
+pytestmark = pytest.mark.slow
+
+VISIBILITY_TIMEOUT_S = 6
+STAGES = ("prepare", "generate", "filter", "distill", "evaluate")
+
+
+@pytest.fixture(scope="module")
+def nanio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NanioServer]:
+    root = tmp_path_factory.mktemp("nanio")
+    with nanio_server(root / "data", root / "logs") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, nanio: NanioServer, model_store: Path
+) -> Iterator[ServiceStack]:
+    root = tmp_path_factory.mktemp("prod")
+    flush_redis()
+    with postgres_database() as database_url:
+        env = production_env(root, database_url, nanio, model_store, VISIBILITY_TIMEOUT_S)
+        stack = ServiceStack(env, root)
+        try:
+            stack.migrate_and_create_tenant()
+            stack.start_api()
+            stack.start_worker("worker-1")
+            yield stack
+        finally:
+            stack.stop()
+            flush_redis()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synthetic_corpus(tmp_path_factory.mktemp("corpus") / "corpus.jsonl")
+
+
+@pytest.fixture(scope="module")
+def corpus_id(stack: ServiceStack, corpus: Path) -> str:
+    with stack.client() as client:
+        return upload_corpus(client, corpus)["id"]
+
+
+def _running_past_prepare(job: dict) -> bool:
+    return job["status"] == "running" and job["stage"] in ("generate", "filter", "distill")
+
+
+def test_full_loop_through_http(stack: ServiceStack, corpus: Path, tmp_path: Path) -> None:
+    job_id = run_full_loop(stack, corpus, tmp_path)
+    with stack.client() as client:
+        timeline = events(client, job_id)
+    finished = [
+        e["stage"]
+        for e in timeline
+        if e["kind"] == "stage" and e["message"] == f"{e['stage']} finished"
+    ]
+    assert finished == list(STAGES)
+    assert timeline[-1]["kind"] == "status" and timeline[-1]["data"]["status"] == "succeeded"
+    assert any(e["kind"] == "progress" for e in timeline)
+
+
+def test_cancel_of_a_running_job(stack: ServiceStack, corpus_id: str) -> None:
+    with stack.client() as client:
+        job = create_job(client, corpus_id)
+        wait_for_job(client, job["id"], _running_past_prepare, 120, stack)
+        response = client.post(f"/v1/jobs/{job['id']}/cancel")
+        assert response.status_code == 200, response.text
+        assert response.json()["status"] in ("cancelling", "cancelled")
+        started = time.monotonic()
+        done = wait_for_job(client, job["id"], lambda j: j["status"] == "cancelled", 60, stack)
+        # The worker checks about once a second while a stage reports progress.
+        assert time.monotonic() - started < 30
+        assert done["finished_at"] is not None and done["model_id"] is None
+        kinds = [(e["kind"], e["data"].get("status")) for e in events(client, job["id"])]
+        assert kinds[-1] == ("status", "cancelled")
+
+
+def test_revoke_with_terminate_cancels_and_the_worker_carries_on(
+    stack: ServiceStack, corpus_id: str
+) -> None:
+    """revoke(terminate=True) SIGTERMs the pool process mid-stage: the job still ends
+    `cancelled` and the worker replaces its pool process and keeps serving."""
+    from celery import Celery
+    from sqlalchemy import create_engine, text
+
+    from app.settings import Settings
+    from worker.celery_app import configure
+
+    engine = create_engine(stack.env["TAILOR_DATABASE_URL"])
+    control = Celery("e2e-control")
+    configure(control, Settings(broker_url=stack.env["TAILOR_BROKER_URL"]))
+    with stack.client() as client:
+        job = create_job(client, corpus_id)
+        wait_for_job(client, job["id"], _running_past_prepare, 120, stack)
+        with engine.begin() as connection:
+            # What a cancel endpoint that terminates would do: flag the row, then revoke.
+            task_id = connection.execute(
+                text(
+                    "UPDATE jobs SET status = 'cancelling' WHERE id = :id RETURNING celery_task_id"
+                ),
+                {"id": job["id"]},
+            ).scalar_one()
+        control.control.revoke(task_id, terminate=True, signal="SIGTERM")
+        wait_for_job(client, job["id"], lambda j: j["status"] == "cancelled", 60, stack)
+        assert stack.workers[-1].alive()
+    engine.dispose()
+
+
+def test_worker_killed_mid_job_resumes_on_a_new_worker(stack: ServiceStack, corpus_id: str) -> None:
+    with stack.client() as client:
+        job = create_job(client, corpus_id)
+        running = wait_for_job(client, job["id"], _running_past_prepare, 120, stack)
+        # The machine dies: SIGKILL the worker and its pool process, nothing is acknowledged.
+        killed_in = running["stage"]
+        for worker in stack.workers:
+            if worker.alive():
+                worker.kill()
+        stack.start_worker("worker-2")
+        done = wait_for_job(client, job["id"], lambda j: j["status"] == "succeeded", 180, stack)
+        assert done["attempts"] > len(STAGES)  # at least one stage was delivered twice
+        timeline = events(client, job["id"])
+
+    def stage_events(stage: str, word: str) -> list[dict]:
+        return [e for e in timeline if e["kind"] == "stage" and e["message"] == f"{stage} {word}"]
+
+    # Stages finished before the crash were not run again: one start, one finish each.
+    for stage in STAGES[: STAGES.index(killed_in)]:
+        assert len(stage_events(stage, "started")) == 1, stage
+    # The stage the worker died in was delivered again, and every stage ran to the end once
+    # (or was found already finished in the object store and skipped).
+    assert len(stage_events(killed_in, "started")) >= 2
+    assert any(e["data"].get("attempt", 0) >= 2 for e in stage_events(killed_in, "started"))
+    for stage in STAGES:
+        assert len(stage_events(stage, "finished")) <= 1
+        assert stage_events(stage, "finished") or stage_events(stage, "skipped (already finished)")
