@@ -55,8 +55,6 @@ class Settings(BaseSettings):
     # Embedding serving.
     embed_model_cache_size: int = Field(default=4, ge=1)
     embed_cache_dir: Path = VAR / "cache" / "models"
-    embed_max_inputs: int = Field(default=256, ge=1)
-    embed_max_input_chars: int = Field(default=16_384, ge=1)
     embed_batch_size: int = Field(default=32, ge=1)
 
     # Worker / queue. Seconds a delivered but unacknowledged stage task may run before the

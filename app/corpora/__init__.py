@@ -1,0 +1,1 @@
+"""Corpora: a tenant's uploaded BEIR document collections."""

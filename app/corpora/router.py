@@ -1,0 +1,76 @@
+"""Corpus routes: upload, list, read, delete."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, status
+from starlette.concurrency import run_in_threadpool
+
+from app.corpora import service
+from app.corpora.schemas import CORPUS_UPLOAD_BODY, CorpusList, CorpusRead
+from app.db.models import Corpus
+from app.deps import CurrentTenant, PageDep, SessionDep, SettingsDep, StoreDep
+from app.errors import (
+    InvalidCorpus,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    ResourceInUse,
+    Unauthorized,
+    responses,
+)
+from app.uploads import form_file, form_text, multipart_form, spool, upload_folder
+
+router = APIRouter(prefix="/v1/corpora", tags=["corpora"])
+
+
+@router.post(
+    "",
+    response_model=CorpusRead,
+    status_code=status.HTTP_201_CREATED,
+    openapi_extra={"requestBody": CORPUS_UPLOAD_BODY},
+    responses=responses(Unauthorized, PayloadTooLarge, InvalidCorpus, InvalidRequest),
+)
+async def create_corpus(
+    request: Request,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    settings: SettingsDep,
+    store: StoreDep,
+) -> Corpus:
+    """Upload a BEIR corpus (multipart `file`, optional `name`); every line is validated."""
+    limit = settings.max_upload_bytes
+    async with upload_folder(settings.upload_dir) as folder, multipart_form(request, limit) as form:
+        name = form_text(form, "name")
+        upload = await spool(form_file(form, "file"), folder, "corpus.jsonl", limit)
+        return await run_in_threadpool(service.create_corpus, session, store, tenant, upload, name)
+
+
+@router.get("", response_model=CorpusList, responses=responses(Unauthorized, InvalidRequest))
+def list_corpora(session: SessionDep, tenant: CurrentTenant, page: PageDep) -> CorpusList:
+    """List the tenant's corpora, newest first."""
+    rows, count = service.list_corpora(session, tenant, page)
+    return CorpusList(data=[CorpusRead.model_validate(row) for row in rows], count=count)
+
+
+@router.get(
+    "/{corpus_id}",
+    response_model=CorpusRead,
+    responses=responses(Unauthorized, NotFound, InvalidRequest),
+)
+def get_corpus(corpus_id: str, session: SessionDep, tenant: CurrentTenant) -> Corpus:
+    """Read one corpus."""
+    return service.get_corpus(session, tenant, corpus_id)
+
+
+@router.delete(
+    "/{corpus_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=responses(Unauthorized, NotFound, ResourceInUse, InvalidRequest),
+)
+def delete_corpus(
+    corpus_id: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep
+) -> None:
+    """Delete a corpus and its stored file; 409 while a job that uses it has not finished."""
+    corpus = service.delete_corpus(session, tenant, corpus_id)
+    session.commit()
+    service.delete_corpus_objects(store, corpus)

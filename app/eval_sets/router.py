@@ -1,0 +1,65 @@
+"""Eval set routes: upload, list, read."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, status
+from starlette.concurrency import run_in_threadpool
+
+from app.db.models import EvalSet
+from app.deps import CurrentTenant, PageDep, SessionDep, SettingsDep, StoreDep
+from app.errors import (
+    InvalidEvalSet,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    responses,
+)
+from app.eval_sets import service
+from app.eval_sets.schemas import EVAL_SET_UPLOAD_BODY, EvalSetList, EvalSetRead
+from app.uploads import form_file, form_text, multipart_form, spool, upload_folder
+
+router = APIRouter(prefix="/v1/eval-sets", tags=["eval sets"])
+
+
+@router.post(
+    "",
+    response_model=EvalSetRead,
+    status_code=status.HTTP_201_CREATED,
+    openapi_extra={"requestBody": EVAL_SET_UPLOAD_BODY},
+    responses=responses(Unauthorized, NotFound, PayloadTooLarge, InvalidEvalSet, InvalidRequest),
+)
+async def create_eval_set(
+    request: Request,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    settings: SettingsDep,
+    store: StoreDep,
+) -> EvalSet:
+    """Upload judgements for a corpus (multipart `corpus_id`, `queries` JSONL, `qrels` TSV)."""
+    limit = settings.max_upload_bytes
+    async with upload_folder(settings.upload_dir) as folder, multipart_form(request, limit) as form:
+        corpus_id = form_text(form, "corpus_id", required=True, max_length=64)
+        name = form_text(form, "name")
+        queries = await spool(form_file(form, "queries"), folder, "queries.jsonl", limit)
+        qrels = await spool(form_file(form, "qrels"), folder, "qrels.tsv", limit)
+        return await run_in_threadpool(
+            service.create_eval_set, session, store, tenant, corpus_id, name, queries, qrels
+        )
+
+
+@router.get("", response_model=EvalSetList, responses=responses(Unauthorized, InvalidRequest))
+def list_eval_sets(session: SessionDep, tenant: CurrentTenant, page: PageDep) -> EvalSetList:
+    """List the tenant's eval sets, newest first."""
+    rows, count = service.list_eval_sets(session, tenant, page)
+    return EvalSetList(data=[EvalSetRead.model_validate(row) for row in rows], count=count)
+
+
+@router.get(
+    "/{eval_set_id}",
+    response_model=EvalSetRead,
+    responses=responses(Unauthorized, NotFound, InvalidRequest),
+)
+def get_eval_set(eval_set_id: str, session: SessionDep, tenant: CurrentTenant) -> EvalSet:
+    """Read one eval set."""
+    return service.get_eval_set(session, tenant, eval_set_id)

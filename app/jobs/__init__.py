@@ -1,0 +1,1 @@
+"""Jobs: specialization runs of a base model on a tenant's corpus."""

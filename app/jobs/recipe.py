@@ -1,0 +1,106 @@
+"""Turn a JobCreate into a validated RecipeConfig, naming the offending field on failure."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from pydantic import ValidationError
+
+from app.errors import InvalidRecipe, UnknownModel
+from app.jobs.schemas import JobCreate
+from ml_core.config import RecipeConfig, build_config
+from ml_core.registry import ModelRegistry
+
+# Settings that decide where the worker sends data and which credentials it uses: the operator
+# chooses them, never a tenant (a tenant-set endpoint could receive the operator's API key).
+OPERATOR_ONLY = {
+    ("generation", "backend"),
+    ("generation", "endpoint"),
+    ("generation", "api_key_env"),
+}
+
+# Top-level request fields and where they land in the recipe.
+EXPLICIT = {
+    ("student",): "base_model",
+    ("teacher",): "teacher",
+    ("generator",): "generator",
+    ("generation", "query_types"): "query_types",
+    ("generation", "passages"): "passages",
+    ("training", "loss"): "loss",
+}
+
+# Which registry role each model field must have.
+MODEL_ROLES = (("base_model", "student"), ("teacher", "teacher"), ("generator", "generator"))
+
+
+def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for part in path[:-1]:
+        node = tree.get(part)
+        if not isinstance(node, dict):
+            node = tree[part] = {}
+        tree = node
+    tree[path[-1]] = value
+
+
+def _field_for(loc: tuple[Any, ...]) -> str:
+    path = tuple(str(part) for part in loc)
+    for recipe_path, field in EXPLICIT.items():
+        if path[: len(recipe_path)] == recipe_path:
+            return field
+    return ".".join(("hyperparameters", *path))
+
+
+def resolve_recipe(request: JobCreate) -> RecipeConfig:
+    """The preset, then `hyperparameters`, then the explicit fields; validated by RecipeConfig."""
+    overrides = copy.deepcopy(request.hyperparameters)
+    for section, key in OPERATOR_ONLY:
+        if isinstance(overrides.get(section), dict) and key in overrides[section]:
+            raise InvalidRecipe(
+                f"hyperparameters.{section}.{key} is set by the operator, not per job",
+                field=f"hyperparameters.{section}.{key}",
+            )
+    explicit = {
+        "base_model": request.base_model,
+        "teacher": request.teacher,
+        "generator": request.generator,
+        "query_types": [str(t) for t in request.query_types] if request.query_types else None,
+        "passages": request.passages,
+        "loss": request.loss,
+    }
+    for path, field in EXPLICIT.items():
+        if explicit[field] is not None:
+            _set(overrides, path, explicit[field])
+    try:
+        return build_config(request.preset, overrides)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        first = errors[0]
+        field = _field_for(tuple(first["loc"]))
+        raise InvalidRecipe(
+            f"{field}: {first['msg']}",
+            field=field,
+            errors=[{"field": _field_for(tuple(e["loc"])), "message": e["msg"]} for e in errors],
+        ) from exc
+
+
+def check_models(recipe: RecipeConfig, registry: ModelRegistry) -> None:
+    """Every model the recipe names exists in the registry with the right role (422 otherwise)."""
+    names = {"base_model": recipe.student, "teacher": recipe.teacher, "generator": recipe.generator}
+    for field, role in MODEL_ROLES:
+        name = names[field]
+        available = [spec.name for spec in registry.list(role)]
+        try:
+            spec = registry.get(name)
+        except KeyError:
+            raise UnknownModel(
+                f"{field}: unknown model {name!r}; available: {', '.join(available) or 'none'}",
+                field=field,
+                available=available,
+            ) from None
+        if spec.role != role:
+            raise UnknownModel(
+                f"{field}: model {name!r} is a {spec.role}, not a {role}",
+                field=field,
+                available=available,
+            )

@@ -1,0 +1,132 @@
+"""Job routes: create, list, read, events, cancel, report."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Response, status
+
+from app.db.models import Job
+from app.deps import CurrentTenant, PageDep, RegistryDep, SessionDep, StoreDep
+from app.errors import (
+    IdempotencyConflict,
+    InvalidRecipe,
+    InvalidRequest,
+    InvalidState,
+    NotFound,
+    Unauthorized,
+    UnknownModel,
+    responses,
+)
+from app.jobs import queue, service
+from app.jobs.schemas import JobCreate, JobEventList, JobEventRead, JobList, JobRead, JobReport
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        description="Retry-safe creation: the same key and body return the same job.",
+    ),
+]
+
+
+@router.post(
+    "",
+    response_model=JobRead,
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        200: {"model": JobRead, "description": "The job an earlier request with this "
+              "Idempotency-Key created."},
+        **responses(
+            Unauthorized, NotFound, IdempotencyConflict, InvalidRecipe, UnknownModel,
+            InvalidRequest,
+        ),
+    },
+)
+def create_job(
+    request: JobCreate,
+    response: Response,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    registry: RegistryDep,
+    idempotency_key: IdempotencyKey = None,
+) -> Job:
+    """Start a specialization job on a corpus; it is queued, then run stage by stage."""
+    job, created = service.create_job(session, tenant, request, registry, idempotency_key)
+    if not created:
+        response.status_code = status.HTTP_200_OK
+        return job
+    # The worker must find the committed row, and a rolled-back job must never be sent.
+    session.commit()
+    try:
+        job.celery_task_id = queue.enqueue_first_stage(job.id)
+    except Exception as exc:
+        log.exception("could not enqueue job %s", job.id)
+        service.mark_enqueue_failed(session, job, exc)
+    return job
+
+
+@router.get("", response_model=JobList, responses=responses(Unauthorized, InvalidRequest))
+def list_jobs(session: SessionDep, tenant: CurrentTenant, page: PageDep) -> JobList:
+    """List the tenant's jobs, newest first."""
+    rows, count = service.list_jobs(session, tenant, page)
+    return JobList(data=[JobRead.model_validate(row) for row in rows], count=count)
+
+
+@router.get(
+    "/{job_id}", response_model=JobRead, responses=responses(Unauthorized, NotFound, InvalidRequest)
+)
+def get_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> Job:
+    """Read a job: status, stage, progress, metrics, error, tuned model and recommendation."""
+    return service.get_job(session, tenant, job_id)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_model=JobEventList,
+    responses=responses(Unauthorized, NotFound, InvalidRequest),
+)
+def list_job_events(
+    job_id: str,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    after: Annotated[int | None, Query(ge=0, description="Only events with a larger id.")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> JobEventList:
+    """List a job's events oldest first; poll with `after` = the last id seen."""
+    job = service.get_job(session, tenant, job_id)
+    rows, count = service.list_events(session, job, after, limit)
+    return JobEventList(data=[JobEventRead.model_validate(row) for row in rows], count=count)
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobRead,
+    responses=responses(Unauthorized, NotFound, InvalidState, InvalidRequest),
+)
+def cancel_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> Job:
+    """Cancel a job: a queued job stops at once, a running one at its next progress report."""
+    job, task_id = service.cancel_job(session, service.get_job(session, tenant, job_id))
+    session.commit()
+    if task_id is not None:
+        queue.revoke_task(task_id)
+    return job
+
+
+@router.get(
+    "/{job_id}/report",
+    response_model=JobReport,
+    responses=responses(Unauthorized, NotFound, InvalidState, InvalidRequest),
+)
+def get_job_report(
+    job_id: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep
+) -> dict[str, Any]:
+    """Read the evaluation report (base vs tuned, per query type) of a succeeded job."""
+    return service.load_report(store, service.get_job(session, tenant, job_id))

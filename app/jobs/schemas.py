@@ -1,0 +1,105 @@
+"""Job request and response schemas."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.db.models import EventKind, JobStatus, Recommendation
+from app.schemas import ReadSchema
+from ml_core.config import PRESETS, QueryType
+
+# The recipe presets, as a type (built from ml_core so the two never disagree).
+PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
+
+
+class JobCreate(BaseModel):
+    """What to specialize: the corpus, the models, and optional recipe overrides.
+
+    Unset fields take the preset's values. `hyperparameters` holds nested overrides of the
+    recipe sections (`corpus`, `generation`, `candidates`, `training`, `evaluation`, `seed`),
+    each range-checked, e.g. `{"training": {"learning_rate": 3e-5, "max_epochs": 4}}`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    corpus_id: str = Field(examples=["crp_5d1c0e9a2b7f4c6d8e0a1b2c"])
+    base_model: str = Field(default="minilm-l6", description="Student model to specialize.")
+    teacher: str | None = Field(default=None, description="Cross-encoder teacher (registry name).")
+    generator: str | None = Field(default=None, description="Query generator (registry name).")
+    preset: PresetName = "default"
+    query_types: list[QueryType] | None = Field(default=None, min_length=1)
+    passages: int | None = Field(default=None, description="Passages sampled for generation.")
+    loss: Literal["listwise", "infonce"] | None = None
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    eval_set_id: str | None = Field(
+        default=None, description="Judge with the tenant's own eval set instead of held-out "
+        "synthetic queries."
+    )
+
+
+class JobRead(ReadSchema):
+    """A job's request, resolved recipe and progress."""
+
+    id: str = Field(examples=["job_5d1c0e9a2b7f4c6d8e0a1b2c"])
+    corpus_id: str
+    eval_set_id: str | None
+    status: JobStatus
+    stage: str | None = Field(description="The stage running or last run.")
+    progress: float = Field(ge=0.0, le=1.0, description="Overall progress, 0..1.")
+    metrics: dict[str, Any]
+    error: dict[str, Any] | None
+    model_id: str | None = Field(description="The tuned model, once the job has succeeded.")
+    recommended: Recommendation | None = Field(
+        description="Whether evaluation recommends the tuned model or keeping the base."
+    )
+    spec: dict[str, Any] = Field(description="The request as sent.")
+    recipe: dict[str, Any] = Field(description="The full recipe the worker runs.")
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+
+class JobList(BaseModel):
+    """A page of jobs, newest first, and how many there are in all."""
+
+    data: list[JobRead]
+    count: int
+
+
+class JobEventRead(ReadSchema):
+    """One entry of a job's event log."""
+
+    id: int = Field(description="Increasing; pass the last one seen as `after`.")
+    created_at: datetime
+    kind: EventKind
+    stage: str | None
+    progress: float | None
+    message: str
+    data: dict[str, Any]
+
+
+class JobEventList(BaseModel):
+    """Events after the cursor, oldest first, and how many the job has in all."""
+
+    data: list[JobEventRead]
+    count: int
+
+
+class JobReport(BaseModel):
+    """The evaluation report of a succeeded job (base vs tuned)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    base: dict[str, Any] = Field(default_factory=dict)
+    tuned: dict[str, Any] = Field(default_factory=dict)
+    gain: dict[str, Any] = Field(default_factory=dict)
+    recommended: Recommendation | None = None
+    warnings: list[Any] = Field(default_factory=list)
+    per_query_type: dict[str, Any] = Field(default_factory=dict)
+    teacher_check: dict[str, Any] = Field(default_factory=dict)
+    judgements: Literal["customer", "synthetic"] | None = None

@@ -1,0 +1,212 @@
+"""Job rules: create (idempotently), read, list, events, cancel, report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.corpora.service import get_corpus
+from app.db.base import utcnow
+from app.db.models import EventKind, Job, JobEvent, JobStatus, Tenant
+from app.deps import Page
+from app.errors import IdempotencyConflict, InvalidRequest, InvalidState, NotFound
+from app.eval_sets.service import get_eval_set
+from app.ids import new_id
+from app.jobs.recipe import check_models, resolve_recipe
+from app.jobs.schemas import JobCreate
+from app.storage import ObjectNotFound, ObjectStore
+from ml_core.registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+
+def request_hash(request: JobCreate) -> str:
+    """sha256 of the request's canonical JSON (what an Idempotency-Key retry must repeat)."""
+    blob = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _by_idempotency_key(session: Session, tenant: Tenant, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == key))
+
+
+def _replay(job: Job, digest: str) -> Job:
+    if job.request_hash != digest:
+        raise IdempotencyConflict(
+            "this Idempotency-Key was used with a different request body", job_id=job.id
+        )
+    return job
+
+
+def add_event(
+    session: Session, job: Job, kind: EventKind, message: str, **data: Any
+) -> JobEvent:
+    """Append an event to the job's log."""
+    event = JobEvent(
+        job_id=job.id, kind=kind, stage=job.stage, progress=job.progress, message=message,
+        data=data,
+    )
+    session.add(event)
+    return event
+
+
+def create_job(
+    session: Session,
+    tenant: Tenant,
+    request: JobCreate,
+    registry: ModelRegistry,
+    idempotency_key: str | None,
+) -> tuple[Job, bool]:
+    """A new queued job, or the job an earlier request with the same Idempotency-Key created:
+    returns (job, created). The caller commits, then enqueues."""
+    digest = request_hash(request)
+    if idempotency_key is not None:
+        existing = _by_idempotency_key(session, tenant, idempotency_key)
+        if existing is not None:
+            return _replay(existing, digest), False
+    # Locked until commit so the corpus cannot be deleted under a job being created.
+    corpus = get_corpus(session, tenant, request.corpus_id, lock=True)
+    if request.eval_set_id is not None:
+        eval_set = get_eval_set(session, tenant, request.eval_set_id)
+        if eval_set.corpus_id != corpus.id:
+            raise InvalidRequest(
+                f"eval set {eval_set.id} judges corpus {eval_set.corpus_id}, not {corpus.id}",
+                field="eval_set_id",
+            )
+    recipe = resolve_recipe(request)
+    check_models(recipe, registry)
+    job = Job(
+        id=new_id("job"),
+        tenant_id=tenant.id,
+        corpus_id=corpus.id,
+        eval_set_id=request.eval_set_id,
+        idempotency_key=idempotency_key,
+        request_hash=digest,
+        spec=request.model_dump(mode="json"),
+        recipe=recipe.model_dump(mode="json"),
+        status=JobStatus.QUEUED,
+    )
+    session.add(job)
+    add_event(session, job, EventKind.STATUS, "queued", status=JobStatus.QUEUED.value)
+    try:
+        session.flush()
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+        # A concurrent request with the same key won the insert: answer with its job.
+        session.rollback()
+        existing = _by_idempotency_key(session, tenant, idempotency_key)
+        if existing is None:
+            raise
+        return _replay(existing, digest), False
+    return job, True
+
+
+def mark_enqueue_failed(session: Session, job: Job, error: Exception) -> None:
+    """Record that the job's first task could not be sent: the job fails with the error."""
+    now = utcnow()
+    job.status = JobStatus.FAILED
+    job.error = {"code": "enqueue_failed", "message": f"{type(error).__name__}: {error}"}
+    job.finished_at = now
+    add_event(session, job, EventKind.STATUS, "failed: the task could not be queued",
+              status=JobStatus.FAILED.value)
+    session.flush()
+
+
+def get_job(session: Session, tenant: Tenant, job_id: str) -> Job:
+    """The tenant's job `job_id` (404 otherwise)."""
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant.id))
+    if job is None:
+        raise NotFound(f"job {job_id} not found", resource="job", id=job_id)
+    return job
+
+
+def list_jobs(session: Session, tenant: Tenant, page: Page) -> tuple[list[Job], int]:
+    """A page of the tenant's jobs, newest first, and their total."""
+    mine = Job.tenant_id == tenant.id
+    count = session.scalar(select(func.count()).select_from(Job).where(mine)) or 0
+    rows = session.scalars(
+        select(Job)
+        .where(mine)
+        .order_by(Job.created_at.desc(), Job.id.desc())
+        .offset(page.offset)
+        .limit(page.limit)
+    )
+    return list(rows), count
+
+
+def list_events(
+    session: Session, job: Job, after: int | None, limit: int
+) -> tuple[list[JobEvent], int]:
+    """Up to `limit` events of the job with id > `after`, oldest first, and the job's total."""
+    count = session.scalar(
+        select(func.count()).select_from(JobEvent).where(JobEvent.job_id == job.id)
+    ) or 0
+    query = select(JobEvent).where(JobEvent.job_id == job.id)
+    if after is not None:
+        query = query.where(JobEvent.id > after)
+    rows = session.scalars(query.order_by(JobEvent.id).limit(limit))
+    return list(rows), count
+
+
+def _transition(session: Session, job: Job, source: JobStatus, **values: Any) -> bool:
+    # Compare-and-set on status: the worker updates the same row concurrently.
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == source)
+        .values(updated_at=utcnow(), **values)
+        .execution_options(synchronize_session=False)
+    )
+    session.refresh(job)
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def cancel_job(session: Session, job: Job) -> tuple[Job, str | None]:
+    """Cancel a job: queued -> cancelled now, running -> cancelling (the worker stops it).
+    Returns (job, task id to revoke after commit)."""
+    if job.status == JobStatus.QUEUED and _transition(
+        session, job, JobStatus.QUEUED, status=JobStatus.CANCELLED, finished_at=utcnow()
+    ):
+        add_event(session, job, EventKind.STATUS, "cancelled before it started",
+                  status=JobStatus.CANCELLED.value)
+        session.flush()
+        return job, job.celery_task_id
+    if job.status == JobStatus.RUNNING and _transition(
+        session, job, JobStatus.RUNNING, status=JobStatus.CANCELLING
+    ):
+        add_event(session, job, EventKind.STATUS, "cancellation requested",
+                  status=JobStatus.CANCELLING.value)
+        session.flush()
+        return job, None
+    if job.status == JobStatus.CANCELLING:
+        return job, None
+    if job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
+        # It moved on between our read and our update; decide again on the new state.
+        return cancel_job(session, job)
+    raise InvalidState(
+        f"job {job.id} has already finished ({job.status.value})", status=job.status.value
+    )
+
+
+def report_key(job: Job) -> str:
+    """Where the evaluate stage leaves the job's report."""
+    return f"jobs/{job.id}/evaluate/report.json"
+
+
+def load_report(store: ObjectStore, job: Job) -> dict[str, Any]:
+    """The job's evaluation report; 409 until the job has succeeded."""
+    if job.status != JobStatus.SUCCEEDED:
+        raise InvalidState(
+            f"job {job.id} is {job.status.value}; its report exists once it has succeeded",
+            status=job.status.value,
+        )
+    try:
+        return json.loads(store.get_bytes(report_key(job)))
+    except ObjectNotFound:
+        raise NotFound(f"job {job.id} has no report", resource="report", id=job.id) from None

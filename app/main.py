@@ -1,0 +1,77 @@
+"""The FastAPI application: `create_app(settings)` and the module-level `app` for uvicorn."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import FastAPI
+
+from app.corpora.router import router as corpora_router
+from app.db.session import make_engine, make_session_factory
+from app.embeddings.router import router as embeddings_router
+from app.embeddings.service import EmbeddingModels
+from app.errors import install_error_handlers
+from app.eval_sets.router import router as eval_sets_router
+from app.health.router import router as health_router
+from app.jobs.router import router as jobs_router
+from app.models.router import router as models_router
+from app.settings import Settings, get_settings
+from app.storage import object_store_from_url
+
+DESCRIPTION = """\
+Fine-tuning as a service for dense retrievers. Upload a corpus, start a job, and Tailor
+generates synthetic queries, scores candidates with a cross-encoder teacher and distills a
+specialized embedding model; then embed with it (also through an OpenAI-compatible endpoint)
+or download it as a sentence-transformers folder.
+
+Every route except the health probes needs `Authorization: Bearer <api key>`. Errors share one
+shape: `{"error": code, "detail": message, ...context}`.
+"""
+
+
+def _version() -> str:
+    try:
+        return version("tailor")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """An app wired to `settings` (default: the environment). The schema comes from Alembic."""
+    settings = settings or get_settings()
+    engine = make_engine(settings.database_url)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="Tailor",
+        version=_version(),
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        # Operation ids are the handler names (create_job, list_corpora...): SDK-friendly.
+        generate_unique_id_function=lambda route: route.name,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.session_factory = make_session_factory(engine)
+    app.state.store = object_store_from_url(settings.object_store_url, settings)
+    app.state.embedding_models = EmbeddingModels(settings, app.state.store)
+    install_error_handlers(app)
+    for router in (
+        health_router,
+        corpora_router,
+        eval_sets_router,
+        jobs_router,
+        models_router,
+        embeddings_router,
+    ):
+        app.include_router(router)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,32 @@
+"""Model response schemas."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class ModelRead(BaseModel):
+    """A model that can embed: a base student by name, or a tuned model by `mdl_` id."""
+
+    id: str = Field(description="Pass this as `model` to /v1/embed and /v1/embeddings.")
+    kind: Literal["base", "tuned"]
+    name: str
+    base_model: str | None = Field(description="For a tuned model, the student it started from.")
+    dim: int | None = Field(description="Embedding dimension.")
+    job_id: str | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    recommended: bool | None = Field(
+        default=None, description="Tuned model: whether evaluation recommends it over its base."
+    )
+    licence: str | None = None
+    created_at: datetime | None = None
+
+
+class ModelList(BaseModel):
+    """Base models first, then the tenant's tuned models (newest first)."""
+
+    data: list[ModelRead]
+    count: int

@@ -1,0 +1,134 @@
+"""Streaming multipart uploads with a hard size limit.
+
+FastAPI's `UploadFile` parameters parse the whole body before the handler runs, so an oversized
+upload would be written to disk in full before anyone could refuse it. Here the request stream is
+counted while it is parsed: a body past the limit is refused at once (413), and by Content-Length
+before a byte is read when the client sends one. File parts spool to disk past 1 MiB (Starlette),
+then are copied in chunks to a named temporary file the validators can open.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from app.errors import InvalidRequest, PayloadTooLarge
+
+CHUNK = 1024 * 1024
+# Room for the multipart framing and the small text fields around the file parts.
+FORM_OVERHEAD = 64 * 1024
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+@dataclass(frozen=True)
+class SpooledFile:
+    """An uploaded file copied to local disk."""
+
+    path: Path
+    filename: str
+    size: int
+    gzipped: bool
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"upload exceeds the limit of {limit} bytes", limit=limit)
+
+
+async def _limited(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    total = 0
+    async for chunk in stream:
+        total += len(chunk)
+        if total > limit:
+            raise _too_large(limit - FORM_OVERHEAD)
+        yield chunk
+
+
+@asynccontextmanager
+async def multipart_form(request: Request, max_file_bytes: int) -> AsyncIterator[FormData]:
+    """Parse a multipart/form-data body of at most `max_file_bytes` (+ framing) as it streams."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise InvalidRequest("expected a multipart/form-data body", field="content-type")
+    limit = max_file_bytes + FORM_OVERHEAD
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(max_file_bytes)
+    parser = MultiPartParser(
+        request.headers, _limited(request.stream(), limit), max_files=4, max_fields=16
+    )
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise InvalidRequest(f"malformed multipart body: {exc.message}") from exc
+    try:
+        yield form
+    finally:
+        await form.close()
+
+
+def form_text(form: FormData, name: str, *, required: bool = False, max_length: int = 200) -> str:
+    """A text field of the form ("" when absent and optional)."""
+    value: Any = form.get(name)
+    if value is None or value == "":
+        if required:
+            raise InvalidRequest(f"form field {name!r} is required", field=name)
+        return ""
+    if not isinstance(value, str):
+        raise InvalidRequest(f"form field {name!r} must be text, not a file", field=name)
+    if len(value) > max_length:
+        raise InvalidRequest(f"form field {name!r} is longer than {max_length}", field=name)
+    return value
+
+
+def form_file(form: FormData, name: str) -> UploadFile:
+    """A required file field of the form."""
+    value: Any = form.get(name)
+    if not isinstance(value, UploadFile):
+        raise InvalidRequest(f"file field {name!r} is required", field=name)
+    return value
+
+
+def _copy(source: BinaryIO, dest: Path, limit: int) -> tuple[int, bool]:
+    size = 0
+    head = b""
+    with dest.open("wb") as out:
+        while chunk := source.read(CHUNK):
+            if not head:
+                head = chunk[:2]
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            out.write(chunk)
+    return size, head == GZIP_MAGIC
+
+
+async def spool(upload: UploadFile, folder: Path, stem: str, limit: int) -> SpooledFile:
+    """Copy `upload` to `folder` in chunks as `<stem>` (+ `.gz` for gzip data), counting bytes."""
+    await upload.seek(0)
+    tmp = folder / f"{stem}.part"
+    size, gzipped = await run_in_threadpool(_copy, upload.file, tmp, limit)
+    # The name follows the content, not the client's file name.
+    path = folder / (f"{stem}.gz" if gzipped else stem)
+    tmp.rename(path)
+    return SpooledFile(path=path, filename=upload.filename or stem, size=size, gzipped=gzipped)
+
+
+@asynccontextmanager
+async def upload_folder(base: Path | None) -> AsyncIterator[Path]:
+    """A private temporary folder for one request's uploads, removed afterwards."""
+    if base is not None:
+        base.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="tailor-upload-", dir=base))
+    try:
+        yield folder
+    finally:
+        await run_in_threadpool(shutil.rmtree, folder, True)
