@@ -699,3 +699,31 @@ def _cancel_revoked_job(request: Any = None, terminated: bool = False, **_: Any)
             mark_cancelled(job_id, stage, f"cancelled ({stage} task {how})")
     except Exception:
         log.exception("could not record the revoke of job %s", job_id)
+
+
+@signals.worker_ready.connect
+def _recover_embedded_jobs(**_: Any) -> None:
+    """Embedded default only: re-send the current stage of jobs a dead worker left running.
+
+    kombu's filesystem transport removes a message's file when a worker takes it and has no
+    visibility timeout, so a worker killed mid-stage loses its task for good. The embedded
+    set-up runs one worker, so when it starts, any job still `running` (or `cancelling`) has no
+    live task: sending its stage again resumes it (finished stages are skipped by manifest; a
+    duplicate, if the old task had already sent one, is dropped as stale by `_claim`).
+    Redis redelivers by itself (visibility timeout), so production never does this.
+    """
+    settings = get_settings()
+    if not settings.broker_url.startswith("filesystem:"):
+        return
+    try:
+        with session_scope() as session:
+            rows = session.execute(
+                select(Job.id, Job.stage).where(
+                    Job.status.in_([JobStatus.RUNNING, JobStatus.CANCELLING])
+                )
+            ).all()
+        for job_id, stage in rows:
+            log.warning("resuming job %s at %s (left running by a stopped worker)", job_id, stage)
+            send_stage(job_id, stage or STAGES[0])
+    except Exception:
+        log.exception("could not resume interrupted jobs")

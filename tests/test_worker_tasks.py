@@ -1,0 +1,162 @@
+"""The stage task's bookkeeping, run in-process against a real (SQLite) database, a local object
+store and the filesystem broker: which deliveries run, how failures and cancels are recorded."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from app.db.models import Corpus, Job, JobEvent, JobStatus, Tenant
+from app.db.session import session_scope
+from app.settings import get_settings
+from ml_core.config import build_config
+
+
+@pytest.fixture
+def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Settings for this test's database, object folder and broker folder (migrated)."""
+    from app.db.migrate import upgrade
+
+    env = {
+        "TAILOR_DATABASE_URL": f"sqlite:///{tmp_path / 'tailor.db'}",
+        "TAILOR_OBJECT_STORE_URL": f"file://{tmp_path / 'objects'}",
+        "TAILOR_BROKER_URL": "filesystem://",
+        "TAILOR_BROKER_DIR": str(tmp_path / "broker"),
+        "TAILOR_WORK_DIR": str(tmp_path / "work"),
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    upgrade(env["TAILOR_DATABASE_URL"])
+    # The module-level Celery app was configured by whichever settings were first imported:
+    # send this test's tasks through an app on this test's broker folder.
+    import worker.dispatch
+    from worker.celery_app import create_app
+
+    monkeypatch.setattr(worker.dispatch, "celery_app", create_app(get_settings()))
+    yield tmp_path
+    get_settings.cache_clear()
+
+
+def _job(status: JobStatus = JobStatus.QUEUED, stage: str | None = None) -> str:
+    with session_scope() as session:
+        session.add(Tenant(id="ten_1", name="t"))
+        session.add(
+            Corpus(
+                id="crp_1",
+                tenant_id="ten_1",
+                name="c",
+                filename="corpus.jsonl",
+                object_key="corpora/crp_1/corpus.jsonl",
+                size_bytes=1,
+                sha256="0",
+                documents=1,
+            )
+        )
+        session.flush()
+        session.add(
+            Job(
+                id="job_1",
+                tenant_id="ten_1",
+                corpus_id="crp_1",
+                spec={},
+                recipe=build_config().model_dump(mode="json"),
+                status=status,
+                stage=stage,
+            )
+        )
+    return "job_1"
+
+
+def _run(job_id: str, stage: str) -> str:
+    from worker.tasks import run_stage
+
+    return run_stage.apply(args=(job_id, stage)).get()
+
+
+def _state(job_id: str) -> tuple[Job, list[JobEvent]]:
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        events = list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id)))
+        session.expunge_all()
+    assert job is not None
+    return job, events
+
+
+def test_unexpected_error_fails_the_job_with_the_traceback_in_the_event_only(
+    service: Path,
+) -> None:
+    job_id = _job()  # its corpus was never uploaded: the download fails
+    assert _run(job_id, "prepare") == "failed"
+    job, events = _state(job_id)
+    assert job.status == JobStatus.FAILED and job.finished_at is not None
+    assert job.error == {
+        "error": "internal_error",
+        "stage": "prepare",
+        "detail": "the prepare stage failed unexpectedly",
+    }
+    failure = [e for e in events if e.data.get("status") == "failed"][0]
+    assert "Traceback" in failure.data["traceback"] and failure.data["exception"]
+
+
+def test_stage_error_is_reported_with_its_message(service: Path) -> None:
+    job_id = _job(JobStatus.RUNNING, stage="prepare")
+    # generate before prepare has finished: ml_core refuses with a StageError.
+    assert _run(job_id, "generate") == "failed"
+    job, _ = _state(job_id)
+    assert job.error is not None and job.error["error"] == "stage_failed"
+    assert "prepare" in job.error["detail"]
+
+
+def test_cancelling_job_is_cancelled_without_running(service: Path) -> None:
+    job_id = _job(JobStatus.CANCELLING, stage="generate")
+    assert _run(job_id, "generate") == "dropped"
+    job, events = _state(job_id)
+    assert job.status == JobStatus.CANCELLED and job.finished_at is not None
+    assert events[-1].data == {"status": "cancelled"}
+
+
+@pytest.mark.parametrize("status", [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED])
+def test_finished_jobs_are_left_alone(service: Path, status: JobStatus) -> None:
+    job_id = _job(status, stage="evaluate")
+    assert _run(job_id, "evaluate") == "dropped"
+    assert _state(job_id)[0].status == status
+
+
+def test_stale_redelivery_of_an_earlier_stage_is_dropped(service: Path) -> None:
+    job_id = _job(JobStatus.RUNNING, stage="distill")
+    assert _run(job_id, "generate") == "dropped"
+    job, events = _state(job_id)
+    assert job.status == JobStatus.RUNNING and job.stage == "distill" and not events
+
+
+def test_progress_reporter_throttles_and_raises_on_cancel(service: Path) -> None:
+    from worker.tasks import JobCancelled, ProgressReporter
+
+    job_id = _job(JobStatus.RUNNING, stage="filter")
+    report = ProgressReporter(job_id, "filter")
+    report(0.5, "scoring")  # written: overall = 0.35 + 0.25 * 0.5
+    report(0.9, "scoring")  # within a second: not written
+    job, events = _state(job_id)
+    assert job.progress == pytest.approx(0.475)
+    assert [e.message for e in events] == ["scoring"]
+    with session_scope() as session:
+        session.get(Job, job_id).status = JobStatus.CANCELLING  # type: ignore[union-attr]
+    report._last_write = 0.0  # a second later
+    with pytest.raises(JobCancelled):
+        report(0.95, "scoring")
+
+
+def test_embedded_worker_resends_jobs_left_running(service: Path) -> None:
+    from worker.tasks import _recover_embedded_jobs
+
+    _job(JobStatus.RUNNING, stage="distill")
+    _recover_embedded_jobs()
+    messages = list((service / "broker" / "queue").glob("*.msg"))
+    assert len(messages) == 1 and messages[0].name.endswith(".gpu.msg")
+    body = json.loads(messages[0].read_text())
+    assert body["headers"]["argsrepr"] == "('job_1', 'distill')"
