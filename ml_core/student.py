@@ -1,0 +1,192 @@
+"""The student: a bi-encoder (Hugging Face encoder + pooling + prefixes + optional L2 norm).
+
+One object serves both paths: `encode_queries` / `encode_passages` for retrieval (no grad,
+batched, length-sorted, float32 numpy) and `forward_queries` / `forward_passages` for training
+(differentiable tensors). Pooling and prefixes come from the model's spec, because getting either
+wrong silently ruins results (recipe.md, Training).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from ml_core.records import Passage, ProgressFn, no_progress
+from ml_core.registry import SPEC_FILE, ModelSpec
+
+Kind = Literal["query", "passage"]
+
+
+def configure_threads() -> int:
+    """Use every CPU this process may run on for torch (once); returns the thread count."""
+    if not torch.cuda.is_available() and "TAILOR_TORCH_THREADS" not in os.environ:
+        affinity = getattr(os, "sched_getaffinity", None)
+        wanted = len(affinity(0)) if affinity else os.cpu_count()
+    else:
+        wanted = int(os.environ.get("TAILOR_TORCH_THREADS", torch.get_num_threads()))
+    if wanted and torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)
+    return torch.get_num_threads()
+
+
+def passage_text(passage: Passage | str) -> str:
+    """The text a passage is encoded as: "title text" (BEIR convention), or the text alone."""
+    if isinstance(passage, str):
+        return passage
+    return f"{passage.title} {passage.text}" if passage.title else passage.text
+
+
+def load_encoder(folder: Path) -> PreTrainedModel:
+    """AutoModel from a local folder, without BERT's unused pooler head where the model has one."""
+    try:
+        return AutoModel.from_pretrained(folder, add_pooling_layer=False)
+    except TypeError:  # architectures without that option
+        return AutoModel.from_pretrained(folder)
+
+
+class Student(nn.Module):
+    """A bi-encoder student: encoder + tokenizer + the spec's pooling, prefixes and norm."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 spec: ModelSpec) -> None:
+        super().__init__()
+        if spec.format != "hf":
+            raise ValueError(f"student {spec.name!r} must be a Hugging Face model: {spec.format}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.spec = spec
+
+    @classmethod
+    def load(cls, spec_or_folder: ModelSpec | Path | str, device: str | None = None) -> Student:
+        """A Student from a registry spec, a folder with tailor-model.json, or a plain
+        sentence-transformers folder (its pooling, Normalize and prompts are read)."""
+        if isinstance(spec_or_folder, ModelSpec):
+            spec = spec_or_folder
+        else:
+            folder = Path(spec_or_folder)
+            if (folder / SPEC_FILE).is_file():
+                spec = ModelSpec.read(folder)
+            else:
+                from ml_core.export import spec_from_sentence_transformers
+
+                spec = spec_from_sentence_transformers(folder)
+        configure_threads()
+        weights = spec.weights
+        model = load_encoder(weights)
+        tokenizer = AutoTokenizer.from_pretrained(weights)
+        student = cls(model, tokenizer, spec)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return student.to(device).eval()
+
+    # -- properties -----------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        """Where the encoder's weights live."""
+        return next(self.model.parameters()).device
+
+    @property
+    def dim(self) -> int:
+        """Embedding size."""
+        return int(self.model.config.hidden_size)
+
+    @property
+    def max_seq_length(self) -> int:
+        """Token limit used when encoding (both kinds; the exported model has one limit too)."""
+        return self.spec.max_passage_length
+
+    def prefix(self, kind: Kind) -> str:
+        """The spec's query or passage prefix."""
+        return self.spec.query_prefix if kind == "query" else self.spec.passage_prefix
+
+    def prefix_tokens(self, kind: Kind) -> int:
+        """How many tokens the prefix takes (reserve these when chunking passages)."""
+        prefix = self.prefix(kind).strip()
+        return len(self.tokenizer(prefix, add_special_tokens=False)["input_ids"]) if prefix else 0
+
+    # -- differentiable path (training) ----------------------------------------------------------
+
+    def embed(self, texts: Sequence[str | Passage], kind: Kind,
+              max_length: int | None = None) -> torch.Tensor:
+        """Embeddings [n, dim] with gradients: prefix, tokenize (pad to longest), encode, pool,
+        and L2-normalise when the spec says so."""
+        if max_length is None:
+            spec = self.spec
+            max_length = spec.max_query_length if kind == "query" else spec.max_passage_length
+        prefix = self.prefix(kind)
+        inputs = [(prefix + passage_text(t)).strip() for t in texts]
+        batch = self.tokenizer(inputs, padding=True, truncation=True, max_length=max_length,
+                               return_tensors="pt").to(self.device)
+        hidden = self.model(**batch).last_hidden_state
+        return self.pool(hidden, batch["attention_mask"])
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Sentence vectors from token states: mean over real tokens or the [CLS] state."""
+        if self.spec.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return nn.functional.normalize(pooled, p=2, dim=-1) if self.spec.normalize else pooled
+
+    def forward_queries(self, texts: Sequence[str], max_length: int | None = None) -> torch.Tensor:
+        """Differentiable query embeddings (default limit: spec.max_query_length)."""
+        return self.embed(texts, "query", max_length)
+
+    def forward_passages(self, passages: Sequence[str | Passage],
+                         max_length: int | None = None) -> torch.Tensor:
+        """Differentiable passage embeddings (default limit: spec.max_passage_length)."""
+        return self.embed(passages, "passage", max_length)
+
+    def forward(self, texts: Sequence[str | Passage], kind: Kind = "passage",
+                max_length: int | None = None) -> torch.Tensor:
+        """Same as `embed`."""
+        return self.embed(texts, kind, max_length)
+
+    # -- inference path --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str | Passage], kind: Kind, batch_size: int = 32,
+               progress: ProgressFn | None = None) -> np.ndarray:
+        """float32 [n, dim] embeddings in input order; batches sorted by length for speed.
+
+        Truncates at `max_seq_length` for both kinds, exactly as the exported
+        sentence-transformers model does.
+        """
+        report = progress or no_progress
+        was_training = self.training
+        self.eval()
+        try:
+            order = np.argsort([-len(passage_text(t)) for t in texts], kind="stable")
+            out = np.zeros((len(texts), self.dim), dtype=np.float32)
+            for start in range(0, len(texts), batch_size):
+                index = order[start:start + batch_size]
+                vectors = self.embed([texts[i] for i in index], kind, self.max_seq_length)
+                out[index] = vectors.float().cpu().numpy()
+                report(min(1.0, (start + len(index)) / len(texts)), f"encoded {kind}s")
+        finally:
+            self.train(was_training)
+        return out
+
+    def encode_queries(self, texts: Sequence[str], batch_size: int = 32,
+                       progress: ProgressFn | None = None) -> np.ndarray:
+        """float32 [n, dim] query embeddings (query prefix applied)."""
+        return self.encode(texts, "query", batch_size, progress)
+
+    def encode_passages(self, passages: Sequence[str | Passage], batch_size: int = 32,
+                        progress: ProgressFn | None = None) -> np.ndarray:
+        """float32 [n, dim] passage embeddings ("title text", passage prefix applied)."""
+        return self.encode(passages, "passage", batch_size, progress)
+
+    def save(self, folder: Path) -> Path:
+        """Export as a sentence-transformers folder that Student.load also reads; returns it."""
+        from ml_core.export import export_student
+
+        return export_student(self, folder)

@@ -1,0 +1,180 @@
+"""Student encoding/training paths and the teacher backends, on the tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ml_core.records import Passage
+from ml_core.registry import REPO_ROOT, ModelRegistry
+from ml_core.student import Student
+from ml_core.teacher import OnnxCrossEncoder, Teacher, TorchCrossEncoder, load_teacher
+
+QUERIES = ["what is lift on a swept wing", "insulin resistance in mice", "heat", ""]
+PASSAGES = [
+    "Lift and drag were measured on a swept wing in the wind tunnel.",
+    "Heat transfer " * 300,  # longer than the student's 128 and the teacher's 512: truncated
+    "Insulin receptors in mice.",
+]
+
+
+@pytest.fixture(scope="module")
+def student(registry: ModelRegistry) -> Student:
+    return Student.load(registry.get("tiny-student"))
+
+
+def manual_vector(student: Student, text: str, pooling: str, normalize: bool,
+                  max_length: int = 128) -> np.ndarray:
+    batch = student.tokenizer([text], truncation=True, max_length=max_length, return_tensors="pt")
+    with torch.no_grad():
+        hidden = student.model(**batch).last_hidden_state[0]
+    vector = hidden[0] if pooling == "cls" else hidden.mean(0)
+    return (torch.nn.functional.normalize(vector, dim=0) if normalize else vector).numpy()
+
+
+def test_encode_applies_prefix_mean_pooling_and_norm(student: Student) -> None:
+    vectors = student.encode_queries(QUERIES[:2])
+    assert vectors.dtype == np.float32 and vectors.shape == (2, 32)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
+    expected = manual_vector(student, "query: " + QUERIES[0], "mean", normalize=True)
+    np.testing.assert_allclose(vectors[0], expected, atol=1e-5)
+    passage = student.encode_passages([PASSAGES[1]])[0]
+    expected = manual_vector(student, "passage: " + PASSAGES[1], "mean", True, max_length=128)
+    np.testing.assert_allclose(passage, expected, atol=1e-5)
+
+
+def test_cls_pooling_without_norm(student: Student) -> None:
+    cls_student = Student(student.model, student.tokenizer,
+                          student.spec.model_copy(update={"pooling": "cls", "normalize": False}))
+    vector = cls_student.encode_queries([QUERIES[1]])[0]
+    expected = manual_vector(student, "query: " + QUERIES[1], "cls", normalize=False)
+    np.testing.assert_allclose(vector, expected, atol=1e-5)
+    assert abs(np.linalg.norm(vector) - 1.0) > 1e-3
+
+
+def test_batching_and_length_sorting_keep_input_order(student: Student) -> None:
+    one_by_one = np.stack([student.encode_passages([p])[0] for p in PASSAGES])
+    np.testing.assert_allclose(student.encode_passages(PASSAGES, batch_size=2), one_by_one,
+                               atol=1e-5)
+    assert not np.allclose(one_by_one[0], one_by_one[2])
+
+
+def test_passage_title_is_encoded_before_text(student: Student) -> None:
+    with_title = student.encode_passages([Passage("p", "drag on wings", title="Aerodynamics")])
+    np.testing.assert_allclose(with_title, student.encode_passages(["Aerodynamics drag on wings"]),
+                               atol=1e-6)
+
+
+def test_forward_is_differentiable_and_respects_max_length(student: Student) -> None:
+    student.train()
+    try:
+        reps = student.forward_passages(PASSAGES, max_length=16)
+        assert reps.shape == (3, 32) and reps.requires_grad
+        reps.sum().backward()
+        grads = [p.grad for p in student.model.parameters() if p.grad is not None]
+        assert grads and any(float(g.abs().sum()) > 0 for g in grads)
+    finally:
+        student.zero_grad(set_to_none=True)
+        student.eval()
+    with torch.no_grad():
+        short = student.forward_passages([PASSAGES[1]], max_length=16)[0].numpy()
+    expected = manual_vector(student, "passage: " + PASSAGES[1], "mean", True, max_length=16)
+    np.testing.assert_allclose(short, expected, atol=1e-5)
+
+
+def test_progress_reaches_one(student: Student) -> None:
+    seen: list[float] = []
+    student.encode_queries(QUERIES, batch_size=3, progress=lambda f, m: seen.append(f))
+    assert seen == [0.75, 1.0]
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(registry: ModelRegistry) -> Teacher:
+    return load_teacher(registry.get("tiny-teacher"))
+
+
+PAIRS = [(q, p) for q in QUERIES[:3] for p in PASSAGES]
+
+
+def test_load_teacher_picks_backend(tiny_teacher: Teacher, registry: ModelRegistry) -> None:
+    assert isinstance(tiny_teacher, TorchCrossEncoder)
+    with pytest.raises(ValueError, match="format 'gguf'"):
+        load_teacher(registry.get("tiny-teacher").model_copy(update={"format": "gguf"}))
+
+
+def test_teacher_scores_in_input_order_with_padded_batches(tiny_teacher: Teacher) -> None:
+    scores = tiny_teacher.score(PAIRS, batch_size=4)
+    singles = np.array([tiny_teacher.score([pair], batch_size=1)[0] for pair in PAIRS])
+    assert scores.dtype == np.float32 and scores.shape == (len(PAIRS),)
+    np.testing.assert_allclose(scores, singles, atol=1e-5)
+    assert len(set(np.round(scores, 6))) > 3  # different pairs get different scores
+
+
+def test_teacher_batches_are_length_sorted_and_padded_to_longest(
+    tiny_teacher: Teacher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    widths: list[int] = []
+    original = tiny_teacher._logits
+
+    def spy(batch: dict[str, np.ndarray]) -> np.ndarray:
+        widths.append(batch["input_ids"].shape[1])
+        return original(batch)
+
+    monkeypatch.setattr(tiny_teacher, "_logits", spy)
+    tiny_teacher.score(PAIRS, batch_size=3)
+    assert widths == sorted(widths, reverse=True)
+    assert widths[0] == 512 and widths[-1] < 40  # the long passage is truncated, not the rest
+
+
+def test_teacher_progress_can_cancel(tiny_teacher: Teacher) -> None:
+    class Cancelled(Exception):
+        pass
+
+    def cancel(fraction: float, message: str) -> None:
+        raise Cancelled
+
+    with pytest.raises(Cancelled):
+        tiny_teacher.score(PAIRS, batch_size=2, progress=cancel)
+
+
+REAL_TEACHER = REPO_ROOT / "var" / "models" / "ms-marco-minilm-l12"
+
+
+@pytest.mark.skipif(not (REAL_TEACHER / "tailor-model.json").is_file(),
+                    reason="ONNX backend is tested on the provisioned teacher (torch.onnx.export "
+                           "needs the onnx package, not installed); run `python -m ml_core "
+                           "provision` first")
+def test_onnx_teacher_on_provisioned_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    teacher = load_teacher(ModelRegistry(REAL_TEACHER.parent).get(REAL_TEACHER.name))
+    assert isinstance(teacher, OnnxCrossEncoder)
+    widths: list[int] = []
+    original = teacher._logits
+    monkeypatch.setattr(teacher, "_logits",
+                        lambda b: widths.append(b["input_ids"].shape[1]) or original(b))
+    pairs = [("how is lift produced on a swept wing", PASSAGES[0]),
+             ("how is lift produced on a swept wing", PASSAGES[2]),
+             ("insulin resistance in mice", PASSAGES[2]),
+             ("insulin resistance in mice", PASSAGES[0])]
+    scores = teacher.score(pairs, batch_size=4)
+    assert scores[0] > scores[1] and scores[2] > scores[3]
+    assert max(widths) < 40  # not padded to the 512 that its tokenizer.json asks for
+    # Same batch, shuffled input: same scores, returned in input order. (Across different batch
+    # compositions int8 dynamic quantisation shifts logits a little, so compare within a batch.)
+    permutation = [2, 0, 3, 1]
+    shuffled = teacher.score([pairs[i] for i in permutation], batch_size=4)
+    np.testing.assert_allclose(shuffled, scores[permutation], atol=1e-4)
+
+
+def test_student_refuses_non_hf_spec(student: Student) -> None:
+    with pytest.raises(ValueError, match="Hugging Face"):
+        Student(student.model, student.tokenizer,
+                student.spec.model_copy(update={"format": "onnx"}))
+
+
+def test_student_load_from_folder_path(registry: ModelRegistry, student: Student) -> None:
+    loaded = Student.load(Path(registry.path("tiny-student")))
+    np.testing.assert_allclose(loaded.encode_queries(QUERIES), student.encode_queries(QUERIES),
+                               atol=1e-6)
