@@ -55,7 +55,7 @@ def resolve_source(
         tuned = get_tuned(session, tenant, model)
         return ModelSource(cache_key=tuned.id, archive_key=tuned.object_key)
     spec = get_base_spec(registry, model)
-    return ModelSource(cache_key=f"base:{spec.name}", folder=spec.weights)
+    return ModelSource(cache_key=f"base:{spec.name}", folder=spec.folder)
 
 
 def _folder_root(folder: Path) -> Path:
