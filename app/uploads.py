@@ -119,7 +119,9 @@ async def spool(upload: UploadFile, folder: Path, stem: str, limit: int) -> Spoo
     # The name follows the content, not the client's file name.
     path = folder / (f"{stem}.gz" if gzipped else stem)
     tmp.rename(path)
-    return SpooledFile(path=path, filename=upload.filename or stem, size=size, gzipped=gzipped)
+    # Only metadata (never a path on our side); capped to the column's length.
+    filename = (upload.filename or stem)[:255]
+    return SpooledFile(path=path, filename=filename, size=size, gzipped=gzipped)
 
 
 @asynccontextmanager

@@ -245,3 +245,21 @@ def test_report_exists_once_the_job_has_succeeded(sqlite_api: Api) -> None:
         f"jobs/{job['id']}/evaluate/report.json", json.dumps(report).encode()
     )
     assert caller.get(f"/v1/jobs/{job['id']}/report").json() == report
+
+
+def test_concurrent_retries_with_one_idempotency_key_create_one_job(
+    pg_api: Api, broker_dir: Path
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    caller = pg_api.tenant()
+    body = job_body(caller.corpus()["id"])
+    headers = {"Idempotency-Key": "burst"}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        responses = list(pool.map(
+            lambda _: caller.post("/v1/jobs", json=body, headers=headers), range(4)
+        ))
+    assert sorted(r.status_code for r in responses) == [200, 200, 200, 201]
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert caller.get("/v1/jobs").json()["count"] == 1
+    assert len(_broker_messages(broker_dir, responses[0].json()["id"])) == 1

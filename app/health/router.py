@@ -48,7 +48,11 @@ def _database(request: Request) -> bool:
 
 
 def _object_store(request: Request) -> bool:
-    request.app.state.store.exists("readyz/probe")
+    store = request.app.state.store
+    ping = getattr(store, "ping", None)  # S3: HEAD the bucket with our credentials
+    if callable(ping):
+        return bool(ping())
+    store.exists("readyz/probe")
     return True
 
 
