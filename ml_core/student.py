@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from ml_core.records import Passage, ProgressFn, no_progress
 from ml_core.registry import SPEC_FILE, ModelSpec
@@ -44,11 +45,19 @@ def passage_text(passage: Passage | str) -> str:
 
 
 def load_encoder(folder: Path) -> PreTrainedModel:
-    """AutoModel from a local folder, without BERT's unused pooler head where the model has one."""
+    """AutoModel from a local folder, without BERT's unused pooler head where the model has one.
+
+    The pooler is dropped because sentence embeddings never use it and its parameters would get
+    no gradient in training (which distributed data parallel rejects).
+    """
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the load report would list the skipped pooler weights
     try:
         return AutoModel.from_pretrained(folder, add_pooling_layer=False)
     except TypeError:  # architectures without that option
         return AutoModel.from_pretrained(folder)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 class Student(nn.Module):
@@ -96,6 +105,16 @@ class Student(nn.Module):
     def dim(self) -> int:
         """Embedding size."""
         return int(self.model.config.hidden_size)
+
+    @property
+    def max_query_length(self) -> int:
+        """The spec's query token limit (training default for queries)."""
+        return self.spec.max_query_length
+
+    @property
+    def max_passage_length(self) -> int:
+        """The spec's passage token limit (training default; chunk passages to this)."""
+        return self.spec.max_passage_length
 
     @property
     def max_seq_length(self) -> int:

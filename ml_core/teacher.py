@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from ml_core.records import ProgressFn, no_progress
-from ml_core.registry import ModelSpec
+from ml_core.registry import ModelRegistry, ModelSpec
 from ml_core.student import configure_threads
 
 MAX_PAIR_TOKENS = 512
@@ -104,8 +104,13 @@ class OnnxCrossEncoder(Teacher):
         return logits[:, 0] if logits.ndim == 2 else logits
 
 
-def load_teacher(spec: ModelSpec) -> Teacher:
-    """The teacher backend for the spec's format: "hf" on torch, "onnx" on onnxruntime."""
+def load_teacher(spec: ModelSpec | str, registry: ModelRegistry | None = None) -> Teacher:
+    """The teacher backend for the spec's format: "hf" on torch, "onnx" on onnxruntime.
+
+    `spec` may be a model name, looked up in `registry` (the default store when None).
+    """
+    if isinstance(spec, str):
+        spec = (registry or ModelRegistry()).get(spec)
     if spec.format == "hf":
         return TorchCrossEncoder(spec)
     if spec.format == "onnx":

@@ -101,6 +101,7 @@ PAIRS = [(q, p) for q in QUERIES[:3] for p in PASSAGES]
 
 def test_load_teacher_picks_backend(tiny_teacher: Teacher, registry: ModelRegistry) -> None:
     assert isinstance(tiny_teacher, TorchCrossEncoder)
+    assert load_teacher("tiny-teacher", registry).name == "tiny-teacher"
     with pytest.raises(ValueError, match="format 'gguf'"):
         load_teacher(registry.get("tiny-teacher").model_copy(update={"format": "gguf"}))
 
