@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import pytest
 import torch
 from torch import Tensor
 from transformers import BertConfig, BertModel
@@ -9,6 +12,19 @@ from transformers import BertConfig, BertModel
 from ml_core.config import TrainingConfig
 from ml_core.gradcache import GradCache
 from ml_core.losses import DistillationObjective
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    # Tiny models gain nothing from threads, and on a shared 2-core machine two OpenMP threads
+    # spin against other processes: one thread makes these tests several times faster.
+    # (Student.load sets the thread count from TAILOR_TORCH_THREADS.)
+    monkeypatch.setenv("TAILOR_TORCH_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 BATCH, LIST_SIZE, MICRO = 6, 4, 2
 

@@ -1,0 +1,244 @@
+"""train_student on the tiny student: learning, early stopping to the base model, exact resume."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel
+
+from ml_core.config import TrainingConfig
+from ml_core.records import Passage, Query, ScoredList
+from ml_core.training import (
+    STATE_FILE,
+    batch_order,
+    build_examples,
+    disable_dropout,
+    learning_rate,
+    train_student,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    # Tiny models gain nothing from threads, and on a shared 2-core machine two OpenMP threads
+    # spin against other processes: one thread makes these tests several times faster.
+    # (Student.load sets the thread count from TAILOR_TORCH_THREADS.)
+    monkeypatch.setenv("TAILOR_TORCH_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TOPICS = [
+    "protein gene expression cell tissue",
+    "insulin glucose metabolism liver kidney",
+    "vaccine mice immune lung infection",
+    "airfoil wings boundary layer turbulent",
+    "shock waves supersonic mach flow",
+    "electron atom molecule hydrogen carbon",
+    "retrieval query document ranking relevance",
+    "neural networks embedding vector scores",
+    "river lake water valley mountain",
+    "football league season team championship",
+    "music album song band guitar",
+    "railway station train bridge road",
+]
+CFG = TrainingConfig(
+    list_size=4,
+    batch_size=4,
+    micro_batch_size=2,
+    learning_rate=1e-3,
+    max_epochs=2,
+    patience=2,
+    max_query_length=16,
+    max_passage_length=24,
+)
+
+
+def _passages() -> dict[str, Passage]:
+    return {f"p{i}": Passage(f"p{i}", text) for i, text in enumerate(TOPICS)}
+
+
+def _queries() -> dict[str, Query]:
+    return {f"q{i}": Query(f"q{i}", " ".join(text.split()[:2])) for i, text in enumerate(TOPICS)}
+
+
+def _lists(teacher_disagrees: bool = False) -> list[ScoredList]:
+    """Query i: its own passage first, then the next five topics with falling teacher scores.
+
+    With teacher_disagrees the teacher prefers every candidate to the positive: a dev set that
+    training on the normal lists can only make worse."""
+    scores = [0.0, 1.0, 1.0, 1.0, 1.0, 1.0] if teacher_disagrees else [1.0, 0.5, 0.4, 0.3, 0.2, 0.1]
+    return [
+        ScoredList(f"q{i}", [f"p{(i + k) % len(TOPICS)}" for k in range(6)], scores)
+        for i in range(len(TOPICS))
+    ]
+
+
+def _student(model_store: Path):
+    from ml_core.student import Student
+
+    torch.manual_seed(0)  # any weight the checkpoint lacks (e.g. an unused pooler) is seeded too
+    return Student.load(model_store / "tiny-student")
+
+
+def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_build_examples_cuts_long_lists_and_pads_short_ones() -> None:
+    short = ScoredList("q0", ["p0", "p1"], [1.0, 0.7])
+    long = ScoredList("q1", [f"p{i}" for i in range(1, 8)], [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    padded, cut = build_examples([short, long], _passages(), _queries(), 5, seed=3)
+    assert padded.passage_ids[:2] == ("p0", "p1") and len(set(padded.passage_ids)) == 5
+    assert padded.teacher_scores == (1.0, 0.7, 0.0, 0.0, 0.0)
+    assert cut.passage_ids == ("p1", "p2", "p3", "p4", "p5")
+    assert cut.teacher_scores == (1.0, 0.9, 0.8, 0.7, 0.6)
+    assert padded == build_examples([short], _passages(), _queries(), 5, seed=3)[0]  # seeded
+
+
+def test_build_examples_drops_a_passage_listed_twice() -> None:
+    twice = ScoredList("q0", ["p0", "p1", "p0", "p2", "p3"], [1.0, 0.6, 1.0, 0.5, 0.4])
+    (example,) = build_examples([twice], _passages(), _queries(), 4, seed=0)
+    assert example.passage_ids == ("p0", "p1", "p2", "p3")
+    assert example.teacher_scores == (1.0, 0.6, 0.5, 0.4)
+
+
+def test_build_examples_names_a_missing_passage() -> None:
+    with pytest.raises(ValueError, match="p99"):
+        build_examples([ScoredList("q0", ["p0", "p99"], [1.0, 0.5])], _passages(), _queries(), 2, 0)
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor() -> None:
+    cfg = TrainingConfig(learning_rate=1e-3, min_lr_ratio=0.1)
+    rates = [learning_rate(step, 5, 20, cfg) for step in range(21)]
+    assert rates[0] == pytest.approx(2e-4) and rates[4] == pytest.approx(1e-3)
+    assert rates[5] == pytest.approx(1e-3) and rates[20] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(rates[5:], rates[6:], strict=False))
+
+
+def test_batches_never_leave_a_rank_without_queries() -> None:
+    batches = batch_order(9, 4, world_size=2, shuffle_seed="s")
+    assert [len(b) for b in batches] == [4, 5]
+    assert sorted(i for b in batches for i in b) == list(range(9))
+    assert batches == batch_order(9, 4, world_size=2, shuffle_seed="s")
+
+
+def test_disable_dropout_zeroes_every_dropout_module() -> None:
+    model = BertModel(
+        BertConfig(
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            intermediate_size=8,
+            vocab_size=10,
+        )
+    )
+    disable_dropout(model)
+    model.train()
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(model(ids).last_hidden_state, model(ids).last_hidden_state)
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, nn.Dropout))
+
+
+def test_training_lowers_the_loss_and_exports_the_best_checkpoint(
+    model_store: Path, tmp_path: Path
+) -> None:
+    # Dev = the training lists: a random 32-d student cannot generalise across 12 topics, but it
+    # must fit the lists it is trained on, so a falling dev loss shows the loop optimises.
+    reports: list[tuple[float, str]] = []
+    train, dev = _lists()[:8], _lists()[:8]
+    result = train_student(
+        _student(model_store),
+        train,
+        dev,
+        _passages(),
+        _queries(),
+        CFG,
+        tmp_path,
+        seed=1,
+        progress=lambda fraction, message: reports.append((fraction, message)),
+    )
+    dev_losses = [entry["dev_loss"] for entry in result.history]
+    assert [entry["epoch"] for entry in result.history] == [0, 1, 2]
+    assert dev_losses[-1] < dev_losses[0]
+    assert result.best_epoch == dev_losses.index(min(dev_losses)) and not result.base_is_best
+    assert result.steps == 4 and not result.stopped_early
+    assert all("train_loss" in entry for entry in result.history[1:])
+    saved = json.loads((result.best_dir / "training_config.json").read_text())
+    assert saved["training"] == CFG.model_dump(mode="json")
+    assert saved["epoch"] == result.best_epoch
+    assert _weights(type(_student(model_store)).load(result.best_dir)).keys()
+    fractions = [fraction for fraction, _ in reports]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert sum("step" in message for _, message in reports) == 4  # one report per step
+
+
+def test_base_model_is_kept_when_training_only_hurts_dev_loss(
+    model_store: Path, tmp_path: Path
+) -> None:
+    cfg = CFG.model_copy(update={"max_epochs": 4, "patience": 1})
+    student = _student(model_store)
+    base = _weights(student)
+    result = train_student(
+        student, _lists(), _lists(teacher_disagrees=True), _passages(), _queries(), cfg, tmp_path, 1
+    )
+    assert result.best_epoch == 0 and result.base_is_best
+    assert result.stopped_early and len(result.history) == 2
+    exported = _weights(type(student).load(result.best_dir))
+    assert all(torch.equal(exported[name], base[name]) for name in base)
+
+
+def test_an_interrupted_run_resumes_to_the_same_final_weights(
+    model_store: Path, tmp_path: Path
+) -> None:
+    cfg = CFG.model_copy(update={"max_epochs": 3})
+    train, dev = _lists()[:8], _lists()[:8]
+    straight = train_student(
+        _student(model_store), train, dev, _passages(), _queries(), cfg, tmp_path / "a", 5
+    )
+
+    def crash_in_epoch_two(fraction: float, message: str) -> None:
+        if message.startswith("epoch 2 step 4"):
+            raise KeyboardInterrupt("worker lost")
+
+    with pytest.raises(KeyboardInterrupt):
+        train_student(
+            _student(model_store),
+            train,
+            dev,
+            _passages(),
+            _queries(),
+            cfg,
+            tmp_path / "b",
+            5,
+            crash_in_epoch_two,
+        )
+    saved = torch.load(tmp_path / "b" / "state" / STATE_FILE, weights_only=True)
+    assert saved["epoch"] == 1 and saved["step"] == 2
+
+    reports: list[str] = []
+    resumed = train_student(
+        _student(model_store),
+        train,
+        dev,
+        _passages(),
+        _queries(),
+        cfg,
+        tmp_path / "b",
+        5,
+        lambda fraction, message: reports.append(message),
+    )
+    assert reports[0] == "resuming after epoch 1"
+    assert sum("step" in message for message in reports) == 4  # epochs 2 and 3 only
+    assert resumed.history == straight.history and resumed.steps == straight.steps == 6
+    final_a = torch.load(tmp_path / "a" / "state" / STATE_FILE, weights_only=True)["model"]
+    final_b = torch.load(tmp_path / "b" / "state" / STATE_FILE, weights_only=True)["model"]
+    differences = {k: (final_a[k] - final_b[k]).abs().max().item() for k in final_a}
+    assert max(differences.values()) < 1e-6, differences
