@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from ml_core.registry import ModelRegistry
 
 # Set before transformers is imported anywhere, so a stray hub id fails fast instead of downloading.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,7 +36,7 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def registry(model_store: Path):
+def registry(model_store: Path) -> ModelRegistry:
     """A ModelRegistry over the tiny model store."""
     from ml_core.registry import ModelRegistry
 
