@@ -225,7 +225,8 @@ def _prepare(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, An
     ctx.progress(0.3, "chunking long passages")
     student = Student.load(ctx.registry.path(cfg.student))
     max_tokens = min(cfg.training.max_passage_length, student.max_passage_length)
-    passages = chunk_passages(cleaned, student.tokenizer, max_tokens, cfg.corpus.chunk_overlap_tokens)
+    passages = chunk_passages(cleaned, student.tokenizer, max_tokens, cfg.corpus.chunk_overlap_tokens,
+                              reserved_tokens=student.prefix_tokens("passage"))
     if not passages:
         raise StageError("the corpus has no passages left after hygiene")
     write_jsonl(out / "passages.jsonl", passages)

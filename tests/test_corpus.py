@@ -58,11 +58,11 @@ def test_reads_plain_and_gzip_by_content_not_name(tmp_path: Path) -> None:
         ('{"_id": "d3", "text": "unterminated', None, "invalid JSON"),
         ('["d3", "a list"]', None, "expected a JSON object"),
         ('{"_id": "d3"}', "text", "missing"),
-        ('{"_id": "d3", "text": "   "}', "text", "empty"),
+        ('{"_id": "", "text": "an empty id"}', "_id", "empty"),
         ('{"_id": "d3", "text": 42}', "text", "must be a string, got int"),
         ('{"_id": "d3", "title": ["x"], "text": "ok text here"}', "title", "must be a string"),
         ('{"text": "no id at all"}', "_id", "missing"),
-        ('{"_id": 7, "text": "numeric id"}', "_id", "must be a string, got int"),
+        ('{"_id": 7.5, "text": "fractional id"}', "_id", "must be a string, got float"),
         ('{"_id": "d1", "text": "same id again"}', "_id", "first seen on line 1"),
     ],
 )
@@ -107,10 +107,19 @@ def test_validate_streams_counts_and_hashes_the_stored_file(
     assert stats.text_bytes == sum(len(line) + 1 for line in lines)
 
 
+def test_empty_documents_and_numeric_ids_are_accepted(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "c.jsonl", ['{"_id": 1, "text": "a real passage about wings"}',
+                                              '{"_id": "2", "title": "", "text": ""}'])
+    passages = list(iter_corpus(path))
+    assert [p.id for p in passages] == ["1", "2"]
+    kept, report = clean_passages(passages, CorpusConfig())
+    assert [p.id for p in kept] == ["1"] and report.too_short == 1
+
+
 def test_validate_reports_the_first_bad_line(tmp_path: Path) -> None:
     lines = [json.dumps({"_id": f"d{i}", "text": "fine"}) for i in range(10)]
-    lines[6] = '{"_id": "d6", "text": ""}'
-    with pytest.raises(CorpusError, match="line 7: field 'text': empty"):
+    lines[6] = '{"_id": "d6"}'
+    with pytest.raises(CorpusError, match="line 7: field 'text': missing"):
         validate_corpus(write_lines(tmp_path / "c.jsonl", lines, compress=True))
 
 
