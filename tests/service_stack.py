@@ -248,8 +248,9 @@ class ServiceStack:
         return worker
 
     def stop(self) -> None:
+        # Tests need no graceful drain: a short grace period, then the group is killed.
         for process in [*self.workers, *([self.api] if self.api else [])]:
-            process.stop()
+            process.stop(timeout=3)
 
     def client(self) -> httpx.Client:
         return httpx.Client(
@@ -310,6 +311,30 @@ def events(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:
             return found
         found.extend(page)
         after = page[-1]["id"]
+
+
+def wait_for_event(
+    client: httpx.Client, job_id: str, predicate: Any, timeout: float, stack: ServiceStack
+) -> dict[str, Any]:
+    """Poll a job's events until one satisfies `predicate`; returns that event."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for event in events(client, job_id):
+            if predicate(event):
+                return event
+        if get_job(client, job_id)["status"] in ("failed", "cancelled", "succeeded"):
+            break
+        time.sleep(0.3)
+    raise AssertionError(f"no such event for job {job_id}\n{stack.diagnostics()}")
+
+
+def in_stage(stage: str, low: float = 0.0, high: float = 0.8) -> Any:
+    """An event predicate: `stage` is computing, between `low` and `high` of its work."""
+    return lambda e: (
+        e["kind"] == "progress"
+        and e["stage"] == stage
+        and low < e["data"].get("stage_fraction", 0.0) < high
+    )
 
 
 def wait_for_job(

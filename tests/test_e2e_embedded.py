@@ -8,7 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.service_stack import ServiceStack, embedded_env, run_full_loop, synthetic_corpus
+from tests.service_stack import (
+    ServiceStack,
+    create_job,
+    embedded_env,
+    events,
+    in_stage,
+    run_full_loop,
+    synthetic_corpus,
+    upload_corpus,
+    wait_for_event,
+    wait_for_job,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -36,3 +47,28 @@ def test_full_loop_on_the_embedded_default(stack: ServiceStack, tmp_path: Path) 
     assert list((objects / "models").glob("mdl_*/model.tar.gz"))
     # The broker really is a folder of message files, now drained.
     assert not list((stack.root / "broker" / "queue").glob("*.msg"))
+
+
+def test_killed_embedded_worker_resumes_the_job_when_restarted(
+    stack: ServiceStack, tmp_path: Path
+) -> None:
+    """The filesystem broker has no visibility timeout: the restarted worker re-sends the
+    stage of a job left running, and the finished stages are not run again."""
+    corpus = synthetic_corpus(tmp_path / "corpus.jsonl", seed=11)
+    with stack.client() as client:
+        corpus_id = upload_corpus(client, corpus)["id"]
+        job = create_job(client, corpus_id)
+        # Kill while training is under way: a stage really in flight.
+        wait_for_event(client, job["id"], in_stage("distill"), 120, stack)
+        for worker in stack.workers:
+            if worker.alive():
+                worker.kill()
+        stack.start_worker("worker-embedded-2")
+        wait_for_job(client, job["id"], lambda j: j["status"] == "succeeded", 180, stack)
+        timeline = events(client, job["id"])
+    started = [
+        e["stage"] for e in timeline if e["kind"] == "stage" and e["message"].endswith(" started")
+    ]
+    assert started.count("distill") >= 2
+    for stage in ("prepare", "generate", "filter"):
+        assert started.count(stage) == 1, stage

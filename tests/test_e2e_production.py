@@ -19,11 +19,13 @@ from tests.service_stack import (
     create_job,
     events,
     flush_redis,
+    in_stage,
     postgres_database,
     production_env,
     run_full_loop,
     synthetic_corpus,
     upload_corpus,
+    wait_for_event,
     wait_for_job,
 )
 
@@ -131,6 +133,10 @@ def test_revoke_with_terminate_cancels_and_the_worker_carries_on(
             ).scalar_one()
         control.control.revoke(task_id, terminate=True, signal="SIGTERM")
         wait_for_job(client, job["id"], lambda j: j["status"] == "cancelled", 60, stack)
+        final = events(client, job["id"])[-1]
+        # Recorded by the terminate path (worker main process or the dying pool process),
+        # not by the once-a-second cooperative check.
+        assert final["data"] == {"status": "cancelled"} and "terminated" in final["message"]
         assert stack.workers[-1].alive()
     engine.dispose()
 
@@ -138,9 +144,9 @@ def test_revoke_with_terminate_cancels_and_the_worker_carries_on(
 def test_worker_killed_mid_job_resumes_on_a_new_worker(stack: ServiceStack, corpus_id: str) -> None:
     with stack.client() as client:
         job = create_job(client, corpus_id)
-        running = wait_for_job(client, job["id"], _running_past_prepare, 120, stack)
+        # Kill while training is under way: a stage really in flight, with local resume state.
+        wait_for_event(client, job["id"], in_stage("distill"), 120, stack)
         # The machine dies: SIGKILL the worker and its pool process, nothing is acknowledged.
-        killed_in = running["stage"]
         for worker in stack.workers:
             if worker.alive():
                 worker.kill()
@@ -153,6 +159,7 @@ def test_worker_killed_mid_job_resumes_on_a_new_worker(stack: ServiceStack, corp
         return [e for e in timeline if e["kind"] == "stage" and e["message"] == f"{stage} {word}"]
 
     # Stages finished before the crash were not run again: one start, one finish each.
+    killed_in = "distill"
     for stage in STAGES[: STAGES.index(killed_in)]:
         assert len(stage_events(stage, "started")) == 1, stage
     # The stage the worker died in was delivered again, and every stage ran to the end once

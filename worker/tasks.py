@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import signals
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
@@ -189,6 +189,20 @@ def _claim(job_id: str, stage: str, redelivered: bool) -> JobInputs | None:
             log.info("job %s is at %s; dropping stale %s task", job_id, job.stage, stage)
             return None
         first_start = job.status == JobStatus.QUEUED
+        # Deliveries of this stage so far: more than one means a redelivery (crash, lost host).
+        attempt = 1 + (
+            session.scalar(
+                select(func.count())
+                .select_from(JobEvent)
+                .where(
+                    JobEvent.job_id == job_id,
+                    JobEvent.kind == EventKind.STAGE,
+                    JobEvent.stage == stage,
+                    JobEvent.message == f"{stage} started",
+                )
+            )
+            or 0
+        )
         job.status = JobStatus.RUNNING
         job.started_at = job.started_at or utcnow()
         job.attempts = (job.attempts or 0) + 1
@@ -203,7 +217,7 @@ def _claim(job_id: str, stage: str, redelivered: bool) -> JobInputs | None:
             f"{stage} started",
             stage=stage,
             progress=job.progress,
-            data={"attempt": job.attempts, "redelivered": redelivered},
+            data={"attempt": attempt, "redelivered": redelivered},
         )
         corpus = session.get(Corpus, job.corpus_id)
         eval_set = session.get(EvalSet, job.eval_set_id) if job.eval_set_id else None
@@ -627,7 +641,8 @@ class StageRun:
             job.status = JobStatus.SUCCEEDED
             job.progress = 1.0
             job.finished_at = utcnow()
-            if recommended != "tuned":
+            warnings = [str(w) for w in report.get("warnings", [])]
+            if recommended != "tuned" and not any("base" in w for w in warnings):
                 add_event(
                     session,
                     job.id,
@@ -637,8 +652,8 @@ class StageRun:
                     stage="evaluate",
                     data={"gain": report.get("gain", {})},
                 )
-            for warning in report.get("warnings", []):
-                add_event(session, job.id, EventKind.WARNING, str(warning), stage="evaluate")
+            for warning in warnings:
+                add_event(session, job.id, EventKind.WARNING, warning, stage="evaluate")
             add_event(
                 session,
                 job.id,
