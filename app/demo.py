@@ -160,17 +160,24 @@ def run(preset: str, keep: bool) -> int:
 
 
 def _follow(client: httpx.Client, job_id: str) -> dict:
-    """Poll the job, drawing one progress line per stage, until it ends."""
-    stage = None
+    """Poll the job until it ends: a redrawn bar on a terminal, a line per change in a log."""
+    tty = sys.stdout.isatty()
+    stage, shown, started = None, None, time.monotonic()
     while True:
         job = _check(client.get(f"/v1/jobs/{job_id}"))
-        if job["stage"] != stage and stage is not None:
+        if tty and stage is not None and job["stage"] != stage:
             print()
         stage = job["stage"]
-        print(f"\r   [{_bar(job['progress'])}] {job['progress'] * 100:5.1f}%  "
-              f"{job['status']:<10} {stage or '':<9}", end="", flush=True)
+        line = (f"   [{_bar(job['progress'])}] {job['progress'] * 100:5.1f}%  "
+                f"{job['status']:<10} {stage or '':<9}")
+        if tty:
+            print(f"\r{line} {time.monotonic() - started:5.0f} s", end="", flush=True)
+        elif line != shown:
+            print(f"{line} {time.monotonic() - started:5.0f} s", flush=True)
+        shown = line
         if job["status"] in ("succeeded", "failed", "cancelled"):
-            print()
+            if tty:
+                print()
             return job
         time.sleep(2)
 
