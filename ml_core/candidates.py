@@ -1,0 +1,356 @@
+"""Candidate lists for synthetic queries, teacher scoring, and the round-trip filter.
+
+Re-implements steps 4-8 of the recipe of Tamber et al. 2025 (arXiv 2502.19712): first-stage
+candidates from the student fused with BM25 by reciprocal rank fusion, cross-encoder scores on the
+fused top-k, the round-trip filter (the source passage must be the teacher's #1 and in the
+student's top n), a percentile floor on the best teacher score, percentile min-max normalisation,
+and the seeded split by source passage.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from ml_core.config import CandidateConfig
+from ml_core.records import Passage, ProgressFn, Query, ScoredList, no_progress
+from ml_core.retrieval import BM25Index, DenseIndex, reciprocal_rank_fusion, rrf_scores
+
+ENCODE_BATCH_SIZE = 64
+
+
+class Encoder(Protocol):
+    """What candidate mining needs from a student (ml_core.student.Student)."""
+
+    def encode_queries(self, texts: list[str], batch_size: int = ...) -> np.ndarray: ...
+
+    def encode_passages(self, passages: Any, batch_size: int = ...) -> np.ndarray: ...
+
+
+class Scorer(Protocol):
+    """What filtering needs from a teacher (ml_core.teacher.Teacher)."""
+
+    def score(
+        self, pairs: list[tuple[str, str]], batch_size: int = ..., progress: ProgressFn = ...
+    ) -> np.ndarray: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Candidates:
+    """One query's first-stage evidence.
+
+    passage_ids: the fused top-k, best first, with their RRF scores in `rrf`; student_ids and
+    bm25_ids: each retriever's own list; source_rank: 1-based rank of the query's source passage
+    in the student's list (None when the student did not retrieve it).
+    """
+
+    query_id: str
+    passage_ids: list[str]
+    rrf: list[float]
+    student_ids: list[str]
+    bm25_ids: list[str] = field(default_factory=list)
+    source_rank: int | None = None
+
+
+@dataclass
+class FilterResult:
+    """What the filter kept: one ScoredList per kept query, the kept queries, and a summary.
+
+    summary (JSON-ready): counts overall, per drop reason and per query type, thresholds, and the
+    teacher check (how often teacher vs student put the source passage first).
+    """
+
+    lists: list[ScoredList]
+    kept: list[Query]
+    summary: dict[str, Any]
+
+
+def passage_text(passage: Passage) -> str:
+    """Title + text as BM25 and the teacher see it (the title once, even if the text repeats it)."""
+    title = passage.title.strip()
+    if title and not passage.text.lower().startswith(title.lower()):
+        return f"{title} {passage.text}"
+    return passage.text
+
+
+def mine_candidates(
+    queries: Sequence[Query],
+    passages: Sequence[Passage],
+    student: Encoder,
+    cfg: CandidateConfig,
+    passage_vectors: np.ndarray | None = None,
+    batch_size: int = ENCODE_BATCH_SIZE,
+) -> dict[str, Candidates]:
+    """{query id: Candidates}: the student's top list fused with BM25's by RRF, cut to cfg.top_k.
+
+    The student list is max(top_k, student_top_n) deep so the round-trip filter can see the
+    source passage's rank. `passage_vectors` (aligned with `passages`) skips re-encoding.
+    """
+    if not queries:
+        return {}
+    if passage_vectors is None:
+        passage_vectors = student.encode_passages(list(passages), batch_size=batch_size)
+    ids = [p.id for p in passages]
+    index = DenseIndex.build(passage_vectors, ids)
+    depth = max(cfg.top_k, cfg.student_top_n)
+    query_vectors = student.encode_queries([q.text for q in queries], batch_size=batch_size)
+    _, student_lists = index.search(query_vectors, depth)
+    bm25_lists: list[list[str]] = [[] for _ in queries]
+    if cfg.use_bm25:
+        _, bm25_lists = BM25Index(passages).search([q.text for q in queries], cfg.top_k)
+
+    result: dict[str, Candidates] = {}
+    for query, student_ids, bm25_ids in zip(queries, student_lists, bm25_lists, strict=True):
+        rankings = [student_ids[: cfg.top_k]] + ([bm25_ids] if cfg.use_bm25 else [])
+        fused = reciprocal_rank_fusion(rankings, cfg.rrf_k)[: cfg.top_k]
+        scores = rrf_scores(rankings, cfg.rrf_k)
+        in_student = query.source_id in student_ids
+        source_rank = student_ids.index(query.source_id) + 1 if in_student else None
+        result[query.id] = Candidates(
+            query_id=query.id,
+            passage_ids=fused,
+            rrf=[scores[pid] for pid in fused],
+            student_ids=student_ids,
+            bm25_ids=bm25_ids,
+            source_rank=source_rank,
+        )
+    return result
+
+
+def _rank_in(order: Sequence[str], candidates: Iterable[str], target: str) -> int:
+    """1-based rank of `target` among `candidates` ordered by `order`; unlisted ones go last."""
+    position = {pid: i for i, pid in enumerate(order)}
+    last = len(position)
+    target_pos = position.get(target, last)
+    return 1 + sum(
+        1 for pid in candidates if pid != target and position.get(pid, last + 1) < target_pos
+    )
+
+
+def teacher_agreement(
+    queries: Sequence[Query],
+    candidates: Mapping[str, Candidates],
+    raw_scores: Mapping[str, Mapping[str, float]],
+) -> dict[str, Any]:
+    """How well the teacher finds each query's source passage compared with the student.
+
+    Over the same candidate set per query (the scored pairs), the MRR and top-1 rate of the
+    source passage when ranked by the teacher, by the student, by BM25 and by the fused first
+    stage. Computed before the round-trip filter (which keeps only the teacher's wins). Returns
+    {"method", "metric": "mrr", "queries", "teacher", "student", "bm25", "fused",
+    "teacher_top1", "student_top1"}.
+    """
+    ranks: dict[str, list[int]] = {"teacher": [], "student": [], "bm25": [], "fused": []}
+    for query in queries:
+        scores = raw_scores.get(query.id)
+        cand = candidates.get(query.id)
+        if not scores or cand is None or query.source_id not in scores:
+            continue
+        pool = list(scores)
+        source = query.source_id
+        ranks["teacher"].append(1 + sum(1 for pid in pool if scores[pid] > scores[source]))
+        ranks["student"].append(_rank_in(cand.student_ids, pool, source))
+        ranks["bm25"].append(_rank_in(cand.bm25_ids, pool, source))
+        ranks["fused"].append(_rank_in(cand.passage_ids, pool, source))
+    n = len(ranks["teacher"])
+
+    def mrr(values: list[int]) -> float:
+        return float(np.mean([1.0 / r for r in values])) if values else 0.0
+
+    def top1(values: list[int]) -> float:
+        return float(np.mean([r == 1 for r in values])) if values else 0.0
+
+    return {
+        "method": "synthetic_agreement",
+        "metric": "mrr",
+        "queries": n,
+        "teacher": mrr(ranks["teacher"]),
+        "student": mrr(ranks["student"]),
+        "bm25": mrr(ranks["bm25"]),
+        "fused": mrr(ranks["fused"]),
+        "teacher_top1": top1(ranks["teacher"]),
+        "student_top1": top1(ranks["student"]),
+    }
+
+
+def _minmax(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    return (values - low) / (high - low) if high > low else np.ones_like(values)
+
+
+def score_and_filter(
+    queries: Sequence[Query],
+    candidates: Mapping[str, Candidates],
+    passages: Sequence[Passage] | Mapping[str, Passage],
+    teacher: Scorer,
+    cfg: CandidateConfig,
+    progress: ProgressFn = no_progress,
+) -> FilterResult:
+    """Teacher-scored, filtered candidate lists (see FilterResult).
+
+    The teacher scores only each query's fused top-k plus its source passage when missing.
+    Drop reasons, first that applies: "no_source" (source passage unknown), "round_trip_teacher"
+    (source not ranked #1 by the teacher signal), "round_trip_student" (source not in the
+    student's top cfg.student_top_n), "low_score" (best raw teacher score under the
+    cfg.min_score_percentile of all queries' best scores). The round-trip checks apply only
+    when cfg.round_trip. Scores are min-max normalised between the norm_low/high percentiles of
+    all raw scores and clipped to [0, 1]. With cfg.teacher_signal == "fused", the signal is
+    fused_teacher_weight x normalised teacher + (1 - weight) x the query's RRF evidence
+    min-max scaled within its list, and the round trip uses that signal.
+    """
+    by_id = passages if isinstance(passages, Mapping) else {p.id: p for p in passages}
+    pairs: list[tuple[str, str]] = []
+    owners: list[tuple[str, str]] = []  # (query id, passage id) per pair
+    scored_queries: list[Query] = []
+    for query in queries:
+        cand = candidates.get(query.id)
+        if cand is None or query.source_id not in by_id:
+            continue
+        pool = list(dict.fromkeys([*cand.passage_ids, query.source_id]))
+        for pid in pool:
+            pairs.append((query.text, passage_text(by_id[pid])))
+            owners.append((query.id, pid))
+        scored_queries.append(query)
+
+    progress(0.0, f"teacher scoring {len(pairs)} pairs for {len(scored_queries)} queries")
+    raw = (
+        np.asarray(
+            teacher.score(pairs, batch_size=cfg.teacher_batch_size, progress=progress),
+            dtype=np.float64,
+        )
+        if pairs
+        else np.zeros(0)
+    )
+    if len(raw) != len(pairs):
+        raise ValueError(f"teacher returned {len(raw)} scores for {len(pairs)} pairs")
+    raw_by_query: dict[str, dict[str, float]] = {}
+    for (qid, pid), value in zip(owners, raw, strict=True):
+        raw_by_query.setdefault(qid, {})[pid] = float(value)
+
+    low = float(np.percentile(raw, cfg.norm_low_percentile)) if len(raw) else 0.0
+    high = float(np.percentile(raw, cfg.norm_high_percentile)) if len(raw) else 1.0
+    best = np.array([max(raw_by_query[q.id].values()) for q in scored_queries])
+    floor = float(np.percentile(best, cfg.min_score_percentile)) if len(best) else 0.0
+
+    lists: list[ScoredList] = []
+    kept: list[Query] = []
+    reasons: dict[str, str] = {}
+    for query in queries:
+        scores = raw_by_query.get(query.id)
+        if scores is None:
+            reasons[query.id] = "no_source" if query.source_id not in by_id else "no_candidates"
+            continue
+        pids = list(scores)
+        raw_values = np.array([scores[pid] for pid in pids])
+        # Decisions use the unclipped signal: clipping would turn the top 1% into ties.
+        signal = _minmax(raw_values, low, high)
+        if cfg.teacher_signal == "fused":
+            cand = candidates[query.id]
+            rrf = dict(zip(cand.passage_ids, cand.rrf, strict=True))
+            evidence = np.array([rrf.get(pid, 0.0) for pid in pids])
+            spread = evidence.max() - evidence.min()
+            evidence = (evidence - evidence.min()) / spread if spread > 0 else evidence * 0
+            w = cfg.fused_teacher_weight
+            signal = w * signal + (1 - w) * evidence
+        source_index = pids.index(query.source_id)
+        reason = None
+        if cfg.round_trip and np.any(signal > signal[source_index]):
+            reason = "round_trip_teacher"
+        elif cfg.round_trip and not (
+            candidates[query.id].source_rank is not None
+            and candidates[query.id].source_rank <= cfg.student_top_n
+        ):
+            reason = "round_trip_student"
+        elif raw_values.max() < floor:
+            reason = "low_score"
+        if reason:
+            reasons[query.id] = reason
+            continue
+        rest = sorted(
+            (i for i in range(len(pids)) if i != source_index), key=lambda i: -signal[i]
+        )
+        order = [source_index, *rest]
+        clipped = np.clip(signal, 0.0, 1.0)
+        lists.append(
+            ScoredList(
+                query_id=query.id,
+                passage_ids=[pids[i] for i in order],
+                teacher_scores=[float(clipped[i]) for i in order],
+                raw_scores=[float(raw_values[i]) for i in order],
+            )
+        )
+        kept.append(query)
+
+    summary = {
+        "generated": len(queries),
+        "scored": len(scored_queries),
+        "kept": len(kept),
+        "pairs_scored": len(pairs),
+        "dropped": dict(Counter(reasons.values())),
+        "by_type": _counts_by_type(queries, reasons),
+        "thresholds": {"min_top_score": floor, "norm_low": low, "norm_high": high},
+        "teacher_signal": cfg.teacher_signal,
+        "teacher_check": teacher_agreement(scored_queries, candidates, raw_by_query),
+    }
+    progress(1.0, f"kept {len(kept)} of {len(queries)} queries")
+    return FilterResult(lists=lists, kept=kept, summary=summary)
+
+
+def _counts_by_type(
+    queries: Sequence[Query], reasons: Mapping[str, str]
+) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
+    for query in queries:
+        row = counts.setdefault(query.query_type or "unknown", {"generated": 0, "kept": 0})
+        row["generated"] += 1
+        reason = reasons.get(query.id)
+        if reason is None:
+            row["kept"] += 1
+        else:
+            row[reason] = row.get(reason, 0) + 1
+    return counts
+
+
+def split_by_passage(
+    ids: Iterable[str],
+    fractions: Mapping[str, float],
+    seed: int,
+    groups: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """{passage id: split name}: a seeded split of passages by the given fractions.
+
+    Fractions are relative (normalised to sum 1); counts use the largest remainder, and every
+    split with a positive fraction gets at least one group when there are enough groups.
+    `groups` (id -> group key, e.g. a chunk's document id) keeps a group in one split, so chunks
+    of one document never straddle train and test. The result depends only on the set of ids.
+    """
+    ids = list(dict.fromkeys(ids))
+    names = [name for name, share in fractions.items() if share > 0]
+    if not names:
+        raise ValueError("split fractions must include a positive share")
+    keys = sorted({(groups or {}).get(pid, pid) for pid in ids})
+    random.Random(seed).shuffle(keys)
+    total = sum(fractions[name] for name in names)
+    exact = [fractions[name] / total * len(keys) for name in names]
+    counts = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(names)), key=lambda i: -(exact[i] - counts[i]))
+    for i in by_remainder[: len(keys) - sum(counts)]:
+        counts[i] += 1
+    if len(keys) >= len(names):
+        for i in range(len(names)):
+            while counts[i] == 0:
+                donor = max(range(len(names)), key=lambda j: counts[j])
+                counts[donor] -= 1
+                counts[i] += 1
+    assignment: dict[str, str] = {}
+    start = 0
+    for name, count in zip(names, counts, strict=True):
+        for key in keys[start:start + count]:
+            assignment[key] = name
+        start += count
+    return {pid: assignment[(groups or {}).get(pid, pid)] for pid in ids}

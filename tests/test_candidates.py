@@ -1,0 +1,256 @@
+"""Candidate mining, teacher scoring with the round-trip filter, and the passage split."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from ml_core.candidates import (
+    Candidates,
+    mine_candidates,
+    score_and_filter,
+    split_by_passage,
+    teacher_agreement,
+)
+from ml_core.config import CandidateConfig
+from ml_core.records import Passage, Query
+
+
+class KeywordStudent:
+    """Bag-of-words embeddings over a fixed vocabulary: rankings a test can predict."""
+
+    vocab = ["wing", "shock", "flutter", "heat", "plate", "noise"]
+
+    def __init__(self) -> None:
+        self.encoded_passages = 0
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        rows = [[float(t.lower().split().count(w)) for w in self.vocab] for t in texts]
+        vectors = np.array(rows, dtype=np.float32) + 1e-3
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    def encode_queries(self, texts, batch_size=32, progress=None) -> np.ndarray:
+        return self._encode(list(texts))
+
+    def encode_passages(self, passages, batch_size=32, progress=None) -> np.ndarray:
+        self.encoded_passages += len(passages)
+        return self._encode([p.text for p in passages])
+
+
+class TableTeacher:
+    """Scores pairs from a table keyed by (query text, passage text); records what it scored."""
+
+    def __init__(self, table: dict[tuple[str, str], float], default: float = 0.0) -> None:
+        self.table = table
+        self.default = default
+        self.scored: list[tuple[str, str]] = []
+
+    def score(self, pairs, batch_size=32, progress=None) -> np.ndarray:
+        self.scored.extend(pairs)
+        return np.array([self.table.get(pair, self.default) for pair in pairs], dtype=np.float32)
+
+
+PASSAGES = [
+    Passage("p1", "wing wing shock"),
+    Passage("p2", "wing flutter"),
+    Passage("p3", "heat plate"),
+    Passage("p4", "heat heat noise"),
+    Passage("p5", "plate noise noise"),
+]
+
+
+def test_mine_candidates_fuses_student_and_bm25_and_records_source_rank() -> None:
+    queries = [Query("q1", "wing flutter", "questions", source_id="p2"),
+               Query("q2", "noise", "keywords", source_id="p3")]
+    cfg = CandidateConfig(top_k=3, student_top_n=4, rrf_k=60)
+    student = KeywordStudent()
+
+    mined = mine_candidates(queries, PASSAGES, student, cfg)
+
+    q1 = mined["q1"]
+    assert q1.student_ids[:2] == ["p2", "p1"]  # exact match first, then the other wing passage
+    assert len(q1.student_ids) == 4  # deep enough for the round-trip check (student_top_n)
+    assert q1.passage_ids[0] == "p2" and len(q1.passage_ids) == 3
+    assert q1.rrf == sorted(q1.rrf, reverse=True)
+    assert q1.rrf[0] == pytest.approx(2 / 61)  # first in both lists
+    assert q1.source_rank == 1
+    assert set(mined["q2"].bm25_ids) == {"p4", "p5"}  # BM25 lists only passages with "noise"
+    assert mined["q2"].source_rank is None or mined["q2"].source_rank > 2
+    assert student.encoded_passages == len(PASSAGES)
+
+
+def test_mine_candidates_reuses_given_passage_vectors_and_can_skip_bm25() -> None:
+    student = KeywordStudent()
+    vectors = student.encode_passages(PASSAGES)
+    cfg = CandidateConfig(top_k=2, student_top_n=2, use_bm25=False)
+    mined = mine_candidates([Query("q", "heat", source_id="p4")], PASSAGES, student, cfg,
+                            passage_vectors=vectors)
+    assert student.encoded_passages == len(PASSAGES)  # only the explicit call above
+    assert mined["q"].bm25_ids == [] and mined["q"].passage_ids == mined["q"].student_ids
+
+
+def _cand(qid: str, fused: list[str], student: list[str], bm25: list[str] | None = None,
+          source_rank: int | None = 1) -> Candidates:
+    rrf = [1 / (60 + i) for i in range(1, len(fused) + 1)]
+    return Candidates(qid, fused, rrf, student, bm25 or [], source_rank)
+
+
+def _text(pid: str) -> str:
+    return next(p.text for p in PASSAGES if p.id == pid)
+
+
+def test_score_and_filter_applies_round_trip_and_orders_lists() -> None:
+    queries = [
+        Query("good", "wing", "questions", source_id="p1"),
+        Query("teacher_disagrees", "heat", "questions", source_id="p3"),
+        Query("student_missed", "flutter", "claims", source_id="p2"),
+        Query("outside", "noise", "claims", source_id="p5"),
+    ]
+    candidates = {
+        "good": _cand("good", ["p2", "p1", "p3"], ["p2", "p1", "p3"], source_rank=2),
+        "teacher_disagrees": _cand("teacher_disagrees", ["p3", "p4"], ["p3", "p4"]),
+        "student_missed": _cand("student_missed", ["p1", "p2"], ["p1", "p4", "p2"], source_rank=3),
+        # The source is in neither list: the teacher still scores it, appended to the pool.
+        "outside": _cand("outside", ["p4", "p3"], ["p4", "p3"], source_rank=None),
+    }
+    teacher = TableTeacher({
+        ("wing", _text("p1")): 9.0, ("wing", _text("p2")): 4.0, ("wing", _text("p3")): -2.0,
+        ("heat", _text("p3")): 3.0, ("heat", _text("p4")): 5.0,
+        ("flutter", _text("p1")): 1.0, ("flutter", _text("p2")): 8.0,
+        ("noise", _text("p4")): 2.0, ("noise", _text("p3")): 0.0, ("noise", _text("p5")): 7.0,
+    })
+    cfg = CandidateConfig(student_top_n=2, min_score_percentile=0.0)
+
+    result = score_and_filter(queries, candidates, PASSAGES, teacher, cfg)
+
+    assert len(teacher.scored) == 3 + 2 + 2 + 3  # fused top-k, plus the missing source once
+    assert [q.id for q in result.kept] == ["good"]
+    (scored,) = result.lists
+    assert scored.passage_ids == ["p1", "p2", "p3"]  # source first, then by teacher score
+    assert scored.raw_scores == [9.0, 4.0, -2.0]
+    assert all(0.0 <= s <= 1.0 for s in scored.teacher_scores)
+    assert scored.teacher_scores[0] >= scored.teacher_scores[1] > scored.teacher_scores[2]
+    summary = result.summary
+    assert summary["dropped"] == {"round_trip_teacher": 1, "round_trip_student": 2}
+    assert summary["by_type"]["questions"] == {"generated": 2, "kept": 1, "round_trip_teacher": 1}
+    assert summary["by_type"]["claims"] == {"generated": 2, "kept": 0, "round_trip_student": 2}
+    assert summary["pairs_scored"] == 10
+
+
+def test_score_and_filter_drops_weak_queries_under_the_percentile() -> None:
+    queries = [Query(f"q{i}", f"query {i}", "titles", source_id="p1") for i in range(4)]
+    candidates = {q.id: _cand(q.id, ["p1", "p2"], ["p1", "p2"]) for q in queries}
+    # Best scores 1, 2, 3, 4: the 50th percentile is 2.5, so q0 and q1 fall under it.
+    table = {(f"query {i}", _text("p1")): float(i + 1) for i in range(4)}
+    teacher = TableTeacher(table, default=-5.0)
+    cfg = CandidateConfig(min_score_percentile=50.0)
+
+    result = score_and_filter(queries, candidates, PASSAGES, teacher, cfg)
+
+    assert [q.id for q in result.kept] == ["q2", "q3"]
+    assert result.summary["dropped"] == {"low_score": 2}
+    assert result.summary["thresholds"]["min_top_score"] == pytest.approx(2.5)
+
+
+def test_normalisation_uses_percentiles_and_clips() -> None:
+    queries = [Query("q", "wing", source_id="p1")]
+    pool = ["p1", "p2", "p3", "p4", "p5"]
+    teacher = TableTeacher({("wing", _text(pid)): float(s)
+                            for pid, s in zip(pool, [100, 3, 2, 1, -100], strict=True)})
+    cfg = CandidateConfig(norm_low_percentile=25.0, norm_high_percentile=75.0,
+                          min_score_percentile=0.0)
+    result = score_and_filter(queries, {"q": _cand("q", pool, pool)}, PASSAGES, teacher, cfg)
+    # The 25th/75th percentiles of the scores are 1 and 3: 100 clips to 1, -100 to 0, 2 -> 0.5.
+    assert result.lists[0].teacher_scores == pytest.approx([1.0, 1.0, 0.5, 0.0, 0.0])
+
+
+def test_fused_signal_lets_first_stage_evidence_break_a_close_teacher_call() -> None:
+    queries = [Query("q", "wing", source_id="p1")]
+    # The first stage agrees on p1 (rank 1 in the fused list); the teacher slightly prefers p2.
+    candidates = {"q": _cand("q", ["p1", "p2", "p3"], ["p1", "p2", "p3"])}
+    teacher = TableTeacher({("wing", _text("p1")): 5.0, ("wing", _text("p2")): 5.2,
+                            ("wing", _text("p3")): 0.0})
+    plain = CandidateConfig(min_score_percentile=0.0)
+    fused = CandidateConfig(min_score_percentile=0.0, teacher_signal="fused",
+                            fused_teacher_weight=0.5)
+
+    assert score_and_filter(queries, candidates, PASSAGES, teacher, plain).kept == []
+    result = score_and_filter(queries, candidates, PASSAGES, teacher, fused)
+    assert [q.id for q in result.kept] == ["q"]
+    assert result.lists[0].passage_ids == ["p1", "p2", "p3"]
+    assert result.lists[0].raw_scores == pytest.approx([5.0, 5.2, 0.0])  # raw scores as-is
+    assert result.summary["teacher_signal"] == "fused"
+
+
+def test_round_trip_can_be_switched_off() -> None:
+    queries = [Query("q", "heat", source_id="p3")]
+    candidates = {"q": _cand("q", ["p3", "p4"], ["p3", "p4"], source_rank=None)}
+    teacher = TableTeacher({("heat", _text("p4")): 5.0, ("heat", _text("p3")): 1.0})
+    cfg = CandidateConfig(round_trip=False, min_score_percentile=0.0)
+    result = score_and_filter(queries, candidates, PASSAGES, teacher, cfg)
+    assert result.lists[0].passage_ids == ["p3", "p4"]  # the source stays the positive
+
+
+def test_teacher_agreement_compares_source_ranks_over_the_same_pool() -> None:
+    queries = [Query("a", "x", source_id="p1"), Query("b", "y", source_id="p2")]
+    candidates = {
+        "a": _cand("a", ["p3", "p1"], ["p3", "p1"], ["p1", "p3"]),
+        "b": _cand("b", ["p2", "p3"], ["p2", "p3"], ["p3"]),
+    }
+    raw = {"a": {"p3": 1.0, "p1": 2.0}, "b": {"p2": 0.0, "p3": 1.0}}
+
+    check = teacher_agreement(queries, candidates, raw)
+
+    assert check["queries"] == 2
+    assert check["teacher"] == pytest.approx((1 + 1 / 2) / 2)
+    assert check["student"] == pytest.approx((1 / 2 + 1) / 2)
+    assert check["bm25"] == pytest.approx((1 + 1 / 2) / 2)  # p2 unlisted by BM25: ranked last
+    assert check["teacher_top1"] == pytest.approx(0.5)
+
+
+def test_split_by_passage_is_seeded_proportional_and_order_free() -> None:
+    ids = [f"p{i}" for i in range(100)]
+    split = split_by_passage(ids, {"train": 0.9, "dev": 0.1}, seed=3)
+
+    assert Counter(split.values()) == {"train": 90, "dev": 10}
+    assert split == split_by_passage(list(reversed(ids)), {"train": 0.9, "dev": 0.1}, seed=3)
+    assert split != split_by_passage(ids, {"train": 0.9, "dev": 0.1}, seed=4)
+
+
+def test_split_by_passage_gives_every_split_one_and_keeps_groups_together() -> None:
+    ids = ["a", "b", "c"]
+    assert sorted(split_by_passage(ids, {"train": 0.95, "dev": 0.05}, seed=0).values()) == [
+        "dev", "train", "train"
+    ]
+    chunks = [f"doc{d}#{c}" for d in range(10) for c in range(3)]
+    groups = {cid: cid.split("#")[0] for cid in chunks}
+    split = split_by_passage(chunks, {"test": 0.2, "train": 0.8}, seed=1, groups=groups)
+    for d in range(10):
+        assert len({split[f"doc{d}#{c}"] for c in range(3)}) == 1
+    assert Counter(split.values()) == {"train": 24, "test": 6}
+
+
+def test_filter_runs_on_the_tiny_models(registry) -> None:
+    from ml_core.student import Student
+    from ml_core.teacher import load_teacher
+
+    student = Student.load(registry.get("tiny-student"))
+    teacher = load_teacher(registry.get("tiny-teacher"), registry)
+    passages = [Passage(f"d{i}", text) for i, text in enumerate([
+        "the wing flutter at high speed", "heat transfer in a flat plate",
+        "shock waves on a wing", "noise from jet engines", "boundary layer on a plate",
+    ])]
+    queries = [Query(f"q{i}", p.text.split(" ", 2)[-1], "titles", source_id=p.id)
+               for i, p in enumerate(passages)]
+    cfg = CandidateConfig(top_k=3, student_top_n=5, round_trip=False, min_score_percentile=0.0)
+
+    mined = mine_candidates(queries, passages, student, cfg)
+    result = score_and_filter(queries, mined, passages, teacher, cfg)
+
+    assert len(result.lists) == len(queries)  # no filter on: every query kept
+    for query, scored in zip(queries, result.lists, strict=True):
+        assert scored.passage_ids[0] == query.source_id
+        assert len(set(scored.passage_ids)) == len(scored.passage_ids) >= 3
+        assert len(scored.raw_scores) == len(scored.teacher_scores) == len(scored.passage_ids)

@@ -1,0 +1,181 @@
+"""Metrics against hand computation, chunk max-pooling, teacher rerank and the report."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ml_core.config import EvaluationConfig
+from ml_core.evaluation import (
+    build_report,
+    evaluate_retriever,
+    metrics_from_rankings,
+    pool_to_documents,
+    ranking_from_scores,
+    rerank_metrics,
+    teacher_check,
+)
+from ml_core.records import Passage, Query
+
+
+def _dcg(gains: list[int]) -> float:
+    # trec_eval's nDCG: linear gain, log2(rank + 1) discount.
+    return sum(g / math.log2(i + 2) for i, g in enumerate(gains))
+
+
+def test_metrics_match_hand_computed_ndcg_recall_and_mrr() -> None:
+    qrels = {"q1": {"d1": 2, "d3": 1, "d9": 1}, "q2": {"d5": 1}}
+    rankings = {"q1": ["d2", "d1", "d3", "d4"], "q2": ["d6", "d7"]}
+
+    metrics = metrics_from_rankings(rankings, qrels, k_values=(10, 3))
+
+    q1_ndcg = _dcg([0, 2, 1, 0]) / _dcg([2, 1, 1])
+    assert metrics["ndcg@10"] == pytest.approx((q1_ndcg + 0.0) / 2, abs=1e-6)
+    # q1 found 2 of 3 relevant documents in its top 3; q2 none.
+    assert metrics["recall@3"] == pytest.approx((2 / 3 + 0) / 2, abs=1e-6)
+    assert metrics["mrr@10"] == pytest.approx((1 / 2 + 0) / 2, abs=1e-6)
+    assert metrics["queries"] == 2
+
+
+def test_mrr_is_cut_at_ten() -> None:
+    ranking = [f"n{i}" for i in range(10)] + ["rel"]
+    metrics = metrics_from_rankings({"q": ranking}, {"q": {"rel": 1}})
+    assert metrics["mrr@10"] == 0.0
+    assert metrics["recall@100"] == 1.0
+
+
+def test_queries_without_relevant_judgements_are_not_averaged() -> None:
+    metrics = metrics_from_rankings(
+        {"q1": ["d1"], "q2": ["d2"]}, {"q1": {"d1": 1}, "q2": {"d2": 0}}
+    )
+    assert metrics["queries"] == 1 and metrics["ndcg@10"] == pytest.approx(1.0)
+
+
+def test_ranking_helpers_max_pool_chunks_to_documents() -> None:
+    ids = ["a#0", "b", "a#1", "c"]
+    scores = np.array([0.2, 0.5, 0.9, 0.1])
+    doc_of = {"a#0": "a", "a#1": "a"}
+    assert ranking_from_scores(ids, scores, document_of=doc_of) == [
+        ("a", 0.9),
+        ("b", 0.5),
+        ("c", 0.1),
+    ]
+    assert ranking_from_scores(ids, scores, k=2) == [("a#1", 0.9), ("b", 0.5)]
+    assert pool_to_documents(["a#1", "b", "a#0", "c"], doc_of) == ["a", "b", "c"]
+
+
+class KeywordStudent:
+    """A bag-of-words encoder over a fixed vocabulary: deterministic and easy to reason about."""
+
+    vocab = ["wing", "shock", "pasta", "river", "boat"]
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        rows = [[float(text.lower().count(w)) for w in self.vocab] for text in texts]
+        vectors = np.array(rows, dtype=np.float32) + 1e-3
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    def encode_queries(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        return self._encode(texts)
+
+    def encode_passages(self, passages: list, batch_size: int = 32) -> np.ndarray:
+        return self._encode([p.text if isinstance(p, Passage) else p for p in passages])
+
+
+def test_evaluate_retriever_scores_documents_by_their_best_chunk_and_by_type() -> None:
+    passages = [
+        Passage("doc1#0", "pasta pasta", parent_id="doc1"),
+        Passage("doc1#1", "wing shock", parent_id="doc1"),
+        Passage("doc2", "river boat"),
+        Passage("doc3", "wing river"),
+    ]
+    queries = [
+        Query("q1", "shock wing", query_type="keywords"),
+        Query("q2", "boat on a river", query_type="questions"),
+    ]
+    qrels = {"q1": {"doc1": 1}, "q2": {"doc3": 1}}
+
+    metrics = evaluate_retriever(KeywordStudent(), passages, queries, qrels)
+
+    # q1: doc1's second chunk is the best match, so doc1 ranks first. q2: doc2 beats doc3.
+    assert metrics["per_query_type"]["keywords"]["mrr@10"] == pytest.approx(1.0)
+    assert metrics["per_query_type"]["questions"]["mrr@10"] == pytest.approx(0.5)
+    assert metrics["mrr@10"] == pytest.approx(0.75)
+    assert metrics["recall@100"] == pytest.approx(1.0)
+
+
+class OracleTeacher:
+    """Scores 1 for the passage the test says is relevant, 0 otherwise."""
+
+    def __init__(self, relevant_text: str) -> None:
+        self.relevant_text = relevant_text
+        self.pairs: list[tuple[str, str]] = []
+
+    def score(self, pairs, batch_size=32, progress=None) -> np.ndarray:
+        self.pairs.extend(pairs)
+        return np.array([1.0 if p == self.relevant_text else 0.0 for _, p in pairs])
+
+
+def test_rerank_metrics_reorders_only_the_head_and_keeps_the_tail() -> None:
+    passages = [Passage(f"d{i}", f"text {i}") for i in range(5)]
+    teacher = OracleTeacher("text 2")
+    first_stage = {"q": ["d0", "d1", "d2", "d3", "d4"]}
+    qrels = {"q": {"d2": 1, "d4": 1}}
+
+    metrics = rerank_metrics(teacher, [Query("q", "query")], passages, first_stage, qrels, depth=3)
+
+    assert len(teacher.pairs) == 3  # only the head is scored
+    # Reranked: d2, d0, d1 | d3, d4. nDCG = (1 + 1/log2(6)) / (1 + 1/log2(3)).
+    expected = (1 + 1 / math.log2(6)) / (1 + 1 / math.log2(3))
+    assert metrics["ndcg@10"] == pytest.approx(expected, abs=1e-6)
+    assert metrics["recall@100"] == pytest.approx(1.0)
+
+
+def test_teacher_check_compares_teacher_rerank_with_student() -> None:
+    passages = [Passage("a", "wing wing"), Passage("b", "wing shock"), Passage("c", "pasta")]
+    queries = [Query("q", "wing")]
+    qrels = {"q": {"b": 1}}
+    check = teacher_check(KeywordStudent(), OracleTeacher("wing shock"), passages, queries, qrels)
+    assert check["method"] == "judged_rerank"
+    assert check["student"] == pytest.approx(1 / math.log2(3))  # student ranks b second
+    assert check["teacher"] == pytest.approx(1.0)
+
+
+def _metrics(ndcg: float, queries: int = 50) -> dict:
+    return {"ndcg@10": ndcg, "recall@100": 0.8, "mrr@10": ndcg, "queries": queries}
+
+
+def test_report_recommends_tuned_only_above_min_gain() -> None:
+    good_check = {"method": "judged_rerank", "queries": 50, "teacher": 0.6, "student": 0.4}
+    report = build_report(
+        _metrics(0.40), _metrics(0.45), good_check, EvaluationConfig(min_gain=0.01), "customer"
+    )
+    assert report["recommended"] == "tuned"
+    assert report["gain"]["ndcg@10"] == pytest.approx(0.05)
+    assert report["warnings"] == []
+    assert report["judgements"] == "customer"
+
+    small = build_report(
+        _metrics(0.40), _metrics(0.405), good_check, EvaluationConfig(min_gain=0.01), "customer"
+    )
+    assert small["recommended"] == "base"
+    assert "does not exceed" in small["warnings"][0]
+
+
+def test_report_warns_when_tuned_is_worse_and_teacher_is_no_better() -> None:
+    weak_check = {"method": "judged_rerank", "queries": 50, "teacher": 0.38, "student": 0.38}
+    base = {**_metrics(0.40, queries=12), "per_query_type": {"questions": _metrics(0.4, 12)}}
+    tuned = {**_metrics(0.35, queries=12), "per_query_type": {"questions": _metrics(0.3, 12)}}
+
+    report = build_report(base, tuned, weak_check, EvaluationConfig(), "synthetic")
+
+    assert report["recommended"] == "base"
+    assert "tuned model is worse than base: keeping base as recommendation" in report["warnings"]
+    assert (
+        "teacher is no better than the student on this corpus: gains are capped"
+        in report["warnings"]
+    )
+    assert any("12 evaluation queries" in w for w in report["warnings"])
+    assert report["per_query_type"]["questions"]["gain"]["ndcg@10"] == pytest.approx(-0.1)
+    assert "per_query_type" not in report["base"]

@@ -1,0 +1,381 @@
+"""Prompts, output cleaning, generate_queries, and the three generator backends."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import threading
+import types
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from ml_core.config import ALL_QUERY_TYPES, GenerationConfig, QueryType
+from ml_core.generation import (
+    EXAMPLES,
+    GeneratorError,
+    OpenAIGenerator,
+    TransformersGenerator,
+    VLLMGenerator,
+    build_messages,
+    clean_query,
+    generate_queries,
+    load_generator,
+)
+from ml_core.records import Passage
+
+PASSAGE = Passage(
+    "p1",
+    "Laminar flow over a flat plate becomes turbulent at high Reynolds numbers. The transition "
+    "raises skin friction drag.",
+    title="Boundary layer transition",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+
+
+@pytest.mark.parametrize("query_type", ALL_QUERY_TYPES)
+def test_prompt_states_the_recipe_rules_and_ends_with_the_passage(query_type: QueryType) -> None:
+    messages = build_messages(PASSAGE.text, query_type, 3, random.Random(0))
+    system = messages[0]["content"]
+    assert messages[0]["role"] == "system"
+    assert "under 20 words" in system and "Respond only with the plain text" in system
+    assert "on its own" in system and "not copy long phrases" in system
+    assert messages[-1] == {"role": "user", "content": f"Passage: {PASSAGE.text}"}
+    roles = [m["role"] for m in messages[1:]]
+    if query_type == QueryType.ZERO_SHOT_USER:
+        assert roles == ["user"]  # zero-shot: no examples, whatever the config says
+    else:
+        assert roles == ["user", "assistant"] * 3 + ["user"]
+
+
+def test_few_shot_examples_are_seeded_and_vary_between_prompts() -> None:
+    def examples(seed: int) -> list[str]:
+        messages = build_messages("text", QueryType.QUESTIONS, 3, random.Random(seed))
+        return [m["content"] for m in messages if m["role"] == "assistant"]
+
+    assert examples(1) == examples(1)
+    assert len({tuple(examples(seed)) for seed in range(10)}) > 1
+    pool = {e.queries[QueryType.QUESTIONS] for e in EXAMPLES}
+    assert set(examples(1)) <= pool
+
+
+def test_every_example_has_a_query_of_every_few_shot_type() -> None:
+    few_shot_types = set(ALL_QUERY_TYPES) - {QueryType.ZERO_SHOT_USER}
+    assert len(EXAMPLES) >= 8
+    for example in EXAMPLES:
+        assert set(example.queries) == few_shot_types
+        for text in example.queries.values():
+            assert len(text.split()) < 20
+
+
+def test_long_passages_are_cut_at_a_word_boundary() -> None:
+    messages = build_messages("word " * 1000, QueryType.TITLES, 0, random.Random(0))
+    shown = messages[-1]["content"]
+    assert len(shown) < 1300 and shown.endswith("word ...")
+
+
+# ---------------------------------------------------------------------------------------------
+# Cleaning
+
+
+@pytest.mark.parametrize(
+    ("raw", "query_type", "expected"),
+    [
+        ('Query: "what causes turbulent transition?"\nPassage: more text', "questions",
+         "what causes turbulent transition?"),
+        ("Here is a title:\n\n**Why Plates Get Turbulent**", "titles", "Why Plates Get Turbulent"),
+        ("1. laminar flow, turbulence, drag, plates, Reynolds number, skin friction", "keywords",
+         "laminar flow, turbulence, drag, plates, Reynolds number"),
+        ("Search query: flat plate drag turbulence", "few_shot_user", "flat plate drag turbulence"),
+        (" ".join(["word"] * 40), "claims", " ".join(["word"] * 24)),
+    ],
+)
+def test_clean_query_keeps_one_plain_query(raw: str, query_type: str, expected: str) -> None:
+    assert clean_query(raw, query_type, PASSAGE) == expected
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "",
+        "   \n  ",
+        "123 456",
+        "Query:",
+        "Laminar flow over a flat plate becomes turbulent at high Reynolds numbers.",
+        "boundary layer transition",
+    ],
+)
+def test_clean_query_drops_empty_and_copied_replies(raw: str) -> None:
+    assert clean_query(raw, "questions", PASSAGE) is None
+
+
+def test_clean_query_allows_a_title_that_matches_the_documents_title() -> None:
+    title = "Boundary Layer Transition"
+    assert clean_query(title, "titles", PASSAGE) == title
+
+
+# ---------------------------------------------------------------------------------------------
+# generate_queries with a scripted generator
+
+
+class ScriptedGenerator:
+    """Answers from the passage id and query type found in the prompt; records every call."""
+
+    def __init__(self, fail_first: set[str] | None = None) -> None:
+        self.calls: list[dict] = []
+        self.fail_first = set(fail_first or ())
+
+    def complete(self, conversations, temperature, max_new_tokens, seed):
+        self.calls.append({"n": len(conversations), "seed": seed, "temperature": temperature,
+                           "max_new_tokens": max_new_tokens,
+                           "lengths": [sum(len(m["content"]) for m in c) for c in conversations]})
+        replies = []
+        for conversation in conversations:
+            passage = conversation[-1]["content"].removeprefix("Passage: ")
+            kind = conversation[0]["content"].split(".")[0]
+            key = passage.split()[0]
+            if key in self.fail_first:
+                self.fail_first.discard(key)
+                replies.append("   ")
+            else:
+                replies.append(f'Query: "{key} {kind[:20]}"')
+        return replies
+
+
+def _passages(n: int) -> list[Passage]:
+    return [Passage(f"id{i}", f"doc{i} " + "filler " * (i * 3) + "end.") for i in range(n)]
+
+
+def test_generate_queries_one_per_passage_per_type_with_stable_ids() -> None:
+    cfg = GenerationConfig(query_types=["questions", "keywords"], batch_size=3)
+    generator = ScriptedGenerator()
+    reports: list[float] = []
+
+    queries = generate_queries(_passages(4), cfg, generator, seed=7,
+                               progress=lambda f, m: reports.append(f))
+
+    assert [q.id for q in queries] == [
+        f"{t}:id{i}" for i in range(4) for t in ("questions", "keywords")
+    ]
+    assert {q.source_id for q in queries} == {f"id{i}" for i in range(4)}
+    assert queries[0].query_type == "questions" and queries[0].text.startswith("doc0 ")
+    assert not any(q.text.startswith(("Query", '"')) for q in queries)
+    # 8 requests in batches of 3, shortest prompts first, a progress report per batch.
+    assert [c["n"] for c in generator.calls] == [3, 3, 2]
+    lengths = [n for c in generator.calls for n in c["lengths"]]
+    assert lengths == sorted(lengths)
+    assert reports == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert all(c["temperature"] == 0.8 and c["max_new_tokens"] == 40 for c in generator.calls)
+
+
+def test_generate_queries_retries_unusable_replies_once() -> None:
+    cfg = GenerationConfig(query_types=["titles"], batch_size=8)
+    generator = ScriptedGenerator(fail_first={"doc1"})
+    queries = generate_queries(_passages(3), cfg, generator, seed=1)
+    assert [q.id for q in queries] == ["titles:id0", "titles:id1", "titles:id2"]
+    assert [c["n"] for c in generator.calls] == [3, 1]
+    assert generator.calls[0]["seed"] != generator.calls[1]["seed"]
+
+
+def test_generate_queries_is_deterministic_for_a_seed() -> None:
+    cfg = GenerationConfig(query_types=["questions"], batch_size=2)
+    first, second = ScriptedGenerator(), ScriptedGenerator()
+    generate_queries(_passages(3), cfg, first, seed=5)
+    generate_queries(_passages(3), cfg, second, seed=5)
+    assert first.calls == second.calls
+
+
+# ---------------------------------------------------------------------------------------------
+# TransformersGenerator on the tiny causal LM
+
+
+@pytest.fixture(scope="module")
+def tiny_generator(registry) -> TransformersGenerator:
+    cfg = GenerationConfig()
+    generator = load_generator(cfg, registry.get("tiny-generator"), registry)
+    assert isinstance(generator, TransformersGenerator)
+    return generator
+
+
+def test_transformers_generator_is_seeded_and_decodes_only_new_tokens(tiny_generator) -> None:
+    conversations = [
+        [{"role": "user", "content": "Passage: the wing"}],
+        [{"role": "system", "content": "long system prompt " * 5},
+         {"role": "user", "content": "Passage: the aircraft wing has a shock"}],
+    ]
+    first = tiny_generator.complete(conversations, temperature=0.8, max_new_tokens=6, seed=3)
+    again = tiny_generator.complete(conversations, temperature=0.8, max_new_tokens=6, seed=3)
+    other = tiny_generator.complete(conversations, temperature=0.8, max_new_tokens=6, seed=4)
+
+    assert len(first) == 2 and first == again and first != other
+    longest_token = max(len(t) for t in tiny_generator.tokenizer.get_vocab())
+    for reply in first:
+        # Only new tokens come back: no prompt text, no special tokens, at most 6 tokens' worth.
+        assert "long system prompt" not in reply and "Passage:" not in reply
+        assert "<|im_start|>" not in reply and "<|im_end|>" not in reply
+        assert len(reply) <= 6 * longest_token
+
+
+def test_transformers_generator_left_pads_so_batching_matches_single_greedy(tiny_generator) -> None:
+    short = [{"role": "user", "content": "Passage: wing"}]
+    long = [{"role": "user", "content": "Passage: " + "boundary layer flow " * 8}]
+    batched = tiny_generator.complete([short, long], temperature=0.0, max_new_tokens=5, seed=0)
+    alone = tiny_generator.complete([short], temperature=0.0, max_new_tokens=5, seed=0)
+    assert batched[0] == alone[0]
+
+
+def test_generate_queries_end_to_end_on_the_tiny_model(tiny_generator) -> None:
+    cfg = GenerationConfig(query_types=["questions", "keywords"], few_shot_examples=1,
+                           max_new_tokens=8, batch_size=4)
+    queries = generate_queries(_passages(2), cfg, tiny_generator, seed=0)
+    # A random model writes noise, but every kept query is one cleaned line with a known id.
+    expected_ids = {f"{t}:id{i}" for t in ("questions", "keywords") for i in (0, 1)}
+    assert {q.id for q in queries} <= expected_ids
+    assert all(q.text and "\n" not in q.text and len(q.text.split()) <= 24 for q in queries)
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAIGenerator against a real HTTP server
+
+
+class _ChatServer(BaseHTTPRequestHandler):
+    """A minimal OpenAI-compatible endpoint: echoes the last user message and the seed; the
+    first request for a message containing "busy" gets a 429, "broken" always gets a 400."""
+
+    seen_busy: set[str] = set()
+    requests: list[dict] = []
+    lock = threading.Lock()
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.lock:
+            self.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
+                                  "body": body})
+        last = body["messages"][-1]["content"]
+        if "broken" in last:
+            return self._send(400, {"error": {"message": "bad request: broken"}})
+        if "busy" in last:
+            with self.lock:
+                first_time = last not in self.seen_busy
+                self.seen_busy.add(last)
+            if first_time:
+                return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0"})
+        reply = f"echo {last} seed={body['seed']} max={body['max_tokens']}"
+        self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant",
+                                                              "content": reply}}]})
+
+    def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture()
+def chat_server() -> Iterator[str]:
+    _ChatServer.seen_busy = set()
+    _ChatServer.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ChatServer)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _conv(text: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": "sys"}, {"role": "user", "content": text}]
+
+
+def test_openai_generator_keeps_order_sends_seeds_and_retries_429(chat_server: str) -> None:
+    generator = OpenAIGenerator(chat_server + "/v1", "secret", "gen-model", max_workers=4,
+                                backoff_s=0.01)
+    texts = [f"passage {i}" for i in range(6)] + ["busy passage"]
+
+    replies = generator.complete([_conv(t) for t in texts], temperature=0.5, max_new_tokens=12,
+                                 seed=100)
+
+    assert replies == [f"echo {t} seed={100 + i} max=12" for i, t in enumerate(texts)]
+    requests = _ChatServer.requests
+    assert len(requests) == 8  # one retry after the 429
+    assert {r["path"] for r in requests} == {"/v1/chat/completions"}
+    assert {r["auth"] for r in requests} == {"Bearer secret"}
+    assert {r["body"]["model"] for r in requests} == {"gen-model"}
+    generator.close()
+
+
+def test_openai_generator_raises_on_client_errors_with_the_message(chat_server: str) -> None:
+    generator = OpenAIGenerator(chat_server, None, "m", backoff_s=0.01)
+    with pytest.raises(GeneratorError, match="400.*broken"):
+        generator.complete([_conv("broken")], temperature=0.0, max_new_tokens=4, seed=0)
+    assert _ChatServer.requests[0]["auth"] is None  # no key, no header
+    assert len(_ChatServer.requests) == 1  # a 400 is not retried
+
+
+def test_openai_generator_gives_up_after_retries_on_a_dead_endpoint() -> None:
+    generator = OpenAIGenerator("http://127.0.0.1:9", None, "m", max_retries=1, backoff_s=0.01)
+    with pytest.raises(GeneratorError, match="127.0.0.1:9"):
+        generator.complete([_conv("x")], temperature=0.0, max_new_tokens=4, seed=0)
+
+
+def test_load_generator_builds_openai_from_config(monkeypatch, chat_server: str) -> None:
+    monkeypatch.setenv("MY_KEY", "k123")
+    cfg = GenerationConfig(backend="openai", endpoint=chat_server, api_key_env="MY_KEY")
+    generator = load_generator(cfg, "served-model")
+    assert generator.complete([_conv("hi")], 0.0, 4, seed=1) == ["echo hi seed=1 max=4"]
+    assert _ChatServer.requests[0]["auth"] == "Bearer k123"
+    assert _ChatServer.requests[0]["body"]["model"] == "served-model"
+
+
+# ---------------------------------------------------------------------------------------------
+# VLLMGenerator
+
+
+def test_vllm_backend_without_vllm_names_the_gpu_extra(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
+    with pytest.raises(GeneratorError, match=r"tailor\[gpu\]"):
+        load_generator(GenerationConfig(backend="vllm"), "/nonexistent")
+
+
+def test_vllm_generator_sends_chat_with_per_request_seeds(monkeypatch, tmp_path) -> None:
+    calls: dict = {}
+
+    class FakeLLM:
+        def __init__(self, model: str, **kwargs) -> None:
+            calls["model"], calls["kwargs"] = model, kwargs
+
+        def chat(self, conversations, sampling_params, use_tqdm):
+            calls["params"] = sampling_params
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"q{i}")])
+                    for i, _ in enumerate(conversations)]
+
+    class FakeParams:
+        def __init__(self, **kwargs) -> None:
+            self.kwargs = kwargs
+
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = FakeLLM, FakeParams
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+
+    generator = VLLMGenerator.load(tmp_path / "model.gguf")
+    replies = generator.complete([_conv("a"), _conv("b")], 0.8, 30, seed=10)
+
+    assert replies == ["q0", "q1"]
+    assert calls["model"].endswith("model.gguf")
+    assert [p.kwargs for p in calls["params"]] == [
+        {"temperature": 0.8, "max_tokens": 30, "seed": 10},
+        {"temperature": 0.8, "max_tokens": 30, "seed": 11},
+    ]
