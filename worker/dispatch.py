@@ -7,21 +7,45 @@ stays light. Tasks are sent by name, so the API never imports worker.tasks.
 from __future__ import annotations
 
 import logging
+from functools import lru_cache
 from uuid import uuid4
 
+from celery import Celery
 from sqlalchemy import update
 
 from app.db.models import Job
 from app.db.session import session_scope
-from worker.celery_app import TASK_RUN_STAGE, celery_app, queue_for
+from app.settings import get_settings
+from worker.celery_app import TASK_RUN_STAGE, celery_app, create_app, queue_for
 
 log = logging.getLogger(__name__)
+_IMPORTED_APP = celery_app
+
+
+@lru_cache(maxsize=8)
+def _app_for(broker_url: str, broker_dir: str, visibility_timeout: int,
+             result_backend_url: str | None) -> Celery:
+    return create_app(get_settings())
+
+
+def _sender() -> Celery:
+    """The Celery app for the settings in force now (one cached app per broker configuration).
+
+    The module-level app is configured when worker.celery_app is first imported; a process that
+    changes its settings afterwards (the test suite does, per fixture) must still publish to the
+    broker its settings name. An app assigned to `celery_app` explicitly is used as it is.
+    """
+    if celery_app is not _IMPORTED_APP:
+        return celery_app
+    settings = get_settings()
+    return _app_for(settings.broker_url, str(settings.broker_dir), settings.visibility_timeout,
+                    settings.result_backend_url)
 
 
 def send_stage(job_id: str, stage: str, task_id: str | None = None) -> str:
     """Publish run_stage(job_id, stage) on the stage's queue; returns the task id."""
     task_id = task_id or str(uuid4())
-    celery_app.send_task(
+    _sender().send_task(
         TASK_RUN_STAGE,
         args=(job_id, stage),
         queue=queue_for(stage),
@@ -49,7 +73,7 @@ def enqueue_stage(job_id: str, stage: str) -> str:
 def broker_ok(timeout: float = 2.0) -> bool:
     """Whether the broker accepts connections right now (readiness probe)."""
     try:
-        with celery_app.connection_for_write() as connection:
+        with _sender().connection_for_write() as connection:
             connection.ensure_connection(max_retries=1, timeout=timeout)
             # For Redis, opening a channel pings the server; for the filesystem transport it
             # checks the folders.
@@ -67,11 +91,12 @@ def revoke(task_id: str, terminate: bool = False) -> bool:
     into a `cancelled` job. Returns False when the broadcast could not be sent (the worker's
     own cancellation check still stops the job at its next progress report).
     """
+    app = _sender()
     try:
-        with celery_app.connection_for_write() as connection:
+        with app.connection_for_write() as connection:
             # Fail fast when the broker is down: the cancel request must not hang on it.
             connection.ensure_connection(max_retries=1, timeout=2)
-            celery_app.control.revoke(
+            app.control.revoke(
                 task_id, terminate=terminate, signal="SIGTERM", connection=connection
             )
         return True
