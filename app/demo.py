@@ -36,25 +36,28 @@ def _free_port() -> int:
 
 def _environment(port: int) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({
-        "TAILOR_DATABASE_URL": f"sqlite:///{VAR / 'tailor.db'}",
-        "TAILOR_BROKER_URL": "filesystem://",
-        "TAILOR_BROKER_DIR": str(VAR / "broker"),
-        "TAILOR_OBJECT_STORE_URL": f"file://{VAR / 'objects'}",
-        "TAILOR_WORK_DIR": str(VAR / "work"),
-        "TAILOR_EMBED_CACHE_DIR": str(VAR / "cache"),
-        "TAILOR_API_PORT": str(port),
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    })
+    env.update(
+        {
+            "TAILOR_DATABASE_URL": f"sqlite:///{VAR / 'tailor.db'}",
+            "TAILOR_BROKER_URL": "filesystem://",
+            "TAILOR_BROKER_DIR": str(VAR / "broker"),
+            "TAILOR_OBJECT_STORE_URL": f"file://{VAR / 'objects'}",
+            "TAILOR_WORK_DIR": str(VAR / "work"),
+            "TAILOR_EMBED_CACHE_DIR": str(VAR / "cache"),
+            "TAILOR_API_PORT": str(port),
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
     env.setdefault("TAILOR_MODEL_STORE", str(REPO / "var" / "models"))
     return env
 
 
 def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     handle = log.open("wb")
-    return subprocess.Popen(args, env=env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        args, env=env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -82,8 +85,10 @@ def _wait_ready(client: httpx.Client, api: subprocess.Popen[bytes], log: Path) -
 
 def _check(response: httpx.Response) -> dict:
     if response.is_error:
-        raise SystemExit(f"{response.request.method} {response.request.url} -> "
-                         f"{response.status_code}: {response.text}")
+        raise SystemExit(
+            f"{response.request.method} {response.request.url} -> "
+            f"{response.status_code}: {response.text}"
+        )
     return response.json()
 
 
@@ -102,39 +107,89 @@ def run(preset: str, keep: bool) -> int:
 
     print("1. database schema (alembic upgrade head)")
     subprocess.run([python, "-m", "app.cli", "migrate"], env=env, cwd=REPO, check=True)
-    created = subprocess.run([python, "-m", "app.cli", "create-tenant", "demo"], env=env, cwd=REPO,
-                             check=True, capture_output=True, text=True).stdout
+    created = subprocess.run(
+        [python, "-m", "app.cli", "create-tenant", "demo"],
+        env=env,
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     api_key = re.search(r"tlr_[A-Za-z0-9_\-]+", created)
     if api_key is None:
         raise SystemExit(f"could not read the API key from: {created}")
     print("2. tenant 'demo' created with a new API key")
 
     print(f"3. starting the API on 127.0.0.1:{port} and one worker (logs in {VAR})")
-    api = _start([python, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port",
-                  str(port)], env, VAR / "api.log")
-    worker = _start([python, "-m", "celery", "-A", "worker.celery_app", "worker", "-P", "prefork",
-                     "-c", "1", "-Q", "cpu,gpu", "--without-gossip", "--without-mingle",
-                     "--loglevel", "INFO"], env, VAR / "worker.log")
+    api = _start(
+        [python, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
+        env,
+        VAR / "api.log",
+    )
+    worker = _start(
+        [
+            python,
+            "-m",
+            "celery",
+            "-A",
+            "worker.celery_app",
+            "worker",
+            "-P",
+            "prefork",
+            "-c",
+            "1",
+            "-Q",
+            "cpu,gpu",
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel",
+            "INFO",
+        ],
+        env,
+        VAR / "worker.log",
+    )
     started = time.monotonic()
     try:
         headers = {"Authorization": f"Bearer {api_key.group(0)}"}
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers,
-                          timeout=120) as client:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=120
+        ) as client:
             _wait_ready(client, api, VAR / "api.log")
             with (DEMO_DATA / "corpus.jsonl").open("rb") as corpus_file:
-                corpus = _check(client.post("/v1/corpora", data={"name": "cranfield"},
-                                            files={"file": ("corpus.jsonl", corpus_file)}))
+                corpus = _check(
+                    client.post(
+                        "/v1/corpora",
+                        data={"name": "cranfield"},
+                        files={"file": ("corpus.jsonl", corpus_file)},
+                    )
+                )
             print(f"4. uploaded corpus {corpus['id']}: {corpus['documents']} documents")
-            with (DEMO_DATA / "queries.jsonl").open("rb") as q, \
-                 (DEMO_DATA / "qrels" / "test.tsv").open("rb") as r:
-                eval_set = _check(client.post(
-                    "/v1/eval-sets", data={"corpus_id": corpus["id"], "name": "cranfield-test"},
-                    files={"queries": ("queries.jsonl", q), "qrels": ("qrels.tsv", r)}))
-            print(f"5. uploaded judgements {eval_set['id']}: {eval_set['queries']} queries "
-                  "(used only to report, never to train or select)")
-            job = _check(client.post("/v1/jobs", json={
-                "corpus_id": corpus["id"], "eval_set_id": eval_set["id"],
-                "base_model": "minilm-l6", "preset": preset}))
+            with (
+                (DEMO_DATA / "queries.jsonl").open("rb") as q,
+                (DEMO_DATA / "qrels" / "test.tsv").open("rb") as r,
+            ):
+                eval_set = _check(
+                    client.post(
+                        "/v1/eval-sets",
+                        data={"corpus_id": corpus["id"], "name": "cranfield-test"},
+                        files={"queries": ("queries.jsonl", q), "qrels": ("qrels.tsv", r)},
+                    )
+                )
+            print(
+                f"5. uploaded judgements {eval_set['id']}: {eval_set['queries']} queries "
+                "(used only to report, never to train or select)"
+            )
+            job = _check(
+                client.post(
+                    "/v1/jobs",
+                    json={
+                        "corpus_id": corpus["id"],
+                        "eval_set_id": eval_set["id"],
+                        "base_model": "minilm-l6",
+                        "preset": preset,
+                    },
+                )
+            )
             print(f"6. job {job['id']} ({preset} preset: a small demo run, not the full recipe)")
             job = _follow(client, job["id"])
             if job["status"] != "succeeded":
@@ -144,14 +199,25 @@ def run(preset: str, keep: bool) -> int:
             report = _check(client.get(f"/v1/jobs/{job['id']}/report"))
             _print_report(report)
             model_id = job["model_id"]
-            vectors = _check(client.post("/v1/embed", json={
-                "model": model_id, "input_type": "query",
-                "inputs": ["pressure distribution on a swept wing at supersonic speed"]}))
+            vectors = _check(
+                client.post(
+                    "/v1/embed",
+                    json={
+                        "model": model_id,
+                        "input_type": "query",
+                        "inputs": ["pressure distribution on a swept wing at supersonic speed"],
+                    },
+                )
+            )
             vector = vectors["data"][0]["embedding"]
-            print(f"8. /v1/embed with tuned model {model_id}: {len(vector)}-d vector, "
-                  f"first values {[round(v, 4) for v in vector[:4]]}")
-            print(f"   download it: GET /v1/models/{model_id}/download (a sentence-transformers "
-                  "folder as .tar.gz)")
+            print(
+                f"8. /v1/embed with tuned model {model_id}: {len(vector)}-d vector, "
+                f"first values {[round(v, 4) for v in vector[:4]]}"
+            )
+            print(
+                f"   download it: GET /v1/models/{model_id}/download (a sentence-transformers "
+                "folder as .tar.gz)"
+            )
     finally:
         _stop(worker)
         _stop(api)
@@ -168,8 +234,10 @@ def _follow(client: httpx.Client, job_id: str) -> dict:
         if tty and stage is not None and job["stage"] != stage:
             print()
         stage = job["stage"]
-        line = (f"   [{_bar(job['progress'])}] {job['progress'] * 100:5.1f}%  "
-                f"{job['status']:<10} {stage or '':<9}")
+        line = (
+            f"   [{_bar(job['progress'])}] {job['progress'] * 100:5.1f}%  "
+            f"{job['status']:<10} {stage or '':<9}"
+        )
         if tty:
             print(f"\r{line} {time.monotonic() - started:5.0f} s", end="", flush=True)
         elif line != shown:
@@ -195,8 +263,11 @@ def _print_report(report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m app.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--keep", action="store_true", help="keep var/demo from a previous run")
     args = parser.parse_args(argv)

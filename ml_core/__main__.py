@@ -1,9 +1,9 @@
 """Command line: `python -m ml_core run|stage|provision|models`.
 
-    python -m ml_core provision [--store DIR] [NAME ...]
-    python -m ml_core run --corpus PATH --out DIR [--config FILE] [--preset quick]
-                          [--queries Q.jsonl --qrels QRELS.tsv]
-    python -m ml_core stage NAME --corpus PATH --out DIR [...]   # one stage on earlier outputs
+python -m ml_core provision [--store DIR] [NAME ...]
+python -m ml_core run --corpus PATH --out DIR [--config FILE] [--preset quick]
+                      [--queries Q.jsonl --qrels QRELS.tsv]
+python -m ml_core stage NAME --corpus PATH --out DIR [...]   # one stage on earlier outputs
 """
 
 from __future__ import annotations
@@ -25,8 +25,11 @@ def default_model_store() -> Path:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ml_core", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m ml_core",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     prov = sub.add_parser("provision", help="put the default model weights into the model store")
@@ -53,8 +56,14 @@ def _parser() -> argparse.ArgumentParser:
 def _progress_bar(stage: str):  # noqa: ANN202 - returns a ProgressFn bound to a tqdm bar
     from tqdm import tqdm
 
-    bar = tqdm(total=1000, desc=f"{stage:<9}", unit="‰", leave=True, dynamic_ncols=True,
-               bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed} {postfix}")
+    bar = tqdm(
+        total=1000,
+        desc=f"{stage:<9}",
+        unit="‰",
+        leave=True,
+        dynamic_ncols=True,
+        bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed} {postfix}",
+    )
 
     def report(fraction: float, message: str) -> None:
         target = int(max(0.0, min(1.0, fraction)) * 1000)
@@ -74,8 +83,10 @@ def print_summary(workdir: Path) -> None:
         return
     report = json.loads(report_path.read_text())
     metrics = [m for m in ("ndcg@10", "recall@100", "mrr@10") if m in report["base"]]
-    print(f"\nEvaluation on {report['judgements']} judgements "
-          f"({report.get('queries', report['base'].get('queries', '?'))} queries)")
+    print(
+        f"\nEvaluation on {report['judgements']} judgements "
+        f"({report.get('queries', report['base'].get('queries', '?'))} queries)"
+    )
     print(f"{'model':<10}" + "".join(f"{m:>12}" for m in metrics))
     for row in ("base", "tuned"):
         print(f"{row:<10}" + "".join(f"{report[row][m]:>12.4f}" for m in metrics))
@@ -106,16 +117,23 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --queries and --qrels go together", file=sys.stderr)
         return 2
     config = load_config(args.config, args.preset)
-    ctx = StageContext(workdir=args.out, corpus_path=args.corpus, config=config,
-                       registry=ModelRegistry(store), eval_queries=args.queries,
-                       eval_qrels=args.qrels)
+    ctx = StageContext(
+        workdir=args.out,
+        corpus_path=args.corpus,
+        config=config,
+        registry=ModelRegistry(store),
+        eval_queries=args.queries,
+        eval_qrels=args.qrels,
+    )
     stages = STAGES if args.command == "run" else (args.stage,)
     try:
         for stage in stages:
             ctx.progress = _progress_bar(stage)
             result = run_stage(stage, ctx)
             if result.skipped:
-                print(f"{stage}: already finished (manifest {ctx.stage_dir(stage) / 'manifest.json'})")
+                print(
+                    f"{stage}: already finished (manifest {ctx.stage_dir(stage) / 'manifest.json'})"
+                )
     except (StageError, ValueError, KeyError) as exc:  # CorpusError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -27,7 +27,15 @@ from typing import Any
 import numpy as np
 
 from ml_core.config import RecipeConfig
-from ml_core.records import Passage, ProgressFn, Query, ScoredList, no_progress, read_jsonl, write_jsonl
+from ml_core.records import (
+    Passage,
+    ProgressFn,
+    Query,
+    ScoredList,
+    no_progress,
+    read_jsonl,
+    write_jsonl,
+)
 from ml_core.registry import ModelRegistry
 
 STAGES: tuple[str, ...] = ("prepare", "generate", "filter", "distill", "evaluate")
@@ -147,7 +155,9 @@ def run_stage(stage: str, ctx: StageContext) -> StageResult:
     # A half-written stage folder from a crash is discarded, except distill's training state
     # when it was written for these same inputs: that is what lets training resume mid-run.
     started_for = out / ".fingerprint"
-    resumable = stage == "distill" and started_for.exists() and started_for.read_text() == fingerprint
+    resumable = (
+        stage == "distill" and started_for.exists() and started_for.read_text() == fingerprint
+    )
     if out.exists() and not resumable:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -158,8 +168,10 @@ def run_stage(stage: str, ctx: StageContext) -> StageResult:
         "stage": stage,
         "fingerprint": fingerprint,
         "config_hash": _section_hash(ctx.config, stage),
-        "inputs": {name: read_manifest(ctx.stage_dir(name))["fingerprint"]  # type: ignore[index]
-                   for name in _UPSTREAM[stage]},
+        "inputs": {
+            name: read_manifest(ctx.stage_dir(name))["fingerprint"]  # type: ignore[index]
+            for name in _UPSTREAM[stage]
+        },
         "counts": counts,
         "metrics": metrics,
         "seconds": round(time.monotonic() - started, 2),
@@ -172,7 +184,9 @@ def run_stage(stage: str, ctx: StageContext) -> StageResult:
     return StageResult(stage, False, manifest, metrics)
 
 
-def run_all(ctx: StageContext, on_stage: Callable[[str], ProgressFn] | None = None) -> list[StageResult]:
+def run_all(
+    ctx: StageContext, on_stage: Callable[[str], ProgressFn] | None = None
+) -> list[StageResult]:
     """Run every stage in order; `on_stage(name)` may supply a per-stage progress callback."""
     results = []
     for stage in STAGES:
@@ -182,8 +196,15 @@ def run_all(ctx: StageContext, on_stage: Callable[[str], ProgressFn] | None = No
 
 
 def _with_progress(ctx: StageContext, progress: ProgressFn) -> StageContext:
-    return StageContext(ctx.workdir, ctx.corpus_path, ctx.config, ctx.registry,
-                        ctx.eval_queries, ctx.eval_qrels, progress)
+    return StageContext(
+        ctx.workdir,
+        ctx.corpus_path,
+        ctx.config,
+        ctx.registry,
+        ctx.eval_queries,
+        ctx.eval_qrels,
+        progress,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,8 +235,8 @@ def _student_spec(ctx: StageContext):  # noqa: ANN202 - ModelSpec, imported lazi
 
 
 def _prepare(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    from ml_core.corpus import chunk_passages, clean_passages, iter_corpus, sample_passages
     from ml_core.candidates import split_by_passage
+    from ml_core.corpus import chunk_passages, clean_passages, iter_corpus, sample_passages
     from ml_core.student import Student
 
     cfg = ctx.config
@@ -225,8 +246,13 @@ def _prepare(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, An
     ctx.progress(0.3, "chunking long passages")
     student = Student.load(ctx.registry.path(cfg.student))
     max_tokens = min(cfg.training.max_passage_length, student.max_passage_length)
-    passages = chunk_passages(cleaned, student.tokenizer, max_tokens, cfg.corpus.chunk_overlap_tokens,
-                              reserved_tokens=student.prefix_tokens("passage"))
+    passages = chunk_passages(
+        cleaned,
+        student.tokenizer,
+        max_tokens,
+        cfg.corpus.chunk_overlap_tokens,
+        reserved_tokens=student.prefix_tokens("passage"),
+    )
     if not passages:
         raise StageError("the corpus has no passages left after hygiene")
     write_jsonl(out / "passages.jsonl", passages)
@@ -236,12 +262,20 @@ def _prepare(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, An
     ids = [p.id for p in sample]
     test_share = cfg.evaluation.test_fraction
     dev_share = cfg.training.dev_fraction * (1 - test_share)
-    splits = split_by_passage(ids, {"test": test_share, "dev": dev_share,
-                                    "train": 1 - test_share - dev_share}, cfg.seed)
+    splits = split_by_passage(
+        ids, {"test": test_share, "dev": dev_share, "train": 1 - test_share - dev_share}, cfg.seed
+    )
     write_jsonl(out / "sample.jsonl", ({"id": pid, "split": splits[pid]} for pid in ids))
     (out / "hygiene.json").write_text(json.dumps(_as_dict(hygiene), indent=2))
-    split_counts = {name: sum(1 for s in splits.values() if s == name) for name in ("train", "dev", "test")}
-    counts = {"documents": len(documents), "passages": len(passages), "sampled": len(ids), **split_counts}
+    split_counts = {
+        name: sum(1 for s in splits.values() if s == name) for name in ("train", "dev", "test")
+    }
+    counts = {
+        "documents": len(documents),
+        "passages": len(passages),
+        "sampled": len(ids),
+        **split_counts,
+    }
     return counts, {"hygiene": _as_dict(hygiene)}
 
 
@@ -283,9 +317,17 @@ def _filter(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, Any
     vectors = student.encode_passages(passages)
     np.save(out / "base_passage_vectors.npy", vectors)  # reused by evaluate for the base model
     ctx.progress(0.2, "retrieving candidates (student + BM25, fused)")
-    candidates = mine_candidates(queries, passages, student, cfg.candidates, passage_vectors=vectors)
-    result = score_and_filter(queries, candidates, passages, teacher, cfg.candidates,
-                              progress=lambda f, m: ctx.progress(0.3 + 0.7 * f, m))
+    candidates = mine_candidates(
+        queries, passages, student, cfg.candidates, passage_vectors=vectors
+    )
+    result = score_and_filter(
+        queries,
+        candidates,
+        passages,
+        teacher,
+        cfg.candidates,
+        progress=lambda f, m: ctx.progress(0.3 + 0.7 * f, m),
+    )
     if not result.lists:
         raise StageError("no synthetic query survived the teacher's round-trip filter")
     kept = {sl.query_id for sl in result.lists}
@@ -312,25 +354,45 @@ def _distill(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, An
             continue
         # Test passages are never trained on, not even as negatives.
         keep = [i for i, pid in enumerate(scored.passage_ids) if i == 0 or pid not in test_ids]
-        scored = ScoredList(scored.query_id, [scored.passage_ids[i] for i in keep],
-                            [scored.teacher_scores[i] for i in keep],
-                            [scored.raw_scores[i] for i in keep] if scored.raw_scores else [])
+        scored = ScoredList(
+            scored.query_id,
+            [scored.passage_ids[i] for i in keep],
+            [scored.teacher_scores[i] for i in keep],
+            [scored.raw_scores[i] for i in keep] if scored.raw_scores else [],
+        )
         (train_lists if split == "train" else dev_lists).append(scored)
     if not train_lists:
         raise StageError("no training queries left after filtering")
     if not dev_lists:  # tiny corpora: hold out one training list so dev loss is still defined
         dev_lists = train_lists[-1:]
     student = Student.load(ctx.registry.path(cfg.student))
-    result = train_student(student, train_lists, dev_lists, passages, queries, cfg.training,
-                           out, cfg.seed, ctx.progress)
+    result = train_student(
+        student,
+        train_lists,
+        dev_lists,
+        passages,
+        queries,
+        cfg.training,
+        out,
+        cfg.seed,
+        ctx.progress,
+    )
     model_dir = out / "model"
     if model_dir.exists():
         shutil.rmtree(model_dir)
     shutil.copytree(result.best_dir, model_dir)
-    history = {"best_epoch": result.best_epoch, "steps": result.steps,
-               "stopped_early": result.stopped_early, "epochs": result.history}
+    history = {
+        "best_epoch": result.best_epoch,
+        "steps": result.steps,
+        "stopped_early": result.stopped_early,
+        "epochs": result.history,
+    }
     (out / "history.json").write_text(json.dumps(history, indent=2))
-    counts = {"train_queries": len(train_lists), "dev_queries": len(dev_lists), "steps": result.steps}
+    counts = {
+        "train_queries": len(train_lists),
+        "dev_queries": len(dev_lists),
+        "steps": result.steps,
+    }
     return counts, {"best_epoch": result.best_epoch}
 
 
@@ -347,14 +409,19 @@ def _evaluate(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, A
         queries = list(read_queries(ctx.eval_queries))
         qrels = read_qrels(ctx.eval_qrels)
         queries = [q for q in queries if q.id in qrels]
+        check_queries = queries
     else:
         judgements = "synthetic"
         generated = load_queries(ctx.stage_dir("generate") / "queries.jsonl")
         kept = {q.id for q in load_queries(ctx.stage_dir("filter") / "queries.jsonl")}
-        # Held-out synthetic test queries that the teacher confirmed (round trip).
-        queries = [q for q in generated if q.split == "test" and q.id in kept]
         by_id = {p.id: p for p in passages}
-        qrels = {q.id: {by_id[q.source_id].document_id: 1} for q in queries}
+        held_out = [q for q in generated if q.split == "test"]
+        qrels = {q.id: {by_id[q.source_id].document_id: 1} for q in held_out}
+        # Base vs tuned on the held-out queries the teacher confirmed (round trip), which drops
+        # the generator's misses. The teacher check uses all of them: on the confirmed ones the
+        # teacher would win by construction.
+        queries = [q for q in held_out if q.id in kept]
+        check_queries = held_out
     if not queries:
         raise StageError("no evaluation queries: supply judgements or a larger passage sample")
 
@@ -367,7 +434,9 @@ def _evaluate(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, A
     tuned_metrics = evaluate_retriever(tuned, passages, queries, qrels)
     ctx.progress(0.75, "checking the teacher against the student")
     teacher = load_teacher(ctx.registry.get(cfg.teacher), ctx.registry)
-    check = teacher_check(base, teacher, passages, queries, qrels, passage_vectors=base_vectors)
+    check = teacher_check(
+        base, teacher, passages, check_queries, qrels, passage_vectors=base_vectors, seed=cfg.seed
+    )
     report = build_report(base_metrics, tuned_metrics, check, cfg.evaluation, judgements)
     report["models"] = {"student": cfg.student, "teacher": cfg.teacher, "generator": cfg.generator}
     report["recipe"] = cfg.model_dump(mode="json")

@@ -20,12 +20,22 @@ TINY_RECIPE = {
     "student": "tiny-student",
     "teacher": "tiny-teacher",
     "generator": "tiny-generator",
-    "generation": {"passages": 40, "query_types": ["questions", "keywords"], "max_new_tokens": 8,
-                   "batch_size": 16},
+    "generation": {
+        "passages": 40,
+        "query_types": ["questions", "keywords"],
+        "max_new_tokens": 8,
+        "batch_size": 16,
+    },
     # The tiny teacher is random, so the round trip would keep chance survivors only.
     "candidates": {"top_k": 8, "round_trip": False, "min_score_percentile": 0.0},
-    "training": {"list_size": 4, "batch_size": 8, "micro_batch_size": 4, "max_epochs": 2,
-                 "max_passage_length": 64, "max_query_length": 32},
+    "training": {
+        "list_size": 4,
+        "batch_size": 8,
+        "micro_batch_size": 4,
+        "max_epochs": 2,
+        "max_passage_length": 64,
+        "max_query_length": 32,
+    },
     "evaluation": {"test_fraction": 0.2},
 }
 
@@ -39,11 +49,13 @@ def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path,
-                 model_store: Path) -> StageContext:
+def finished_run(
+    tmp_path_factory: pytest.TempPathFactory, small_corpus: Path, model_store: Path
+) -> StageContext:
     workdir = tmp_path_factory.mktemp("run")
-    ctx = StageContext(workdir, small_corpus, build_config("default", TINY_RECIPE),
-                       ModelRegistry(model_store))
+    ctx = StageContext(
+        workdir, small_corpus, build_config("default", TINY_RECIPE), ModelRegistry(model_store)
+    )
     for stage in STAGES:
         assert not run_stage(stage, ctx).skipped
     return ctx
@@ -69,8 +81,10 @@ def test_test_passages_are_never_trained_on(finished_run: StageContext) -> None:
     sample = [json.loads(x) for x in (finished_run.stage_dir("prepare") / "sample.jsonl").open()]
     test_ids = {row["id"] for row in sample if row["split"] == "test"}
     assert test_ids
-    queries = {json.loads(x)["id"]: json.loads(x)
-               for x in (finished_run.stage_dir("filter") / "queries.jsonl").open()}
+    queries = {
+        json.loads(x)["id"]: json.loads(x)
+        for x in (finished_run.stage_dir("filter") / "queries.jsonl").open()
+    }
     for line in (finished_run.stage_dir("filter") / "candidates.jsonl").open():
         scored = json.loads(line)
         query = queries[scored["query_id"]]
@@ -85,56 +99,94 @@ def test_rerun_skips_finished_stages(finished_run: StageContext) -> None:
         assert run_stage(stage, finished_run).skipped
 
 
-def test_changed_training_setting_reruns_only_downstream(finished_run: StageContext,
-                                                         tmp_path: Path) -> None:
+def test_changed_training_setting_reruns_only_downstream(
+    finished_run: StageContext, tmp_path: Path
+) -> None:
     workdir = tmp_path / "copy"
     shutil.copytree(finished_run.workdir, workdir)
     recipe = json.loads(json.dumps(TINY_RECIPE))
     recipe["training"]["learning_rate"] = 1e-4
-    ctx = StageContext(workdir, finished_run.corpus_path, build_config("default", recipe),
-                       finished_run.registry)
+    ctx = StageContext(
+        workdir, finished_run.corpus_path, build_config("default", recipe), finished_run.registry
+    )
     skipped = {stage: run_stage(stage, ctx).skipped for stage in STAGES}
-    assert skipped == {"prepare": True, "generate": True, "filter": True,
-                       "distill": False, "evaluate": False}
+    assert skipped == {
+        "prepare": True,
+        "generate": True,
+        "filter": True,
+        "distill": False,
+        "evaluate": False,
+    }
 
 
-def test_stage_refuses_to_run_before_its_inputs(tmp_path: Path, small_corpus: Path,
-                                                model_store: Path) -> None:
-    ctx = StageContext(tmp_path, small_corpus, build_config("default", TINY_RECIPE),
-                       ModelRegistry(model_store))
+def test_stage_refuses_to_run_before_its_inputs(
+    tmp_path: Path, small_corpus: Path, model_store: Path
+) -> None:
+    ctx = StageContext(
+        tmp_path, small_corpus, build_config("default", TINY_RECIPE), ModelRegistry(model_store)
+    )
     with pytest.raises(StageError, match="prepare"):
         run_stage("generate", ctx)
 
 
-def test_customer_judgements_are_used_when_given(finished_run: StageContext,
-                                                 tmp_path: Path) -> None:
+def test_customer_judgements_are_used_when_given(
+    finished_run: StageContext, tmp_path: Path
+) -> None:
     workdir = tmp_path / "judged"
     shutil.copytree(finished_run.workdir, workdir)
     corpus_ids = [json.loads(x)["_id"] for x in finished_run.corpus_path.open()]
     queries = tmp_path / "queries.jsonl"
-    queries.write_text("".join(json.dumps({"_id": f"q{i}", "text": f"flow over a wing {i}"}) + "\n"
-                               for i in range(3)))
+    queries.write_text(
+        "".join(
+            json.dumps({"_id": f"q{i}", "text": f"flow over a wing {i}"}) + "\n" for i in range(3)
+        )
+    )
     qrels = tmp_path / "qrels.tsv"
-    qrels.write_text("query-id\tcorpus-id\tscore\n"
-                     + "".join(f"q{i}\t{corpus_ids[i]}\t1\n" for i in range(3)))
-    ctx = StageContext(workdir, finished_run.corpus_path, finished_run.config,
-                       finished_run.registry, queries, qrels)
+    qrels.write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\t{corpus_ids[i]}\t1\n" for i in range(3))
+    )
+    ctx = StageContext(
+        workdir,
+        finished_run.corpus_path,
+        finished_run.config,
+        finished_run.registry,
+        queries,
+        qrels,
+    )
     assert not run_stage("evaluate", ctx).skipped
     report = json.loads((workdir / "evaluate" / "report.json").read_text())
     assert report["judgements"] == "customer"
 
 
-def test_cli_runs_a_stage_and_prints_the_table(finished_run: StageContext, tmp_path: Path,
-                                               model_store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_runs_a_stage_and_prints_the_table(
+    finished_run: StageContext,
+    tmp_path: Path,
+    model_store: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     workdir = tmp_path / "cli"
     shutil.copytree(finished_run.workdir, workdir)
     shutil.rmtree(workdir / "evaluate")
     config = tmp_path / "recipe.yaml"
     config.write_text(json.dumps(TINY_RECIPE))  # JSON is YAML
-    code = cli_main(["run", "--corpus", str(finished_run.corpus_path), "--out", str(workdir),
-                     "--config", str(config), "--store", str(model_store)])
+    code = cli_main(
+        [
+            "run",
+            "--corpus",
+            str(finished_run.corpus_path),
+            "--out",
+            str(workdir),
+            "--config",
+            str(config),
+            "--store",
+            str(model_store),
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "prepare: already finished" in out and "recommended:" in out
     base_vectors = np.load(workdir / "filter" / "base_passage_vectors.npy")
-    assert base_vectors.shape[0] == json.loads((workdir / "prepare" / "manifest.json").read_text())["counts"]["passages"]
+    assert (
+        base_vectors.shape[0]
+        == json.loads((workdir / "prepare" / "manifest.json").read_text())["counts"]["passages"]
+    )
