@@ -322,18 +322,29 @@ def wait_for_event(
         for event in events(client, job_id):
             if predicate(event):
                 return event
-        if get_job(client, job_id)["status"] in ("failed", "cancelled", "succeeded"):
+        job = get_job(client, job_id)
+        if job["status"] in ("failed", "cancelled", "succeeded"):
             break
         time.sleep(0.3)
-    raise AssertionError(f"no such event for job {job_id}\n{stack.diagnostics()}")
+    job = get_job(client, job_id)
+    raise AssertionError(f"no such event for job {job_id} (status {job['status']}, stage "
+                         f"{job['stage']}, error {job['error']})\n{stack.diagnostics()}")
 
 
-def in_stage(stage: str, low: float = 0.0, high: float = 0.8) -> Any:
-    """An event predicate: `stage` is computing, between `low` and `high` of its work."""
-    return lambda e: (
-        e["kind"] == "progress"
-        and e["stage"] == stage
-        and low < e["data"].get("stage_fraction", 0.0) < high
+# Training long enough that a worker killed when distill starts dies with the stage in flight
+# (the tiny default can finish between two polls on an idle machine).
+LONG_TRAINING = {
+    "hyperparameters": {
+        **TINY_JOB["hyperparameters"],
+        "training": {**TINY_JOB["hyperparameters"]["training"], "max_epochs": 8, "patience": 8},
+    }
+}
+
+
+def stage_started(stage: str) -> Any:
+    """An event predicate: `stage` has started (recorded before the stage computes anything)."""
+    return lambda e: e["kind"] == "stage" and e["stage"] == stage and e["message"].endswith(
+        " started"
     )
 
 

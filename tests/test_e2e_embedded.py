@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 from tests.service_stack import (
+    LONG_TRAINING,
     ServiceStack,
     create_job,
     embedded_env,
     events,
-    in_stage,
     run_full_loop,
+    stage_started,
     synthetic_corpus,
     upload_corpus,
     wait_for_event,
@@ -57,9 +58,9 @@ def test_killed_embedded_worker_resumes_the_job_when_restarted(
     corpus = synthetic_corpus(tmp_path / "corpus.jsonl", seed=11)
     with stack.client() as client:
         corpus_id = upload_corpus(client, corpus)["id"]
-        job = create_job(client, corpus_id)
+        job = create_job(client, corpus_id, **LONG_TRAINING)
         # Kill while training is under way: a stage really in flight.
-        wait_for_event(client, job["id"], in_stage("distill"), 120, stack)
+        wait_for_event(client, job["id"], stage_started("distill"), 120, stack)
         for worker in stack.workers:
             if worker.alive():
                 worker.kill()

@@ -15,14 +15,15 @@ import pytest
 
 from tests.processes import NanioServer, nanio_server
 from tests.service_stack import (
+    LONG_TRAINING,
     ServiceStack,
     create_job,
     events,
     flush_redis,
-    in_stage,
     postgres_database,
     production_env,
     run_full_loop,
+    stage_started,
     synthetic_corpus,
     upload_corpus,
     wait_for_event,
@@ -143,9 +144,9 @@ def test_revoke_with_terminate_cancels_and_the_worker_carries_on(
 
 def test_worker_killed_mid_job_resumes_on_a_new_worker(stack: ServiceStack, corpus_id: str) -> None:
     with stack.client() as client:
-        job = create_job(client, corpus_id)
-        # Kill while training is under way: a stage really in flight, with local resume state.
-        wait_for_event(client, job["id"], in_stage("distill"), 120, stack)
+        job = create_job(client, corpus_id, **LONG_TRAINING)
+        # Kill while training is under way: a stage really in flight.
+        wait_for_event(client, job["id"], stage_started("distill"), 120, stack)
         # The machine dies: SIGKILL the worker and its pool process, nothing is acknowledged.
         for worker in stack.workers:
             if worker.alive():
