@@ -37,6 +37,10 @@ CHATML_TEMPLATE = (
 )
 
 
+# Below this many shared tokens, prefilling them once is not worth a cache copy.
+MIN_SHARED_PREFIX = 16
+
+
 class GeneratorError(RuntimeError):
     """A generator backend cannot be loaded or failed to answer."""
 
@@ -124,9 +128,7 @@ class TransformersGenerator:
             return []
         prompts = [self.render(c) for c in conversations]
         # The chat template already holds the special tokens (BOS etc.); don't add them twice.
-        batch = self.tokenizer(
-            prompts, return_tensors="pt", padding=True, add_special_tokens=False
-        ).to(self.device)
+        batch, cache = self._encode_sharing_prefix(prompts)
         prompt_len = batch["input_ids"].shape[1]
         sampling: dict[str, Any] = (
             {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
@@ -140,12 +142,52 @@ class TransformersGenerator:
             torch.manual_seed(seed)
             output = self.model.generate(
                 **batch,
+                **({"past_key_values": cache} if cache is not None else {}),
                 max_new_tokens=max_new_tokens,
                 pad_token_id=self.tokenizer.pad_token_id,
                 stopping_criteria=[stop],
                 **sampling,
             )
         return self.tokenizer.batch_decode(output[:, prompt_len:], skip_special_tokens=True)
+
+
+    def _encode_sharing_prefix(self, prompts: list[str]) -> tuple[dict[str, Any], Any]:
+        """Token ids and mask for a batch, plus a KV cache of the prompts' shared prefix.
+
+        Few-shot prompts of one batch share their system prompt and examples (most of their
+        tokens); on a CPU the prefill of those tokens is most of the cost of generation, so the
+        shared prefix is run once and its cache copied across the batch. Rows are laid out as
+        [prefix][left padding][own suffix]: the attention mask hides the padding and position
+        ids follow the mask, so every row sees exactly what it would see alone (tested equal to
+        the plain path under greedy decoding). Returns (batch, None) when there is no useful
+        shared prefix.
+        """
+        import torch
+
+        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        shared = 0
+        shortest = min(len(row) for row in ids)
+        # Keep at least one token of each row's own, so every row has a suffix to feed.
+        while shared < shortest - 1 and len({row[shared] for row in ids}) == 1:
+            shared += 1
+        if len(ids) < 2 or shared < MIN_SHARED_PREFIX:
+            batch = self.tokenizer(
+                prompts, return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(self.device)
+            return batch, None
+        prefix = torch.tensor([ids[0][:shared]], device=self.device)
+        with torch.inference_mode():
+            cache = self.model(prefix, use_cache=True).past_key_values
+        cache.batch_repeat_interleave(len(ids))
+        suffixes = [row[shared:] for row in ids]
+        width = max(len(row) for row in suffixes)
+        pad = self.tokenizer.pad_token_id
+        suffix_ids = torch.tensor([[pad] * (width - len(r)) + r for r in suffixes])
+        suffix_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in suffixes])
+        input_ids = torch.cat([prefix.cpu().repeat(len(ids), 1), suffix_ids], dim=1)
+        mask = torch.cat([torch.ones(len(ids), shared, dtype=torch.long), suffix_mask], dim=1)
+        batch = {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
+        return batch, cache
 
 
 class _FirstLineDone:
