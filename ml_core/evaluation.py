@@ -350,6 +350,14 @@ def build_report(
     if worse and recommended == "tuned":
         warnings.append(f"tuned model is worse than base on query types: {', '.join(worse)}")
 
+    check = dict(teacher_check) if teacher_check else None
+    if check and judgements == "synthetic" and check.get("method") == "judged_rerank":
+        # Synthetic test queries survived the round-trip filter, i.e. the teacher already put
+        # their source first: a rerank check on them cannot show a weak teacher.
+        check["caveat"] = (
+            "measured on queries the teacher's round-trip filter kept; the filter stage's "
+            "teacher_check (before filtering) is the unbiased comparison"
+        )
     return {
         "base": base_summary,
         "tuned": tuned_summary,
@@ -357,6 +365,6 @@ def build_report(
         "recommended": recommended,
         "warnings": warnings,
         "per_query_type": per_type,
-        "teacher_check": dict(teacher_check) if teacher_check else None,
+        "teacher_check": check,
         "judgements": judgements,
     }

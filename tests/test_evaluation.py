@@ -179,3 +179,4 @@ def test_report_warns_when_tuned_is_worse_and_teacher_is_no_better() -> None:
     assert any("12 evaluation queries" in w for w in report["warnings"])
     assert report["per_query_type"]["questions"]["gain"]["ndcg@10"] == pytest.approx(-0.1)
     assert "per_query_type" not in report["base"]
+    assert "round-trip" in report["teacher_check"]["caveat"]  # synthetic rerank check is biased

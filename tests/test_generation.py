@@ -45,12 +45,15 @@ def test_prompt_states_the_recipe_rules_and_ends_with_the_passage(query_type: Qu
     assert messages[0]["role"] == "system"
     assert "under 20 words" in system and "Respond only with the plain text" in system
     assert "on its own" in system and "not copy long phrases" in system
-    assert messages[-1] == {"role": "user", "content": f"Passage: {PASSAGE.text}"}
+    assert messages[-1]["role"] == "user"
+    assert messages[-1]["content"].startswith(f"Passage: {PASSAGE.text}")
     roles = [m["role"] for m in messages[1:]]
     if query_type == QueryType.ZERO_SHOT_USER:
         assert roles == ["user"]  # zero-shot: no examples, whatever the config says
+        assert messages[-1]["content"].endswith("to find this passage.")  # task restated
     else:
         assert roles == ["user", "assistant"] * 3 + ["user"]
+        assert messages[-1]["content"] == f"Passage: {PASSAGE.text}"  # the pattern continues
 
 
 def test_few_shot_examples_are_seeded_and_vary_between_prompts() -> None:
@@ -75,8 +78,8 @@ def test_every_example_has_a_query_of_every_few_shot_type() -> None:
 
 def test_long_passages_are_cut_at_a_word_boundary() -> None:
     messages = build_messages("word " * 1000, QueryType.TITLES, 0, random.Random(0))
-    shown = messages[-1]["content"]
-    assert len(shown) < 1300 and shown.endswith("word ...")
+    shown = messages[-1]["content"].split("\n")[0]
+    assert len(shown) < 1100 and shown.endswith("word ...")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,7 +95,14 @@ def test_long_passages_are_cut_at_a_word_boundary() -> None:
         ("1. laminar flow, turbulence, drag, plates, Reynolds number, skin friction", "keywords",
          "laminar flow, turbulence, drag, plates, Reynolds number"),
         ("Search query: flat plate drag turbulence", "few_shot_user", "flat plate drag turbulence"),
-        (" ".join(["word"] * 40), "claims", " ".join(["word"] * 24)),
+        ('"A person would type: "plate drag"', "zero_shot_user", "plate drag"),
+        ("drag, Drag, wind tunnel, drag.", "keywords", "drag, wind tunnel"),
+        # Short spans of the passage are fine; only long verbatim extracts are dropped.
+        ("Why does laminar flow over a flat plate become turbulent?", "questions",
+         "Why does laminar flow over a flat plate become turbulent?"),
+        (" ".join(f"w{i}x" for i in range(40)), "claims", " ".join(f"w{i}x" for i in range(24))),
+        ("Drag grows after transition. It is large. More text follows", "claims",
+         "Drag grows after transition."),
     ],
 )
 def test_clean_query_keeps_one_plain_query(raw: str, query_type: str, expected: str) -> None:
@@ -108,10 +118,26 @@ def test_clean_query_keeps_one_plain_query(raw: str, query_type: str, expected: 
         "Query:",
         "Laminar flow over a flat plate becomes turbulent at high Reynolds numbers.",
         "boundary layer transition",
+        "What can a landlord deduct from a tenant's security deposit?",  # a few-shot answer
+        "What is the main idea of the passage?",
+        'Passage: "Drag rises after the flow turns turbulent.',  # the model echoing the prompt
+        "I'm ready to assist you with your request.",
+        "Laminar flow over a flat plate becomes turbulent at high",  # 10 copied words
+        "The Impact of Drag and Flow on the Impact of Drag and Flow",  # a generation loop
+        "drag drag drag",
+        "how did gutenberg invent the printing press",  # an example's topic, not the passage's
     ],
 )
 def test_clean_query_drops_empty_and_copied_replies(raw: str) -> None:
     assert clean_query(raw, "questions", PASSAGE) is None
+
+
+def test_key_phrases_from_the_examples_count_only_when_the_passage_has_them() -> None:
+    passage = Passage("p2", "Shock waves form on the wing at transonic speeds.")
+    assert clean_query("shock waves, transonic wing", "keywords", passage) == (
+        "shock waves, transonic wing"  # "shock waves" is an example phrase, but also in the text
+    )
+    assert clean_query("iron deficiency anaemia, transonic wing", "keywords", passage) is None
 
 
 def test_clean_query_allows_a_title_that_matches_the_documents_title() -> None:

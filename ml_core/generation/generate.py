@@ -20,19 +20,151 @@ from ml_core.records import Passage, ProgressFn, Query, no_progress
 # tolerated rather than thrown away).
 MAX_QUERY_WORDS = 24
 MAX_KEY_PHRASES = 5
+# A run of this many words copied verbatim from the passage is an extract, not a query (the
+# prompt forbids copying long phrases).
+MIN_COPIED_WORDS = 10
+# A repeated word n-gram of this size marks a generation loop ("the impact and free-stream of
+# the impact and free-stream of ...").
+LOOP_NGRAM = 4
 # Replies that were unusable are asked for again once with another seed: cheap, and it keeps
 # the per-type counts even when a small model misfires.
 RETRY_ROUNDS = 1
 
 _LABEL = re.compile(
-    r"^\s*(?:here(?:'s| is| are)[^:]*:|sure[,!.]?[^:]*:|"
+    r"^\s*(?:here(?:'s| is| are)[^:]*:|sure[,!.]?[^:]*:|a\s*:|"
+    r"an?\s+(?:person|user|searcher)\s+(?:would|might|could)\s+(?:type|search|ask)[^:]*:|"
     r"(?:search\s+|user\s+|short\s+|web\s+)?(?:query|question|claim|title|keywords?|"
     r"key\s*phrases?|answer|response|output)\s*\d*\s*[:\-–—]\s*)",
+    re.IGNORECASE,
+)
+# Replies about the prompt rather than the passage's content ("The passage is ...", "I'm ready to
+# assist"), which break the rule that a query must make sense without the passage.
+_META = re.compile(
+    r"^passage\s*:|\b(?:th(?:e|is|at) (?:passage|text|paragraph|excerpt|article)|"
+    r"i'?m ready|as an ai|i can(?:not|'t) help|i'?m sorry)\b",
     re.IGNORECASE,
 )
 _BULLET = re.compile(r"^\s*(?:[-*•>#]+|\d+[.)])\s+")
 _QUOTES = "\"'“”‘’`*_"
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
+
+
+def _words(text: str) -> list[str]:
+    return re.sub(r"[^\w\s]", " ", text.lower()).split()
+
+
+def _normalised(text: str) -> str:
+    return " ".join(_words(text))
+
+
+def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+
+
+# What small generators leak from their few-shot examples instead of reading the passage: whole
+# example queries, example key phrases, and 4-word runs of example text.
+_EXAMPLE_QUERIES = frozenset(_normalised(q) for e in EXAMPLES for q in e.queries.values())
+_EXAMPLE_PHRASES = frozenset(
+    _normalised(phrase)
+    for e in EXAMPLES
+    for phrase in e.queries[QueryType.KEYWORDS].split(",")
+)
+_EXAMPLE_NGRAMS = frozenset(
+    gram
+    for e in EXAMPLES
+    for text in (e.passage, *e.queries.values())
+    for gram in _ngrams(_words(text), 4)
+)
+
+
+def _first_sentence(text: str) -> str:
+    return _SENTENCE_END.split(text.strip(), maxsplit=1)[0]
+
+
+def _loops(words: list[str]) -> bool:
+    grams = _ngrams(words, LOOP_NGRAM)
+    repeated_word = any(a == b == c for a, b, c in zip(words, words[1:], words[2:], strict=False))
+    return repeated_word or len(set(grams)) < len(grams)
+
+
+def _leaks_examples(text: str, passage_words: list[str], query_type: QueryType) -> bool:
+    words = _words(text)
+    in_passage = set(_ngrams(passage_words, 4))
+    if any(g in _EXAMPLE_NGRAMS and g not in in_passage for g in _ngrams(words, 4)):
+        return True
+    if query_type == QueryType.KEYWORDS:
+        passage_text = " ".join(passage_words)
+        return any(
+            (key := _normalised(p)) in _EXAMPLE_PHRASES and key not in passage_text
+            for p in text.split(",")
+        )
+    return False
+
+
+def _key_phrases(text: str) -> str:
+    phrases = [p.strip().strip(_QUOTES).strip() for p in re.split(r"[,;]", text)]
+    # Small models loop ("aerofoil, aerofoil, aerofoil"): keep each phrase once.
+    seen: set[str] = set()
+    unique = []
+    for phrase in phrases:
+        key = _normalised(phrase)
+        if key and key not in seen:
+            seen.add(key)
+            unique.append(" ".join(phrase.split()[: MAX_QUERY_WORDS // 2]))
+    return ", ".join(unique[:MAX_KEY_PHRASES])
+
+
+def clean_query(raw: str, query_type: QueryType | str, passage: Passage) -> str | None:
+    """The usable query in a raw LLM reply, or None when there is none.
+
+    Keeps the first non-empty line (and of it the first sentence); strips labels ("Query:",
+    "Here is a title:"), bullets and quotes; keeps 5 distinct key phrases for keywords and
+    MAX_QUERY_WORDS words otherwise. None for: empty replies or replies with no letters;
+    replies about "the passage" (they don't stand alone); generation loops; copies of the
+    passage's first sentence or of MIN_COPIED_WORDS+ word runs of it (a title may repeat the
+    document's title); and replies that repeat a few-shot example instead of the passage.
+    """
+    query_type = QueryType(query_type)
+    text = ""
+    # A reply may open with a label line ("Query:") whose content is on the next line.
+    for line in raw.replace("\r", "\n").split("\n"):
+        line = _BULLET.sub("", line.strip()).strip(_QUOTES)
+        line = _LABEL.sub("", line, count=1).strip().strip(_QUOTES)
+        if line.strip():
+            text = line.strip()
+            break
+    if not re.search(r"[^\W\d_]", text) or _META.search(text):
+        return None
+    if query_type == QueryType.KEYWORDS:
+        text = _key_phrases(text)
+    else:
+        first = _first_sentence(text)
+        # Rambling replies run on past one sentence; the first one is the query.
+        if len(first.split()) >= 3:
+            text = first
+    words = text.split()
+    if len(words) > MAX_QUERY_WORDS:
+        text = " ".join(words[:MAX_QUERY_WORDS])
+    text = text.rstrip(" ,;:-").strip(_QUOTES)
+    query_words = _words(text)
+    if not query_words:
+        return None
+    loop_units = text.split(",") if query_type == QueryType.KEYWORDS else [text]
+    if any(_loops(_words(unit)) for unit in loop_units):
+        return None
+    passage_words = _words(passage.text)
+    norm = " ".join(query_words)
+    is_title = query_type == QueryType.TITLES and norm in _normalised(passage.title)
+    if not is_title:
+        if norm in {" ".join(passage_words), _normalised(_first_sentence(passage.text)),
+                    _normalised(passage.title)}:
+            return None
+        copied = set(_ngrams(passage_words, MIN_COPIED_WORDS))
+        if any(g in copied for g in _ngrams(query_words, MIN_COPIED_WORDS)):
+            return None
+    if norm in _EXAMPLE_QUERIES or _leaks_examples(text, passage_words, query_type):
+        return None
+    return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,57 +181,6 @@ class _Request:
 def query_id(query_type: QueryType | str, passage_id: str) -> str:
     """The deterministic id of the query of `query_type` generated from a passage."""
     return f"{QueryType(query_type).value}:{passage_id}"
-
-
-def _normalised(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
-
-
-# Small generators sometimes repeat a few-shot answer verbatim instead of writing a new query.
-_EXAMPLE_QUERIES = frozenset(_normalised(q) for e in EXAMPLES for q in e.queries.values())
-
-
-def _first_sentence(text: str) -> str:
-    return _SENTENCE_END.split(text.strip(), maxsplit=1)[0]
-
-
-def clean_query(raw: str, query_type: QueryType | str, passage: Passage) -> str | None:
-    """The usable query in a raw LLM reply, or None when there is none.
-
-    Keeps the first non-empty line; strips labels ("Query:", "Here is a title:"), bullets and
-    surrounding quotes; keeps at most 5 key phrases for keywords and MAX_QUERY_WORDS words
-    otherwise. None for empty replies, replies with no letters, copies of the passage's title,
-    text or first sentence, and copies of a few-shot example's query.
-    """
-    query_type = QueryType(query_type)
-    lines = [line.strip() for line in raw.replace("\r", "\n").split("\n")]
-    # A reply may open with a label line ("Query:") whose content is on the next line.
-    text = ""
-    for line in lines:
-        line = _LABEL.sub("", _BULLET.sub("", line), count=1).strip().strip(_QUOTES).strip()
-        if line:
-            text = line
-            break
-    if not text or not re.search(r"[^\W\d_]", text):
-        return None
-    if query_type == QueryType.KEYWORDS:
-        phrases = [p.strip().strip(_QUOTES).strip() for p in re.split(r"[,;]", text)]
-        phrases = [p for p in phrases if p][:MAX_KEY_PHRASES]
-        text = ", ".join(" ".join(p.split()[:MAX_QUERY_WORDS // 2]) for p in phrases)
-    words = text.split()
-    if len(words) > MAX_QUERY_WORDS:
-        text = " ".join(words[:MAX_QUERY_WORDS])
-    text = text.rstrip(" ,;:-")
-    norm = _normalised(text)
-    if not norm:
-        return None
-    copies = {_normalised(passage.text), _normalised(_first_sentence(passage.text))}
-    if query_type != QueryType.TITLES:
-        # A title written from the passage may legitimately match the document's own title.
-        copies.add(_normalised(passage.title))
-    if norm in copies or norm in _EXAMPLE_QUERIES:
-        return None
-    return text
 
 
 def build_requests(

@@ -58,6 +58,19 @@ INSTRUCTIONS: dict[QueryType, str] = {
 # The recipe's zero-shot user type is defined by having no examples.
 ZERO_SHOT_TYPES: frozenset[QueryType] = frozenset({QueryType.ZERO_SHOT_USER})
 
+# Without examples to continue, small models lose the task behind a long passage (SmolLM2-135M
+# answered "The passage is ..." or "I'm ready to assist"); restating it after the passage helps.
+TASK_REMINDERS: dict[QueryType, str] = {
+    QueryType.QUESTIONS: "Write one question that this passage answers.",
+    QueryType.CLAIMS: "Write one claim that this passage supports.",
+    QueryType.TITLES: "Write a title for this passage.",
+    QueryType.KEYWORDS: "Write up to 5 comma-separated key phrases for this passage.",
+    QueryType.ZERO_SHOT_USER: (
+        "Write the casual search query a person would type to find this passage."
+    ),
+    QueryType.FEW_SHOT_USER: "Write a short web search query that this passage answers.",
+}
+
 
 @dataclass(frozen=True, slots=True)
 class Example:
@@ -199,13 +212,17 @@ def build_messages(
     """A chat conversation asking for one query of `query_type` about the passage.
 
     Returns [system instruction, (user passage, assistant query) x n_examples, user passage].
-    The examples are drawn from EXAMPLES with `rng` (none for the zero-shot type).
+    The examples are drawn from EXAMPLES with `rng` (none for the zero-shot type). Without
+    examples, the last turn restates the task after the passage (TASK_REMINDERS).
     """
     query_type = QueryType(query_type)
     messages = [{"role": "system", "content": INSTRUCTIONS[query_type]}]
-    if query_type not in ZERO_SHOT_TYPES and n_examples > 0:
-        for example in rng.sample(EXAMPLES, min(n_examples, len(EXAMPLES))):
-            messages.append({"role": "user", "content": f"Passage: {example.passage}"})
-            messages.append({"role": "assistant", "content": _example_query(example, query_type)})
-    messages.append({"role": "user", "content": f"Passage: {passage_snippet(passage_text, title)}"})
+    n_examples = 0 if query_type in ZERO_SHOT_TYPES else min(n_examples, len(EXAMPLES))
+    for example in rng.sample(EXAMPLES, n_examples):
+        messages.append({"role": "user", "content": f"Passage: {example.passage}"})
+        messages.append({"role": "assistant", "content": _example_query(example, query_type)})
+    last = f"Passage: {passage_snippet(passage_text, title)}"
+    if n_examples == 0:
+        last += f"\n\n{TASK_REMINDERS[query_type]}"
+    messages.append({"role": "user", "content": last})
     return messages
