@@ -103,6 +103,9 @@ def test_long_passages_are_cut_at_a_word_boundary() -> None:
         (" ".join(f"w{i}x" for i in range(40)), "claims", " ".join(f"w{i}x" for i in range(24))),
         ("Drag grows after transition. It is large. More text follows", "claims",
          "Drag grows after transition."),
+        ("Why did h. l. dryden study drag? Because", "questions",
+         "Why did h. l. dryden study drag?"),
+        ("drag", "keywords", "drag"),
     ],
 )
 def test_clean_query_keeps_one_plain_query(raw: str, query_type: str, expected: str) -> None:
@@ -125,6 +128,7 @@ def test_clean_query_keeps_one_plain_query(raw: str, query_type: str, expected: 
         "Laminar flow over a flat plate becomes turbulent at high",  # 10 copied words
         "The Impact of Drag and Flow on the Impact of Drag and Flow",  # a generation loop
         "drag drag drag",
+        "Aerodynamics",  # one word is not a question
         "how did gutenberg invent the printing press",  # an example's topic, not the passage's
     ],
 )
@@ -157,9 +161,8 @@ class ScriptedGenerator:
         self.fail_first = set(fail_first or ())
 
     def complete(self, conversations, temperature, max_new_tokens, seed):
-        self.calls.append({"n": len(conversations), "seed": seed, "temperature": temperature,
-                           "max_new_tokens": max_new_tokens,
-                           "lengths": [sum(len(m["content"]) for m in c) for c in conversations]})
+        self.calls.append({"seed": seed, "temperature": temperature,
+                           "max_new_tokens": max_new_tokens, "conversations": conversations})
         replies = []
         for conversation in conversations:
             passage = conversation[-1]["content"].removeprefix("Passage: ")
@@ -174,6 +177,7 @@ class ScriptedGenerator:
 
 
 def _passages(n: int) -> list[Passage]:
+    # Later passages are longer.
     return [Passage(f"id{i}", f"doc{i} " + "filler " * (i * 3) + "end.") for i in range(n)]
 
 
@@ -181,22 +185,27 @@ def test_generate_queries_one_per_passage_per_type_with_stable_ids() -> None:
     cfg = GenerationConfig(query_types=["questions", "keywords"], batch_size=3)
     generator = ScriptedGenerator()
     reports: list[float] = []
+    passages = list(reversed(_passages(4)))
 
-    queries = generate_queries(_passages(4), cfg, generator, seed=7,
+    queries = generate_queries(passages, cfg, generator, seed=7,
                                progress=lambda f, m: reports.append(f))
 
     assert [q.id for q in queries] == [
-        f"{t}:id{i}" for i in range(4) for t in ("questions", "keywords")
+        f"{t}:id{i}" for i in (3, 2, 1, 0) for t in ("questions", "keywords")
     ]
     assert {q.source_id for q in queries} == {f"id{i}" for i in range(4)}
-    assert queries[0].query_type == "questions" and queries[0].text.startswith("doc0 ")
+    assert queries[0].query_type == "questions" and queries[0].text.startswith("doc3 ")
     assert not any(q.text.startswith(("Query", '"')) for q in queries)
-    # 8 requests in batches of 3, shortest prompts first, a progress report per batch.
-    assert [c["n"] for c in generator.calls] == [3, 3, 2]
-    lengths = [n for c in generator.calls for n in c["lengths"]]
-    assert lengths == sorted(lengths)
-    assert reports == pytest.approx([1 / 3, 2 / 3, 1.0])
-    assert all(c["temperature"] == 0.8 and c["max_new_tokens"] == 40 for c in generator.calls)
+    # Batches of at most 3 rows of one type, shortest passages first, one report per batch.
+    assert [len(c["conversations"]) for c in generator.calls] == [3, 1, 3, 1]
+    first = generator.calls[0]["conversations"]
+    assert [c[-1]["content"].split()[1] for c in first] == ["doc0", "doc1", "doc2"]
+    assert reports == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    for call in generator.calls:
+        # Rows of a batch share system prompt and examples: only the passage turn differs.
+        assert len({str(c[:-1]) for c in call["conversations"]}) == 1
+        assert call["temperature"] == 0.8 and call["max_new_tokens"] == 40
+    assert len({str(call["conversations"][0][1:-1]) for call in generator.calls}) > 1
 
 
 def test_generate_queries_retries_unusable_replies_once() -> None:
@@ -204,7 +213,7 @@ def test_generate_queries_retries_unusable_replies_once() -> None:
     generator = ScriptedGenerator(fail_first={"doc1"})
     queries = generate_queries(_passages(3), cfg, generator, seed=1)
     assert [q.id for q in queries] == ["titles:id0", "titles:id1", "titles:id2"]
-    assert [c["n"] for c in generator.calls] == [3, 1]
+    assert [len(c["conversations"]) for c in generator.calls] == [3, 1]
     assert generator.calls[0]["seed"] != generator.calls[1]["seed"]
 
 

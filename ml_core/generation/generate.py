@@ -13,13 +13,15 @@ from dataclasses import dataclass
 
 from ml_core.config import GenerationConfig, QueryType
 from ml_core.generation.backends import Conversation, Generator
-from ml_core.generation.prompts import EXAMPLES, build_messages
+from ml_core.generation.prompts import EXAMPLES, MAX_PASSAGE_CHARS, build_messages
 from ml_core.records import Passage, ProgressFn, Query, no_progress
 
 # A query longer than this is cut to it (the prompt asks for under 20 words; a few more are
 # tolerated rather than thrown away).
 MAX_QUERY_WORDS = 24
 MAX_KEY_PHRASES = 5
+# One word is a key phrase, but not a question, claim, title or search query.
+MIN_QUERY_WORDS = 2
 # A run of this many words copied verbatim from the passage is an extract, not a query (the
 # prompt forbids copying long phrases).
 MIN_COPIED_WORDS = 10
@@ -46,7 +48,8 @@ _META = re.compile(
 )
 _BULLET = re.compile(r"^\s*(?:[-*•>#]+|\d+[.)])\s+")
 _QUOTES = "\"'“”‘’`*_"
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s")
+# A sentence ends at . ! or ? before a space, but not after an initial ("h. l. dryden", "e.g.").
+_SENTENCE_END = re.compile(r"(?<![\s.][^\W\d_]\.)(?<=[.!?])\s")
 
 
 def _words(text: str) -> list[str]:
@@ -147,7 +150,7 @@ def clean_query(raw: str, query_type: QueryType | str, passage: Passage) -> str 
         text = " ".join(words[:MAX_QUERY_WORDS])
     text = text.rstrip(" ,;:-").strip(_QUOTES)
     query_words = _words(text)
-    if not query_words:
+    if len(query_words) < (1 if query_type == QueryType.KEYWORDS else MIN_QUERY_WORDS):
         return None
     loop_units = text.split(",") if query_type == QueryType.KEYWORDS else [text]
     if any(_loops(_words(unit)) for unit in loop_units):
@@ -171,11 +174,10 @@ def clean_query(raw: str, query_type: QueryType | str, passage: Passage) -> str 
 class _Request:
     passage: Passage
     query_type: QueryType
-    messages: Conversation
 
     @property
     def length(self) -> int:
-        return sum(len(m["content"]) for m in self.messages)
+        return len(self.passage.title) + min(len(self.passage.text), MAX_PASSAGE_CHARS)
 
 
 def query_id(query_type: QueryType | str, passage_id: str) -> str:
@@ -183,21 +185,34 @@ def query_id(query_type: QueryType | str, passage_id: str) -> str:
     return f"{QueryType(query_type).value}:{passage_id}"
 
 
-def build_requests(
-    passages: list[Passage], cfg: GenerationConfig, seed: int
-) -> list[_Request]:
-    """One chat request per passage per configured query type, in passage-then-type order."""
-    requests = []
-    for passage in passages:
-        for query_type in cfg.query_types:
-            # Seeded by (seed, type, passage) so a passage's examples never depend on which other
-            # passages were sampled; str seeds are hashed deterministically by random.Random.
-            rng = random.Random(f"{seed}:{query_type.value}:{passage.id}")
-            # The title would hand the answer to the titles type; other types get it as context.
-            title = "" if query_type == QueryType.TITLES else passage.title
-            messages = build_messages(passage.text, query_type, cfg.few_shot_examples, rng, title)
-            requests.append(_Request(passage, query_type, messages))
-    return requests
+def _batches(requests: list[_Request], pending: list[int], size: int) -> list[list[int]]:
+    # One query type per batch, passages sorted by length: the rows of a batch then share their
+    # system prompt and few-shot examples (a prefix the transformers backend prefills once, and
+    # vLLM caches), and differ only in a passage of similar length (little padding).
+    by_type: dict[QueryType, list[int]] = {}
+    for i in sorted(pending):
+        by_type.setdefault(requests[i].query_type, []).append(i)
+    batches = []
+    for indices in by_type.values():
+        indices.sort(key=lambda i: (requests[i].length, i))
+        batches.extend(indices[start:start + size] for start in range(0, len(indices), size))
+    return batches
+
+
+def build_batch(
+    requests: list[_Request], cfg: GenerationConfig, examples_seed: str
+) -> list[Conversation]:
+    """The conversations of one batch: every row gets the same few-shot examples, drawn with
+    `examples_seed` (so each batch still sees a random 3 of the example pool)."""
+    conversations = []
+    for request in requests:
+        # The title would hand the answer to the titles type; other types get it as context.
+        title = "" if request.query_type == QueryType.TITLES else request.passage.title
+        rng = random.Random(examples_seed)  # str seeds hash deterministically
+        conversations.append(build_messages(
+            request.passage.text, request.query_type, cfg.few_shot_examples, rng, title
+        ))
+    return conversations
 
 
 def generate_queries(
@@ -209,33 +224,33 @@ def generate_queries(
 ) -> list[Query]:
     """Synthetic queries: one per passage per type in `cfg.query_types`, minus unusable replies.
 
-    Requests are sorted by prompt length and sent in batches of `cfg.batch_size` (less padding);
-    replies that clean to nothing are retried once with another seed. Query ids are
-    `<type>:<passage id>`; results come in passage order, then type order. `progress` is called
-    after every batch with the fraction done.
+    Requests are batched by query type (`cfg.batch_size` rows sharing one random draw of
+    few-shot examples, passages sorted by length); replies that clean to nothing are retried
+    once with other examples and another seed. Query ids are `<type>:<passage id>`; results come
+    in passage order, then type order. `progress` is called after every batch. The output is a
+    function of (passages, cfg, seed) and the generator.
     """
-    requests = build_requests(passages, cfg, seed)
+    requests = [_Request(p, t) for p in passages for t in cfg.query_types]
     answers: dict[int, str] = {}
     pending = list(range(len(requests)))
     # Total batches over all rounds is unknown up front; report against the first round and
     # cap at 1.0 so retries never make progress run backwards.
-    first_round_batches = max(1, -(-len(pending) // cfg.batch_size))
+    first_round_batches = max(1, len(_batches(requests, pending, cfg.batch_size)))
     batches_done = 0
     for round_index in range(1 + RETRY_ROUNDS):
-        if not pending:
-            break
-        pending.sort(key=lambda i: requests[i].length)
         failed: list[int] = []
-        for start in range(0, len(pending), cfg.batch_size):
-            chunk = pending[start:start + cfg.batch_size]
+        for batch_index, batch in enumerate(_batches(requests, pending, cfg.batch_size)):
+            query_type = requests[batch[0]].query_type.value
+            examples_seed = f"{seed}:{round_index}:{query_type}:{batch_index}"
+            conversations = build_batch([requests[i] for i in batch], cfg, examples_seed)
             replies = generator.complete(
-                [requests[i].messages for i in chunk],
+                conversations,
                 temperature=cfg.temperature,
                 max_new_tokens=cfg.max_new_tokens,
                 # Distinct per batch and per round; fixed for a given (seed, passages, config).
-                seed=seed * 1_000_003 + round_index * 100_003 + start,
+                seed=seed * 1_000_003 + round_index * 100_003 + batches_done,
             )
-            for i, reply in zip(chunk, replies, strict=True):
+            for i, reply in zip(batch, replies, strict=True):
                 text = clean_query(reply, requests[i].query_type, requests[i].passage)
                 if text is None:
                     failed.append(i)
@@ -247,6 +262,8 @@ def generate_queries(
                 f"generated {len(answers)} of {len(requests)} queries",
             )
         pending = failed
+        if not pending:
+            break
     return [
         Query(
             id=query_id(request.query_type, request.passage.id),
