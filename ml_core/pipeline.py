@@ -263,7 +263,10 @@ def _prepare(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, An
     test_share = cfg.evaluation.test_fraction
     dev_share = cfg.training.dev_fraction * (1 - test_share)
     splits = split_by_passage(
-        ids, {"test": test_share, "dev": dev_share, "train": 1 - test_share - dev_share}, cfg.seed
+        ids,
+        {"test": test_share, "dev": dev_share, "train": 1 - test_share - dev_share},
+        cfg.seed,
+        groups={p.id: p.document_id for p in sample},
     )
     write_jsonl(out / "sample.jsonl", ({"id": pid, "split": splits[pid]} for pid in ids))
     (out / "hygiene.json").write_text(json.dumps(_as_dict(hygiene), indent=2))
@@ -286,7 +289,11 @@ def _generate(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, A
     splits = load_splits(ctx)
     by_id = {p.id: p for p in load_passages(ctx)}
     sample = [by_id[pid] for pid in splits]
-    generator = load_generator(cfg.generation, ctx.registry.get(cfg.generator), ctx.registry)
+    # A hosted model behind an OpenAI-compatible endpoint is named, not stored locally.
+    source = (
+        cfg.generator if cfg.generation.backend == "openai" else ctx.registry.get(cfg.generator)
+    )
+    generator = load_generator(cfg.generation, source, ctx.registry)
     queries = generate_queries(sample, cfg.generation, generator, cfg.seed, ctx.progress)
     queries = [_with_split(q, splits[q.source_id]) for q in queries]
     if not queries:
@@ -435,7 +442,15 @@ def _evaluate(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, A
     ctx.progress(0.75, "checking the teacher against the student")
     teacher = load_teacher(ctx.registry.get(cfg.teacher), ctx.registry)
     check = teacher_check(
-        base, teacher, passages, check_queries, qrels, passage_vectors=base_vectors, seed=cfg.seed
+        base,
+        teacher,
+        passages,
+        check_queries,
+        qrels,
+        passage_vectors=base_vectors,
+        depth=cfg.evaluation.teacher_check_depth,
+        max_queries=cfg.evaluation.teacher_check_queries,
+        seed=cfg.seed,
     )
     report = build_report(base_metrics, tuned_metrics, check, cfg.evaluation, judgements)
     report["models"] = {"student": cfg.student, "teacher": cfg.teacher, "generator": cfg.generator}

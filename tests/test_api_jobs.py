@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from app.db.models import Job, JobStatus
+from ml_core.config import PRESETS
 from tests.api_support import Api, Caller, job_body, qrels_bytes, queries_bytes
 
 pytest_plugins = ["tests.api_fixtures"]
@@ -42,7 +43,7 @@ def test_create_queues_the_job_after_commit(api: Api, broker_dir: Path) -> None:
     assert (recipe["student"], recipe["teacher"], recipe["generator"]) == (
         "tiny-student", "tiny-teacher", "tiny-generator"
     )
-    assert recipe["generation"]["passages"] == 160  # the quick preset
+    assert recipe["generation"]["passages"] == PRESETS["quick"]["generation"]["passages"]
     # The first stage's task is on the broker, and its id is recorded on the row.
     messages = _broker_messages(broker_dir, job["id"])
     assert len(messages) == 1
