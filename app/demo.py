@@ -23,6 +23,8 @@ from pathlib import Path
 
 import httpx
 
+from worker.celery_app import WORKER_ARGS
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "demo" / "cranfield"
 VAR = REPO / "var" / "demo"
@@ -126,28 +128,7 @@ def run(preset: str, keep: bool) -> int:
         env,
         VAR / "api.log",
     )
-    worker = _start(
-        [
-            python,
-            "-m",
-            "celery",
-            "-A",
-            "worker.celery_app",
-            "worker",
-            "-P",
-            "prefork",
-            "-c",
-            "1",
-            "-Q",
-            "cpu,gpu",
-            "--without-gossip",
-            "--without-mingle",
-            "--loglevel",
-            "INFO",
-        ],
-        env,
-        VAR / "worker.log",
-    )
+    worker = _start([python, "-m", "celery", *WORKER_ARGS], env, VAR / "worker.log")
     started = time.monotonic()
     try:
         headers = {"Authorization": f"Bearer {api_key.group(0)}"}

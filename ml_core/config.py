@@ -166,12 +166,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     # The embedded demo on a 2-core machine: a few hundred queries, short lists, few epochs.
     "quick": {
-        "generation": {"passages": 80, "query_types": ["claims", "keywords", "titles"],
+        "generation": {"passages": 72, "query_types": ["claims", "keywords", "titles"],
                        "max_new_tokens": 24},
         "candidates": {"top_k": 10, "student_top_n": 10},
-        "training": {"list_size": 8, "batch_size": 16, "micro_batch_size": 8, "max_epochs": 3,
-                     "max_passage_length": 160},
-        "evaluation": {"teacher_check_queries": 50, "teacher_check_depth": 10},
+        "training": {"list_size": 8, "batch_size": 16, "micro_batch_size": 8, "max_epochs": 2,
+                     "max_passage_length": 128},
+        "evaluation": {"teacher_check_queries": 40, "teacher_check_depth": 10},
     },
 }
 

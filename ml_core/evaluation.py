@@ -24,7 +24,9 @@ PRIMARY = "ndcg@10"
 MRR_DEPTH = 10
 ENCODE_BATCH_SIZE = 64
 # The teacher must beat the student by this much (in the check's metric) to count as better.
-TEACHER_MARGIN = 0.01
+# A sampled check on ~50 queries moves by ~0.015 nDCG@10 by chance (Cranfield: 0.399 vs 0.383
+# on 50 queries, 0.382 vs 0.382 on all 225), so the teacher must win by more than that.
+TEACHER_MARGIN = 0.02
 # Under this many evaluation queries a gain is reported with a noise warning.
 FEW_QUERIES = 30
 

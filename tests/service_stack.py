@@ -32,6 +32,7 @@ from tests.processes import (
     wait_for_log,
     wait_until,
 )
+from worker.celery_app import WORKER_ARGS
 
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS_TEST_URL = "redis://127.0.0.1:6379/15"
@@ -224,19 +225,7 @@ class ServiceStack:
             name,
             [
                 str(BIN / "celery"),
-                "-A",
-                "worker.celery_app",
-                "worker",
-                "-P",
-                "prefork",
-                "-c",
-                "1",
-                "-Q",
-                "cpu,gpu",
-                "--without-gossip",
-                "--without-mingle",
-                "--loglevel",
-                "INFO",
+                *WORKER_ARGS,
                 "-n",
                 f"{name}-{random.randrange(16**6):06x}@%h",
             ],

@@ -43,6 +43,25 @@ STAGE_QUEUES: dict[str, str] = {
 QUEUES = ("cpu", "gpu")
 
 
+# The worker as deployed: prefork (the only pool that can terminate a running task), one
+# process per worker (stages are CPU/GPU-bound), both queues. After `celery` or `python -m celery`.
+WORKER_ARGS: tuple[str, ...] = (
+    "-A",
+    "worker.celery_app",
+    "worker",
+    "-P",
+    "prefork",
+    "-c",
+    "1",
+    "-Q",
+    ",".join(QUEUES),
+    "--without-gossip",
+    "--without-mingle",
+    "--loglevel",
+    "INFO",
+)
+
+
 def queue_for(stage: str) -> str:
     """The queue a stage's task is sent to; KeyError for an unknown stage."""
     return STAGE_QUEUES[stage]
