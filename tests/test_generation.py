@@ -204,7 +204,8 @@ def test_generate_queries_one_per_passage_per_type_with_stable_ids() -> None:
     for call in generator.calls:
         # Rows of a batch share system prompt and examples: only the passage turn differs.
         assert len({str(c[:-1]) for c in call["conversations"]}) == 1
-        assert call["temperature"] == cfg.temperature and call["max_new_tokens"] == cfg.max_new_tokens
+        assert call["temperature"] == cfg.temperature
+        assert call["max_new_tokens"] == cfg.max_new_tokens
     assert len({str(call["conversations"][0][1:-1]) for call in generator.calls}) > 1
 
 
