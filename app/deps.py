@@ -11,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.db.models import Tenant
+from app.db.session import transaction
 from app.errors import Unauthorized
 from app.settings import Settings
 from app.storage import ObjectStore
@@ -28,15 +29,8 @@ SettingsDep = Annotated[Settings, Depends(_settings)]
 def _session(request: Request) -> Iterator[Session]:
     # The request's one transaction: services only flush; it commits when the handler returns
     # (before the response is sent, scope="function") and rolls back when it raises.
-    session: Session = request.app.state.session_factory()
-    try:
+    with transaction(request.app.state.session_factory) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 SessionDep = Annotated[Session, Depends(_session, scope="function")]

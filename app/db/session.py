@@ -62,9 +62,10 @@ def get_session_factory(settings: Settings | None = None) -> sessionmaker[Sessio
 
 
 @contextmanager
-def session_scope(settings: Settings | None = None) -> Iterator[Session]:
-    """A session that commits when the block succeeds and rolls back when it raises."""
-    session = get_session_factory(settings)()
+def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A session from `factory` that commits when the block succeeds and rolls back when it
+    raises (the request's unit of work in the API, a task's in the worker)."""
+    session = factory()
     try:
         yield session
         session.commit()
@@ -73,3 +74,10 @@ def session_scope(settings: Settings | None = None) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+@contextmanager
+def session_scope(settings: Settings | None = None) -> Iterator[Session]:
+    """A transaction on the process-wide engine."""
+    with transaction(get_session_factory(settings)) as session:
+        yield session
