@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 
+from ml_core.report import report_lines
 from worker.celery_app import WORKER_ARGS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -232,15 +233,7 @@ def _follow(client: httpx.Client, job_id: str) -> dict:
 
 
 def _print_report(report: dict) -> None:
-    metrics = [m for m in ("ndcg@10", "recall@100", "mrr@10") if m in report["base"]]
-    print(f"7. evaluation on the customer's judgements ({report['judgements']}):")
-    print(f"   {'model':<8}" + "".join(f"{m:>12}" for m in metrics))
-    for row in ("base", "tuned"):
-        print(f"   {row:<8}" + "".join(f"{report[row][m]:>12.4f}" for m in metrics))
-    print(f"   {'gain':<8}" + "".join(f"{report['gain'][m]:>+12.4f}" for m in metrics))
-    print(f"   recommended: {report['recommended']}")
-    for warning in report.get("warnings", []):
-        print(f"   warning: {warning}")
+    print("7. " + "\n   ".join(report_lines(report)))
 
 
 def main(argv: list[str] | None = None) -> int:

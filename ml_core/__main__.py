@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ml_core.config import PRESETS, load_config
 from ml_core.pipeline import STAGES, StageContext, StageError, read_manifest, run_stage
+from ml_core.report import report_lines
 
 
 def default_model_store() -> Path:
@@ -81,19 +82,9 @@ def print_summary(workdir: Path) -> None:
     report_path = workdir / "evaluate" / "report.json"
     if not report_path.exists():
         return
-    report = json.loads(report_path.read_text())
-    metrics = [m for m in ("ndcg@10", "recall@100", "mrr@10") if m in report["base"]]
-    print(
-        f"\nEvaluation on {report['judgements']} judgements "
-        f"({report.get('queries', report['base'].get('queries', '?'))} queries)"
-    )
-    print(f"{'model':<10}" + "".join(f"{m:>12}" for m in metrics))
-    for row in ("base", "tuned"):
-        print(f"{row:<10}" + "".join(f"{report[row][m]:>12.4f}" for m in metrics))
-    print(f"{'gain':<10}" + "".join(f"{report['gain'][m]:>+12.4f}" for m in metrics))
-    print(f"recommended: {report['recommended']}")
-    for warning in report.get("warnings", []):
-        print(f"warning: {warning}")
+    print()
+    for line in report_lines(json.loads(report_path.read_text())):
+        print(line)
 
 
 def main(argv: list[str] | None = None) -> int:

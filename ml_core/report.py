@@ -1,0 +1,21 @@
+"""The base-vs-tuned table of an evaluation report, as text (shared by the CLI and the demo)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+METRICS = ("ndcg@10", "recall@100", "mrr@10")
+
+
+def report_lines(report: dict[str, Any]) -> list[str]:
+    """Lines of text: which judgements, base / tuned / gain per metric, recommendation, warnings."""
+    metrics = [m for m in METRICS if m in report["base"]]
+    queries = report["base"].get("queries", "?")
+    lines = [f"evaluation on {report['judgements']} judgements ({queries} queries)"]
+    lines.append(f"{'model':<10}" + "".join(f"{m:>12}" for m in metrics))
+    for row in ("base", "tuned"):
+        lines.append(f"{row:<10}" + "".join(f"{report[row][m]:>12.4f}" for m in metrics))
+    lines.append(f"{'gain':<10}" + "".join(f"{report['gain'][m]:>+12.4f}" for m in metrics))
+    lines.append(f"recommended: {report['recommended']}")
+    lines.extend(f"warning: {warning}" for warning in report.get("warnings", []))
+    return lines
