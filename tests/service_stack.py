@@ -32,6 +32,7 @@ from tests.processes import (
     wait_for_log,
     wait_until,
 )
+from tests.tiny_models import TINY_HYPERPARAMETERS
 from worker.celery_app import WORKER_ARGS
 
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -44,20 +45,7 @@ TINY_JOB: dict[str, Any] = {
     "generator": "tiny-generator",
     "query_types": ["questions", "keywords"],
     "passages": 30,
-    "hyperparameters": {
-        "generation": {"max_new_tokens": 8, "batch_size": 16},
-        # The tiny teacher is random: a round trip would keep chance survivors only.
-        "candidates": {"top_k": 8, "round_trip": False, "min_score_percentile": 0.0},
-        "training": {
-            "list_size": 4,
-            "batch_size": 8,
-            "micro_batch_size": 4,
-            "max_epochs": 2,
-            "max_passage_length": 64,
-            "max_query_length": 32,
-        },
-        "evaluation": {"test_fraction": 0.2},
-    },
+    "hyperparameters": TINY_HYPERPARAMETERS,
 }
 
 

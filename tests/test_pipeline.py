@@ -13,6 +13,7 @@ from ml_core.__main__ import main as cli_main
 from ml_core.config import build_config
 from ml_core.pipeline import STAGES, StageContext, StageError, run_stage
 from ml_core.registry import ModelRegistry
+from tests.tiny_models import TINY_HYPERPARAMETERS
 
 DEMO = Path(__file__).resolve().parents[1] / "demo" / "cranfield"
 
@@ -20,23 +21,12 @@ TINY_RECIPE = {
     "student": "tiny-student",
     "teacher": "tiny-teacher",
     "generator": "tiny-generator",
+    **TINY_HYPERPARAMETERS,
     "generation": {
+        **TINY_HYPERPARAMETERS["generation"],
         "passages": 40,
         "query_types": ["questions", "keywords"],
-        "max_new_tokens": 8,
-        "batch_size": 16,
     },
-    # The tiny teacher is random, so the round trip would keep chance survivors only.
-    "candidates": {"top_k": 8, "round_trip": False, "min_score_percentile": 0.0},
-    "training": {
-        "list_size": 4,
-        "batch_size": 8,
-        "micro_batch_size": 4,
-        "max_epochs": 2,
-        "max_passage_length": 64,
-        "max_query_length": 32,
-    },
-    "evaluation": {"test_fraction": 0.2},
 }
 
 

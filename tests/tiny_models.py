@@ -385,3 +385,21 @@ def build_tiny_store(root: Path) -> Path:
     build_tiny_teacher(root / "tiny-teacher")
     build_tiny_generator(root / "tiny-generator")
     return root
+
+
+# Recipe sections that make a whole job take seconds on the tiny models (used by the pipeline
+# tests directly and by the service tests as a job's `hyperparameters`).
+TINY_HYPERPARAMETERS: dict = {
+    "generation": {"max_new_tokens": 8, "batch_size": 16},
+    # The tiny teacher is random: a round trip would keep chance survivors only.
+    "candidates": {"top_k": 8, "round_trip": False, "min_score_percentile": 0.0},
+    "training": {
+        "list_size": 4,
+        "batch_size": 8,
+        "micro_batch_size": 4,
+        "max_epochs": 2,
+        "max_passage_length": 64,
+        "max_query_length": 32,
+    },
+    "evaluation": {"test_fraction": 0.2},
+}
