@@ -40,9 +40,19 @@ from ml_core.registry import ModelRegistry
 
 STAGES: tuple[str, ...] = ("prepare", "generate", "filter", "distill", "evaluate")
 
-# Which recipe sections each stage depends on (beyond its upstream stages' fingerprints).
+# Which recipe sections (or "section.field"s) each stage reads, beyond its upstream stages'
+# fingerprints. Prepare reads single fields of later sections: naming the whole sections would
+# make a change of, say, the learning rate regenerate every query.
 _STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "prepare": ("seed", "student", "corpus", "evaluation"),
+    "prepare": (
+        "seed",
+        "student",
+        "corpus",
+        "generation.passages",
+        "training.max_passage_length",
+        "training.dev_fraction",
+        "evaluation.test_fraction",
+    ),
     "generate": ("seed", "generator", "generation"),
     "filter": ("seed", "student", "teacher", "candidates"),
     "distill": ("seed", "training"),
@@ -119,7 +129,10 @@ def stage_fingerprint(stage: str, ctx: StageContext) -> str:
 
 def _section_hash(config: RecipeConfig, stage: str) -> str:
     data = config.model_dump(mode="json")
-    picked = {name: data[name] for name in _STAGE_SECTIONS[stage]}
+    picked: dict[str, Any] = {}
+    for name in _STAGE_SECTIONS[stage]:
+        section, _, field = name.partition(".")
+        picked[name] = data[section][field] if field else data[section]
     return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
 
 

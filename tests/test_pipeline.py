@@ -11,7 +11,7 @@ import pytest
 
 from ml_core.__main__ import main as cli_main
 from ml_core.config import build_config
-from ml_core.pipeline import STAGES, StageContext, StageError, run_stage
+from ml_core.pipeline import STAGES, StageContext, StageError, is_finished, run_stage
 from ml_core.registry import ModelRegistry
 from tests.tiny_models import TINY_HYPERPARAMETERS
 
@@ -107,6 +107,31 @@ def test_changed_training_setting_reruns_only_downstream(
         "distill": False,
         "evaluate": False,
     }
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "first_stale"),
+    [
+        ("generation", "passages", 30, "prepare"),  # the sample is drawn in prepare
+        ("training", "max_passage_length", 48, "prepare"),  # chunking follows it
+        ("generation", "temperature", 0.5, "generate"),
+        ("candidates", "top_k", 6, "filter"),
+        ("evaluation", "teacher_check_queries", 5, "evaluate"),
+    ],
+)
+def test_a_setting_invalidates_the_first_stage_that_reads_it(
+    finished_run: StageContext, section: str, key: str, value: object, first_stale: str
+) -> None:
+    recipe = json.loads(json.dumps(TINY_RECIPE))
+    recipe.setdefault(section, {})[key] = value
+    ctx = StageContext(
+        finished_run.workdir,
+        finished_run.corpus_path,
+        build_config("default", recipe),
+        finished_run.registry,
+    )
+    stale = [stage for stage in STAGES if not is_finished(stage, ctx)]
+    assert stale and stale[0] == first_stale
 
 
 def test_stage_refuses_to_run_before_its_inputs(
