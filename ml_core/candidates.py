@@ -271,10 +271,11 @@ def score_and_filter(
         if reason:
             reasons[query.id] = reason
             continue
-        rest = sorted(
-            (i for i in range(len(pids)) if i != source_index), key=lambda i: -signal[i]
-        )
-        order = [source_index, *rest]
+        # The positive, then the candidates in first-stage (fused) rank order, as the recipe
+        # builds its lists ("the positive + the student's top candidates"): cutting a list to
+        # list_size keeps the first stage's best, not the teacher's near-duplicates of the
+        # positive, so the KL sees the full range of the teacher's judgements.
+        order = [source_index, *(i for i in range(len(pids)) if i != source_index)]
         clipped = np.clip(signal, 0.0, 1.0)
         lists.append(
             ScoredList(
