@@ -146,6 +146,14 @@ class GradCache:
         Returns the loss terms as floats. The caller all-reduces gradients across ranks
         (`all_reduce_gradients`), clips and steps the optimizer.
         """
+        if distributed_world()[1] == 1 and all(len(chunks) == 1 for _, chunks in streams):
+            # The whole batch is one chunk: caching would only add a forward pass. A plain
+            # forward + backward gives the same gradients (tested against the cached path).
+            reps = [encode(chunks[0]) for encode, chunks in streams]
+            terms = _as_terms(self.loss_fn(*reps, **loss_kwargs))
+            terms["loss"].backward()
+            return {name: float(value.detach()) for name, value in terms.items()}
+
         # 1. Reps without a graph; remember each chunk's RNG state for the replay.
         chunk_reps: list[list[Tensor]] = []
         rng_states: list[list[_RngState | None]] = []

@@ -153,3 +153,23 @@ def test_evaluate_returns_the_same_loss_as_step_without_gradients() -> None:
     stepped = cache.step(streams, **kwargs)
     assert set(evaluated) == {"loss", "kl", "infonce"}
     assert abs(evaluated["loss"] - stepped["loss"]) < 1e-6
+
+
+def test_one_chunk_batch_skips_the_cache_pass_with_the_same_gradients() -> None:
+    model, batch = _tiny_bert(dropout=0.0), _batch()
+    cached = _cached_grads(model, batch)
+    model.zero_grad()
+    encode = _encoder(model)
+    calls = []
+
+    def counting(inputs: Tensor) -> Tensor:
+        calls.append(len(inputs))
+        return encode(inputs)
+
+    GradCache(DistillationObjective(TrainingConfig())).step(
+        [(counting, [batch["queries"]]), (counting, [batch["passages"]])],
+        teacher_scores=batch["teacher"],
+        passage_ids=batch["ids"],
+    )
+    assert calls == [BATCH, BATCH * LIST_SIZE]  # one forward per stream, no no-grad pass
+    assert _max_abs_diff(_grads(model), cached) < 1e-5
