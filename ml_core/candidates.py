@@ -69,6 +69,9 @@ class FilterResult:
     lists: list[ScoredList]
     kept: list[Query]
     summary: dict[str, Any]
+    # Every raw teacher score, kept or dropped: {query id: {passage id: logit}} (for audits and
+    # for re-filtering with another teacher signal without scoring again).
+    raw_scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def passage_text(passage: Passage) -> str:
@@ -299,7 +302,7 @@ def score_and_filter(
         "teacher_check": teacher_agreement(scored_queries, candidates, raw_by_query),
     }
     progress(1.0, f"kept {len(kept)} of {len(queries)} queries")
-    return FilterResult(lists=lists, kept=kept, summary=summary)
+    return FilterResult(lists=lists, kept=kept, summary=summary, raw_scores=raw_by_query)
 
 
 def _counts_by_type(

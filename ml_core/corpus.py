@@ -458,9 +458,11 @@ def chunk_passages(
     specials = tokenizer.num_special_tokens_to_add(pair=False)
     for start in range(0, len(passages), batch_size):
         batch = passages[start:start + batch_size]
+        # verbose=False: measuring a long text is the point here, not a model input error.
         encoded = tokenizer([p.text for p in batch], add_special_tokens=False,
-                            return_offsets_mapping=True, truncation=False)
-        titles = tokenizer([p.title for p in batch], add_special_tokens=False, truncation=False)
+                            return_offsets_mapping=True, truncation=False, verbose=False)
+        titles = tokenizer([p.title for p in batch], add_special_tokens=False, truncation=False,
+                           verbose=False)
         for i, passage in enumerate(batch):
             offsets = encoded["offset_mapping"][i]
             room = max_tokens - specials - reserved_tokens

@@ -352,6 +352,13 @@ def _filter(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, Any
         raise StageError("no synthetic query survived the teacher's round-trip filter")
     kept = {sl.query_id for sl in result.lists}
     write_jsonl(out / "candidates.jsonl", result.lists)
+    write_jsonl(
+        out / "teacher_scores.jsonl",
+        (
+            {"query_id": qid, "passage_ids": list(scores), "raw_scores": list(scores.values())}
+            for qid, scores in result.raw_scores.items()
+        ),
+    )
     write_jsonl(out / "queries.jsonl", (q for q in queries if q.id in kept))
     (out / "filter.json").write_text(json.dumps(result.summary, indent=2))
     return {"kept": len(kept), "generated": len(queries)}, result.summary

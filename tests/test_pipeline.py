@@ -65,6 +65,17 @@ def test_every_stage_writes_its_artifacts_and_manifest(finished_run: StageContex
     assert 0.0 <= report["base"]["ndcg@10"] <= 1.0 and 0.0 <= report["tuned"]["ndcg@10"] <= 1.0
     assert report["recommended"] in ("tuned", "base")
     assert (finished_run.stage_dir("distill") / "model" / "modules.json").exists()
+    # Every teacher score is kept, dropped queries' too, and agrees with the kept lists.
+    filter_dir = finished_run.stage_dir("filter")
+    audit = {
+        row["query_id"]: dict(zip(row["passage_ids"], row["raw_scores"], strict=True))
+        for row in map(json.loads, (filter_dir / "teacher_scores.jsonl").open())
+    }
+    kept = [json.loads(line) for line in (filter_dir / "candidates.jsonl").open()]
+    assert len(audit) >= len(kept) > 0
+    for row in kept:
+        for pid, raw in zip(row["passage_ids"], row["raw_scores"], strict=True):
+            assert audit[row["query_id"]][pid] == raw
 
 
 def test_test_passages_are_never_trained_on(finished_run: StageContext) -> None:
