@@ -207,8 +207,10 @@ class ServiceStack:
             lambda: httpx.get(self.api_url + "/healthz").status_code == 200, 60, self.api, "the API"
         )
 
-    def start_worker(self, name: str = "worker") -> ManagedProcess:
-        """A Celery worker exactly as deployed: prefork, one process, both queues."""
+    def start_worker(self, name: str = "worker", work_dir: Path | None = None) -> ManagedProcess:
+        """A Celery worker exactly as deployed: prefork, one process, both queues. A separate
+        `work_dir` makes it another host: it shares only the database, broker and object store."""
+        env = {**self.env, "TAILOR_WORK_DIR": str(work_dir)} if work_dir else self.env
         worker = start_process(
             name,
             [
@@ -217,7 +219,7 @@ class ServiceStack:
                 "-n",
                 f"{name}-{random.randrange(16**6):06x}@%h",
             ],
-            self.env,
+            env,
             self.logs,
         )
         self.workers.append(worker)

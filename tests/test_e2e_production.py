@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from app.settings import Settings
+from app.storage import ObjectStore
 from tests.processes import NanioServer, nanio_server
 from tests.service_stack import (
     LONG_TRAINING,
@@ -29,6 +31,7 @@ from tests.service_stack import (
     wait_for_event,
     wait_for_job,
 )
+from worker.tasks import partial_prefix, store_for
 
 pytestmark = pytest.mark.slow
 
@@ -142,19 +145,36 @@ def test_revoke_with_terminate_cancels_and_the_worker_carries_on(
     engine.dispose()
 
 
-def test_worker_killed_mid_job_resumes_on_a_new_worker(stack: ServiceStack, corpus_id: str) -> None:
+def _wait_for_object(store: ObjectStore, key: str, timeout: float, stack: ServiceStack) -> None:
+    deadline = time.monotonic() + timeout
+    while not store.exists(key):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{key} never appeared\n{stack.diagnostics()}")
+        time.sleep(0.2)
+
+
+def test_worker_killed_mid_job_resumes_on_a_new_worker(
+    stack: ServiceStack, corpus_id: str, tmp_path: Path
+) -> None:
+    settings = {k[len("TAILOR_") :].lower(): v for k, v in stack.env.items() if k[:7] == "TAILOR_"}
+    store = store_for(Settings(**settings))
     with stack.client() as client:
         job = create_job(client, corpus_id, **LONG_TRAINING)
-        # Kill while training is under way: a stage really in flight.
+        # Kill while training is under way, after its first epoch's state was mirrored.
         wait_for_event(client, job["id"], stage_started("distill"), 120, stack)
+        _wait_for_object(store, f"{partial_prefix(job['id'], 'distill')}/fingerprint", 120, stack)
         # The machine dies: SIGKILL the worker and its pool process, nothing is acknowledged.
         for worker in stack.workers:
             if worker.alive():
                 worker.kill()
-        stack.start_worker("worker-2")
+        # The new worker is another host: an empty work folder, only the shared services.
+        stack.start_worker("worker-2", work_dir=tmp_path / "host-2")
         done = wait_for_job(client, job["id"], lambda j: j["status"] == "succeeded", 180, stack)
         assert done["attempts"] > len(STAGES)  # at least one stage was delivered twice
         timeline = events(client, job["id"])
+    # Training resumed from the mirrored state instead of starting again, and the mirror is gone.
+    assert any(e["message"].startswith("resuming after epoch") for e in timeline), timeline
+    assert not store.list(partial_prefix(job["id"], "distill") + "/")
 
     def stage_events(stage: str, word: str) -> list[dict]:
         return [e for e in timeline if e["kind"] == "stage" and e["message"] == f"{stage} {word}"]

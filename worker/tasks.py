@@ -21,7 +21,7 @@ import shutil
 import tarfile
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from app.storage import ObjectNotFound, ObjectStore, copy_store_to_tree, object_
 from ml_core.config import RecipeConfig
 from ml_core.pipeline import MANIFEST, STAGES, StageContext, StageError, stage_fingerprint
 from ml_core.pipeline import run_stage as run_pipeline_stage
+from ml_core.records import ProgressFn
 from ml_core.registry import ModelRegistry
 from worker.celery_app import TASK_RUN_STAGE, celery_app
 from worker.dispatch import send_stage
@@ -345,6 +346,81 @@ def upload_stage(store: ObjectStore, job_id: str, stage: str, folder: Path) -> i
     return count + 1
 
 
+def partial_prefix(job_id: str, stage: str) -> str:
+    """Where a stage's resumable, unfinished state is mirrored (distill's training state)."""
+    return f"jobs/{job_id}/{stage}.partial"
+
+
+def upload_training_state(store: ObjectStore, job_id: str, folder: Path) -> int:
+    """Mirror distill's resumable state (state/, best/ and the run's fingerprint) to the store.
+
+    The stored fingerprint is removed first and written last: it vouches for a complete set.
+    """
+    prefix = partial_prefix(job_id, "distill")
+    store.delete(f"{prefix}/fingerprint")
+    count = 0
+    for top in ("best", "state"):
+        for path in sorted((folder / top).rglob("*")):
+            if path.is_file() and not path.name.endswith(".tmp"):
+                store.put_file(f"{prefix}/{path.relative_to(folder).as_posix()}", path)
+                count += 1
+    store.put_bytes(f"{prefix}/fingerprint", (folder / ".fingerprint").read_bytes())
+    return count
+
+
+def restore_training_state(
+    store: ObjectStore, job_id: str, folder: Path, fingerprint: str
+) -> bool:
+    """Fetch a mirrored training state for this same run when this host has none; True if so.
+
+    A redelivered distill that lands on another host then resumes after the last finished epoch
+    instead of training from the start (ml_core resumes when folder/.fingerprint matches).
+    """
+    started_for = folder / ".fingerprint"
+    if started_for.is_file() and started_for.read_text() == fingerprint:
+        return False  # this host's own state is at least as new as the mirror
+    prefix = partial_prefix(job_id, "distill")
+    try:
+        stored = store.get_bytes(f"{prefix}/fingerprint").decode()
+    except ObjectNotFound:
+        return False
+    if stored != fingerprint:
+        return False  # a state left by different inputs: ml_core would ignore it anyway
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    copy_store_to_tree(store, prefix, folder, skip=("fingerprint",))
+    started_for.write_text(fingerprint)
+    return True
+
+
+class TrainingStateMirror:
+    """A ProgressFn wrapper for distill: after each training checkpoint, mirror the state.
+
+    ml_core writes state/checkpoint.pt after every epoch; the next progress call sees the new
+    file and uploads it, so at most one epoch is lost when a worker's host disappears.
+    """
+
+    def __init__(self, inner: ProgressFn, store: ObjectStore, job_id: str, folder: Path) -> None:
+        from ml_core.training import STATE_FILE
+
+        self.inner, self.store, self.job_id, self.folder = inner, store, job_id, folder
+        self.state_file = folder / "state" / STATE_FILE
+        self._mirrored = self._version()
+
+    def _version(self) -> int | None:
+        try:
+            return self.state_file.stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+
+    def __call__(self, fraction: float, message: str) -> None:
+        self.inner(fraction, message)
+        version = self._version()
+        if version is not None and version != self._mirrored:
+            upload_training_state(self.store, self.job_id, self.folder)
+            self._mirrored = version
+
+
 def fetch_input(store: ObjectStore, key: str, dest: Path) -> Path:
     """Download an input file unless an identical-size copy is already there."""
     if not (dest.is_file() and dest.stat().st_size == store.size(key)):
@@ -482,9 +558,18 @@ class StageRun:
             if self.stage == "evaluate":
                 sync_stage_down(self.store, self.job_id, self.stage, self.workdir / self.stage)
         else:
+            folder = self.workdir / self.stage
+            if self.stage == "distill":
+                fingerprint = stage_fingerprint(self.stage, ctx)
+                if restore_training_state(self.store, self.job_id, folder, fingerprint):
+                    log.info("job %s: resuming distill from the mirrored state", self.job_id)
+                ctx = replace(
+                    ctx, progress=TrainingStateMirror(ctx.progress, self.store, self.job_id, folder)
+                )
             result = run_pipeline_stage(self.stage, ctx)
             self._raise_if_cancelled()
-            upload_stage(self.store, self.job_id, self.stage, self.workdir / self.stage)
+            upload_stage(self.store, self.job_id, self.stage, folder)
+            self.store.delete_prefix(partial_prefix(self.job_id, self.stage))
             outcome = {
                 "skipped": False,
                 "counts": result.manifest.get("counts", {}),
