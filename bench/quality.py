@@ -129,10 +129,17 @@ def print_table(results: dict[str, Any]) -> None:
             if system not in rows:
                 continue
             row = rows[system]
-            gain = "" if system == "base" else f"{row['ndcg@10'] - base:+.4f}"
+            # The teacher is checked on a sample of queries: its gain is over the student on
+            # that same sample, not over the base's score on every query.
+            reference = row.get("student_on_sample", base) if system == "teacher" else base
+            gain = "" if system == "base" else f"{row['ndcg@10'] - reference:+.4f}"
             recall = row.get("recall@100")
             recall_text = f"{recall:.4f}" if isinstance(recall, float) else "-"
             print(f"{system:<10}{row['ndcg@10']:>10.4f}{gain:>10}{recall_text:>10}")
+        if "teacher" in rows:
+            print(f"  teacher: re-ranks the base's top {rows['teacher'].get('depth')} on "
+                  f"{rows['teacher'].get('sampled_queries')} sampled queries; 'vs base' is over "
+                  f"the base on that sample ({rows['teacher'].get('student_on_sample', 0):.4f})")
         for variant, stages in result["seconds"].items():
             spent = ", ".join(f"{stage} {sec:.0f}s" for stage, sec in stages.items())
             print(f"  time [{variant}]: {spent}")
