@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     # Worker / queue. Seconds a delivered but unacknowledged stage task may run before the
     # broker redelivers it (acks_late): longer than the slowest stage (tests use a few seconds).
     visibility_timeout: int = Field(default=6 * 3600, ge=1)
+    # A running stage writes its progress, and reads its job's status to notice a cancel, at
+    # most this often (seconds).
+    progress_interval_s: float = Field(default=1.0, gt=0)
 
 
 @lru_cache

@@ -207,10 +207,15 @@ class ServiceStack:
             lambda: httpx.get(self.api_url + "/healthz").status_code == 200, 60, self.api, "the API"
         )
 
-    def start_worker(self, name: str = "worker", work_dir: Path | None = None) -> ManagedProcess:
+    def start_worker(
+        self, name: str = "worker", work_dir: Path | None = None, **settings: str
+    ) -> ManagedProcess:
         """A Celery worker exactly as deployed: prefork, one process, both queues. A separate
-        `work_dir` makes it another host: it shares only the database, broker and object store."""
-        env = {**self.env, "TAILOR_WORK_DIR": str(work_dir)} if work_dir else self.env
+        `work_dir` makes it another host: it shares only the database, broker and object store.
+        `settings` override TAILOR_* settings for this worker (e.g. progress_interval_s="60")."""
+        env = {**self.env, **{f"TAILOR_{k.upper()}": v for k, v in settings.items()}}
+        if work_dir:
+            env["TAILOR_WORK_DIR"] = str(work_dir)
         worker = start_process(
             name,
             [

@@ -121,12 +121,20 @@ def test_revoke_with_terminate_cancels_and_the_worker_carries_on(
     from app.settings import Settings
     from worker.celery_app import configure
 
+    # A worker that reads the job's status only once an hour: the cooperative cancel check
+    # cannot win the race, so the cancel must come from the terminate path.
+    for worker in stack.workers:
+        worker.stop(timeout=3)
+    stack.start_worker("worker-slow-check", progress_interval_s="3600")
     engine = create_engine(stack.env["TAILOR_DATABASE_URL"])
     control = Celery("e2e-control")
     configure(control, Settings(broker_url=stack.env["TAILOR_BROKER_URL"]))
     with stack.client() as client:
-        job = create_job(client, corpus_id)
-        wait_for_job(client, job["id"], _running_past_prepare, 120, stack)
+        # A long distill: after its first progress write the stage runs for seconds with no
+        # status read (the hour-long interval), so only the terminate can end it.
+        job = create_job(client, corpus_id, **LONG_TRAINING)
+        wait_for_event(client, job["id"], stage_started("distill"), 120, stack)
+        time.sleep(1.0)
         with engine.begin() as connection:
             # What a cancel endpoint that terminates would do: flag the row, then revoke.
             task_id = connection.execute(
@@ -143,6 +151,8 @@ def test_revoke_with_terminate_cancels_and_the_worker_carries_on(
         assert final["data"] == {"status": "cancelled"} and "terminated" in final["message"]
         assert stack.workers[-1].alive()
     engine.dispose()
+    stack.workers[-1].stop(timeout=3)
+    stack.start_worker("worker-after-revoke")
 
 
 def _wait_for_object(store: ObjectStore, key: str, timeout: float, stack: ServiceStack) -> None:

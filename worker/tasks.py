@@ -64,9 +64,6 @@ STAGE_WEIGHTS: dict[str, float] = {
     "distill": 0.30,
     "evaluate": 0.10,
 }
-# Progress is written at most this often, and the row's status is read at most this often to
-# notice a cancel request: about once a second keeps cancel prompt and the database quiet.
-PROGRESS_INTERVAL_S = 1.0
 # Progress events (the job's timeline) are sparser than progress updates.
 PROGRESS_EVENT_INTERVAL_S = 10.0
 # Files a stage writes for its own resume or bookkeeping that other hosts never need:
@@ -238,8 +235,10 @@ def _claim(job_id: str, stage: str, redelivered: bool) -> JobInputs | None:
 class ProgressReporter:
     """The ProgressFn handed to a stage: throttled progress writes, events and cancel checks."""
 
-    def __init__(self, job_id: str, stage: str) -> None:
-        self.job_id, self.stage = job_id, stage
+    def __init__(self, job_id: str, stage: str, interval_s: float = 1.0) -> None:
+        # Progress is written, and the row's status read to notice a cancel, at most every
+        # interval_s: about once a second keeps cancel prompt and the database quiet.
+        self.job_id, self.stage, self.interval_s = job_id, stage, interval_s
         self._last_write = 0.0
         self._last_event = 0.0
         self._last_event_tenth = -1
@@ -247,7 +246,7 @@ class ProgressReporter:
 
     def __call__(self, fraction: float, message: str) -> None:
         now = time.monotonic()
-        if now - self._last_write < PROGRESS_INTERVAL_S and fraction < 1.0:
+        if now - self._last_write < self.interval_s and fraction < 1.0:
             return
         self._last_write = now
         fraction = min(max(fraction, 0.0), 1.0)
@@ -603,7 +602,9 @@ class StageRun:
             registry=ModelRegistry(Path(self.settings.model_store)),
             eval_queries=eval_queries,
             eval_qrels=eval_qrels,
-            progress=ProgressReporter(self.job_id, self.stage),
+            progress=ProgressReporter(
+                self.job_id, self.stage, self.settings.progress_interval_s
+            ),
         )
 
     def _stored_manifest(self) -> dict[str, Any] | None:
