@@ -9,7 +9,14 @@ import pytest
 
 from app.storage import LocalObjectStore
 from ml_core.pipeline import StageError
-from worker.tasks import STAGE_WEIGHTS, stage_offset, sync_stage_down, upload_stage
+from worker.tasks import (
+    STAGE_WEIGHTS,
+    restore_training_state,
+    stage_offset,
+    sync_stage_down,
+    upload_stage,
+    upload_training_state,
+)
 
 
 def _stage_folder(root: Path, stage: str, marker: str) -> Path:
@@ -72,3 +79,37 @@ def test_stage_weights_cover_the_job() -> None:
     assert sum(STAGE_WEIGHTS.values()) == pytest.approx(1.0)
     assert stage_offset("prepare") == 0.0
     assert stage_offset("evaluate") == pytest.approx(0.9)
+
+
+def _training_folder(root: Path, fingerprint: str, epoch: str) -> Path:
+    folder = root / "distill"
+    (folder / "state").mkdir(parents=True, exist_ok=True)
+    (folder / "best").mkdir(exist_ok=True)
+    (folder / ".fingerprint").write_text(fingerprint)
+    (folder / "state" / "checkpoint.pt").write_text(f"epoch {epoch}")  # same size every epoch
+    (folder / "best" / "model.safetensors").write_text(f"best {epoch}")
+    return folder
+
+
+def test_mirrored_training_state_replaces_an_older_local_one(
+    store: LocalObjectStore, tmp_path: Path
+) -> None:
+    # Host B mirrored epoch 3; host A still holds its own epoch 1 of the same run (A -> B -> A).
+    upload_training_state(store, "job_1", _training_folder(tmp_path / "b", "fp", "3"))
+    local = _training_folder(tmp_path / "a", "fp", "1")
+    (local / "stale.txt").write_text("from an older attempt")
+    assert restore_training_state(store, "job_1", local, "fp")
+    assert (local / "state" / "checkpoint.pt").read_text() == "epoch 3"
+    assert (local / "best" / "model.safetensors").read_text() == "best 3"
+    assert (local / ".fingerprint").read_text() == "fp"
+    assert not (local / "stale.txt").exists()
+
+
+def test_training_state_of_other_inputs_or_none_is_not_restored(
+    store: LocalObjectStore, tmp_path: Path
+) -> None:
+    local = _training_folder(tmp_path / "a", "fp-new", "1")
+    assert not restore_training_state(store, "job_1", local, "fp-new")  # nothing mirrored
+    upload_training_state(store, "job_1", _training_folder(tmp_path / "b", "fp-old", "3"))
+    assert not restore_training_state(store, "job_1", local, "fp-new")
+    assert (local / "state" / "checkpoint.pt").read_text() == "epoch 1"

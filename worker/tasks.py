@@ -370,14 +370,15 @@ def upload_training_state(store: ObjectStore, job_id: str, folder: Path) -> int:
 def restore_training_state(
     store: ObjectStore, job_id: str, folder: Path, fingerprint: str
 ) -> bool:
-    """Fetch a mirrored training state for this same run when this host has none; True if so.
+    """Replace the local distill folder with the mirrored training state of this same run, when
+    there is one; True if so.
 
-    A redelivered distill that lands on another host then resumes after the last finished epoch
-    instead of training from the start (ml_core resumes when folder/.fingerprint matches).
+    A redelivered distill then resumes after the last mirrored epoch on whichever host it lands
+    (ml_core resumes when folder/.fingerprint matches). The mirror wins over a local state even
+    for the same run: a task that went A -> B -> A finds A's state older than the mirror, while
+    the mirror trails a host's own state by at most the epoch a crash cut before its upload.
     """
     started_for = folder / ".fingerprint"
-    if started_for.is_file() and started_for.read_text() == fingerprint:
-        return False  # this host's own state is at least as new as the mirror
     prefix = partial_prefix(job_id, "distill")
     try:
         stored = store.get_bytes(f"{prefix}/fingerprint").decode()
@@ -385,6 +386,8 @@ def restore_training_state(
         return False
     if stored != fingerprint:
         return False  # a state left by different inputs: ml_core would ignore it anyway
+    # Start clean: checkpoints of different epochs have the same size, so a size-based
+    # "already here" check would keep a stale local file.
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     copy_store_to_tree(store, prefix, folder, skip=("fingerprint",))
