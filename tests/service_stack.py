@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from app.settings import Settings
 from tests.processes import (
     BIN,
     REPO,
@@ -235,6 +236,13 @@ class ServiceStack:
         # Tests need no graceful drain: a short grace period, then the group is killed.
         for process in [*self.workers, *([self.api] if self.api else [])]:
             process.stop(timeout=3)
+
+    def settings(self) -> Settings:
+        """This stack's TAILOR_* environment as Settings (e.g. to open its object store)."""
+        prefix = "TAILOR_"
+        return Settings(
+            **{k[len(prefix) :].lower(): v for k, v in self.env.items() if k.startswith(prefix)}
+        )
 
     def client(self) -> httpx.Client:
         return httpx.Client(

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from app.settings import Settings
 from app.storage import ObjectStore
 from tests.processes import NanioServer, nanio_server
 from tests.service_stack import (
@@ -166,8 +165,7 @@ def _wait_for_object(store: ObjectStore, key: str, timeout: float, stack: Servic
 def test_worker_killed_mid_job_resumes_on_a_new_worker(
     stack: ServiceStack, corpus_id: str, tmp_path: Path
 ) -> None:
-    settings = {k[len("TAILOR_") :].lower(): v for k, v in stack.env.items() if k[:7] == "TAILOR_"}
-    store = store_for(Settings(**settings))
+    store = store_for(stack.settings())
     with stack.client() as client:
         job = create_job(client, corpus_id, **LONG_TRAINING)
         # Kill while training is under way, after its first epoch's state was mirrored.

@@ -549,7 +549,8 @@ class StageRun:
             sync_stage_down(self.store, self.job_id, upstream, self.workdir / upstream)
         ctx = self._context()
         stored = self._stored_manifest()
-        if stored is not None and stored.get("fingerprint") == stage_fingerprint(self.stage, ctx):
+        fingerprint = stage_fingerprint(self.stage, ctx)
+        if stored is not None and stored.get("fingerprint") == fingerprint:
             # Finished and uploaded by an earlier delivery: only the bookkeeping is left.
             outcome = {
                 "skipped": True,
@@ -561,8 +562,8 @@ class StageRun:
                 sync_stage_down(self.store, self.job_id, self.stage, self.workdir / self.stage)
         else:
             folder = self.workdir / self.stage
-            if self.stage == "distill":
-                fingerprint = stage_fingerprint(self.stage, ctx)
+            mirrored = self.stage == "distill"  # the one stage with state worth resuming
+            if mirrored:
                 if restore_training_state(self.store, self.job_id, folder, fingerprint):
                     log.info("job %s: resuming distill from the mirrored state", self.job_id)
                 ctx = replace(
@@ -571,7 +572,8 @@ class StageRun:
             result = run_pipeline_stage(self.stage, ctx)
             self._raise_if_cancelled()
             upload_stage(self.store, self.job_id, self.stage, folder)
-            self.store.delete_prefix(partial_prefix(self.job_id, self.stage))
+            if mirrored:
+                self.store.delete_prefix(partial_prefix(self.job_id, self.stage))
             outcome = {
                 "skipped": False,
                 "counts": result.manifest.get("counts", {}),
