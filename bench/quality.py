@@ -2,6 +2,7 @@
 
     python -m bench.quality [--datasets cranfield scifact-dev] [--preset default]
                             [--variants listwise infonce fused] [--out bench/results/quality.json]
+    python -m bench.quality --merge A.json B.json [--out ...]   # one table from separate runs
 
 For each dataset it runs prepare -> generate -> filter once, then distill + evaluate once per
 variant on copies of those shared stages (their fingerprints match, so they are reused, not rerun):
@@ -145,6 +146,19 @@ def print_table(results: dict[str, Any]) -> None:
             print(f"  time [{variant}]: {spent}")
 
 
+def merge_results(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from runs of separate processes: their datasets side by side, each run's
+    settings kept under "runs". Two runs of the same dataset are an error, not a silent pick."""
+    merged: dict[str, Any] = {"datasets": {}, "runs": []}
+    for run in runs:
+        for name, result in run["datasets"].items():
+            if name in merged["datasets"]:
+                raise SystemExit(f"--merge: dataset {name!r} appears in more than one file")
+            merged["datasets"][name] = result
+        merged["runs"].append({key: value for key, value in run.items() if key != "datasets"})
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.quality",
@@ -165,7 +179,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--work", type=Path, default=Path("var/bench"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="combine the datasets of earlier runs' JSON files (e.g. one process per dataset) "
+        "into --out and print their table; runs nothing",
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        merged = merge_results([json.loads(path.read_text()) for path in args.merge])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(merged, indent=2))
+        print_table(merged)
+        print(f"\nwrote {args.out}")
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     overrides: dict[str, Any] = {}
