@@ -5,7 +5,8 @@
     python -m bench.quality --merge A.json B.json [--out ...]   # one table from separate runs
 
 For each dataset it runs prepare -> generate -> filter once, then distill + evaluate once per
-variant on copies of those shared stages (their fingerprints match, so they are reused, not rerun):
+variant on copies of those shared stages (their fingerprints match, so they are reused, not rerun;
+a variant with other candidate settings, such as fused, re-runs only filter):
 
     base       the student before tuning
     teacher    the cross-encoder reranking the base student's top 20 (the ceiling check,
@@ -75,30 +76,29 @@ def run_dataset(
     corpus, queries, qrels = data / "corpus.jsonl", data / "queries.jsonl", data / QRELS[name]
     rows: dict[str, Any] = {}
     times: dict[str, dict[str, float]] = {}
-    shared_by_filter: dict[str, Path] = {}
+    shared_from: dict[str, Path] = {}
     for variant in variants:
         config = _config(preset, variant, overrides)
         workdir = workroot / name / variant
-        # Variants that agree on the shared stages start from a copy of them.
-        key = config.fingerprint(
-            "seed",
-            "student",
-            "teacher",
-            "generator",
-            "corpus",
-            "generation",
-            "candidates",
-            "evaluation",
-        )
-        if key in shared_by_filter and not (workdir / "filter").exists():
-            for stage in SHARED_STAGES:
-                shutil.copytree(shared_by_filter[key] / stage, workdir / stage, dirs_exist_ok=True)
+        # Variants that agree on the shared stages start from a copy of them: prepare and
+        # generate when their settings agree, filter too when the candidate settings also do
+        # (a teacher-signal variant re-filters the same queries instead of generating again).
+        generate_key = config.fingerprint("seed", "student", "generator", "corpus", "generation",
+                                          "evaluation")
+        filter_key = config.fingerprint("seed", "student", "teacher", "generator", "corpus",
+                                        "generation", "candidates", "evaluation")
+        for key, stages in ((filter_key, SHARED_STAGES), (generate_key, SHARED_STAGES[:2])):
+            if key in shared_from and not (workdir / stages[-1]).exists():
+                for stage in stages:
+                    shutil.copytree(shared_from[key] / stage, workdir / stage, dirs_exist_ok=True)
+                break
         ctx = StageContext(workdir, corpus, config, registry, queries, qrels, no_progress)
         print(f"[{name}] {variant}", flush=True)
         times[variant] = {}
         for stage in ("prepare", "generate", "filter", "distill", "evaluate"):
             _timed_stage(stage, ctx, times[variant])
-        shared_by_filter.setdefault(key, workdir)
+        shared_from.setdefault(filter_key, workdir)
+        shared_from.setdefault(generate_key, workdir)
         report = json.loads((workdir / "evaluate" / "report.json").read_text())
         rows.setdefault("base", report["base"])
         rows[variant] = report["tuned"]
