@@ -60,7 +60,8 @@ class ListwiseDistillationLoss(nn.Module):
     Student distribution: softmax(cosine / student_temperature) over the list; teacher
     distribution: softmax(normalised teacher score / teacher_temperature). Tamber et al. 2025
     (arXiv 2502.19712) use 0.05 and 0.3: the teacher's [0, 1] scores need a much softer
-    temperature than cosines to give a comparably peaked distribution.
+    temperature than cosines to give a comparably peaked distribution. The recipe's default
+    teacher temperature is 0.1 (TrainingConfig): our lists hold only hard candidates.
     """
 
     def __init__(self, student_temperature: float = 0.05, teacher_temperature: float = 0.3) -> None:
