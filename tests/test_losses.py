@@ -39,11 +39,11 @@ def _log_softmax(values: list[float]) -> list[float]:
     return [v - log_total for v in values]
 
 
-def _hand_kl(teacher: list[list[float]]) -> float:
+def _hand_kl(teacher: list[list[float]], teacher_temperature: float = 0.3) -> float:
     total = 0.0
     for q in range(2):
         student = _log_softmax([_cos(q, 3 * q + j) / 0.05 for j in range(3)])
-        target = _log_softmax([t / 0.3 for t in teacher[q]])
+        target = _log_softmax([t / teacher_temperature for t in teacher[q]])
         total += sum(math.exp(t) * (t - s) for t, s in zip(target, student, strict=True))
     return total / 2
 
@@ -130,11 +130,11 @@ def test_duplicate_positives_of_two_queries_mask_each_other() -> None:
 
 
 def test_listwise_objective_is_kl_plus_weighted_masked_infonce() -> None:
-    cfg = TrainingConfig(list_size=3, infonce_weight=0.1)
+    cfg = TrainingConfig(list_size=3, infonce_weight=0.1)  # the default temperatures
     terms = DistillationObjective(cfg).compute_terms(
         _unit(QUERY_ANGLES), _unit(PASSAGE_ANGLES), _teacher(), IDS
     )
-    expected = _hand_kl(TEACHER) + 0.1 * _hand_infonce({(0, 1)})
+    expected = _hand_kl(TEACHER, cfg.kl_teacher_temperature) + 0.1 * _hand_infonce({(0, 1)})
     assert terms["loss"].item() == pytest.approx(expected, rel=1e-9)
     assert set(terms) == {"loss", "kl", "infonce"}
 
