@@ -32,7 +32,7 @@ from typing import Any
 
 from ml_core.__main__ import default_model_store
 from ml_core.config import RecipeConfig, build_config
-from ml_core.pipeline import StageContext, run_stage
+from ml_core.pipeline import StageContext, run_stage, section_hash
 from ml_core.records import no_progress
 from ml_core.registry import ModelRegistry
 
@@ -76,20 +76,19 @@ def run_dataset(
     corpus, queries, qrels = data / "corpus.jsonl", data / "queries.jsonl", data / QRELS[name]
     rows: dict[str, Any] = {}
     times: dict[str, dict[str, float]] = {}
-    shared_from: dict[str, Path] = {}
+    shared_from: dict[tuple[str, ...], Path] = {}
     for variant in variants:
         config = _config(preset, variant, overrides)
         workdir = workroot / name / variant
-        # Variants that agree on the shared stages start from a copy of them: prepare and
-        # generate when their settings agree, filter too when the candidate settings also do
-        # (a teacher-signal variant re-filters the same queries instead of generating again).
-        generate_key = config.fingerprint("seed", "student", "generator", "corpus", "generation",
-                                          "evaluation")
-        filter_key = config.fingerprint("seed", "student", "teacher", "generator", "corpus",
-                                        "generation", "candidates", "evaluation")
-        for key, stages in ((filter_key, SHARED_STAGES), (generate_key, SHARED_STAGES[:2])):
-            if key in shared_from and not (workdir / stages[-1]).exists():
-                for stage in stages:
+        # A variant starts from a copy of the longest run of shared stages whose settings it
+        # agrees on: a teacher-signal variant re-filters the same queries, nothing more.
+        keys = [
+            tuple(section_hash(config, stage) for stage in SHARED_STAGES[: n + 1])
+            for n in range(len(SHARED_STAGES))
+        ]
+        for key in reversed(keys):
+            if key in shared_from and not (workdir / SHARED_STAGES[len(key) - 1]).exists():
+                for stage in SHARED_STAGES[: len(key)]:
                     shutil.copytree(shared_from[key] / stage, workdir / stage, dirs_exist_ok=True)
                 break
         ctx = StageContext(workdir, corpus, config, registry, queries, qrels, no_progress)
@@ -97,8 +96,8 @@ def run_dataset(
         times[variant] = {}
         for stage in ("prepare", "generate", "filter", "distill", "evaluate"):
             _timed_stage(stage, ctx, times[variant])
-        shared_from.setdefault(filter_key, workdir)
-        shared_from.setdefault(generate_key, workdir)
+        for key in keys:
+            shared_from.setdefault(key, workdir)
         report = json.loads((workdir / "evaluate" / "report.json").read_text())
         rows.setdefault("base", report["base"])
         rows[variant] = report["tuned"]

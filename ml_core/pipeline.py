@@ -111,7 +111,7 @@ def file_sha256(path: Path) -> str:
 
 def stage_fingerprint(stage: str, ctx: StageContext) -> str:
     """The hash that decides whether a finished stage can be reused."""
-    parts: dict[str, Any] = {"stage": stage, "config": _section_hash(ctx.config, stage)}
+    parts: dict[str, Any] = {"stage": stage, "config": section_hash(ctx.config, stage)}
     for upstream in _UPSTREAM[stage]:
         manifest = read_manifest(ctx.stage_dir(upstream))
         if manifest is None:
@@ -127,7 +127,8 @@ def stage_fingerprint(stage: str, ctx: StageContext) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def _section_hash(config: RecipeConfig, stage: str) -> str:
+def section_hash(config: RecipeConfig, stage: str) -> str:
+    """sha256 of the recipe settings `stage` itself reads (its manifest's config_hash)."""
     data = config.model_dump(mode="json")
     picked: dict[str, Any] = {}
     for name in _STAGE_SECTIONS[stage]:
@@ -180,7 +181,7 @@ def run_stage(stage: str, ctx: StageContext) -> StageResult:
     manifest = {
         "stage": stage,
         "fingerprint": fingerprint,
-        "config_hash": _section_hash(ctx.config, stage),
+        "config_hash": section_hash(ctx.config, stage),
         "inputs": {
             name: read_manifest(ctx.stage_dir(name))["fingerprint"]  # type: ignore[index]
             for name in _UPSTREAM[stage]

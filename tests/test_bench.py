@@ -35,7 +35,7 @@ def test_merge_refuses_a_dataset_measured_twice():
         merge_results([_run("cranfield", 0.38, 0.39, "1"), _run("cranfield", 0.38, 0.4, "1")])
 
 
-def test_variants_reuse_the_shared_stages_they_agree_on(tmp_path, capsys, model_store):
+def test_variants_reuse_the_shared_stages_they_agree_on(tmp_path, capsys, model_store, monkeypatch):
     """infonce reuses prepare/generate/filter; fused (other candidate settings) re-filters only."""
     from bench import quality
     from ml_core.registry import ModelRegistry
@@ -54,13 +54,9 @@ def test_variants_reuse_the_shared_stages_they_agree_on(tmp_path, capsys, model_
         "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\t{d}\t1\n" for i, d in enumerate(ids))
     )
     recipe = {**TINY_RECIPE, "generation": {**TINY_RECIPE["generation"], "passages": 20}}
-    original = quality.DATASETS_ROOT
-    quality.DATASETS_ROOT = tmp_path / "data"
-    try:
-        result = quality.run_dataset("cranfield", "default", ["listwise", "infonce", "fused"],
-                                     tmp_path / "work", ModelRegistry(model_store), recipe)
-    finally:
-        quality.DATASETS_ROOT = original
+    monkeypatch.setattr(quality, "DATASETS_ROOT", tmp_path / "data")
+    result = quality.run_dataset("cranfield", "default", ["listwise", "infonce", "fused"],
+                                 tmp_path / "work", ModelRegistry(model_store), recipe)
     printed = capsys.readouterr().out
     blocks = {block.split("\n", 1)[0]: block for block in printed.split("[cranfield] ")[1:]}
     reused = {variant: {line.split()[0] for line in block.splitlines()[1:] if "(reused)" in line}
