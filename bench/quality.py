@@ -14,6 +14,8 @@ a variant with other candidate settings, such as fused, re-runs only filter):
     infonce    plain contrastive fine-tuning (the baseline the recipe warns about)
     listwise   listwise distillation + 0.1 x InfoNCE (the product's default)
     fused      listwise with the fused teacher signal (cross-encoder + BM25/student ranks)
+    relabel    fused, also training on the queries the round trip dropped because the teacher
+               signal preferred another passage (that passage as the positive)
 
 Every model is evaluated on the dataset's own judgements, which no stage trains or selects on.
 Prints a table and writes JSON with per-stage wall times.
@@ -44,6 +46,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "listwise": {"training": {"loss": "listwise"}},
     "infonce": {"training": {"loss": "infonce"}},
     "fused": {"training": {"loss": "listwise"}, "candidates": {"teacher_signal": "fused"}},
+    "relabel": {
+        "training": {"loss": "listwise", "relabel_disagreements": True},
+        "candidates": {"teacher_signal": "fused"},
+    },
 }
 SHARED_STAGES = ("prepare", "generate", "filter")
 
@@ -125,7 +131,7 @@ def print_table(results: dict[str, Any]) -> None:
         base = rows["base"]["ndcg@10"]
         print(f"\n{name}")
         print(f"{'system':<10}{'nDCG@10':>10}{'vs base':>10}{'R@100':>10}")
-        for system in ("base", "teacher", "infonce", "listwise", "fused"):
+        for system in ("base", "teacher", *VARIANTS):
             if system not in rows:
                 continue
             row = rows[system]

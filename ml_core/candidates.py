@@ -72,6 +72,9 @@ class FilterResult:
     # Every raw teacher score, kept or dropped: {query id: {passage id: logit}} (for audits and
     # for re-filtering with another teacher signal without scoring again).
     raw_scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Queries dropped only because the teacher signal put another passage first, relabelled:
+    # that passage is the list's positive (training may use them: training.relabel_disagreements).
+    relabeled: list[ScoredList] = field(default_factory=list)
 
 
 def passage_text(passage: Passage) -> str:
@@ -241,6 +244,7 @@ def score_and_filter(
     floor = float(np.percentile(best, cfg.min_score_percentile)) if len(best) else 0.0
 
     lists: list[ScoredList] = []
+    relabeled: list[ScoredList] = []
     kept: list[Query] = []
     reasons: dict[str, str] = {}
     for query in queries:
@@ -271,29 +275,19 @@ def score_and_filter(
             reason = "round_trip_student"
         elif raw_values.max() < floor:
             reason = "low_score"
+        if reason == "round_trip_teacher" and raw_values.max() >= floor:
+            relabeled.append(_scored_list(query.id, pids, signal, raw_values, int(signal.argmax())))
         if reason:
             reasons[query.id] = reason
             continue
-        # The positive, then the candidates in first-stage (fused) rank order, as the recipe
-        # builds its lists ("the positive + the student's top candidates"): cutting a list to
-        # list_size keeps the first stage's best, not the teacher's near-duplicates of the
-        # positive, so the KL sees the full range of the teacher's judgements.
-        order = [source_index, *(i for i in range(len(pids)) if i != source_index)]
-        clipped = np.clip(signal, 0.0, 1.0)
-        lists.append(
-            ScoredList(
-                query_id=query.id,
-                passage_ids=[pids[i] for i in order],
-                teacher_scores=[float(clipped[i]) for i in order],
-                raw_scores=[float(raw_values[i]) for i in order],
-            )
-        )
+        lists.append(_scored_list(query.id, pids, signal, raw_values, source_index))
         kept.append(query)
 
     summary = {
         "generated": len(queries),
         "scored": len(scored_queries),
         "kept": len(kept),
+        "relabeled": len(relabeled),
         "pairs_scored": len(pairs),
         "dropped": dict(Counter(reasons.values())),
         "by_type": _counts_by_type(queries, reasons),
@@ -302,7 +296,29 @@ def score_and_filter(
         "teacher_check": teacher_agreement(scored_queries, candidates, raw_by_query),
     }
     progress(1.0, f"kept {len(kept)} of {len(queries)} queries")
-    return FilterResult(lists=lists, kept=kept, summary=summary, raw_scores=raw_by_query)
+    return FilterResult(
+        lists=lists, kept=kept, summary=summary, raw_scores=raw_by_query, relabeled=relabeled
+    )
+
+
+def _scored_list(
+    query_id: str, pids: list[str], signal: np.ndarray, raw: np.ndarray, positive: int
+) -> ScoredList:
+    """The positive, then the other candidates in first-stage (fused) rank order.
+
+    As the recipe builds its lists ("the positive + the student's top candidates"): cutting a
+    list to list_size keeps the first stage's best, not the teacher's near-duplicates of the
+    positive, so the KL sees the full range of the teacher's judgements. Teacher scores are the
+    signal clipped to [0, 1].
+    """
+    order = [positive, *(i for i in range(len(pids)) if i != positive)]
+    clipped = np.clip(signal, 0.0, 1.0)
+    return ScoredList(
+        query_id=query_id,
+        passage_ids=[pids[i] for i in order],
+        teacher_scores=[float(clipped[i]) for i in order],
+        raw_scores=[float(raw[i]) for i in order],
+    )
 
 
 def _counts_by_type(

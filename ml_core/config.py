@@ -133,6 +133,9 @@ class TrainingConfig(_Section):
     max_query_length: Annotated[int, Field(ge=8, le=512)] = 64
     max_passage_length: Annotated[int, Field(ge=16, le=8192)] = 128
     dev_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.1
+    # Also train on queries the round-trip filter dropped only because the teacher signal ranked
+    # another passage first, with that passage as the positive (the recipe drops them).
+    relabel_disagreements: bool = False
 
     @model_validator(mode="after")
     def _micro_batch_fits(self) -> TrainingConfig:

@@ -353,6 +353,7 @@ def _filter(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, Any
         raise StageError("no synthetic query survived the teacher's round-trip filter")
     kept = {sl.query_id for sl in result.lists}
     write_jsonl(out / "candidates.jsonl", result.lists)
+    write_jsonl(out / "relabeled.jsonl", result.relabeled)
     write_jsonl(
         out / "teacher_scores.jsonl",
         (
@@ -371,12 +372,23 @@ def _distill(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, An
 
     cfg = ctx.config
     passages = {p.id: p for p in load_passages(ctx)}
-    queries = {q.id: q for q in load_queries(ctx.stage_dir("filter") / "queries.jsonl")}
+    queries = {q.id: q for q in load_queries(ctx.stage_dir("generate") / "queries.jsonl")}
     splits = load_splits(ctx)
     test_ids = {pid for pid, split in splits.items() if split == "test"}
     train_lists: list[ScoredList] = []
     dev_lists: list[ScoredList] = []
-    for scored in read_jsonl(ctx.stage_dir("filter") / "candidates.jsonl", ScoredList):
+    scored_lists = list(read_jsonl(ctx.stage_dir("filter") / "candidates.jsonl", ScoredList))
+    relabeled = ctx.stage_dir("filter") / "relabeled.jsonl"
+    if cfg.training.relabel_disagreements:
+        if not relabeled.exists():
+            raise StageError("filter output has no relabeled.jsonl (an older run): re-run filter")
+        # Training lists only: dev loss (model selection) stays on round-trip-consistent queries.
+        scored_lists += [
+            scored
+            for scored in read_jsonl(relabeled, ScoredList)
+            if queries[scored.query_id].split == "train" and scored.passage_ids[0] not in test_ids
+        ]
+    for scored in scored_lists:
         split = queries[scored.query_id].split
         if split not in ("train", "dev"):
             continue

@@ -138,6 +138,11 @@ def test_score_and_filter_applies_round_trip_and_orders_lists() -> None:
     assert summary["by_type"]["questions"] == {"generated": 2, "kept": 1, "round_trip_teacher": 1}
     assert summary["by_type"]["claims"] == {"generated": 2, "kept": 0, "round_trip_student": 2}
     assert summary["pairs_scored"] == 10
+    # The teacher-disagreement query comes back relabelled: the teacher's #1 (p4) is its positive.
+    (relabeled,) = result.relabeled
+    assert relabeled.query_id == "teacher_disagrees"
+    assert relabeled.passage_ids == ["p4", "p3"] and relabeled.raw_scores == [5.0, 3.0]
+    assert summary["relabeled"] == 1
 
 
 def test_score_and_filter_drops_weak_queries_under_the_percentile() -> None:

@@ -216,3 +216,45 @@ def test_cli_runs_a_stage_and_prints_the_table(
         base_vectors.shape[0]
         == json.loads((workdir / "prepare" / "manifest.json").read_text())["counts"]["passages"]
     )
+
+
+def test_relabeled_disagreements_join_training_only_when_asked(
+    finished_run: StageContext, tmp_path: Path
+) -> None:
+    workdir = tmp_path / "relabel"
+    shutil.copytree(finished_run.workdir, workdir)
+    recipe = json.loads(json.dumps(TINY_RECIPE))
+    # With the round trip on, the tiny random teacher disagrees with the generator often.
+    recipe["candidates"].update(round_trip=True, student_top_n=1000)
+
+    def run(**training: object) -> int:
+        recipe["training"].update(training)
+        ctx = StageContext(
+            workdir, finished_run.corpus_path, build_config("default", recipe),
+            finished_run.registry,
+        )
+        for stage in ("filter", "distill"):
+            run_stage(stage, ctx)
+        manifest = json.loads((ctx.stage_dir("distill") / "manifest.json").read_text())
+        return manifest["counts"]["train_queries"]
+
+    plain = run()
+    sample = map(json.loads, (workdir / "prepare" / "sample.jsonl").open())
+    splits = {row["id"]: row["split"] for row in sample}
+    queries = {
+        row["id"]: row for row in map(json.loads, (workdir / "generate/queries.jsonl").open())
+    }
+    relabeled = [json.loads(line) for line in (workdir / "filter/relabeled.jsonl").open()]
+    for row in relabeled:  # relabelled: the list's positive is the teacher's, not the source
+        assert row["passage_ids"][0] != queries[row["query_id"]]["source_id"]
+    usable = [
+        row for row in relabeled
+        if queries[row["query_id"]]["split"] == "train"
+        and splits.get(row["passage_ids"][0]) != "test"
+    ]
+    assert usable and len(usable) < len(relabeled)  # dev/test queries and positives stay out
+    assert run(relabel_disagreements=True) == plain + len(usable)
+
+    (workdir / "filter" / "relabeled.jsonl").unlink()  # a filter run from before the option
+    with pytest.raises(StageError, match="relabeled.jsonl"):
+        run(learning_rate=1e-4)
