@@ -28,7 +28,8 @@ SettingsDep = Annotated[Settings, Depends(_settings)]
 
 def _session(request: Request) -> Iterator[Session]:
     # The request's one transaction: services only flush; it commits when the handler returns
-    # (before the response is sent, scope="function") and rolls back when it raises.
+    # (before the response is sent, scope="function") and rolls back when it raises. Uploads
+    # commit their own rows (app.storage.stored_until_committed) to clean up after a failure.
     with transaction(request.app.state.session_factory) as session:
         yield session
 

@@ -8,15 +8,20 @@ small-object helpers `get_bytes` / `put_bytes` (manifests, reports).
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, runtime_checkable
 from urllib.parse import urlparse
 
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+log = logging.getLogger(__name__)
 _CHUNK = 1024 * 1024
 # Anything S3 would accept is fine; we refuse only what could escape the store's root or is
 # ambiguous on a filesystem (control characters, backslashes, empty / dot segments).
@@ -425,6 +430,23 @@ def object_store_from_url(url: str, settings: Any = None) -> ObjectStore:
     if parsed.scheme == "":
         return LocalObjectStore(Path(url))
     raise ObjectStoreError(f"unsupported object store URL: {url!r} (use file:// or s3://)")
+
+
+@contextmanager
+def stored_until_committed(session: Session, store: ObjectStore, prefix: str) -> Iterator[None]:
+    """Objects written under `prefix` in the block stay only if the block and the session's
+    commit after it succeed; otherwise the session rolls back and they are deleted again (best
+    effort, logged), so a failed upload leaves neither a row nor an orphaned file."""
+    try:
+        yield
+        session.commit()
+    except BaseException:
+        session.rollback()
+        try:
+            store.delete_prefix(prefix)
+        except Exception:
+            log.exception("could not delete the objects under %s", prefix)
+        raise
 
 
 def copy_tree_to_store(

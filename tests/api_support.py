@@ -11,12 +11,14 @@ import json
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from app.main import create_app
@@ -123,6 +125,39 @@ def start_api(tmp_path: Path, database_url: str, model_store: Path, **extra: Any
         else:
             os.environ["TAILOR_DATABASE_URL"] = saved
         get_settings.cache_clear()
+
+
+@contextmanager
+def rows_refused(api: Api, table: str) -> Iterator[None]:
+    """Inside the block the database refuses every new row of `table` (a real trigger)."""
+    refuse = {
+        "postgresql": [
+            "CREATE FUNCTION refuse_rows() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'rows refused'; END $$",
+            f"CREATE TRIGGER refuse_rows BEFORE INSERT ON {table} "
+            "FOR EACH ROW EXECUTE FUNCTION refuse_rows()",
+        ],
+        "sqlite": [
+            f"CREATE TRIGGER refuse_rows BEFORE INSERT ON {table} "
+            "BEGIN SELECT RAISE(ABORT, 'rows refused'); END",
+        ],
+    }
+    allow = {
+        "postgresql": [f"DROP TRIGGER refuse_rows ON {table}", "DROP FUNCTION refuse_rows()"],
+        "sqlite": ["DROP TRIGGER refuse_rows"],
+    }
+
+    def execute(statements: dict[str, list[str]]) -> None:
+        with api.session() as session:
+            for statement in statements[session.get_bind().dialect.name]:
+                session.execute(text(statement))
+            session.commit()
+
+    execute(refuse)
+    try:
+        yield
+    finally:
+        execute(allow)
 
 
 # ---------------------------------------------------------------------------------------------

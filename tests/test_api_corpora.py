@@ -11,9 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
 from app.db.models import Job, JobStatus
-from tests.api_support import Api, corpus_bytes, start_api
+from tests.api_support import Api, corpus_bytes, rows_refused, start_api
 
 pytest_plugins = ["tests.api_fixtures"]
 
@@ -155,6 +156,18 @@ def test_oversized_upload_without_content_length_is_cut_off(small_limit_api: Api
     assert small_limit_api.stored() == []
     # The server stopped reading about where the limit (+ form framing) was crossed.
     assert pulled * 4096 < 80 * 1024 < len(chunks) * 4096
+
+
+def test_a_corpus_row_that_cannot_be_written_leaves_no_stored_file(api: Api) -> None:
+    caller = api.tenant()
+    with rows_refused(api, "corpora"):  # the database refuses the row after the file is stored
+        response = TestClient(api.app, raise_server_exceptions=False).post(
+            "/v1/corpora", headers=caller.headers, files={"file": ("c.jsonl", corpus_bytes(3))}
+        )
+    assert response.status_code == 500
+    assert caller.get("/v1/corpora").json()["count"] == 0
+    assert not [key for key in api.stored() if key.startswith("corpora/")]
+    assert caller.upload_corpus(corpus_bytes(3)).status_code == 201  # and the next one works
 
 
 def test_listing_is_paginated_newest_first(api: Api) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import gzip
 
 import pytest
+from fastapi.testclient import TestClient
 
-from tests.api_support import Api, Caller, qrels_bytes, queries_bytes
+from tests.api_support import Api, Caller, qrels_bytes, queries_bytes, rows_refused
 
 pytest_plugins = ["tests.api_fixtures"]
 
@@ -35,6 +36,22 @@ def test_upload_list_and_read(api: Api) -> None:
     assert (api.objects / f"eval_sets/{eval_set['id']}/queries.jsonl").is_file()
     assert caller.get(f"/v1/eval-sets/{eval_set['id']}").json() == eval_set
     assert caller.get("/v1/eval-sets").json() == {"data": [eval_set], "count": 1}
+
+
+def test_an_eval_set_row_that_cannot_be_written_leaves_no_stored_files(api: Api) -> None:
+    caller = api.tenant()
+    corpus = caller.corpus(5)
+    with rows_refused(api, "eval_sets"):  # the database refuses the row after the upload
+        response = TestClient(api.app, raise_server_exceptions=False).post(
+            "/v1/eval-sets",
+            headers=caller.headers,
+            data={"corpus_id": corpus["id"]},
+            files={"queries": ("q.jsonl", queries_bytes(["q1"])),
+                   "qrels": ("qrels.tsv", qrels_bytes([("q1", "d1", 1)]))},
+        )
+    assert response.status_code == 500
+    assert caller.get("/v1/eval-sets").json()["count"] == 0
+    assert not [key for key in api.stored() if key.startswith("eval_sets/")]
 
 
 def test_gzip_queries_are_accepted(sqlite_api: Api) -> None:

@@ -12,7 +12,7 @@ from app.db.models import ACTIVE_JOB_STATUSES, Corpus, Job, Tenant
 from app.deps import Page
 from app.errors import InvalidCorpus, NotFound, ResourceInUse
 from app.ids import new_id
-from app.storage import ObjectStore
+from app.storage import ObjectStore, stored_until_committed
 from app.uploads import SpooledFile
 from ml_core.corpus import CorpusError, validate_corpus
 
@@ -37,7 +37,6 @@ def create_corpus(
         ) from exc
     corpus_id = new_id("crp")
     key = corpus_prefix(corpus_id) + ("corpus.jsonl.gz" if upload.gzipped else "corpus.jsonl")
-    store.put_file(key, upload.path)
     corpus = Corpus(
         id=corpus_id,
         tenant_id=tenant.id,
@@ -48,8 +47,11 @@ def create_corpus(
         sha256=stats.sha256,
         documents=stats.documents,
     )
-    session.add(corpus)
-    session.flush()
+    # Committed here, not when the request ends: a row that cannot be written must not leave
+    # its file behind.
+    with stored_until_committed(session, store, corpus_prefix(corpus_id)):
+        store.put_file(key, upload.path)
+        session.add(corpus)
     return corpus
 
 

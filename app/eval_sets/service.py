@@ -13,7 +13,7 @@ from app.db.models import Corpus, EvalSet, Tenant
 from app.deps import Page
 from app.errors import InvalidEvalSet, NotFound
 from app.ids import new_id
-from app.storage import ObjectStore
+from app.storage import ObjectStore, stored_until_committed
 from app.uploads import SpooledFile
 from ml_core.corpus import CorpusError, iter_corpus, read_qrels, read_queries
 
@@ -81,8 +81,6 @@ def create_eval_set(
     eval_set_id = new_id("evs")
     queries_key = f"eval_sets/{eval_set_id}/queries.jsonl"
     qrels_key = f"eval_sets/{eval_set_id}/qrels.tsv"
-    store.put_file(queries_key, queries_file.path)
-    store.put_file(qrels_key, qrels_file.path)
     eval_set = EvalSet(
         id=eval_set_id,
         tenant_id=tenant.id,
@@ -93,8 +91,11 @@ def create_eval_set(
         queries=len(qrels),
         judgements=sum(len(judged) for judged in qrels.values()),
     )
-    session.add(eval_set)
-    session.flush()
+    # Committed here, so a row that cannot be written leaves no stored files behind.
+    with stored_until_committed(session, store, f"eval_sets/{eval_set_id}/"):
+        store.put_file(queries_key, queries_file.path)
+        store.put_file(qrels_key, qrels_file.path)
+        session.add(eval_set)
     return eval_set
 
 
