@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     # "redis://host:6379/0" in production.
     broker_url: str = "filesystem://"
     broker_dir: Path = VAR / "broker"
+    # Redis broker only: a prefix for every key the broker writes, so several deployments (or
+    # test runs) can share one Redis database without consuming each other's tasks.
+    broker_key_prefix: str = ""
     # Celery result backend; None: results are not stored (job state lives in the database).
     result_backend_url: str | None = None
     object_store_url: str = f"file://{VAR / 'objects'}"

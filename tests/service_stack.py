@@ -9,6 +9,7 @@ workers as subprocesses and talks to them over HTTP like a customer would.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import subprocess
@@ -38,6 +39,9 @@ from worker.celery_app import WORKER_ARGS
 
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS_TEST_URL = "redis://127.0.0.1:6379/15"
+# This test run's broker keys: concurrent runs (two checkouts, CI beside a developer) share the
+# Redis database but never each other's tasks.
+REDIS_TEST_PREFIX = f"tailor-test-{os.getpid()}-{random.randrange(16**6):06x}:"
 
 # Tiny models and tiny hyperparameters: a whole job takes seconds of compute.
 TINY_JOB: dict[str, Any] = {
@@ -89,13 +93,15 @@ def postgres_database(prefix: str = "tailor_e2e") -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def flush_redis(url: str = REDIS_TEST_URL) -> None:
-    """Empty the test Redis database (stale tasks of an earlier run must not be consumed)."""
+def flush_redis(url: str = REDIS_TEST_URL, prefix: str = REDIS_TEST_PREFIX) -> None:
+    """Delete this test run's broker keys (and only those) from the test Redis database."""
     import redis
 
     client = redis.Redis.from_url(url)
     try:
-        client.flushdb()
+        keys = list(client.scan_iter(match=f"{prefix}*"))
+        if keys:
+            client.delete(*keys)
     finally:
         client.close()
 
@@ -108,6 +114,7 @@ def production_env(
         **_common_env(root, model_store),
         "TAILOR_DATABASE_URL": database_url,
         "TAILOR_BROKER_URL": REDIS_TEST_URL,
+        "TAILOR_BROKER_KEY_PREFIX": REDIS_TEST_PREFIX,
         "TAILOR_VISIBILITY_TIMEOUT": str(visibility),
         "TAILOR_OBJECT_STORE_URL": f"s3://tailor-e2e-{random.randrange(16**6):06x}",
         "TAILOR_S3_ENDPOINT_URL": nanio.endpoint_url,

@@ -127,7 +127,8 @@ def test_revoke_with_terminate_cancels_and_the_worker_carries_on(
     stack.start_worker("worker-slow-check", progress_interval_s="3600")
     engine = create_engine(stack.env["TAILOR_DATABASE_URL"])
     control = Celery("e2e-control")
-    configure(control, Settings(broker_url=stack.env["TAILOR_BROKER_URL"]))
+    configure(control, Settings(broker_url=stack.env["TAILOR_BROKER_URL"],
+                                broker_key_prefix=stack.env["TAILOR_BROKER_KEY_PREFIX"]))
     with stack.client() as client:
         # A long distill: after its first progress write the stage runs for seconds with no
         # status read (the hour-long interval), so only the terminate can end it.

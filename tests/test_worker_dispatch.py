@@ -77,3 +77,34 @@ def test_broker_ok_reports_reachability(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert dispatch.revoke("some-task-id", terminate=True)
     monkeypatch.setattr(dispatch, "celery_app", _app(Settings(broker_url="redis://127.0.0.1:1/0")))
     assert not dispatch.revoke("some-task-id")
+
+
+def test_redis_broker_keys_carry_the_configured_prefix() -> None:
+    # Two deployments on one Redis database: a task sent by one lands only under its prefix,
+    # where the other's workers (another prefix) never look.
+    import queue
+    import random
+
+    import redis
+
+    prefix = f"tailor-prefix-test-{random.randrange(16**8):08x}:"
+    url = "redis://127.0.0.1:6379/15"
+    client = redis.Redis.from_url(url)
+    app = _app(Settings(broker_url=url, broker_key_prefix=prefix))
+    try:
+        app.send_task(TASK_RUN_STAGE, args=("job_prefix", "prepare"))
+        assert client.llen(f"{prefix}cpu") == 1
+        other = _app(Settings(broker_url=url, broker_key_prefix=f"{prefix}other:"))
+        with other.connection_for_read() as conn:
+            assert conn.default_channel.client.llen("cpu") == 0  # the other prefix's queue
+            with pytest.raises(queue.Empty):
+                conn.SimpleQueue("cpu", no_ack=True).get(timeout=1)
+        with app.connection_for_read() as conn:
+            message = conn.SimpleQueue("cpu", no_ack=True).get(timeout=5)
+            assert message.headers["task"] == TASK_RUN_STAGE
+            assert message.headers["argsrepr"] == "('job_prefix', 'prepare')"
+    finally:
+        keys = list(client.scan_iter(match=f"{prefix}*"))
+        if keys:
+            client.delete(*keys)
+        client.close()

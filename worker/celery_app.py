@@ -83,7 +83,9 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
             "store_processed": False,
         }
     visibility = settings.visibility_timeout
+    prefix = {"global_keyprefix": settings.broker_key_prefix} if settings.broker_key_prefix else {}
     return {
+        **prefix,
         "visibility_timeout": visibility,
         # kombu sweeps for expired unacknowledged messages every interval * throttle seconds
         # (100 s by default). Sweep a few times per visibility timeout instead, so a short
