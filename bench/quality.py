@@ -11,9 +11,12 @@ a variant with other candidate settings, such as fused, re-runs only filter):
     base       the student before tuning
     teacher    the cross-encoder reranking the base student's top 20 (the ceiling check,
                on a seeded sample of at most 100 judged queries)
-    infonce    plain contrastive fine-tuning (the baseline the recipe warns about)
-    listwise   listwise distillation + 0.1 x InfoNCE (the product's default)
-    fused      listwise with the fused teacher signal (cross-encoder + BM25/student ranks)
+    infonce    plain contrastive fine-tuning (the baseline the recipe warns about), on the
+               listwise variant's filtered queries
+    listwise   listwise distillation + 0.1 x InfoNCE, teacher signal = the cross-encoder alone
+               (the paper's recipe)
+    fused      listwise with the fused teacher signal (cross-encoder + BM25/student ranks):
+               the product's default
     relabel    fused, also training on the queries the round trip dropped because the teacher
                signal preferred another passage (that passage as the positive)
 
@@ -42,9 +45,11 @@ DATASETS_ROOT = Path(
     os.environ.get("TAILOR_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets")
 )
 QRELS = {"cranfield": "qrels/test.tsv", "scifact-dev": "qrels/dev.tsv"}
+# Each variant pins its settings, so a change of default does not change what a name measured.
+_CROSS_ENCODER = {"teacher_signal": "cross_encoder"}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "listwise": {"training": {"loss": "listwise"}},
-    "infonce": {"training": {"loss": "infonce"}},
+    "listwise": {"training": {"loss": "listwise"}, "candidates": _CROSS_ENCODER},
+    "infonce": {"training": {"loss": "infonce"}, "candidates": _CROSS_ENCODER},
     "fused": {"training": {"loss": "listwise"}, "candidates": {"teacher_signal": "fused"}},
     "relabel": {
         "training": {"loss": "listwise", "relabel_disagreements": True},

@@ -96,10 +96,12 @@ class CandidateConfig(_Section):
     # Teacher scores are min-max normalised between these percentiles and clipped to [0, 1].
     norm_low_percentile: Annotated[float, Field(ge=0.0, le=50.0)] = 1.0
     norm_high_percentile: Annotated[float, Field(ge=50.0, le=100.0)] = 99.0
-    # "cross_encoder": the teacher's scores as they are. "fused": the teacher's scores blended
-    # with reciprocal-rank evidence from BM25 and the student, for domains where the
-    # cross-encoder alone is no better than the student (see docs/models.md, Cranfield).
-    teacher_signal: Literal["cross_encoder", "fused"] = "cross_encoder"
+    # "fused": the teacher's normalised scores blended with reciprocal-rank evidence from BM25
+    # and the student, so that where the cross-encoder alone is no better than the student
+    # (Cranfield, see docs/models.md) the first stage's agreement still counts. "cross_encoder":
+    # the teacher's scores as they are (the paper). Fused measured better on both development
+    # datasets: Cranfield +0.0072, SciFact dev +0.0034 nDCG@10 over cross_encoder (README).
+    teacher_signal: Literal["cross_encoder", "fused"] = "fused"
     fused_teacher_weight: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
     teacher_batch_size: Annotated[int, Field(ge=1, le=1024)] = 32
 

@@ -121,7 +121,7 @@ def test_score_and_filter_applies_round_trip_and_orders_lists() -> None:
         ("flutter", _text("p1")): 1.0, ("flutter", _text("p2")): 8.0,
         ("noise", _text("p4")): 2.0, ("noise", _text("p3")): 0.0, ("noise", _text("p5")): 7.0,
     })
-    cfg = CandidateConfig(student_top_n=2, min_score_percentile=0.0)
+    cfg = CandidateConfig(student_top_n=2, min_score_percentile=0.0, teacher_signal="cross_encoder")
 
     result = score_and_filter(queries, candidates, PASSAGES, teacher, cfg)
 
@@ -151,7 +151,7 @@ def test_score_and_filter_drops_weak_queries_under_the_percentile() -> None:
     # Best scores 1, 2, 3, 4: the 50th percentile is 2.5, so q0 and q1 fall under it.
     table = {(f"query {i}", _text("p1")): float(i + 1) for i in range(4)}
     teacher = TableTeacher(table, default=-5.0)
-    cfg = CandidateConfig(min_score_percentile=50.0)
+    cfg = CandidateConfig(min_score_percentile=50.0, teacher_signal="cross_encoder")
 
     result = score_and_filter(queries, candidates, PASSAGES, teacher, cfg)
 
@@ -166,7 +166,7 @@ def test_normalisation_uses_percentiles_and_clips() -> None:
     teacher = TableTeacher({("wing", _text(pid)): float(s)
                             for pid, s in zip(pool, [100, 3, 2, 1, -100], strict=True)})
     cfg = CandidateConfig(norm_low_percentile=25.0, norm_high_percentile=75.0,
-                          min_score_percentile=0.0)
+                          min_score_percentile=0.0, teacher_signal="cross_encoder")
     result = score_and_filter(queries, {"q": _cand("q", pool, pool)}, PASSAGES, teacher, cfg)
     # The 25th/75th percentiles of the scores are 1 and 3: 100 clips to 1, -100 to 0, 2 -> 0.5.
     assert result.lists[0].teacher_scores == pytest.approx([1.0, 1.0, 0.5, 0.0, 0.0])
@@ -178,7 +178,7 @@ def test_fused_signal_lets_first_stage_evidence_break_a_close_teacher_call() -> 
     candidates = {"q": _cand("q", ["p1", "p2", "p3"], ["p1", "p2", "p3"])}
     teacher = TableTeacher({("wing", _text("p1")): 5.0, ("wing", _text("p2")): 5.2,
                             ("wing", _text("p3")): 0.0})
-    plain = CandidateConfig(min_score_percentile=0.0)
+    plain = CandidateConfig(min_score_percentile=0.0, teacher_signal="cross_encoder")
     fused = CandidateConfig(min_score_percentile=0.0, teacher_signal="fused",
                             fused_teacher_weight=0.5)
 
@@ -194,7 +194,8 @@ def test_round_trip_can_be_switched_off() -> None:
     queries = [Query("q", "heat", source_id="p3")]
     candidates = {"q": _cand("q", ["p3", "p4"], ["p3", "p4"], source_rank=None)}
     teacher = TableTeacher({("heat", _text("p4")): 5.0, ("heat", _text("p3")): 1.0})
-    cfg = CandidateConfig(round_trip=False, min_score_percentile=0.0)
+    cfg = CandidateConfig(round_trip=False, min_score_percentile=0.0,
+                          teacher_signal="cross_encoder")
     result = score_and_filter(queries, candidates, PASSAGES, teacher, cfg)
     assert result.lists[0].passage_ids == ["p3", "p4"]  # the source stays the positive
 

@@ -224,8 +224,11 @@ def test_relabeled_disagreements_join_training_only_when_asked(
     workdir = tmp_path / "relabel"
     shutil.copytree(finished_run.workdir, workdir)
     recipe = json.loads(json.dumps(TINY_RECIPE))
-    # With the round trip on, the tiny random teacher disagrees with the generator often.
-    recipe["candidates"].update(round_trip=True, student_top_n=1000)
+    # With the round trip on, the tiny random teacher disagrees with the generator often (its
+    # scores alone: fused with the first stage's ranks it would agree with more of them).
+    recipe["candidates"].update(
+        round_trip=True, student_top_n=1000, teacher_signal="cross_encoder"
+    )
 
     def run(**training: object) -> int:
         recipe["training"].update(training)
