@@ -108,3 +108,32 @@ def test_redis_broker_keys_carry_the_configured_prefix() -> None:
         if keys:
             client.delete(*keys)
         client.close()
+
+
+def test_dispatch_publishes_under_the_prefix_in_force_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A process whose settings change (the test suite, per fixture) must not reuse the app
+    # built for another prefix.
+    import random
+
+    import redis
+
+    import worker.dispatch as dispatch
+    from app.settings import get_settings
+
+    url = "redis://127.0.0.1:6379/15"
+    first, second = (f"tailor-dispatch-test-{random.randrange(16**8):08x}-{n}:" for n in (1, 2))
+    client = redis.Redis.from_url(url)
+    monkeypatch.setenv("TAILOR_BROKER_URL", url)
+    try:
+        for prefix in (first, second):
+            monkeypatch.setenv("TAILOR_BROKER_KEY_PREFIX", prefix)
+            get_settings.cache_clear()
+            dispatch.send_stage("job_dispatch", "evaluate")
+        assert client.llen(f"{first}cpu") == 1 and client.llen(f"{second}cpu") == 1
+    finally:
+        get_settings.cache_clear()
+        for prefix in (first, second):
+            keys = list(client.scan_iter(match=f"{prefix}*"))
+            if keys:
+                client.delete(*keys)
+        client.close()
