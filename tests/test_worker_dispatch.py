@@ -10,6 +10,7 @@ import pytest
 from celery import Celery
 
 from app.settings import Settings
+from tests.service_stack import REDIS_TEST_URL, flush_redis
 from worker.celery_app import STAGE_QUEUES, TASK_RUN_STAGE, configure
 
 
@@ -88,7 +89,7 @@ def test_redis_broker_keys_carry_the_configured_prefix() -> None:
     import redis
 
     prefix = f"tailor-prefix-test-{random.randrange(16**8):08x}:"
-    url = "redis://127.0.0.1:6379/15"
+    url = REDIS_TEST_URL
     client = redis.Redis.from_url(url)
     app = _app(Settings(broker_url=url, broker_key_prefix=prefix))
     try:
@@ -104,9 +105,7 @@ def test_redis_broker_keys_carry_the_configured_prefix() -> None:
             assert message.headers["task"] == TASK_RUN_STAGE
             assert message.headers["argsrepr"] == "('job_prefix', 'prepare')"
     finally:
-        keys = list(client.scan_iter(match=f"{prefix}*"))
-        if keys:
-            client.delete(*keys)
+        flush_redis(url, prefix)  # the other prefix's keys start with this one too
         client.close()
 
 
@@ -120,7 +119,7 @@ def test_dispatch_publishes_under_the_prefix_in_force_now(monkeypatch: pytest.Mo
     import worker.dispatch as dispatch
     from app.settings import get_settings
 
-    url = "redis://127.0.0.1:6379/15"
+    url = REDIS_TEST_URL
     first, second = (f"tailor-dispatch-test-{random.randrange(16**8):08x}-{n}:" for n in (1, 2))
     client = redis.Redis.from_url(url)
     monkeypatch.setenv("TAILOR_BROKER_URL", url)
@@ -133,7 +132,5 @@ def test_dispatch_publishes_under_the_prefix_in_force_now(monkeypatch: pytest.Mo
     finally:
         get_settings.cache_clear()
         for prefix in (first, second):
-            keys = list(client.scan_iter(match=f"{prefix}*"))
-            if keys:
-                client.delete(*keys)
+            flush_redis(url, prefix)
         client.close()

@@ -23,9 +23,9 @@ _IMPORTED_APP = celery_app
 
 
 @lru_cache(maxsize=8)
-def _app_for(broker_url: str, broker_dir: str, broker_key_prefix: str, visibility_timeout: int,
-             result_backend_url: str | None) -> Celery:
-    # The arguments are the cache key: every setting create_app reads from the broker's side.
+def _app_for(settings_json: str) -> Celery:
+    # Keyed by all the settings, not a hand-picked few: a broker setting added later (as the
+    # key prefix was) cannot be missed. Settings change only in tests, so few apps are built.
     return create_app(get_settings())
 
 
@@ -38,9 +38,7 @@ def _sender() -> Celery:
     """
     if celery_app is not _IMPORTED_APP:
         return celery_app
-    settings = get_settings()
-    return _app_for(settings.broker_url, str(settings.broker_dir), settings.broker_key_prefix,
-                    settings.visibility_timeout, settings.result_backend_url)
+    return _app_for(get_settings().model_dump_json())
 
 
 def send_stage(job_id: str, stage: str, task_id: str | None = None) -> str:
