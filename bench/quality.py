@@ -3,6 +3,7 @@
     python -m bench.quality [--datasets cranfield scifact-dev] [--preset default]
                             [--variants listwise infonce fused] [--out bench/results/quality.json]
     python -m bench.quality --merge A.json B.json [--out ...]   # one table from separate runs
+                                    # (datasets, or variants of one dataset run in parallel)
 
 For each dataset it runs prepare -> generate -> filter once, then distill + evaluate once per
 variant on copies of those shared stages (their fingerprints match, so they are reused, not rerun;
@@ -19,6 +20,9 @@ a variant with other candidate settings, such as fused, re-runs only filter):
                the product's default
     relabel    fused, also training on the queries the round trip dropped because the teacher
                signal preferred another passage (that passage as the positive)
+    merged     fused, its best checkpoint averaged half and half with the base model
+               (training.base_merge = 0.5, WiSE-FT); reuses fused's training when both run
+               in one process (or when fused's distill state is copied into its folder)
 
 Every model is evaluated on the dataset's own judgements, which no stage trains or selects on.
 Prints a table and writes JSON with per-stage wall times.
@@ -40,6 +44,7 @@ from ml_core.config import RecipeConfig, build_config
 from ml_core.pipeline import StageContext, run_stage, section_hash
 from ml_core.records import no_progress
 from ml_core.registry import ModelRegistry
+from ml_core.training import AFTER_TRAINING
 
 DATASETS_ROOT = Path(
     os.environ.get("TAILOR_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets")
@@ -47,14 +52,17 @@ DATASETS_ROOT = Path(
 QRELS = {"cranfield": "qrels/test.tsv", "scifact-dev": "qrels/dev.tsv"}
 # Each variant pins its settings, so a change of default does not change what a name measured.
 _CROSS_ENCODER = {"teacher_signal": "cross_encoder"}
+_FUSED = {"teacher_signal": "fused"}
+MERGE_SHARE = 0.5
 VARIANTS: dict[str, dict[str, Any]] = {
-    "listwise": {"training": {"loss": "listwise"}, "candidates": _CROSS_ENCODER},
-    "infonce": {"training": {"loss": "infonce"}, "candidates": _CROSS_ENCODER},
-    "fused": {"training": {"loss": "listwise"}, "candidates": {"teacher_signal": "fused"}},
+    "listwise": {"training": {"loss": "listwise", "base_merge": 0.0}, "candidates": _CROSS_ENCODER},
+    "infonce": {"training": {"loss": "infonce", "base_merge": 0.0}, "candidates": _CROSS_ENCODER},
+    "fused": {"training": {"loss": "listwise", "base_merge": 0.0}, "candidates": _FUSED},
     "relabel": {
-        "training": {"loss": "listwise", "relabel_disagreements": True},
-        "candidates": {"teacher_signal": "fused"},
+        "training": {"loss": "listwise", "relabel_disagreements": True, "base_merge": 0.0},
+        "candidates": _FUSED,
     },
+    "merged": {"training": {"loss": "listwise", "base_merge": MERGE_SHARE}, "candidates": _FUSED},
 }
 SHARED_STAGES = ("prepare", "generate", "filter")
 
@@ -64,6 +72,12 @@ def _config(preset: str, variant: str, overrides: dict[str, Any]) -> RecipeConfi
     for section, values in VARIANTS[variant].items():
         merged.setdefault(section, {}).update(values)
     return build_config(preset, merged)
+
+
+def _training_run_hash(config: RecipeConfig) -> str:
+    """What a distill stage's training depends on, leaving out settings applied after it."""
+    training = config.training.model_dump(mode="json", exclude=set(AFTER_TRAINING))
+    return json.dumps([training, config.seed], sort_keys=True)
 
 
 def _timed_stage(stage: str, ctx: StageContext, times: dict[str, float]) -> None:
@@ -88,6 +102,7 @@ def run_dataset(
     rows: dict[str, Any] = {}
     times: dict[str, dict[str, float]] = {}
     shared_from: dict[tuple[str, ...], Path] = {}
+    trained_in: dict[tuple[Any, ...], tuple[str, Path]] = {}
     for variant in variants:
         config = _config(preset, variant, overrides)
         workdir = workroot / name / variant
@@ -102,17 +117,30 @@ def run_dataset(
                 for stage in SHARED_STAGES[: len(key)]:
                     shutil.copytree(shared_from[key] / stage, workdir / stage, dirs_exist_ok=True)
                 break
+        # A variant that trains exactly as an earlier one and differs only in what acts after
+        # training (base_merge) starts from that run's finished training state: its distill
+        # stage re-exports without training again (ml_core.pipeline keeps a valid state).
+        run_key = (keys[-1], _training_run_hash(config))
+        reused_training = None
+        if run_key in trained_in and not (workdir / "distill").exists():
+            reused_training, source = trained_in[run_key]
+            for part in ("state", "best"):
+                shutil.copytree(source / "distill" / part, workdir / "distill" / part)
         ctx = StageContext(workdir, corpus, config, registry, queries, qrels, no_progress)
-        print(f"[{name}] {variant}", flush=True)
+        print(f"[{name}] {variant}" + (f" (training of {reused_training})"
+                                       if reused_training else ""), flush=True)
         times[variant] = {}
         for stage in ("prepare", "generate", "filter", "distill", "evaluate"):
             _timed_stage(stage, ctx, times[variant])
         for key in keys:
             shared_from.setdefault(key, workdir)
+        trained_in.setdefault(run_key, (variant, workdir))
         report = json.loads((workdir / "evaluate" / "report.json").read_text())
         rows.setdefault("base", report["base"])
         rows[variant] = report["tuned"]
         rows[variant]["recommended"] = report["recommended"]
+        if reused_training:
+            rows[variant]["training_of"] = reused_training
         rows[variant]["filter"] = json.loads((workdir / "filter" / "manifest.json").read_text())[
             "counts"
         ]
@@ -151,20 +179,42 @@ def print_table(results: dict[str, Any]) -> None:
             print(f"  teacher: re-ranks the base's top {rows['teacher'].get('depth')} on "
                   f"{rows['teacher'].get('sampled_queries')} sampled queries; 'vs base' is over "
                   f"the base on that sample ({rows['teacher'].get('student_on_sample', 0):.4f})")
+        for system, row in rows.items():
+            if row.get("training_of"):
+                print(f"  {system}: the trained checkpoint of {row['training_of']}, averaged "
+                      "with the base after training")
         for variant, stages in result["seconds"].items():
             spent = ", ".join(f"{stage} {sec:.0f}s" for stage, sec in stages.items())
             print(f"  time [{variant}]: {spent}")
 
 
+# Rows every run of a dataset measures the same way (the base model, the teacher check).
+_COMMON_ROWS = ("base", "teacher")
+
+
 def merge_results(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One result from runs of separate processes: their datasets side by side, each run's
-    settings kept under "runs". Two runs of the same dataset are an error, not a silent pick."""
+    """One result from runs of separate processes, each run's settings kept under "runs".
+
+    Datasets sit side by side. Runs of the same dataset (variants run in parallel on one work
+    folder) join when they measured different variants and agree on the common rows; a variant
+    measured twice, or a base that differs, is an error, not a silent pick."""
     merged: dict[str, Any] = {"datasets": {}, "runs": []}
     for run in runs:
         for name, result in run["datasets"].items():
-            if name in merged["datasets"]:
-                raise SystemExit(f"--merge: dataset {name!r} appears in more than one file")
-            merged["datasets"][name] = result
+            if name not in merged["datasets"]:
+                merged["datasets"][name] = json.loads(json.dumps(result))
+                continue
+            into = merged["datasets"][name]
+            for row, values in result["rows"].items():
+                if row in _COMMON_ROWS and row in into["rows"]:
+                    if into["rows"][row] != values:
+                        raise SystemExit(f"--merge: {name!r} runs disagree on the {row} row")
+                elif row in into["rows"]:
+                    raise SystemExit(f"--merge: {name!r} {row} appears in more than one file")
+                else:
+                    into["rows"][row] = values
+            for variant, stages in result["seconds"].items():
+                into["seconds"].setdefault(variant, stages)
         merged["runs"].append({key: value for key, value in run.items() if key != "datasets"})
     return merged
 

@@ -140,6 +140,11 @@ class TrainingConfig(_Section):
     # only where the teacher beats the student: SciFact dev -0.0063 -> -0.0009 nDCG@10 vs base,
     # Cranfield +0.0078 -> -0.0017 (README "Benchmarks"), so it is off by default.
     relabel_disagreements: bool = False
+    # Weight-space ensembling with the base (WiSE-FT, arXiv 2109.01903): the exported model is
+    # (1 - base_merge) x the best checkpoint + base_merge x the base model. Fine-tuning on a few
+    # hundred synthetic queries fits them (dev loss falls) while the judged score can slip;
+    # averaging with the starting point keeps part of the gain and gives back less elsewhere.
+    base_merge: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
 
     @model_validator(mode="after")
     def _micro_batch_fits(self) -> TrainingConfig:

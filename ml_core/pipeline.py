@@ -66,6 +66,11 @@ _UPSTREAM: dict[str, tuple[str, ...]] = {
     "evaluate": ("prepare", "generate", "filter", "distill"),
 }
 MANIFEST = "manifest.json"
+# Outputs a stage keeps when its inputs change, because they check their own inputs: training
+# resumes a saved state only for the same settings and data (ml_core.training), so a change of
+# what acts after training (training.AFTER_TRAINING, e.g. base_merge) re-exports without
+# training again, and any other change trains from scratch over them.
+_SELF_CHECKED: dict[str, tuple[str, ...]] = {"distill": ("state", "best", "best.old")}
 
 
 class StageError(RuntimeError):
@@ -173,7 +178,13 @@ def run_stage(stage: str, ctx: StageContext) -> StageResult:
         stage == "distill" and started_for.exists() and started_for.read_text() == fingerprint
     )
     if out.exists() and not resumable:
-        shutil.rmtree(out)
+        for child in out.iterdir():
+            if child.name in _SELF_CHECKED.get(stage, ()):
+                continue
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
     out.mkdir(parents=True, exist_ok=True)
     started_for.write_text(fingerprint)
     started = time.monotonic()
@@ -368,7 +379,7 @@ def _filter(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, Any
 
 def _distill(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     from ml_core.student import Student
-    from ml_core.training import train_student
+    from ml_core.training import CONFIG_FILE, average_with_base, train_student
 
     cfg = ctx.config
     passages = {p.id: p for p in load_passages(ctx)}
@@ -420,11 +431,24 @@ def _distill(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, An
     model_dir = out / "model"
     if model_dir.exists():
         shutil.rmtree(model_dir)
-    shutil.copytree(result.best_dir, model_dir)
+    share = cfg.training.base_merge if not result.base_is_best else 0.0
+    if share > 0:
+        ctx.progress(1.0, f"averaging the best checkpoint with the base model ({share:g} base)")
+        merged = Student.load(result.best_dir)
+        average_with_base(merged, Student.load(ctx.registry.path(cfg.student)), share)
+        merged.save(model_dir)
+    else:
+        shutil.copytree(result.best_dir, model_dir)
+    # The best checkpoint may come from a finished run reused under other after-training
+    # settings (base_merge): the exported config states the ones this model was made with.
+    record = json.loads((result.best_dir / CONFIG_FILE).read_text())
+    record["training"] = cfg.training.model_dump(mode="json")
+    (model_dir / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
     history = {
         "best_epoch": result.best_epoch,
         "steps": result.steps,
         "stopped_early": result.stopped_early,
+        "base_merge": share,
         "epochs": result.history,
     }
     (out / "history.json").write_text(json.dumps(history, indent=2))

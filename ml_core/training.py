@@ -38,6 +38,8 @@ from ml_core.student import Student, passage_text
 STATE_FILE = "checkpoint.pt"
 CONFIG_FILE = "training_config.json"
 _STATE_FORMAT = 1
+# TrainingConfig fields that act on the finished run's best checkpoint, not on training itself.
+AFTER_TRAINING: tuple[str, ...] = ("base_merge",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,11 +219,38 @@ class _Run:
         return {f"dev_{name}": value / len(examples) for name, value in totals.items()}
 
 
+def average_with_base(tuned: nn.Module, base: nn.Module, base_share: float) -> None:
+    """Move `tuned`'s floating-point weights in place to (1 - base_share) x tuned + base_share x
+    base: weight-space ensembling of a fine-tuned model with its starting point (WiSE-FT,
+    Wortsman et al. 2022, arXiv 2109.01903), which keeps what fine-tuning gained on its own data
+    while giving back less of what the base did well elsewhere. Integer buffers (position ids)
+    are left as they are. Both models must have the same architecture."""
+    if not 0.0 <= base_share <= 1.0:
+        raise ValueError(f"base_share must be in [0, 1], got {base_share}")
+    base_state = base.state_dict()
+    tuned_state = tuned.state_dict()
+    if base_state.keys() != tuned_state.keys():
+        missing = sorted(base_state.keys() ^ tuned_state.keys())[:3]
+        raise ValueError(f"cannot average models of different architectures (e.g. {missing})")
+    with torch.no_grad():
+        for name, tensor in tuned_state.items():
+            other = base_state[name]
+            if tensor.shape != other.shape:
+                raise ValueError(f"cannot average {name}: {tuple(tensor.shape)} vs "
+                                 f"{tuple(other.shape)}")
+            if tensor.is_floating_point():
+                tensor.lerp_(other.to(device=tensor.device, dtype=tensor.dtype), base_share)
+
+
 def _fingerprint(
     cfg: TrainingConfig, seed: int, train: list[TrainingExample], dev: list[TrainingExample]
 ) -> str:
-    """Identifies a run: a saved state is only resumed by the same config, seed and data."""
-    digest = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), seed]).encode())
+    """Identifies a run: a saved state is only resumed by the same config, seed and data.
+
+    Settings applied after training (AFTER_TRAINING) are left out, so changing them reuses a
+    finished run instead of training again."""
+    settings = cfg.model_dump(mode="json", exclude=set(AFTER_TRAINING))
+    digest = hashlib.sha256(json.dumps([settings, seed]).encode())
     for example in (*train, None, *dev):
         digest.update(repr(example).encode())
     return digest.hexdigest()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -30,13 +31,29 @@ def test_merge_keeps_each_dataset_and_each_runs_settings(tmp_path, capsys):
     assert "+0.0200" in printed and "+0.0100" in printed
 
 
-def test_merge_refuses_a_dataset_measured_twice():
-    with pytest.raises(SystemExit, match="cranfield"):
+def test_merge_refuses_a_variant_measured_twice():
+    with pytest.raises(SystemExit, match="'cranfield' listwise appears in more than one"):
         merge_results([_run("cranfield", 0.38, 0.39, "1"), _run("cranfield", 0.38, 0.4, "1")])
 
 
+def test_merge_joins_variants_of_one_dataset_run_in_parallel():
+    other = _run("cranfield", 0.38, 0.41, "1")
+    other["datasets"]["cranfield"]["rows"]["merged"] = (
+        other["datasets"]["cranfield"]["rows"].pop("listwise"))
+    other["datasets"]["cranfield"]["seconds"] = {"merged": {"distill": 2.0}}
+    merged = merge_results([_run("cranfield", 0.38, 0.39, "1"), other])
+    result = merged["datasets"]["cranfield"]
+    assert {row: v["ndcg@10"] for row, v in result["rows"].items()} == {
+        "base": 0.38, "listwise": 0.39, "merged": 0.41}
+    assert result["seconds"] == {"listwise": {"distill": 10.0}, "merged": {"distill": 2.0}}
+    other["datasets"]["cranfield"]["rows"]["base"]["ndcg@10"] = 0.37
+    with pytest.raises(SystemExit, match="disagree on the base row"):
+        merge_results([_run("cranfield", 0.38, 0.39, "1"), other])
+
+
 def test_variants_reuse_the_shared_stages_they_agree_on(tmp_path, capsys, model_store, monkeypatch):
-    """infonce reuses prepare/generate/filter; fused (other candidate settings) re-filters only."""
+    """infonce reuses prepare/generate/filter; fused (other candidate settings) re-filters only;
+    merged (fused + base_merge) reuses fused's training and only re-exports."""
     from bench import quality
     from ml_core.registry import ModelRegistry
     from tests.test_pipeline import DEMO, TINY_RECIPE
@@ -55,12 +72,25 @@ def test_variants_reuse_the_shared_stages_they_agree_on(tmp_path, capsys, model_
     )
     recipe = {**TINY_RECIPE, "generation": {**TINY_RECIPE["generation"], "passages": 20}}
     monkeypatch.setattr(quality, "DATASETS_ROOT", tmp_path / "data")
-    result = quality.run_dataset("cranfield", "default", ["listwise", "infonce", "fused"],
-                                 tmp_path / "work", ModelRegistry(model_store), recipe)
+    result = quality.run_dataset(
+        "cranfield", "default", ["listwise", "infonce", "fused", "merged"], tmp_path / "work",
+        ModelRegistry(model_store), recipe,
+    )
     printed = capsys.readouterr().out
-    blocks = {block.split("\n", 1)[0]: block for block in printed.split("[cranfield] ")[1:]}
+    blocks = {block.split()[0]: block for block in printed.split("[cranfield] ")[1:]}
     reused = {variant: {line.split()[0] for line in block.splitlines()[1:] if "(reused)" in line}
               for variant, block in blocks.items()}
     assert reused == {"listwise": set(), "infonce": {"prepare", "generate", "filter"},
-                      "fused": {"prepare", "generate"}}
-    assert set(result["rows"]) >= {"base", "listwise", "infonce", "fused"}
+                      "fused": {"prepare", "generate"}, "merged": {"prepare", "generate", "filter"}}
+    assert set(result["rows"]) >= {"base", "listwise", "infonce", "fused", "merged"}
+    assert blocks["merged"].startswith("merged (training of fused)")
+    assert result["rows"]["merged"]["training_of"] == "fused"
+    assert "training_of" not in result["rows"]["fused"]
+    work = tmp_path / "work" / "cranfield"
+    history = json.loads((work / "merged" / "distill" / "history.json").read_text())
+    fused_history = json.loads((work / "fused" / "distill" / "history.json").read_text())
+    assert history["epochs"] == fused_history["epochs"]
+    # Not trained again: the copied training state (copytree keeps mtimes) was never rewritten.
+    state = Path("distill") / "state" / "checkpoint.pt"
+    assert (work / "merged" / state).stat().st_mtime == (work / "fused" / state).stat().st_mtime
+    assert history["base_merge"] in (0.0, quality.MERGE_SHARE)

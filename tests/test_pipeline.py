@@ -261,3 +261,40 @@ def test_relabeled_disagreements_join_training_only_when_asked(
     (workdir / "filter" / "relabeled.jsonl").unlink()  # a filter run from before the option
     with pytest.raises(StageError, match="relabeled.jsonl"):
         run(learning_rate=1e-4)
+
+
+def test_base_merge_averages_the_best_checkpoint_without_training_again(
+    finished_run: StageContext, tmp_path: Path
+) -> None:
+    import torch
+
+    from ml_core.student import Student
+
+    workdir = tmp_path / "merge"
+    shutil.copytree(finished_run.workdir, workdir)
+    history = json.loads((workdir / "distill" / "history.json").read_text())
+    assert history["best_epoch"] > 0 and history["base_merge"] == 0.0
+    recipe = json.loads(json.dumps(TINY_RECIPE))
+    recipe["training"]["base_merge"] = 0.25
+    messages: list[str] = []
+    ctx = StageContext(
+        workdir, finished_run.corpus_path, build_config("default", recipe), finished_run.registry,
+        progress=lambda fraction, message: messages.append(message),
+    )
+    skipped = {stage: run_stage(stage, ctx).skipped for stage in STAGES}
+    assert [stage for stage, was in skipped.items() if not was] == ["distill", "evaluate"]
+    # The finished training run was reused (no optimizer step), only the export changed.
+    assert not any(" step " in message for message in messages)
+    assert any("averaging" in message for message in messages)
+    best = Student.load(workdir / "distill" / "best").state_dict()
+    base = Student.load(finished_run.registry.path("tiny-student")).state_dict()
+    merged = Student.load(workdir / "distill" / "model").state_dict()
+    changed = 0
+    for name, tensor in merged.items():
+        if tensor.is_floating_point():
+            assert torch.allclose(tensor, 0.75 * best[name] + 0.25 * base[name], atol=1e-6), name
+            changed += not torch.equal(best[name], base[name])
+    assert changed  # training moved some weights, so the average differs from both ends
+    assert json.loads((workdir / "distill" / "history.json").read_text())["base_merge"] == 0.25
+    exported = json.loads((workdir / "distill" / "model" / "training_config.json").read_text())
+    assert exported["training"]["base_merge"] == 0.25

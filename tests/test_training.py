@@ -15,6 +15,7 @@ from ml_core.config import TrainingConfig
 from ml_core.records import Passage, Query, ScoredList
 from ml_core.training import (
     STATE_FILE,
+    average_with_base,
     batch_order,
     build_examples,
     disable_dropout,
@@ -242,3 +243,30 @@ def test_an_interrupted_run_resumes_to_the_same_final_weights(
     final_b = torch.load(tmp_path / "b" / "state" / STATE_FILE, weights_only=True)["model"]
     differences = {k: (final_a[k] - final_b[k]).abs().max().item() for k in final_a}
     assert max(differences.values()) < 1e-6, differences
+
+
+def test_average_with_base_interpolates_float_weights_only(model_store: Path) -> None:
+    base, tuned = _student(model_store), _student(model_store)
+    with torch.no_grad():
+        for tensor in tuned.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.add_(1.0)
+    before = _weights(tuned)
+    base_weights = _weights(base)
+    average_with_base(tuned, base, 0.25)
+    after = _weights(tuned)
+    for name, tensor in after.items():
+        expected = 0.75 * before[name] + 0.25 * base_weights[name]
+        assert torch.allclose(tensor, expected, atol=1e-6), name
+    average_with_base(tuned, base, 1.0)
+    assert all(torch.allclose(tuned.state_dict()[n], base_weights[n], atol=1e-6) for n in after)
+    # Integer buffers (e.g. position ids in some encoders) are copied through, not averaged.
+    counted, start = nn.Linear(2, 2), nn.Linear(2, 2)
+    counted.register_buffer("ids", torch.tensor([3, 5]))
+    start.register_buffer("ids", torch.tensor([0, 0]))
+    average_with_base(counted, start, 0.5)
+    assert counted.ids.tolist() == [3, 5]
+    with pytest.raises(ValueError, match="base_share"):
+        average_with_base(tuned, base, 1.5)
+    with pytest.raises(ValueError, match="different architectures"):
+        average_with_base(tuned, nn.Linear(2, 2), 0.5)
