@@ -243,14 +243,23 @@ def average_with_base(tuned: nn.Module, base: nn.Module, base_share: float) -> N
 
 
 def _fingerprint(
-    cfg: TrainingConfig, seed: int, train: list[TrainingExample], dev: list[TrainingExample]
+    cfg: TrainingConfig,
+    seed: int,
+    train: list[TrainingExample],
+    dev: list[TrainingExample],
+    student: nn.Module,
 ) -> str:
-    """Identifies a run: a saved state is only resumed by the same config, seed and data.
+    """Identifies a run: a saved state is only resumed by the same starting weights, config,
+    seed and data.
 
     Settings applied after training (AFTER_TRAINING) are left out, so changing them reuses a
-    finished run instead of training again."""
+    finished run instead of training again. The starting weights count because a kept state
+    must never carry one student's training over to another with the same architecture."""
     settings = cfg.model_dump(mode="json", exclude=set(AFTER_TRAINING))
     digest = hashlib.sha256(json.dumps([settings, seed]).encode())
+    for name, tensor in student.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
     for example in (*train, None, *dev):
         digest.update(repr(example).encode())
     return digest.hexdigest()
@@ -313,7 +322,8 @@ def train_student(
 
     Writes out_dir/"best" (the exported student with the lowest dev loss plus
     training_config.json) and out_dir/"state"/checkpoint.pt (everything needed to resume, saved
-    at the end of every epoch; a state from another config, seed or data is ignored). Returns a
+    at the end of every epoch; a state from another starting model, config, seed or data is
+    ignored). Returns a
     TrainingResult whose history has one entry per dev evaluation: epoch (0 = base model), step,
     dev_loss, dev_kl, dev_infonce, best, and for trained epochs train_loss and learning_rate.
     `progress` gets (fraction of planned steps, message) every step and may raise to stop the
@@ -340,7 +350,7 @@ def train_student(
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     state_path = out_dir / "state" / STATE_FILE
     best_dir = out_dir / "best"
-    fingerprint = _fingerprint(cfg, seed, train, dev)
+    fingerprint = _fingerprint(cfg, seed, train, dev, student)
 
     # Progress of the run; everything here goes into the state checkpoint.
     epoch, step, history = 0, 0, []

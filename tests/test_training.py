@@ -270,3 +270,25 @@ def test_average_with_base_interpolates_float_weights_only(model_store: Path) ->
         average_with_base(tuned, base, 1.5)
     with pytest.raises(ValueError, match="different architectures"):
         average_with_base(tuned, nn.Linear(2, 2), 0.5)
+
+
+def test_a_finished_state_is_not_resumed_by_another_starting_model(
+    model_store: Path, tmp_path: Path
+) -> None:
+    train, dev = _lists()[:8], _lists()[:8]
+    train_student(_student(model_store), train, dev, _passages(), _queries(), CFG, tmp_path, 1)
+    reports: list[str] = []
+
+    def rerun(student) -> None:  # noqa: ANN001
+        reports.clear()
+        train_student(student, train, dev, _passages(), _queries(), CFG, tmp_path, 1,
+                      progress=lambda fraction, message: reports.append(message))
+
+    rerun(_student(model_store))  # the same start: the finished run is reused, no step
+    assert not any(" step " in message for message in reports)
+    other = _student(model_store)  # same architecture, other weights
+    with torch.no_grad():
+        next(iter(other.parameters())).add_(0.01)
+    rerun(other)
+    assert any("different run" in message for message in reports)
+    assert sum(" step " in message for message in reports) == 4
