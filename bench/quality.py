@@ -44,7 +44,7 @@ from ml_core.config import RecipeConfig, build_config
 from ml_core.pipeline import StageContext, run_stage, section_hash
 from ml_core.records import no_progress
 from ml_core.registry import ModelRegistry
-from ml_core.training import AFTER_TRAINING
+from ml_core.training import training_run_settings
 
 DATASETS_ROOT = Path(
     os.environ.get("TAILOR_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets")
@@ -76,8 +76,7 @@ def _config(preset: str, variant: str, overrides: dict[str, Any]) -> RecipeConfi
 
 def _training_run_hash(config: RecipeConfig) -> str:
     """What a distill stage's training depends on, leaving out settings applied after it."""
-    training = config.training.model_dump(mode="json", exclude=set(AFTER_TRAINING))
-    return json.dumps([training, config.seed], sort_keys=True)
+    return json.dumps([training_run_settings(config.training), config.seed], sort_keys=True)
 
 
 def _timed_stage(stage: str, ctx: StageContext, times: dict[str, float]) -> None:

@@ -66,10 +66,11 @@ _UPSTREAM: dict[str, tuple[str, ...]] = {
     "evaluate": ("prepare", "generate", "filter", "distill"),
 }
 MANIFEST = "manifest.json"
-# Outputs a stage keeps when its inputs change, because they check their own inputs: training
-# resumes a saved state only for the same settings and data (ml_core.training), so a change of
-# what acts after training (training.AFTER_TRAINING, e.g. base_merge) re-exports without
-# training again, and any other change trains from scratch over them.
+# Outputs a stage keeps when it runs again, because they check their own inputs: training
+# resumes a saved state only for the same starting weights, settings and data
+# (ml_core.training). So a crashed run resumes mid-way, a change of what acts after training
+# (training.AFTER_TRAINING, e.g. base_merge) re-exports without training again, and any other
+# change trains from scratch over them. The worker mirrors exactly these folders.
 _SELF_CHECKED: dict[str, tuple[str, ...]] = {"distill": ("state", "best", "best.old")}
 
 
@@ -171,13 +172,10 @@ def run_stage(stage: str, ctx: StageContext) -> StageResult:
     if manifest is not None and manifest["fingerprint"] == fingerprint:
         ctx.progress(1.0, f"{stage}: already finished, skipped")
         return StageResult(stage, True, manifest, manifest.get("metrics", {}))
-    # A half-written stage folder from a crash is discarded, except distill's training state
-    # when it was written for these same inputs: that is what lets training resume mid-run.
+    # A half-written or outdated stage folder is discarded, except what checks its own inputs
+    # (_SELF_CHECKED: distill's training state, which is what lets training resume mid-run).
     started_for = out / ".fingerprint"
-    resumable = (
-        stage == "distill" and started_for.exists() and started_for.read_text() == fingerprint
-    )
-    if out.exists() and not resumable:
+    if out.exists():
         for child in out.iterdir():
             if child.name in _SELF_CHECKED.get(stage, ()):
                 continue

@@ -242,6 +242,11 @@ def average_with_base(tuned: nn.Module, base: nn.Module, base_share: float) -> N
                 tensor.lerp_(other.to(device=tensor.device, dtype=tensor.dtype), base_share)
 
 
+def training_run_settings(cfg: TrainingConfig) -> dict[str, Any]:
+    """The settings a training run depends on: all but those applied after it (AFTER_TRAINING)."""
+    return cfg.model_dump(mode="json", exclude=set(AFTER_TRAINING))
+
+
 def _fingerprint(
     cfg: TrainingConfig,
     seed: int,
@@ -255,8 +260,7 @@ def _fingerprint(
     Settings applied after training (AFTER_TRAINING) are left out, so changing them reuses a
     finished run instead of training again. The starting weights count because a kept state
     must never carry one student's training over to another with the same architecture."""
-    settings = cfg.model_dump(mode="json", exclude=set(AFTER_TRAINING))
-    digest = hashlib.sha256(json.dumps([settings, seed]).encode())
+    digest = hashlib.sha256(json.dumps([training_run_settings(cfg), seed]).encode())
     for name, tensor in student.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
