@@ -22,7 +22,12 @@ a variant with other candidate settings, such as fused, re-runs only filter):
                signal preferred another passage (that passage as the positive)
     merged     fused, its best checkpoint averaged half and half with the base model
                (training.base_merge = 0.5, WiSE-FT); reuses fused's training when both run
-               in one process (or when fused's distill state is copied into its folder)
+               in one process (or when fused's distill state is copied into its folder).
+               The product's default recipe.
+    infonce-fused   plain contrastive fine-tuning on the default's (fused-signal) queries:
+               the default recipe with only the loss changed, checkpoint as trained
+    infonce-merged  infonce-fused averaged with the base like merged (reuses its training):
+               the default recipe with only the loss changed
 
 Every model is evaluated on the dataset's own judgements, which no stage trains or selects on.
 Prints a table and writes JSON with per-stage wall times.
@@ -36,6 +41,7 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +69,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "candidates": _FUSED,
     },
     "merged": {"training": {"loss": "listwise", "base_merge": MERGE_SHARE}, "candidates": _FUSED},
+    "infonce-fused": {"training": {"loss": "infonce", "base_merge": 0.0}, "candidates": _FUSED},
+    "infonce-merged": {
+        "training": {"loss": "infonce", "base_merge": MERGE_SHARE},
+        "candidates": _FUSED,
+    },
 }
 SHARED_STAGES = ("prepare", "generate", "filter")
 
@@ -94,8 +105,12 @@ def run_dataset(
     workroot: Path,
     registry: ModelRegistry,
     overrides: dict[str, Any],
+    on_variant: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the shared stages once and each variant's distill + evaluate; returns the rows."""
+    """Run the shared stages once and each variant's distill + evaluate; returns the rows.
+
+    `on_variant` gets the result so far after every variant, so a long run that is stopped
+    keeps the variants it finished."""
     data = DATASETS_ROOT / name
     corpus, queries, qrels = data / "corpus.jsonl", data / "queries.jsonl", data / QRELS[name]
     rows: dict[str, Any] = {}
@@ -153,6 +168,8 @@ def run_dataset(
                 student_on_sample=check["student"],
                 depth=check["depth"],
             )
+        if on_variant is not None:
+            on_variant({"rows": rows, "seconds": times})
     return {"rows": rows, "seconds": times}
 
 
@@ -162,7 +179,7 @@ def print_table(results: dict[str, Any]) -> None:
         rows = result["rows"]
         base = rows["base"]["ndcg@10"]
         print(f"\n{name}")
-        print(f"{'system':<10}{'nDCG@10':>10}{'vs base':>10}{'R@100':>10}")
+        print(f"{'system':<16}{'nDCG@10':>10}{'vs base':>10}{'R@100':>10}")
         for system in ("base", "teacher", *VARIANTS):
             if system not in rows:
                 continue
@@ -173,7 +190,7 @@ def print_table(results: dict[str, Any]) -> None:
             gain = "" if system == "base" else f"{row['ndcg@10'] - reference:+.4f}"
             recall = row.get("recall@100")
             recall_text = f"{recall:.4f}" if isinstance(recall, float) else "-"
-            print(f"{system:<10}{row['ndcg@10']:>10.4f}{gain:>10}{recall_text:>10}")
+            print(f"{system:<16}{row['ndcg@10']:>10.4f}{gain:>10}{recall_text:>10}")
         if "teacher" in rows:
             print(f"  teacher: re-ranks the base's top {rows['teacher'].get('depth')} on "
                   f"{rows['teacher'].get('sampled_queries')} sampled queries; 'vs base' is over "
@@ -272,12 +289,17 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": os.environ.get("TAILOR_TORCH_THREADS", "all"),
         "datasets": {},
     }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.datasets:
+
+        def save_partial(result: dict[str, Any], name: str = name) -> None:
+            # Partial results (finished variants) survive a later crash or a stop.
+            results["datasets"][name] = result
+            args.out.write_text(json.dumps(results, indent=2))
+
         results["datasets"][name] = run_dataset(
-            name, args.preset, args.variants, args.work, registry, overrides
+            name, args.preset, args.variants, args.work, registry, overrides, save_partial
         )
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))  # partial results survive a later crash
     results["total_seconds"] = round(time.monotonic() - started, 1)
     args.out.write_text(json.dumps(results, indent=2))
     print_table(results)

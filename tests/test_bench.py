@@ -72,10 +72,15 @@ def test_variants_reuse_the_shared_stages_they_agree_on(tmp_path, capsys, model_
     )
     recipe = {**TINY_RECIPE, "generation": {**TINY_RECIPE["generation"], "passages": 20}}
     monkeypatch.setattr(quality, "DATASETS_ROOT", tmp_path / "data")
+    saved: list[list[str]] = []
     result = quality.run_dataset(
         "cranfield", "default", ["listwise", "infonce", "fused", "merged"], tmp_path / "work",
-        ModelRegistry(model_store), recipe,
+        ModelRegistry(model_store), recipe, lambda so_far: saved.append(list(so_far["rows"])),
     )
+    # The result so far is handed over after every variant (a stopped run keeps those rows).
+    variants = ["listwise", "infonce", "fused", "merged"]
+    assert [[v for v in variants if v in rows] for rows in saved] == [
+        variants[:n] for n in range(1, 5)]
     printed = capsys.readouterr().out
     blocks = {block.split()[0]: block for block in printed.split("[cranfield] ")[1:]}
     reused = {variant: {line.split()[0] for line in block.splitlines()[1:] if "(reused)" in line}
@@ -94,3 +99,17 @@ def test_variants_reuse_the_shared_stages_they_agree_on(tmp_path, capsys, model_
     state = Path("distill") / "state" / "checkpoint.pt"
     assert (work / "merged" / state).stat().st_mtime == (work / "fused" / state).stat().st_mtime
     assert history["base_merge"] in (0.0, quality.MERGE_SHARE)
+
+
+def test_infonce_on_the_default_data_differs_from_the_default_only_in_its_loss():
+    """infonce-merged is the default recipe (merged) with the loss swapped; it reuses
+    infonce-fused's training, as merged reuses fused's."""
+    from bench.quality import _config, _training_run_hash
+
+    default, plain, averaged = (_config("default", v, {})
+                                for v in ("merged", "infonce-fused", "infonce-merged"))
+    assert averaged.training.loss == plain.training.loss == "infonce"
+    assert averaged.model_dump(exclude={"training": {"loss"}}) == default.model_dump(
+        exclude={"training": {"loss"}})
+    assert plain.training.base_merge == 0.0 < averaged.training.base_merge
+    assert _training_run_hash(plain) == _training_run_hash(averaged) != _training_run_hash(default)
