@@ -47,6 +47,8 @@ def test_the_batch_really_shares_a_cached_prefix(generator: TransformersGenerato
     assert batch["input_ids"].shape[0] == len(PASSAGES)
 
 
+# The cache is passed under the installed transformers' own name: the deprecated one warns.
+@pytest.mark.filterwarnings("error::FutureWarning")
 def test_shared_prefix_generation_equals_each_prompt_alone(
     generator: TransformersGenerator,
 ) -> None:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import random
@@ -90,6 +91,13 @@ class TransformersGenerator:
         if not getattr(self.tokenizer, "chat_template", None):
             log.warning("tokenizer has no chat template; using ChatML")
             self.tokenizer.chat_template = CHATML_TEMPLATE
+        # transformers 5 renamed the KV cache argument and output field `past_key_values` to
+        # `cache` (the old name warns, and goes in 6.0); older releases know only the old one.
+        self._cache_name = (
+            "cache"
+            if "cache" in inspect.signature(self.model.forward).parameters
+            else "past_key_values"
+        )
 
     @classmethod
     def load(
@@ -142,7 +150,7 @@ class TransformersGenerator:
             torch.manual_seed(seed)
             output = self.model.generate(
                 **batch,
-                **({"past_key_values": cache} if cache is not None else {}),
+                **({self._cache_name: cache} if cache is not None else {}),
                 max_new_tokens=max_new_tokens,
                 pad_token_id=self.tokenizer.pad_token_id,
                 stopping_criteria=[stop],
@@ -177,7 +185,7 @@ class TransformersGenerator:
             return batch, None
         prefix = torch.tensor([ids[0][:shared]], device=self.device)
         with torch.inference_mode():
-            cache = self.model(prefix, use_cache=True).past_key_values
+            cache = getattr(self.model(prefix, use_cache=True), self._cache_name)
         cache.batch_repeat_interleave(len(ids))
         suffixes = [row[shared:] for row in ids]
         width = max(len(row) for row in suffixes)
