@@ -47,6 +47,7 @@ from typing import Any
 
 from ml_core.__main__ import default_model_store
 from ml_core.config import RecipeConfig, build_config
+from ml_core.evaluation import paired_difference
 from ml_core.pipeline import StageContext, run_stage, section_hash
 from ml_core.records import no_progress
 from ml_core.registry import ModelRegistry
@@ -60,6 +61,8 @@ QRELS = {"cranfield": "qrels/test.tsv", "scifact-dev": "qrels/dev.tsv"}
 _CROSS_ENCODER = {"teacher_signal": "cross_encoder"}
 _FUSED = {"teacher_signal": "fused"}
 MERGE_SHARE = 0.5
+# The variant that is the product's default recipe: the others are compared with it.
+DEFAULT_VARIANT = "merged"
 VARIANTS: dict[str, dict[str, Any]] = {
     "listwise": {"training": {"loss": "listwise", "base_merge": 0.0}, "candidates": _CROSS_ENCODER},
     "infonce": {"training": {"loss": "infonce", "base_merge": 0.0}, "candidates": _CROSS_ENCODER},
@@ -150,9 +153,17 @@ def run_dataset(
             shared_from.setdefault(key, workdir)
         trained_in.setdefault(run_key, (variant, workdir))
         report = json.loads((workdir / "evaluate" / "report.json").read_text())
-        rows.setdefault("base", report["base"])
+        per_query = report.get("per_query") or {}
+        if "base" not in rows:
+            rows["base"] = dict(report["base"])
+            if per_query:
+                rows["base"]["per_query"] = {q: v["base"] for q, v in per_query.items()}
         rows[variant] = report["tuned"]
         rows[variant]["recommended"] = report["recommended"]
+        if per_query:
+            # Per-query nDCG@10 lets variants be compared pairwise, also across processes.
+            rows[variant]["significance"] = report["significance"]
+            rows[variant]["per_query"] = {q: v["tuned"] for q, v in per_query.items()}
         if reused_training:
             rows[variant]["training_of"] = reused_training
         rows[variant]["filter"] = json.loads((workdir / "filter" / "manifest.json").read_text())[
@@ -179,7 +190,8 @@ def print_table(results: dict[str, Any]) -> None:
         rows = result["rows"]
         base = rows["base"]["ndcg@10"]
         print(f"\n{name}")
-        print(f"{'system':<16}{'nDCG@10':>10}{'vs base':>10}{'R@100':>10}")
+        print(f"{'system':<16}{'nDCG@10':>10}{'vs base':>10}{'R@100':>10}"
+              "  vs base: 95% interval, paired p")
         for system in ("base", "teacher", *VARIANTS):
             if system not in rows:
                 continue
@@ -190,7 +202,10 @@ def print_table(results: dict[str, Any]) -> None:
             gain = "" if system == "base" else f"{row['ndcg@10'] - reference:+.4f}"
             recall = row.get("recall@100")
             recall_text = f"{recall:.4f}" if isinstance(recall, float) else "-"
-            print(f"{system:<16}{row['ndcg@10']:>10.4f}{gain:>10}{recall_text:>10}")
+            sig = row.get("significance")
+            sure = (f"  [{sig['ci95'][0]:+.4f}, {sig['ci95'][1]:+.4f}] p={sig['p_value']:.3f}"
+                    if sig else "")
+            print(f"{system:<16}{row['ndcg@10']:>10.4f}{gain:>10}{recall_text:>10}{sure}")
         if "teacher" in rows:
             print(f"  teacher: re-ranks the base's top {rows['teacher'].get('depth')} on "
                   f"{rows['teacher'].get('sampled_queries')} sampled queries; 'vs base' is over "
@@ -199,9 +214,29 @@ def print_table(results: dict[str, Any]) -> None:
             if row.get("training_of"):
                 print(f"  {system}: the trained checkpoint of {row['training_of']}, averaged "
                       "with the base after training")
+        for label, sig in result.get("comparisons", {}).items():
+            print(f"  {label}: {sig['difference']:+.4f} nDCG@10, 95% interval "
+                  f"[{sig['ci95'][0]:+.4f}, {sig['ci95'][1]:+.4f}], p={sig['p_value']:.3f} "
+                  f"({sig['better']} queries better, {sig['worse']} worse)")
         for variant, stages in result["seconds"].items():
             spent = ", ".join(f"{stage} {sec:.0f}s" for stage, sec in stages.items())
             print(f"  time [{variant}]: {spent}")
+
+
+def add_comparisons(results: dict[str, Any], reference: str = DEFAULT_VARIANT) -> None:
+    """For each dataset: `reference` minus every other trained variant, paired over the judged
+    queries (ml_core.evaluation.paired_difference), as "comparisons" {"A - B": result}."""
+    for result in results["datasets"].values():
+        rows = result["rows"]
+        if "per_query" not in rows.get(reference, {}):
+            continue
+        result["comparisons"] = {
+            f"{reference} - {other}": paired_difference(
+                rows[other]["per_query"], rows[reference]["per_query"]
+            )
+            for other in VARIANTS
+            if other != reference and "per_query" in rows.get(other, {})
+        }
 
 
 # Rows every run of a dataset measures the same way (the base model, the teacher check).
@@ -266,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.merge:
         merged = merge_results([json.loads(path.read_text()) for path in args.merge])
+        add_comparisons(merged)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(merged, indent=2))
         print_table(merged)
@@ -301,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             name, args.preset, args.variants, args.work, registry, overrides, save_partial
         )
     results["total_seconds"] = round(time.monotonic() - started, 1)
+    add_comparisons(results)
     args.out.write_text(json.dumps(results, indent=2))
     print_table(results)
     print(f"\nwrote {args.out}")

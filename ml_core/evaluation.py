@@ -29,6 +29,10 @@ ENCODE_BATCH_SIZE = 64
 TEACHER_MARGIN = 0.02
 # Under this many evaluation queries a gain is reported with a noise warning.
 FEW_QUERIES = 30
+# Paired comparisons (tuned vs base on the same queries): bootstrap and sign-flip resamples,
+# and their fixed seed, so a report is a function of its rankings.
+RESAMPLES = 10_000
+RESAMPLE_SEED = 0
 
 
 def ranking_from_scores(
@@ -111,11 +115,15 @@ def metrics_from_rankings(
     qrels: Qrels,
     k_values: Sequence[int] = (10, 100),
     query_types: Mapping[str, str] | None = None,
+    keep_per_query: bool = False,
 ) -> dict[str, Any]:
     """Mean metrics of document rankings: {"ndcg@k", "recall@k", "mrr@10", "queries"} plus
-    "per_query_type" {type: {metrics, "queries"}} when `query_types` names any type."""
+    "per_query_type" {type: {metrics, "queries"}} when `query_types` names any type, and
+    "per_query" {query id: nDCG@10} when `keep_per_query` (for paired comparisons)."""
     per_query = per_query_metrics(rankings, qrels, k_values)
     result: dict[str, Any] = {**_mean(list(per_query.values())), "queries": len(per_query)}
+    if keep_per_query:
+        result["per_query"] = {qid: row[PRIMARY] for qid, row in per_query.items()}
     if not per_query:
         result |= {f"ndcg@{k}": 0.0 for k in k_values} | {f"recall@{k}": 0.0 for k in k_values}
         result[f"mrr@{MRR_DEPTH}"] = 0.0
@@ -167,14 +175,15 @@ def evaluate_retriever(
 ) -> dict[str, Any]:
     """The student's retrieval quality on judged queries (exact search over all passages).
 
-    Returns {"ndcg@k", "recall@k" for k in k_values, "mrr@10", "queries"} and, when queries carry
-    query types, "per_query_type". Qrels name documents; chunk scores are max-pooled to them.
+    Returns {"ndcg@k", "recall@k" for k in k_values, "mrr@10", "queries", "per_query"
+    (nDCG@10 by query id)} and, when queries carry query types, "per_query_type". Qrels name
+    documents; chunk scores are max-pooled to them.
     """
     rankings = first_stage_documents(
         student, passages, queries, max(k_values), passage_vectors, batch_size
     )
     types = {q.id: q.query_type for q in queries}
-    return metrics_from_rankings(rankings, qrels, k_values, types)
+    return metrics_from_rankings(rankings, qrels, k_values, types, keep_per_query=True)
 
 
 def first_stage_documents(
@@ -282,6 +291,49 @@ def teacher_check(
     }
 
 
+def paired_difference(
+    base: Mapping[str, float],
+    tuned: Mapping[str, float],
+    resamples: int = RESAMPLES,
+    seed: int = RESAMPLE_SEED,
+) -> dict[str, Any]:
+    """How sure is a difference between two systems scored on the same queries?
+
+    `base` and `tuned` map query id -> score (e.g. nDCG@10); only queries in both count.
+    Returns {"queries", "difference" (mean of tuned - base), "ci95" [low, high] (percentile
+    bootstrap over queries), "p_value" (two-sided paired randomization test: each query's
+    difference keeps or flips its sign), "better", "worse", "same" (query counts)}. With no
+    shared queries the difference is 0 with an interval [0, 0] and p 1.
+    """
+    shared = sorted(set(base) & set(tuned))
+    diff = np.array([float(tuned[q]) - float(base[q]) for q in shared], dtype=np.float64)
+    counts = {
+        "better": int((diff > 1e-12).sum()),
+        "worse": int((diff < -1e-12).sum()),
+        "same": int((np.abs(diff) <= 1e-12).sum()),
+    }
+    if not len(diff):
+        return {"queries": 0, "difference": 0.0, "ci95": [0.0, 0.0], "p_value": 1.0, **counts}
+    rng = np.random.default_rng(seed)
+    observed = float(diff.mean())
+    # Chunks of resamples keep memory at ~chunk x queries whatever the query count.
+    boot, flipped, chunk = [], [], max(1, 4_000_000 // len(diff))
+    for start in range(0, resamples, chunk):
+        n = min(chunk, resamples - start)
+        boot.append(diff[rng.integers(0, len(diff), size=(n, len(diff)))].mean(axis=1))
+        signs = rng.integers(0, 2, size=(n, len(diff))) * 2 - 1
+        flipped.append((signs * diff).mean(axis=1))
+    low, high = np.percentile(np.concatenate(boot), [2.5, 97.5])
+    extreme = int((np.abs(np.concatenate(flipped)) >= abs(observed) - 1e-12).sum())
+    return {
+        "queries": len(diff),
+        "difference": observed,
+        "ci95": [float(low), float(high)],
+        "p_value": (extreme + 1) / (resamples + 1),
+        **counts,
+    }
+
+
 def _numeric_gain(base: Mapping[str, Any], tuned: Mapping[str, Any]) -> dict[str, float]:
     numeric = (int, float)
     return {
@@ -313,11 +365,15 @@ def build_report(
     """The evaluate stage's report.json body (docs/contracts.md).
 
     Returns {"base", "tuned", "gain", "recommended", "warnings", "per_query_type",
-    "teacher_check", "judgements"}. "tuned" is recommended only when its nDCG@10 gain exceeds
-    cfg.min_gain; the customer is never silently left with a worse model.
+    "teacher_check", "judgements"} and, when both carry "per_query" scores, "significance"
+    (paired_difference of nDCG@10: interval and p-value of the gain) and "per_query"
+    {query id: {"base", "tuned"}}. "tuned" is recommended only when its nDCG@10 gain exceeds
+    cfg.min_gain; the customer is never silently left with a worse model, and a gain whose
+    interval includes 0 is reported as within noise.
     """
-    base_summary = {k: v for k, v in base.items() if k != "per_query_type"}
-    tuned_summary = {k: v for k, v in tuned.items() if k != "per_query_type"}
+    detail = ("per_query_type", "per_query")
+    base_summary = {k: v for k, v in base.items() if k not in detail}
+    tuned_summary = {k: v for k, v in tuned.items() if k not in detail}
     gain = _numeric_gain(base_summary, tuned_summary)
     primary_gain = gain.get(PRIMARY, 0.0)
     recommended = "tuned" if primary_gain > cfg.min_gain else "base"
@@ -336,6 +392,22 @@ def build_report(
         warnings.append(
             f"only {n_queries} evaluation queries: the measured difference is noisy"
         )
+    significance = None
+    per_query = None
+    if base.get("per_query") is not None and tuned.get("per_query") is not None:
+        significance = {"metric": PRIMARY,
+                        **paired_difference(base["per_query"], tuned["per_query"])}
+        low, high = significance["ci95"]
+        if low <= 0.0 <= high and primary_gain != 0:
+            warnings.append(
+                f"the nDCG@10 difference ({primary_gain:+.4f}) is within noise: its 95% "
+                f"interval [{low:+.4f}, {high:+.4f}] over {significance['queries']} queries "
+                "includes 0"
+            )
+        per_query = {
+            qid: {"base": base["per_query"][qid], "tuned": tuned["per_query"][qid]}
+            for qid in sorted(set(base["per_query"]) & set(tuned["per_query"]))
+        }
     if judgements == "synthetic":
         warnings.append(
             "no customer judgements: scores are on held-out synthetic queries, which favour "
@@ -360,7 +432,7 @@ def build_report(
             "measured on queries the teacher's round-trip filter kept; the filter stage's "
             "teacher_check (before filtering) is the unbiased comparison"
         )
-    return {
+    report: dict[str, Any] = {
         "base": base_summary,
         "tuned": tuned_summary,
         "gain": gain,
@@ -370,3 +442,7 @@ def build_report(
         "teacher_check": check,
         "judgements": judgements,
     }
+    if significance is not None:
+        report["significance"] = significance
+        report["per_query"] = per_query
+    return report

@@ -8,7 +8,8 @@ METRICS = ("ndcg@10", "recall@100", "mrr@10")
 
 
 def report_lines(report: dict[str, Any]) -> list[str]:
-    """Lines of text: which judgements, base / tuned / gain per metric, recommendation, warnings."""
+    """Lines of text: which judgements, base / tuned / gain per metric, how sure the gain is
+    (when the report has it), recommendation, warnings."""
     metrics = [m for m in METRICS if m in report["base"]]
     queries = report["base"].get("queries", "?")
     lines = [f"evaluation on {report['judgements']} judgements ({queries} queries)"]
@@ -16,6 +17,14 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     for row in ("base", "tuned"):
         lines.append(f"{row:<10}" + "".join(f"{report[row][m]:>12.4f}" for m in metrics))
     lines.append(f"{'gain':<10}" + "".join(f"{report['gain'][m]:>+12.4f}" for m in metrics))
+    sig = report.get("significance")
+    if sig:
+        low, high = sig["ci95"]
+        lines.append(
+            f"{sig['metric']} gain: 95% interval [{low:+.4f}, {high:+.4f}], p = "
+            f"{sig['p_value']:.3f} (paired over {sig['queries']} queries: {sig['better']} "
+            f"better, {sig['worse']} worse)"
+        )
     lines.append(f"recommended: {report['recommended']}")
     lines.extend(f"warning: {warning}" for warning in report.get("warnings", []))
     return lines

@@ -90,6 +90,10 @@ def test_variants_reuse_the_shared_stages_they_agree_on(tmp_path, capsys, model_
     assert set(result["rows"]) >= {"base", "listwise", "infonce", "fused", "merged"}
     assert blocks["merged"].startswith("merged (training of fused)")
     assert result["rows"]["merged"]["training_of"] == "fused"
+    # Every row carries its per-query nDCG@10 (pairwise comparisons) and its gain's interval.
+    assert set(result["rows"]["merged"]["per_query"]) == {"q0", "q1", "q2"}
+    assert result["rows"]["merged"]["significance"]["queries"] == 3
+    assert set(result["rows"]["base"]["per_query"]) == {"q0", "q1", "q2"}
     assert "training_of" not in result["rows"]["fused"]
     work = tmp_path / "work" / "cranfield"
     history = json.loads((work / "merged" / "distill" / "history.json").read_text())
@@ -113,3 +117,24 @@ def test_infonce_on_the_default_data_differs_from_the_default_only_in_its_loss()
         exclude={"training": {"loss"}})
     assert plain.training.base_merge == 0.0 < averaged.training.base_merge
     assert _training_run_hash(plain) == _training_run_hash(averaged) != _training_run_hash(default)
+
+
+def test_merged_runs_compare_the_default_with_each_variant_pairwise(tmp_path, capsys):
+    default = _run("cranfield", 0.38, 0.0, "1")
+    rows = default["datasets"]["cranfield"]["rows"]
+    rows["merged"] = {"ndcg@10": 0.42, "per_query": {"a": 0.5, "b": 0.5, "c": 0.26}}
+    del rows["listwise"]
+    default["datasets"]["cranfield"]["seconds"] = {"merged": {"distill": 2.0}}
+    other = _run("cranfield", 0.38, 0.0, "1")
+    rows = other["datasets"]["cranfield"]["rows"]
+    rows["infonce-merged"] = {"ndcg@10": 0.41, "per_query": {"a": 0.4, "b": 0.4, "c": 0.43}}
+    del rows["listwise"]
+    first, second, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "m.json"
+    first.write_text(json.dumps(default))
+    second.write_text(json.dumps(other))
+    assert main(["--merge", str(first), str(second), "--out", str(out)]) == 0
+    comparisons = json.loads(out.read_text())["datasets"]["cranfield"]["comparisons"]
+    result = comparisons["merged - infonce-merged"]
+    assert result["difference"] == pytest.approx(0.01)
+    assert (result["better"], result["worse"], result["queries"]) == (2, 1, 3)
+    assert "merged - infonce-merged: +0.0100 nDCG@10" in capsys.readouterr().out

@@ -12,6 +12,7 @@ from ml_core.evaluation import (
     build_report,
     evaluate_retriever,
     metrics_from_rankings,
+    paired_difference,
     pool_to_documents,
     ranking_from_scores,
     rerank_metrics,
@@ -103,6 +104,8 @@ def test_evaluate_retriever_scores_documents_by_their_best_chunk_and_by_type() -
     assert metrics["per_query_type"]["questions"]["mrr@10"] == pytest.approx(0.5)
     assert metrics["mrr@10"] == pytest.approx(0.75)
     assert metrics["recall@100"] == pytest.approx(1.0)
+    # Per-query nDCG@10 is kept for paired comparisons: q2's relevant doc3 is second.
+    assert metrics["per_query"] == pytest.approx({"q1": 1.0, "q2": 1 / math.log2(3)})
 
 
 class OracleTeacher:
@@ -180,3 +183,61 @@ def test_report_warns_when_tuned_is_worse_and_teacher_is_no_better() -> None:
     assert report["per_query_type"]["questions"]["gain"]["ndcg@10"] == pytest.approx(-0.1)
     assert "per_query_type" not in report["base"]
     assert "round-trip" in report["teacher_check"]["caveat"]  # synthetic rerank check is biased
+
+
+def test_paired_difference_matches_the_exact_randomization_test() -> None:
+    # Three queries each better by 1: of the 8 equally likely sign patterns, 2 (all kept, all
+    # flipped) are as extreme as the observed mean, so the exact two-sided p is 0.25.
+    result = paired_difference({"a": 0, "b": 0, "c": 0, "x": 5}, {"a": 1, "b": 1, "c": 1})
+    assert result["queries"] == 3  # "x" has no tuned score: unpaired, left out
+    assert result["difference"] == pytest.approx(1.0)
+    assert result["p_value"] == pytest.approx(0.25, abs=0.015)
+    assert result["ci95"] == pytest.approx([1.0, 1.0])
+    assert (result["better"], result["worse"], result["same"]) == (3, 0, 0)
+    assert paired_difference({"a": 0, "b": 0, "c": 0}, {"a": 1, "b": 1, "c": 1}) == {
+        k: v for k, v in result.items()}  # fixed seed: the same answer every time
+
+
+def test_paired_difference_separates_a_consistent_gain_from_noise() -> None:
+    rng = np.random.default_rng(7)
+    base = {f"q{i}": float(v) for i, v in enumerate(rng.uniform(0.2, 0.8, 200))}
+    consistent = {q: v + 0.02 + rng.normal(0, 0.01) for q, v in base.items()}
+    # Half the queries +0.2, half -0.2 (plus 0.001): a mean gain of 0.001 that is pure noise.
+    noise = {q: v + (0.201 if i % 2 else -0.199) for i, (q, v) in enumerate(base.items())}
+
+    sure = paired_difference(base, consistent)
+    assert sure["p_value"] < 0.001
+    assert 0.0 < sure["ci95"][0] < sure["difference"] < sure["ci95"][1]
+
+    unsure = paired_difference(base, noise)
+    assert unsure["ci95"][0] < 0.0 < unsure["ci95"][1]
+    assert unsure["p_value"] > 0.05
+    tie = paired_difference({"a": 0.5, "b": 0.2}, {"a": 0.6, "b": 0.1})
+    assert tie["difference"] == pytest.approx(0.0) and tie["p_value"] == pytest.approx(1.0)
+
+
+def test_report_says_how_sure_the_gain_is() -> None:
+    from ml_core.report import report_lines
+
+    check = {"method": "judged_rerank", "queries": 50, "teacher": 0.6, "student": 0.4}
+    base_scores = {f"q{i}": 0.4 + 0.01 * (i % 5) for i in range(60)}
+    lifted = {q: v + 0.05 for q, v in base_scores.items()}
+    wobbly = {q: v + (0.3 if i % 2 else -0.29) for i, (q, v) in enumerate(base_scores.items())}
+    base = {**_metrics(0.42, 60), "per_query": base_scores}
+
+    clear = build_report(base, {**_metrics(0.47, 60), "per_query": lifted}, check,
+                         EvaluationConfig(), "customer")
+    assert clear["significance"]["ci95"] == pytest.approx([0.05, 0.05])
+    assert clear["significance"]["metric"] == "ndcg@10"
+    assert clear["warnings"] == []
+    assert clear["per_query"]["q3"] == pytest.approx({"base": 0.43, "tuned": 0.48})
+    assert "per_query" not in clear["base"] and "per_query" not in clear["tuned"]
+    assert any("95% interval [+0.0500, +0.0500]" in line for line in report_lines(clear))
+
+    noisy = build_report(base, {**_metrics(0.425, 60), "per_query": wobbly}, check,
+                         EvaluationConfig(), "customer")
+    assert noisy["recommended"] == "tuned"  # above min_gain; the warning says it is not sure
+    assert any("within noise" in w and "includes 0" in w for w in noisy["warnings"])
+    # Without per-query scores (an older report) there is no significance, and no warning.
+    assert "significance" not in build_report(_metrics(0.40), _metrics(0.45), check,
+                                              EvaluationConfig(), "customer")
