@@ -422,5 +422,9 @@ def run_full_loop(stack: ServiceStack, corpus: Path, tmp: Path, timeout: float =
         assert model.json()["recommended"] == (done["recommended"] == "tuned")
         report = client.get(f"/v1/jobs/{job['id']}/report")
         assert report.status_code == 200 and report.json()["recommended"] == done["recommended"]
+        # How sure the gain is: in the job's metrics, from the report's per-query scores.
+        per_query = report.json()["per_query"]
+        assert done["metrics"]["significance"] == report.json()["significance"]
+        assert per_query and done["metrics"]["significance"]["queries"] == len(per_query)
         download_and_compare(client, done["model_id"], tmp)
         return job["id"]

@@ -701,6 +701,7 @@ class StageRun:
                 "base",
                 "tuned",
                 "gain",
+                "significance",
                 "warnings",
                 "per_query_type",
                 "teacher_check",
