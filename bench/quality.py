@@ -239,6 +239,10 @@ def add_comparisons(results: dict[str, Any], reference: str = DEFAULT_VARIANT) -
         }
 
 
+def _without_per_query(row: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in row.items() if key != "per_query"}
+
+
 # Rows every run of a dataset measures the same way (the base model, the teacher check).
 _COMMON_ROWS = ("base", "teacher")
 
@@ -258,8 +262,12 @@ def merge_results(runs: list[dict[str, Any]]) -> dict[str, Any]:
             into = merged["datasets"][name]
             for row, values in result["rows"].items():
                 if row in _COMMON_ROWS and row in into["rows"]:
-                    if into["rows"][row] != values:
+                    # Per-query scores are a detail runs before they existed lack.
+                    kept = into["rows"][row]
+                    if _without_per_query(kept) != _without_per_query(values):
                         raise SystemExit(f"--merge: {name!r} runs disagree on the {row} row")
+                    if "per_query" in values:
+                        kept["per_query"] = values["per_query"]
                 elif row in into["rows"]:
                     raise SystemExit(f"--merge: {name!r} {row} appears in more than one file")
                 else:

@@ -137,4 +137,9 @@ def test_merged_runs_compare_the_default_with_each_variant_pairwise(tmp_path, ca
     result = comparisons["merged - infonce-merged"]
     assert result["difference"] == pytest.approx(0.01)
     assert (result["better"], result["worse"], result["queries"]) == (2, 1, 3)
+    # A run from before per-query scores still joins one that has them.
+    older = _run("cranfield", 0.38, 0.40, "1")
+    default["datasets"]["cranfield"]["rows"]["base"]["per_query"] = {"a": 0.4}
+    joined = merge_results([older, default])["datasets"]["cranfield"]["rows"]
+    assert joined["base"]["per_query"] == {"a": 0.4} and "listwise" in joined
     assert "merged - infonce-merged: +0.0100 nDCG@10" in capsys.readouterr().out
