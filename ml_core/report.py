@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 METRICS = ("ndcg@10", "recall@100", "mrr@10")
+# How the metrics are spelled for people (the report's keys stay lower case).
+DISPLAY = {"ndcg@10": "nDCG@10", "recall@100": "Recall@100", "mrr@10": "MRR@10"}
 
 
 def report_lines(report: dict[str, Any]) -> list[str]:
@@ -13,7 +15,7 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     metrics = [m for m in METRICS if m in report["base"]]
     queries = report["base"].get("queries", "?")
     lines = [f"evaluation on {report['judgements']} judgements ({queries} queries)"]
-    lines.append(f"{'model':<10}" + "".join(f"{m:>12}" for m in metrics))
+    lines.append(f"{'model':<10}" + "".join(f"{DISPLAY[m]:>12}" for m in metrics))
     for row in ("base", "tuned"):
         lines.append(f"{row:<10}" + "".join(f"{report[row][m]:>12.4f}" for m in metrics))
     lines.append(f"{'gain':<10}" + "".join(f"{report['gain'][m]:>+12.4f}" for m in metrics))
@@ -21,7 +23,7 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     if sig:
         low, high = sig["ci95"]
         lines.append(
-            f"{sig['metric']} gain: 95% interval [{low:+.4f}, {high:+.4f}], p = "
+            f"{DISPLAY.get(sig['metric'], sig['metric'])} gain: 95% interval [{low:+.4f}, {high:+.4f}], p = "
             f"{sig['p_value']:.3f} (paired over {sig['queries']} queries: {sig['better']} "
             f"better, {sig['worse']} worse)"
         )

@@ -232,7 +232,9 @@ def test_report_says_how_sure_the_gain_is() -> None:
     assert clear["warnings"] == []
     assert clear["per_query"]["q3"] == pytest.approx({"base": 0.43, "tuned": 0.48})
     assert "per_query" not in clear["base"] and "per_query" not in clear["tuned"]
-    assert any("95% interval [+0.0500, +0.0500]" in line for line in report_lines(clear))
+    assert any(line.startswith("nDCG@10 gain: 95% interval [+0.0500, +0.0500]")
+               for line in report_lines(clear))
+    assert "nDCG@10" in report_lines(clear)[1]  # the header spells the metrics for people
 
     noisy = build_report(base, {**_metrics(0.425, 60), "per_query": wobbly}, check,
                          EvaluationConfig(), "customer")
