@@ -28,6 +28,9 @@ a variant with other candidate settings, such as fused, re-runs only filter):
                the default recipe with only the loss changed, checkpoint as trained
     infonce-merged  infonce-fused averaged with the base like merged (reuses its training):
                the default recipe with only the loss changed
+    sharp      fused at teacher temperature 0.05 (the default's 0.1; the paper's 0.3), the
+               checkpoint as trained; sharp-merged is it averaged with the base like merged
+    relabel-merged  relabel averaged with the base like merged
 
 Every model is evaluated on the dataset's own judgements, which no stage trains or selects on.
 Prints a table and writes JSON with per-stage wall times.
@@ -75,6 +78,22 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "infonce-fused": {"training": {"loss": "infonce", "base_merge": 0.0}, "candidates": _FUSED},
     "infonce-merged": {
         "training": {"loss": "infonce", "base_merge": MERGE_SHARE},
+        "candidates": _FUSED,
+    },
+    "sharp": {
+        "training": {"loss": "listwise", "base_merge": 0.0, "kl_teacher_temperature": 0.05},
+        "candidates": _FUSED,
+    },
+    "sharp-merged": {
+        "training": {
+            "loss": "listwise",
+            "base_merge": MERGE_SHARE,
+            "kl_teacher_temperature": 0.05,
+        },
+        "candidates": _FUSED,
+    },
+    "relabel-merged": {
+        "training": {"loss": "listwise", "relabel_disagreements": True, "base_merge": MERGE_SHARE},
         "candidates": _FUSED,
     },
 }
@@ -212,8 +231,12 @@ def print_table(results: dict[str, Any]) -> None:
                   f"the base on that sample ({rows['teacher'].get('student_on_sample', 0):.4f})")
         for system, row in rows.items():
             if row.get("training_of"):
-                print(f"  {system}: the trained checkpoint of {row['training_of']}, averaged "
-                      "with the base after training")
+                # Either side of a shared training may be the averaged one: say which this is.
+                share = VARIANTS.get(system, {}).get("training", {}).get("base_merge", 0.0)
+                how = (f"averaged with the base ({share})" if share
+                       else "as trained, not averaged")
+                print(f"  {system}: reuses the training of {row['training_of']}; its "
+                      f"checkpoint {how}")
         for label, sig in result.get("comparisons", {}).items():
             print(f"  {label}: {sig['difference']:+.4f} nDCG@10, 95% interval "
                   f"[{sig['ci95'][0]:+.4f}, {sig['ci95'][1]:+.4f}], p={sig['p_value']:.3f} "

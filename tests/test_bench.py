@@ -143,3 +143,19 @@ def test_merged_runs_compare_the_default_with_each_variant_pairwise(tmp_path, ca
     joined = merge_results([older, default])["datasets"]["cranfield"]["rows"]
     assert joined["base"]["per_query"] == {"a": 0.4} and "listwise" in joined
     assert "merged - infonce-merged: +0.0100 nDCG@10" in capsys.readouterr().out
+
+
+def test_the_table_says_which_side_of_a_shared_training_was_averaged(capsys):
+    """sharp reuses sharp-merged's training (or the other way round): one is as trained, the
+    other averaged, and the note under the table must not call both averaged."""
+    from bench.quality import print_table
+
+    rows = {"base": {"ndcg@10": 0.38},
+            "sharp-merged": {"ndcg@10": 0.39},
+            "sharp": {"ndcg@10": 0.37, "training_of": "sharp-merged"},
+            "merged": {"ndcg@10": 0.40, "training_of": "fused"}}
+    print_table({"datasets": {"cranfield": {"rows": rows, "seconds": {}}}})
+    out = capsys.readouterr().out
+    assert "sharp: reuses the training of sharp-merged; its checkpoint as trained" in out
+    assert "merged: reuses the training of fused; its checkpoint averaged with the base (0.5)" \
+        in out
