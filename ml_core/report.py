@@ -22,8 +22,9 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     sig = report.get("significance")
     if sig:
         low, high = sig["ci95"]
+        metric = DISPLAY.get(sig["metric"], sig["metric"])
         lines.append(
-            f"{DISPLAY.get(sig['metric'], sig['metric'])} gain: 95% interval [{low:+.4f}, {high:+.4f}], p = "
+            f"{metric} gain: 95% interval [{low:+.4f}, {high:+.4f}], p = "
             f"{sig['p_value']:.3f} (paired over {sig['queries']} queries: {sig['better']} "
             f"better, {sig['worse']} worse)"
         )

@@ -106,12 +106,14 @@ def test_variants_reuse_the_shared_stages_they_agree_on(tmp_path, capsys, model_
 
 
 def test_infonce_on_the_default_data_differs_from_the_default_only_in_its_loss():
-    """infonce-merged is the default recipe (merged) with the loss swapped; it reuses
-    infonce-fused's training, as merged reuses fused's."""
-    from bench.quality import _config, _training_run_hash
+    """infonce-merged is the default recipe with the loss swapped; it reuses infonce-fused's
+    training, as merged reuses fused's. The bench's default variant is the product's default."""
+    from bench.quality import DEFAULT_VARIANT, _config, _training_run_hash
+    from ml_core.config import build_config
 
     default, plain, averaged = (_config("default", v, {})
-                                for v in ("merged", "infonce-fused", "infonce-merged"))
+                                for v in (DEFAULT_VARIANT, "infonce-fused", "infonce-merged"))
+    assert default == build_config("default", {})
     assert averaged.training.loss == plain.training.loss == "infonce"
     assert averaged.model_dump(exclude={"training": {"loss"}}) == default.model_dump(
         exclude={"training": {"loss"}})
@@ -122,9 +124,9 @@ def test_infonce_on_the_default_data_differs_from_the_default_only_in_its_loss()
 def test_merged_runs_compare_the_default_with_each_variant_pairwise(tmp_path, capsys):
     default = _run("cranfield", 0.38, 0.0, "1")
     rows = default["datasets"]["cranfield"]["rows"]
-    rows["merged"] = {"ndcg@10": 0.42, "per_query": {"a": 0.5, "b": 0.5, "c": 0.26}}
+    rows["sharp-merged"] = {"ndcg@10": 0.42, "per_query": {"a": 0.5, "b": 0.5, "c": 0.26}}
     del rows["listwise"]
-    default["datasets"]["cranfield"]["seconds"] = {"merged": {"distill": 2.0}}
+    default["datasets"]["cranfield"]["seconds"] = {"sharp-merged": {"distill": 2.0}}
     other = _run("cranfield", 0.38, 0.0, "1")
     rows = other["datasets"]["cranfield"]["rows"]
     rows["infonce-merged"] = {"ndcg@10": 0.41, "per_query": {"a": 0.4, "b": 0.4, "c": 0.43}}
@@ -134,7 +136,7 @@ def test_merged_runs_compare_the_default_with_each_variant_pairwise(tmp_path, ca
     second.write_text(json.dumps(other))
     assert main(["--merge", str(first), str(second), "--out", str(out)]) == 0
     comparisons = json.loads(out.read_text())["datasets"]["cranfield"]["comparisons"]
-    result = comparisons["merged - infonce-merged"]
+    result = comparisons["sharp-merged - infonce-merged"]
     assert result["difference"] == pytest.approx(0.01)
     assert (result["better"], result["worse"], result["queries"]) == (2, 1, 3)
     # A run from before per-query scores still joins one that has them.
@@ -142,7 +144,7 @@ def test_merged_runs_compare_the_default_with_each_variant_pairwise(tmp_path, ca
     default["datasets"]["cranfield"]["rows"]["base"]["per_query"] = {"a": 0.4}
     joined = merge_results([older, default])["datasets"]["cranfield"]["rows"]
     assert joined["base"]["per_query"] == {"a": 0.4} and "listwise" in joined
-    assert "merged - infonce-merged: +0.0100 nDCG@10" in capsys.readouterr().out
+    assert "sharp-merged - infonce-merged: +0.0100 nDCG@10" in capsys.readouterr().out
 
 
 def test_the_table_says_which_side_of_a_shared_training_was_averaged(capsys):
