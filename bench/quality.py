@@ -32,6 +32,7 @@ a variant with other candidate settings, such as fused, re-runs only filter):
     sharp      fused at teacher temperature 0.05 (the variants above: 0.1; the paper's 0.3),
                the checkpoint as trained
     sharp-merged  sharp averaged with the base like merged: the product's default recipe
+    sharper-merged  sharp-merged at teacher temperature 0.03
     relabel-merged  relabel averaged with the base like merged (teacher temperature 0.1)
 
 Every model is evaluated on the dataset's own judgements, which no stage trains or selects on.
@@ -93,6 +94,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
                        "candidates": _FUSED},
     "sharp": {"training": _listwise(0.0, **_T_SHARP), "candidates": _FUSED},
     "sharp-merged": {"training": _listwise(MERGE_SHARE, **_T_SHARP), "candidates": _FUSED},
+    "sharper-merged": {"training": _listwise(MERGE_SHARE, kl_teacher_temperature=0.03),
+                       "candidates": _FUSED},
     "relabel-merged": {"training": _listwise(MERGE_SHARE, relabel_disagreements=True, **_T_WARM),
                        "candidates": _FUSED},
 }
