@@ -24,7 +24,7 @@ a variant with other candidate settings, such as fused, re-runs only filter):
     merged     fused, its best checkpoint averaged half and half with the base model
                (training.base_merge = 0.5, WiSE-FT); reuses fused's training when both run
                in one process (or when fused's distill state is copied into its folder).
-               The product's default recipe until 2026-12-01.
+               The product's default recipe until b034a2d.
     infonce-fused   plain contrastive fine-tuning on the default's (fused-signal) queries:
                the default recipe with only the loss changed, checkpoint as trained
     infonce-merged  infonce-fused averaged with the base like merged (reuses its training):
@@ -68,7 +68,7 @@ _CROSS_ENCODER = {"teacher_signal": "cross_encoder"}
 _FUSED = {"teacher_signal": "fused"}
 MERGE_SHARE = 0.5
 # Teacher temperatures: the one every variant before sharp was measured at (the default until
-# 2026-12-01), and the default since. The InfoNCE loss has no teacher in it, so its variants
+# b034a2d), and the default since. The InfoNCE loss has no teacher in it, so its variants
 # carry the default's only to stay "the default with only the loss changed".
 _T_WARM = {"kl_teacher_temperature": 0.1}
 _T_SHARP = {"kl_teacher_temperature": 0.05}
