@@ -121,6 +121,35 @@ def test_infonce_on_the_default_data_differs_from_the_default_only_in_its_loss()
     assert _training_run_hash(plain) == _training_run_hash(averaged) != _training_run_hash(default)
 
 
+def test_the_more_data_variant_is_sharp_merged_on_a_larger_passage_sample():
+    """p240-merged changes only the passage sample; p240 is its training as trained; the
+    other variants take the default's sample (what they were measured on), so tests shrink it."""
+    from bench.quality import VARIANTS, _config, _training_run_hash
+
+    sharp, larger, as_trained = (_config("default", v, {})
+                                 for v in ("sharp-merged", "p240-merged", "p240"))
+    assert larger.generation.passages == 240 > sharp.generation.passages == 160
+    assert larger.model_dump(exclude={"generation": {"passages"}}) == sharp.model_dump(
+        exclude={"generation": {"passages"}})
+    assert _training_run_hash(larger) == _training_run_hash(as_trained)
+    assert as_trained.training.base_merge == 0.0 < larger.training.base_merge
+    assert all("generation" not in VARIANTS[v] for v in VARIANTS if not v.startswith("p240"))
+
+
+def test_set_overrides_reach_sections_and_the_seed():
+    """A replication under another seed is `--set seed=1`; section settings keep working."""
+    from bench.quality import _config, parse_overrides
+
+    overrides = parse_overrides(["seed=1", "training.patience=3"])
+    assert overrides == {"seed": 1, "training": {"patience": 3}}
+    config = _config("default", "p240", overrides)
+    assert (config.seed, config.generation.passages, config.training.patience) == (1, 240, 3)
+    # A setting the variant pins is refused, not silently overridden either way.
+    with pytest.raises(ValueError, match="generation.passages conflicts with variant 'p240'"):
+        _config("default", "p240", parse_overrides(["generation.passages=300"]))
+    assert _config("default", "p240", parse_overrides(["generation.passages=240"]))
+
+
 def test_merged_runs_compare_the_default_with_each_variant_pairwise(tmp_path, capsys):
     default = _run("cranfield", 0.38, 0.0, "1")
     rows = default["datasets"]["cranfield"]["rows"]
