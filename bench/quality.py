@@ -326,12 +326,18 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     """--set items ("generation.passages=300", "seed=1"; values are JSON) as nested overrides."""
     overrides: dict[str, Any] = {}
     for item in items:
-        dotted, value = item.split("=", 1)
+        dotted, sign, text = item.partition("=")
+        try:
+            if not (sign and dotted):
+                raise ValueError("expected [SECTION.]KEY=JSON")
+            value = json.loads(text)
+        except ValueError as exc:  # JSONDecodeError is one
+            raise ValueError(f"--set {item!r}: {exc} (strings are JSON: key='\"text\"')") from exc
         if "." in dotted:  # a section's setting
             section, key = dotted.split(".", 1)
-            overrides.setdefault(section, {})[key] = json.loads(value)
+            overrides.setdefault(section, {})[key] = value
         else:  # a top-level one: seed
-            overrides[dotted] = json.loads(value)
+            overrides[dotted] = value
     return overrides
 
 
@@ -376,12 +382,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    overrides = parse_overrides(args.set)
-    for variant in args.variants:  # refuse a conflicting --set before any stage runs
-        try:
+    try:  # refuse a malformed or conflicting --set before any stage runs
+        overrides = parse_overrides(args.set)
+        for variant in args.variants:
             _config(args.preset, variant, overrides)
-        except (ValueError, KeyError) as exc:
-            parser.error(str(exc))
+    except (ValueError, KeyError) as exc:
+        parser.error(str(exc))
     registry = ModelRegistry(default_model_store())
     started = time.monotonic()
     results: dict[str, Any] = {

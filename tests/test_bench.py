@@ -148,6 +148,9 @@ def test_set_overrides_reach_sections_and_the_seed():
     with pytest.raises(ValueError, match="generation.passages conflicts with variant 'p240'"):
         _config("default", "p240", parse_overrides(["generation.passages=300"]))
     assert _config("default", "p240", parse_overrides(["generation.passages=240"]))
+    for bad in ("seed", "generation.backend=openai"):  # no value; a string not in JSON quotes
+        with pytest.raises(ValueError, match=f"--set '{bad}'"):
+            parse_overrides([bad])
 
 
 def test_merged_runs_compare_the_default_with_each_variant_pairwise(tmp_path, capsys):
