@@ -267,20 +267,26 @@ def print_table(results: dict[str, Any]) -> None:
             print(f"  time [{variant}]: {spent}")
 
 
-def add_comparisons(results: dict[str, Any], reference: str = DEFAULT_VARIANT) -> None:
-    """For each dataset: `reference` minus every other trained variant, paired over the judged
-    queries (ml_core.evaluation.paired_difference), as "comparisons" {"A - B": result}."""
+def add_comparisons(
+    results: dict[str, Any],
+    reference: str = DEFAULT_VARIANT,
+    pairs: list[tuple[str, str]] | None = None,
+) -> None:
+    """For each dataset: `reference` minus every other trained variant, then A minus B for
+    each of `pairs` (--compare), paired over the judged queries
+    (ml_core.evaluation.paired_difference), as "comparisons" {"A - B": result}. A pair is
+    left out on a dataset where either side was not measured."""
     for result in results["datasets"].values():
         rows = result["rows"]
-        if "per_query" not in rows.get(reference, {}):
-            continue
-        result["comparisons"] = {
-            f"{reference} - {other}": paired_difference(
-                rows[other]["per_query"], rows[reference]["per_query"]
-            )
-            for other in VARIANTS
-            if other != reference and "per_query" in rows.get(other, {})
+        wanted = [(reference, other) for other in VARIANTS if other != reference]
+        wanted += [pair for pair in pairs or [] if pair not in wanted]
+        comparisons = {
+            f"{a} - {b}": paired_difference(rows[b]["per_query"], rows[a]["per_query"])
+            for a, b in wanted
+            if "per_query" in rows.get(a, {}) and "per_query" in rows.get(b, {})
         }
+        if comparisons:
+            result["comparisons"] = comparisons
 
 
 def _without_per_query(row: dict[str, Any]) -> dict[str, Any]:
@@ -361,6 +367,16 @@ def main(argv: list[str] | None = None) -> int:
         help="recipe override, e.g. --set training.max_epochs=6 or --set seed=1 "
         "(a setting the chosen variants pin is refused)",
     )
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        action="append",
+        default=[],
+        type=str,
+        metavar=("A", "B"),
+        help="also print A - B, paired over the judged queries (the default variant minus "
+        "each other variant is always printed)",
+    )
     parser.add_argument("--work", type=Path, default=Path("var/bench"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))
     parser.add_argument(
@@ -372,9 +388,13 @@ def main(argv: list[str] | None = None) -> int:
         "into --out and print their table; runs nothing",
     )
     args = parser.parse_args(argv)
+    args.compare = [tuple(pair) for pair in args.compare]
+    for pair in args.compare:
+        if unknown := [name for name in pair if name not in VARIANTS]:
+            parser.error(f"--compare: unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
     if args.merge:
         merged = merge_results([json.loads(path.read_text()) for path in args.merge])
-        add_comparisons(merged)
+        add_comparisons(merged, pairs=args.compare)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(merged, indent=2))
         print_table(merged)
@@ -411,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
             name, args.preset, args.variants, args.work, registry, overrides, save_partial
         )
     results["total_seconds"] = round(time.monotonic() - started, 1)
-    add_comparisons(results)
+    add_comparisons(results, pairs=args.compare)
     args.out.write_text(json.dumps(results, indent=2))
     print_table(results)
     print(f"\nwrote {args.out}")

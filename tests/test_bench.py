@@ -179,6 +179,29 @@ def test_merged_runs_compare_the_default_with_each_variant_pairwise(tmp_path, ca
     assert "sharp-merged - infonce-merged: +0.0100 nDCG@10" in capsys.readouterr().out
 
 
+def test_merge_adds_the_pairs_asked_for_with_compare(tmp_path, capsys):
+    """--compare A B adds A - B where both were measured; an unknown name is a usage error."""
+    run = _run("cranfield", 0.38, 0.0, "1")
+    rows = run["datasets"]["cranfield"]["rows"]
+    del rows["listwise"]
+    rows["p240"] = {"ndcg@10": 0.45, "per_query": {"a": 0.6, "b": 0.5, "c": 0.25}}
+    rows["p240-infonce"] = {"ndcg@10": 0.40, "per_query": {"a": 0.4, "b": 0.5, "c": 0.30}}
+    run["datasets"]["cranfield"]["seconds"] = {"p240": {"distill": 2.0}}
+    first, out = tmp_path / "a.json", tmp_path / "m.json"
+    first.write_text(json.dumps(run))
+    assert main(["--merge", str(first), "--out", str(out), "--compare", "p240", "p240-infonce",
+                 "--compare", "sharp", "p240"]) == 0
+    comparisons = json.loads(out.read_text())["datasets"]["cranfield"]["comparisons"]
+    assert list(comparisons) == ["p240 - p240-infonce"]  # sharp was not measured here
+    assert comparisons["p240 - p240-infonce"]["difference"] == pytest.approx(0.05)
+    assert (comparisons["p240 - p240-infonce"]["better"],
+            comparisons["p240 - p240-infonce"]["worse"]) == (1, 1)
+    assert "p240 - p240-infonce: +0.0500 nDCG@10" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--merge", str(first), "--out", str(out), "--compare", "p240", "nope"])
+    assert "unknown variant(s) ['nope']" in capsys.readouterr().err
+
+
 def test_the_table_says_which_side_of_a_shared_training_was_averaged(capsys):
     """sharp reuses sharp-merged's training (or the other way round): one is as trained, the
     other averaged, and the note under the table must not call both averaged."""
