@@ -61,6 +61,7 @@ from ml_core.evaluation import paired_difference
 from ml_core.pipeline import StageContext, run_stage, section_hash
 from ml_core.records import no_progress
 from ml_core.registry import ModelRegistry
+from ml_core.report import format_p
 from ml_core.training import training_run_settings
 
 DATASETS_ROOT = Path(
@@ -243,7 +244,7 @@ def print_table(results: dict[str, Any]) -> None:
             recall = row.get("recall@100")
             recall_text = f"{recall:.4f}" if isinstance(recall, float) else "-"
             sig = row.get("significance")
-            sure = (f"  [{sig['ci95'][0]:+.4f}, {sig['ci95'][1]:+.4f}] p={sig['p_value']:.3f}"
+            sure = (f"  [{sig['ci95'][0]:+.4f}, {sig['ci95'][1]:+.4f}] {format_p(sig['p_value'])}"
                     if sig else "")
             print(f"{system:<16}{row['ndcg@10']:>10.4f}{gain:>10}{recall_text:>10}{sure}")
         if "teacher" in rows:
@@ -260,7 +261,7 @@ def print_table(results: dict[str, Any]) -> None:
                       f"checkpoint {how}")
         for label, sig in result.get("comparisons", {}).items():
             print(f"  {label}: {sig['difference']:+.4f} nDCG@10, 95% interval "
-                  f"[{sig['ci95'][0]:+.4f}, {sig['ci95'][1]:+.4f}], p={sig['p_value']:.3f} "
+                  f"[{sig['ci95'][0]:+.4f}, {sig['ci95'][1]:+.4f}], {format_p(sig['p_value'])} "
                   f"({sig['better']} queries better, {sig['worse']} worse)")
         for variant, stages in result["seconds"].items():
             spent = ", ".join(f"{stage} {sec:.0f}s" for stage, sec in stages.items())

@@ -9,6 +9,12 @@ METRICS = ("ndcg@10", "recall@100", "mrr@10")
 DISPLAY = {"ndcg@10": "nDCG@10", "recall@100": "Recall@100", "mrr@10": "MRR@10"}
 
 
+def format_p(p_value: float) -> str:
+    """"p = 0.123" for people, "p < 0.001" where three decimals would print 0 (the
+    randomization test's smallest p is 1 / (resamples + 1), never 0)."""
+    return "p < 0.001" if p_value < 0.0005 else f"p = {p_value:.3f}"
+
+
 def report_lines(report: dict[str, Any]) -> list[str]:
     """Lines of text: which judgements, base / tuned / gain per metric, how sure the gain is
     (when the report has it), recommendation, warnings."""
@@ -24,8 +30,8 @@ def report_lines(report: dict[str, Any]) -> list[str]:
         low, high = sig["ci95"]
         metric = DISPLAY.get(sig["metric"], sig["metric"])
         lines.append(
-            f"{metric} gain: 95% interval [{low:+.4f}, {high:+.4f}], p = "
-            f"{sig['p_value']:.3f} (paired over {sig['queries']} queries: {sig['better']} "
+            f"{metric} gain: 95% interval [{low:+.4f}, {high:+.4f}], "
+            f"{format_p(sig['p_value'])} (paired over {sig['queries']} queries: {sig['better']} "
             f"better, {sig['worse']} worse)"
         )
     lines.append(f"recommended: {report['recommended']}")

@@ -243,3 +243,13 @@ def test_report_says_how_sure_the_gain_is() -> None:
     # Without per-query scores (an older report) there is no significance, and no warning.
     assert "significance" not in build_report(_metrics(0.40), _metrics(0.45), check,
                                               EvaluationConfig(), "customer")
+
+
+def test_p_values_print_for_people() -> None:
+    """The smallest p the randomization test gives is 1 / (resamples + 1): never print it as
+    0.000, which would claim certainty."""
+    from ml_core.report import format_p
+
+    assert format_p(1 / 10_001) == "p < 0.001"
+    assert format_p(0.0005) == "p = 0.001"
+    assert format_p(0.0137) == "p = 0.014"
