@@ -61,7 +61,7 @@ from ml_core.evaluation import paired_difference
 from ml_core.pipeline import StageContext, run_stage, section_hash
 from ml_core.records import no_progress
 from ml_core.registry import ModelRegistry
-from ml_core.report import format_p
+from ml_core.report import format_p, format_significance
 from ml_core.training import training_run_settings
 
 DATASETS_ROOT = Path(
@@ -260,8 +260,7 @@ def print_table(results: dict[str, Any]) -> None:
                 print(f"  {system}: reuses the training of {row['training_of']}; its "
                       f"checkpoint {how}")
         for label, sig in result.get("comparisons", {}).items():
-            print(f"  {label}: {sig['difference']:+.4f} nDCG@10, 95% interval "
-                  f"[{sig['ci95'][0]:+.4f}, {sig['ci95'][1]:+.4f}], {format_p(sig['p_value'])} "
+            print(f"  {label}: {sig['difference']:+.4f} nDCG@10, {format_significance(sig)} "
                   f"({sig['better']} queries better, {sig['worse']} worse)")
         for variant, stages in result["seconds"].items():
             spent = ", ".join(f"{stage} {sec:.0f}s" for stage, sec in stages.items())
@@ -373,7 +372,6 @@ def main(argv: list[str] | None = None) -> int:
         nargs=2,
         action="append",
         default=[],
-        type=str,
         metavar=("A", "B"),
         help="also print A - B, paired over the judged queries (the default variant minus "
         "each other variant is always printed)",

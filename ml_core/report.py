@@ -15,6 +15,12 @@ def format_p(p_value: float) -> str:
     return "p < 0.001" if p_value < 0.0005 else f"p = {p_value:.3f}"
 
 
+def format_significance(sig: dict[str, Any]) -> str:
+    """"95% interval [low, high], p = ..." of a paired_difference result."""
+    low, high = sig["ci95"]
+    return f"95% interval [{low:+.4f}, {high:+.4f}], {format_p(sig['p_value'])}"
+
+
 def report_lines(report: dict[str, Any]) -> list[str]:
     """Lines of text: which judgements, base / tuned / gain per metric, how sure the gain is
     (when the report has it), recommendation, warnings."""
@@ -27,12 +33,10 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     lines.append(f"{'gain':<10}" + "".join(f"{report['gain'][m]:>+12.4f}" for m in metrics))
     sig = report.get("significance")
     if sig:
-        low, high = sig["ci95"]
         metric = DISPLAY.get(sig["metric"], sig["metric"])
         lines.append(
-            f"{metric} gain: 95% interval [{low:+.4f}, {high:+.4f}], "
-            f"{format_p(sig['p_value'])} (paired over {sig['queries']} queries: {sig['better']} "
-            f"better, {sig['worse']} worse)"
+            f"{metric} gain: {format_significance(sig)} (paired over {sig['queries']} queries: "
+            f"{sig['better']} better, {sig['worse']} worse)"
         )
     lines.append(f"recommended: {report['recommended']}")
     lines.extend(f"warning: {warning}" for warning in report.get("warnings", []))
