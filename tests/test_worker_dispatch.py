@@ -134,3 +134,24 @@ def test_dispatch_publishes_under_the_prefix_in_force_now(monkeypatch: pytest.Mo
         for prefix in (first, second):
             flush_redis(url, prefix)
         client.close()
+
+
+def test_a_broker_outage_while_sending_the_next_stage_is_retried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A stage that finished but cannot publish the next one must be retried, not failed: what
+    # send_stage raises on a dead broker (after its own publish retries) counts as transient.
+    import worker.dispatch as dispatch
+    from app.settings import get_settings
+    from worker.tasks import _is_transient
+
+    monkeypatch.setenv("TAILOR_BROKER_URL", "redis://127.0.0.1:1/0")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(Exception) as raised:
+            dispatch.send_stage("job_outage", "distill")
+    finally:
+        get_settings.cache_clear()
+    assert not isinstance(raised.value, ConnectionError)  # the builtin check alone misses it
+    assert _is_transient(raised.value), type(raised.value)
+    assert not _is_transient(ValueError("a bad recipe is not retried"))

@@ -483,14 +483,23 @@ def _is_transient(error: Exception) -> bool:
     """Infrastructure hiccups worth a retry (broker, database or object store connection)."""
     from botocore.exceptions import ConnectionError as BotoConnectionError
     from botocore.exceptions import EndpointConnectionError
+    from kombu.exceptions import OperationalError as BrokerError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
     from sqlalchemy.exc import OperationalError
 
+    # None of the library ones derive from the builtin ConnectionError: Celery re-raises a
+    # publish that fails after its retries (the next stage's send_stage) as kombu's
+    # OperationalError, and redis has its own hierarchy.
     return isinstance(
         error,
         (
             ConnectionError,
             BotoConnectionError,
             EndpointConnectionError,
+            BrokerError,
+            RedisConnectionError,
+            RedisTimeoutError,
             OperationalError,
             TimeoutError,
         ),
