@@ -264,3 +264,19 @@ def test_concurrent_retries_with_one_idempotency_key_create_one_job(
     assert len({r.json()["id"] for r in responses}) == 1
     assert caller.get("/v1/jobs").json()["count"] == 1
     assert len(_broker_messages(broker_dir, responses[0].json()["id"])) == 1
+
+
+def test_the_model_id_shows_once_the_job_has_succeeded(sqlite_api: Api) -> None:
+    # The worker reserves the id before the model is uploaded and its row exists; a job
+    # that fails or is cancelled after that must not point at a model that is not there.
+    caller = sqlite_api.tenant()
+    job = caller.job(caller.corpus()["id"])
+    with sqlite_api.session() as session:
+        session.get(Job, job["id"]).model_id = "mdl_reserved"
+        session.commit()
+    for status in (JobStatus.RUNNING, JobStatus.FAILED, JobStatus.CANCELLED):
+        _set_status(sqlite_api, job["id"], status)
+        assert caller.get(f"/v1/jobs/{job['id']}").json()["model_id"] is None
+        assert caller.get("/v1/jobs").json()["data"][0]["model_id"] is None
+    _set_status(sqlite_api, job["id"], JobStatus.SUCCEEDED)
+    assert caller.get(f"/v1/jobs/{job['id']}").json()["model_id"] == "mdl_reserved"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.db.models import EventKind, JobStatus, Recommendation
 from app.schemas import ReadSchema
@@ -62,6 +62,14 @@ class JobRead(ReadSchema):
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
+
+    @model_validator(mode="after")
+    def _model_once_succeeded(self) -> JobRead:
+        # The worker reserves the id before it uploads the model and creates its row (a
+        # redelivered finish reuses it); until the job has succeeded it names nothing.
+        if self.status != JobStatus.SUCCEEDED:
+            self.model_id = None
+        return self
 
 
 class JobList(BaseModel):
