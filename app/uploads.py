@@ -30,6 +30,11 @@ FORM_OVERHEAD = 64 * 1024
 GZIP_MAGIC = b"\x1f\x8b"
 
 
+# The length of a resource's name column (corpora, eval sets): a `name` form field is checked
+# against it, a name taken from the file name is cut to it.
+NAME_MAX = 200
+
+
 @dataclass(frozen=True)
 class SpooledFile:
     """An uploaded file copied to local disk."""
@@ -38,6 +43,11 @@ class SpooledFile:
     filename: str
     size: int
     gzipped: bool
+
+    @property
+    def default_name(self) -> str:
+        """The resource's name when the client sends none: the file name, cut to fit."""
+        return self.filename[:NAME_MAX]
 
 
 def _too_large(limit: int) -> PayloadTooLarge:
@@ -75,7 +85,9 @@ async def multipart_form(request: Request, max_file_bytes: int) -> AsyncIterator
         await form.close()
 
 
-def form_text(form: FormData, name: str, *, required: bool = False, max_length: int = 200) -> str:
+def form_text(
+    form: FormData, name: str, *, required: bool = False, max_length: int = NAME_MAX
+) -> str:
     """A text field of the form ("" when absent and optional)."""
     value: Any = form.get(name)
     if value is None or value == "":

@@ -36,6 +36,19 @@ def test_upload_stores_a_validated_corpus(api: Api) -> None:
     assert caller.get(f"/v1/corpora/{corpus['id']}").json() == corpus
 
 
+def test_a_long_file_name_names_the_corpus_cut_to_fit(api: Api) -> None:
+    # File names may be up to 255 characters; a name taken from one is cut to the column's 200
+    # (PostgreSQL refuses a longer value: this was a 500 there).
+    caller = api.tenant()
+    filename = "a" * 240 + ".jsonl"
+    response = caller.upload_corpus(corpus_bytes(2), filename=filename)
+    assert response.status_code == 201, response.text
+    assert (response.json()["filename"], response.json()["name"]) == (filename, filename[:200])
+    refused = caller.upload_corpus(corpus_bytes(2), name="n" * 201)
+    assert refused.status_code == 422
+    assert refused.json()["field"] == "name"
+
+
 def test_gzip_corpus_is_kept_compressed(sqlite_api: Api) -> None:
     caller = sqlite_api.tenant()
     data = corpus_bytes(4, compress=True)

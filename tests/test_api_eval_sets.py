@@ -38,6 +38,20 @@ def test_upload_list_and_read(api: Api) -> None:
     assert caller.get("/v1/eval-sets").json() == {"data": [eval_set], "count": 1}
 
 
+def test_a_long_queries_file_name_names_the_eval_set_cut_to_fit(api: Api) -> None:
+    caller = api.tenant()
+    corpus = caller.corpus(3)
+    filename = "q" * 230 + ".jsonl"
+    response = caller.post(
+        "/v1/eval-sets",
+        data={"corpus_id": corpus["id"]},
+        files={"queries": (filename, queries_bytes(["q1"])),
+               "qrels": ("qrels.tsv", qrels_bytes([("q1", "d1", 1)]))},
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["name"] == filename[:200]
+
+
 def test_an_eval_set_row_that_cannot_be_written_leaves_no_stored_files(api: Api) -> None:
     caller = api.tenant()
     corpus = caller.corpus(5)

@@ -40,7 +40,7 @@ def create_corpus(
     corpus = Corpus(
         id=corpus_id,
         tenant_id=tenant.id,
-        name=name or upload.filename,
+        name=name or upload.default_name,
         filename=upload.filename,
         object_key=key,
         size_bytes=upload.size,

@@ -85,7 +85,7 @@ def create_eval_set(
         id=eval_set_id,
         tenant_id=tenant.id,
         corpus_id=corpus.id,
-        name=name or queries_file.filename,
+        name=name or queries_file.default_name,
         queries_key=queries_key,
         qrels_key=qrels_key,
         queries=len(qrels),
