@@ -49,6 +49,53 @@ def test_a_long_file_name_names_the_corpus_cut_to_fit(api: Api) -> None:
     assert refused.json()["field"] == "name"
 
 
+@pytest.mark.parametrize("route", ["/v1/corpora", "/v1/eval-sets"])
+def test_an_upload_holds_no_database_connection_while_its_body_streams(
+    api: Api, route: str
+) -> None:
+    # Driven as the server drives the app (ASGI, the body in pieces), because the test
+    # client hands the whole body over at once: while the upload is still arriving, none of
+    # the pool's connections may be checked out for it.
+    import asyncio
+
+    caller = api.tenant()
+    corpus_id = caller.corpus(2)["id"] if route == "/v1/eval-sets" else ""
+    boundary = "tailorboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"corpus_id\"\r\n\r\n"
+            f"{corpus_id}\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"c.jsonl\"\r\n\r\n").encode() + corpus_bytes(2)
+    pieces = [body[:40], body[40:], f"\r\n--{boundary}--\r\n".encode()]
+    engine = api.app.state.session_factory.kw["bind"]
+    checked_out: list[int] = []
+
+    async def receive() -> dict:
+        if pieces:
+            if len(pieces) < 3:  # the request has started and its body is not all here
+                checked_out.append(engine.pool.checkedout())
+            return {"type": "http.request", "body": pieces.pop(0), "more_body": bool(pieces)}
+        return {"type": "http.disconnect"}
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": route, "raw_path": route.encode(), "query_string": b"",
+        "root_path": "", "client": ("127.0.0.1", 1), "server": ("testserver", 80),
+        "headers": [(b"host", b"testserver"),
+                    (b"authorization", caller.headers["Authorization"].encode()),
+                    (b"content-type", f"multipart/form-data; boundary={boundary}".encode())],
+        "state": dict(api.client.app_state),
+    }
+    asyncio.run(api.app(scope, receive, send))
+    assert sent[0]["type"] == "http.response.start"
+    # The eval set route refuses this body (it has no queries or qrels); the corpus stores it.
+    assert sent[0]["status"] == (201 if route == "/v1/corpora" else 422)
+    assert checked_out and set(checked_out) == {0}
+
+
 def test_gzip_corpus_is_kept_compressed(sqlite_api: Api) -> None:
     caller = sqlite_api.tenant()
     data = corpus_bytes(4, compress=True)

@@ -38,6 +38,9 @@ async def create_corpus(
     store: StoreDep,
 ) -> Corpus:
     """Upload a BEIR corpus (multipart `file`, optional `name`); every line is validated."""
+    # Authenticated: give the database connection back while the body streams in, so slow
+    # uploads do not hold the pool's connections (and PostgreSQL transactions) for minutes.
+    await run_in_threadpool(session.commit)
     limit = settings.max_upload_bytes
     async with upload_folder(settings.upload_dir) as folder, multipart_form(request, limit) as form:
         name = form_text(form, "name")

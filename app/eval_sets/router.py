@@ -37,6 +37,9 @@ async def create_eval_set(
     store: StoreDep,
 ) -> EvalSet:
     """Upload judgements for a corpus (multipart `corpus_id`, `queries` JSONL, `qrels` TSV)."""
+    # Authenticated: give the database connection back while the body streams in, so slow
+    # uploads do not hold the pool's connections (and PostgreSQL transactions) for minutes.
+    await run_in_threadpool(session.commit)
     limit = settings.max_upload_bytes
     async with upload_folder(settings.upload_dir) as folder, multipart_form(request, limit) as form:
         corpus_id = form_text(form, "corpus_id", required=True, max_length=64)
