@@ -280,3 +280,25 @@ def test_the_model_id_shows_once_the_job_has_succeeded(sqlite_api: Api) -> None:
         assert caller.get("/v1/jobs").json()["data"][0]["model_id"] is None
     _set_status(sqlite_api, job["id"], JobStatus.SUCCEEDED)
     assert caller.get(f"/v1/jobs/{job['id']}").json()["model_id"] == "mdl_reserved"
+
+
+def test_a_job_whose_task_cannot_be_queued_fails_saying_why(
+    sqlite_api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.settings import get_settings
+
+    caller = sqlite_api.tenant()
+    corpus = caller.corpus()
+    monkeypatch.setenv("TAILOR_BROKER_URL", "redis://127.0.0.1:1/0")  # nothing listens there
+    get_settings.cache_clear()
+    try:
+        response = caller.post("/v1/jobs", json=job_body(corpus["id"]))
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    assert response.status_code == 201, response.text
+    job = caller.get(f"/v1/jobs/{response.json()['id']}").json()
+    assert job["status"] == "failed" and job["finished_at"] is not None
+    # The same shape as a failure the worker records: error, detail, stage.
+    assert set(job["error"]) == {"error", "detail", "stage"}
+    assert (job["error"]["error"], job["error"]["stage"]) == ("enqueue_failed", "prepare")

@@ -112,7 +112,9 @@ def mark_enqueue_failed(session: Session, job: Job, error: Exception) -> None:
     """Record that the job's first task could not be sent: the job fails with the error."""
     now = utcnow()
     job.status = JobStatus.FAILED
-    job.error = {"code": "enqueue_failed", "message": f"{type(error).__name__}: {error}"}
+    # The shape of the worker's failures (worker.tasks._mark_failed): one for clients to read.
+    job.error = {"error": "enqueue_failed", "detail": f"{type(error).__name__}: {error}",
+                 "stage": "prepare"}
     job.finished_at = now
     add_event(session, job, EventKind.STATUS, "failed: the task could not be queued",
               status=JobStatus.FAILED.value)
