@@ -200,6 +200,32 @@ def _cancel(caller: Caller, job_id: str):
     return caller.post(f"/v1/jobs/{job_id}/cancel")
 
 
+def test_a_cancel_waits_for_the_worker_claiming_the_job(sqlite_api: Api) -> None:
+    # The worker reads the queued job, then marks it running; a cancel that lands between the
+    # two must see the claim (and ask the worker to stop), not be overwritten by it. On SQLite,
+    # which has no row locks, the claim used to win silently: the client was told "cancelled"
+    # and the job ran on.
+    import threading
+
+    from worker.tasks import _locked_job
+
+    caller = sqlite_api.tenant()
+    job = caller.job(caller.corpus()["id"])
+    answers: list = []
+    cancel = threading.Thread(target=lambda: answers.append(_cancel(caller, job["id"])))
+    with sqlite_api.session() as worker_side:
+        claimed = _locked_job(worker_side, job["id"])
+        assert claimed is not None and claimed.status == JobStatus.QUEUED
+        cancel.start()
+        cancel.join(timeout=1.0)  # the cancel arrives while the worker decides
+        claimed.status = JobStatus.RUNNING
+        worker_side.commit()
+    cancel.join(timeout=30)
+    assert answers and answers[0].status_code == 200, answers
+    assert answers[0].json()["status"] == "cancelling"
+    assert caller.get(f"/v1/jobs/{job['id']}").json()["status"] == "cancelling"
+
+
 def test_cancel_a_queued_job(api: Api) -> None:
     caller = api.tenant()
     job = caller.job(caller.corpus()["id"])

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import signals
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
@@ -121,8 +121,13 @@ def add_event(
 
 
 def _locked_job(session: Session, job_id: str) -> Job | None:
-    # FOR UPDATE serialises the worker against the cancel endpoint on PostgreSQL (SQLite
-    # ignores it: it has one writer at a time anyway).
+    """The job row, locked until the session commits: the worker reads it, decides and writes
+    it back while the cancel endpoint's compare-and-set waits (FOR UPDATE on PostgreSQL)."""
+    if session.get_bind().dialect.name == "sqlite":
+        # SQLite ignores FOR UPDATE, and a transaction takes its write lock only at its first
+        # write: a cancel committed between our read and our write would be overwritten. A
+        # no-op write first takes the (database-wide) write lock now.
+        session.execute(text("UPDATE jobs SET id = id WHERE id = :id"), {"id": job_id})
     return session.scalars(select(Job).where(Job.id == job_id).with_for_update()).one_or_none()
 
 
