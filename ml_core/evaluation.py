@@ -378,8 +378,13 @@ def build_report(
     primary_gain = gain.get(PRIMARY, 0.0)
     recommended = "tuned" if primary_gain > cfg.min_gain else "base"
     warnings: list[str] = []
-    if primary_gain < 0:
+    if primary_gain < 0 and recommended == "base":
         warnings.append("tuned model is worse than base: keeping base as recommendation")
+    elif primary_gain < 0:
+        warnings.append(
+            f"tuned model is worse than base ({primary_gain:+.4f} nDCG@10) but recommended: "
+            f"evaluation.min_gain ({cfg.min_gain:+.4f}) allows a loss"
+        )
     elif recommended == "base":
         warnings.append(
             f"tuned model's nDCG@10 gain ({primary_gain:+.4f}) does not exceed the required "

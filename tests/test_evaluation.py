@@ -165,6 +165,17 @@ def test_report_recommends_tuned_only_above_min_gain() -> None:
     assert small["recommended"] == "base"
     assert "does not exceed" in small["warnings"][0]
 
+    # A customer may accept a small loss (min_gain below 0); the warning must not then claim
+    # the base stays recommended.
+    allowed = build_report(
+        _metrics(0.40), _metrics(0.39), good_check, EvaluationConfig(min_gain=-0.02), "customer"
+    )
+    assert allowed["recommended"] == "tuned"
+    assert allowed["warnings"] == [
+        "tuned model is worse than base (-0.0100 nDCG@10) but recommended: "
+        "evaluation.min_gain (-0.0200) allows a loss"
+    ]
+
 
 def test_report_warns_when_tuned_is_worse_and_teacher_is_no_better() -> None:
     weak_check = {"method": "judged_rerank", "queries": 50, "teacher": 0.38, "student": 0.38}
