@@ -7,7 +7,7 @@ import gzip
 import hashlib
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -56,43 +56,22 @@ def test_an_upload_holds_no_database_connection_while_its_body_streams(
     # Driven as the server drives the app (ASGI, the body in pieces), because the test
     # client hands the whole body over at once: while the upload is still arriving, none of
     # the pool's connections may be checked out for it.
-    import asyncio
-
     caller = api.tenant()
     corpus_id = caller.corpus(2)["id"] if route == "/v1/eval-sets" else ""
-    boundary = "tailorboundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"corpus_id\"\r\n\r\n"
-            f"{corpus_id}\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
-            f"filename=\"c.jsonl\"\r\n\r\n").encode() + corpus_bytes(2)
-    pieces = [body[:40], body[40:], f"\r\n--{boundary}--\r\n".encode()]
+    boundary = uuid.uuid4().hex
+    chunks = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"corpus_id\"\r\n\r\n"
+              f"{corpus_id}\r\n".encode(), *_chunked_multipart(corpus_bytes(2), boundary)]
+    headers = {**caller.headers, "Content-Type": f"multipart/form-data; boundary={boundary}"}
     engine = api.app.state.session_factory.kw["bind"]
     checked_out: list[int] = []
 
-    async def receive() -> dict:
-        if pieces:
-            if len(pieces) < 3:  # the request has started and its body is not all here
-                checked_out.append(engine.pool.checkedout())
-            return {"type": "http.request", "body": pieces.pop(0), "more_body": bool(pieces)}
-        return {"type": "http.disconnect"}
+    def mid_body(pulled: int) -> None:  # the request has started and its body is not all here
+        if 1 < pulled < len(chunks):
+            checked_out.append(engine.pool.checkedout())
 
-    sent: list[dict] = []
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": route, "raw_path": route.encode(), "query_string": b"",
-        "root_path": "", "client": ("127.0.0.1", 1), "server": ("testserver", 80),
-        "headers": [(b"host", b"testserver"),
-                    (b"authorization", caller.headers["Authorization"].encode()),
-                    (b"content-type", f"multipart/form-data; boundary={boundary}".encode())],
-        "state": dict(api.client.app_state),
-    }
-    asyncio.run(api.app(scope, receive, send))
-    assert sent[0]["type"] == "http.response.start"
+    status, body, _ = _asgi_post(api, route, headers, chunks, mid_body)
     # The eval set route refuses this body (it has no queries or qrels); the corpus stores it.
-    assert sent[0]["status"] == (201 if route == "/v1/corpora" else 422)
+    assert status == (201 if route == "/v1/corpora" else 422), body
     assert checked_out and set(checked_out) == {0}
 
 
@@ -170,10 +149,15 @@ def _chunked_multipart(data: bytes, boundary: str) -> Iterator[bytes]:
     yield f"\r\n--{boundary}--\r\n".encode()
 
 
-def _asgi_post(api: Api, path: str, headers: dict[str, str], chunks: list[bytes]) -> tuple[
-    int, dict, int
-]:
-    """POST a chunked body straight into the ASGI app; returns (status, json, chunks read)."""
+def _asgi_post(
+    api: Api,
+    path: str,
+    headers: dict[str, str],
+    chunks: list[bytes],
+    before_chunk: Callable[[int], None] | None = None,
+) -> tuple[int, dict, int]:
+    """POST a chunked body straight into the ASGI app; returns (status, json, chunks read).
+    `before_chunk(n)` runs as the app asks for the n-th chunk (1-based)."""
     pulled = 0
     sent: list[dict] = []
 
@@ -181,6 +165,8 @@ def _asgi_post(api: Api, path: str, headers: dict[str, str], chunks: list[bytes]
         nonlocal pulled
         if pulled < len(chunks):
             pulled += 1
+            if before_chunk is not None:
+                before_chunk(pulled)
             return {"type": "http.request", "body": chunks[pulled - 1],
                     "more_body": pulled < len(chunks)}
         return {"type": "http.disconnect"}
