@@ -126,8 +126,9 @@ def _locked_job(session: Session, job_id: str) -> Job | None:
     if session.get_bind().dialect.name == "sqlite":
         # SQLite ignores FOR UPDATE, and a transaction takes its write lock only at its first
         # write: a cancel committed between our read and our write would be overwritten. A
-        # no-op write first takes the (database-wide) write lock now.
-        session.execute(text("UPDATE jobs SET id = id WHERE id = :id"), {"id": job_id})
+        # no-op write first takes the (database-wide) write lock now (on a column no key or
+        # foreign key involves, so it costs SQLite no constraint checks).
+        session.execute(text("UPDATE jobs SET status = status WHERE id = :id"), {"id": job_id})
     return session.scalars(select(Job).where(Job.id == job_id).with_for_update()).one_or_none()
 
 
