@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import signals
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
@@ -122,13 +122,8 @@ def add_event(
 
 def _locked_job(session: Session, job_id: str) -> Job | None:
     """The job row, locked until the session commits: the worker reads it, decides and writes
-    it back while the cancel endpoint's compare-and-set waits (FOR UPDATE on PostgreSQL)."""
-    if session.get_bind().dialect.name == "sqlite":
-        # SQLite ignores FOR UPDATE, and a transaction takes its write lock only at its first
-        # write: a cancel committed between our read and our write would be overwritten. A
-        # no-op write first takes the (database-wide) write lock now (on a column no key or
-        # foreign key involves, so it costs SQLite no constraint checks).
-        session.execute(text("UPDATE jobs SET status = status WHERE id = :id"), {"id": job_id})
+    it back while the cancel endpoint's compare-and-set waits (FOR UPDATE on PostgreSQL; on
+    SQLite the database's write lock, see app.db.session)."""
     return session.scalars(select(Job).where(Job.id == job_id).with_for_update()).one_or_none()
 
 

@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,6 +25,20 @@ def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
     cursor.close()
 
 
+def _sqlite_locking_reads(
+    conn: Connection, clause: Any, multiparams: Any, params: Any, options: Any
+) -> None:
+    # SQLite renders no FOR UPDATE, and a transaction takes the write lock only at its first
+    # write: a read-decide-write (the worker claiming a job, a corpus deleted while a job is
+    # created) could overwrite what another writer committed in between. A locking read opens
+    # an IMMEDIATE transaction instead, holding the database-wide write lock until commit.
+    if getattr(clause, "_for_update_arg", None) is None:
+        return
+    dbapi_connection = conn.connection.dbapi_connection
+    if dbapi_connection is not None and not dbapi_connection.in_transaction:
+        dbapi_connection.execute("BEGIN IMMEDIATE")
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine for `url` (sqlite:///path or postgresql://...); SQLite tuned for sharing."""
     parsed = make_url(url)
@@ -34,6 +48,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         connect_args = {"check_same_thread": False, "timeout": 30}
         engine = create_engine(url, connect_args=connect_args, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "before_execute", _sqlite_locking_reads)
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         # psycopg 3 is the driver we ship; a bare postgresql:// URL would ask for psycopg2.
