@@ -160,3 +160,47 @@ def test_embedded_worker_resends_jobs_left_running(service: Path) -> None:
     assert len(messages) == 1 and messages[0].name.endswith(".gpu.msg")
     body = json.loads(messages[0].read_text())
     assert body["headers"]["argsrepr"] == "('job_1', 'distill')"
+
+
+@pytest.mark.parametrize("outcome", ["failure", "cancel"])
+def test_an_outcome_the_database_refused_is_retried_not_lost(
+    service: Path, monkeypatch: pytest.MonkeyPatch, outcome: str
+) -> None:
+    # The database goes away just when the stage's outcome is written. Acknowledging the task
+    # then would leave the job `running` with nothing to ever finish it: the task is sent
+    # again, and the retry records the outcome once the database answers.
+    from sqlalchemy.exc import OperationalError
+
+    import worker.tasks as tasks
+
+    refused: list[str] = []
+    writer = "_mark_failed" if outcome == "failure" else "mark_cancelled"
+    real = getattr(tasks, writer)
+
+    def down_once(*args: object, **kwargs: object) -> object:
+        if not refused:
+            refused.append(writer)
+            raise OperationalError("UPDATE jobs", {}, Exception("server closed the connection"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tasks, writer, down_once)
+    monkeypatch.setattr(tasks, "RECORD_RETRY_S", 0)
+    if outcome == "failure":
+        job_id = _job()  # its corpus was never uploaded: prepare fails
+    else:
+        job_id = _job(JobStatus.RUNNING, stage="prepare")
+
+        def cancel_mid_stage(self: object) -> str:
+            raise tasks.JobCancelled(job_id)
+
+        monkeypatch.setattr(tasks.StageRun, "run", cancel_mid_stage)
+    result = tasks.run_stage.apply(args=(job_id, "prepare"))
+    assert refused == [writer]
+    job, events = _state(job_id)
+    if outcome == "failure":
+        assert job.status == JobStatus.FAILED and job.error is not None
+    else:
+        # The retried delivery finds the row `running` and JobCancelled again from the stage.
+        assert job.status == JobStatus.CANCELLED
+    # Eager mode runs the retry inline; its outcome is the task's.
+    assert result.get() == ("failed" if outcome == "failure" else "cancelled")

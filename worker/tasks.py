@@ -70,6 +70,9 @@ PROGRESS_EVENT_INTERVAL_S = 10.0
 # distill's training state and best-checkpoint copy (model/ holds the same weights).
 LOCAL_ONLY: dict[str, tuple[str, ...]] = {"distill": ("state", "best", "best.tmp", "best.old")}
 TRANSIENT_RETRIES = 3
+# A stage's outcome (failed, cancelled) that could not be written to the database is retried
+# this often, without limit: the job row must not stay `running` with no task behind it.
+RECORD_RETRY_S = 30
 
 
 class JobCancelled(Exception):
@@ -436,7 +439,14 @@ def fetch_input(store: ObjectStore, key: str, dest: Path) -> Path:
 
 
 @celery_app.task(
-    name=TASK_RUN_STAGE, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True
+    name=TASK_RUN_STAGE,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+    # Retries are counted by hand: TRANSIENT_RETRIES for the stage, unlimited for recording
+    # its outcome (see _retry_recording).
+    max_retries=None,
 )
 def run_stage(self: Any, job_id: str, stage: str) -> str:
     """Run one stage of one job (see the module docstring); returns what happened."""
@@ -450,7 +460,10 @@ def run_stage(self: Any, job_id: str, stage: str) -> str:
             return "dropped"
         return StageRun(inputs, stage, get_settings()).run()
     except JobCancelled:
-        mark_cancelled(job_id, stage, f"cancelled during {stage}")
+        try:
+            mark_cancelled(job_id, stage, f"cancelled during {stage}")
+        except Exception as error:
+            raise _retry_recording(self, job_id, stage, "cancel", error) from error
         return "cancelled"
     except SystemExit:
         # billiard turns the SIGTERM of revoke(terminate=True) (and of a cold shutdown) into
@@ -461,8 +474,30 @@ def run_stage(self: Any, job_id: str, stage: str) -> str:
         if _is_transient(error) and self.request.retries < TRANSIENT_RETRIES:
             log.warning("job %s %s: transient error, retrying: %s", job_id, stage, error)
             raise self.retry(exc=error, countdown=10 * (self.request.retries + 1)) from error
-        _record_failure(job_id, stage, error)
+        try:
+            _record_failure(job_id, stage, error)
+        except Exception as recording:
+            raise _retry_recording(self, job_id, stage, "failure", recording) from error
         return "failed"
+
+
+def _retry_recording(task: Any, job_id: str, stage: str, what: str, error: Exception) -> Any:
+    """The stage's outcome could not be written (the database is down): send the task again.
+
+    Acknowledging it instead would leave the row `running` (or `cancelling`) with no task to
+    ever finish it. The retried delivery goes through _claim once the database is back: a
+    cancel is then recorded without running anything, a failure by running the stage again.
+    Retries until it can write (no limit: the record must not be lost), every RECORD_RETRY_S.
+    """
+    log.error(
+        "job %s %s: could not record its %s (%s); retrying in %ss",
+        job_id,
+        stage,
+        what,
+        error,
+        RECORD_RETRY_S,
+    )
+    return task.retry(exc=error, countdown=RECORD_RETRY_S)
 
 
 def _on_terminated(job_id: str, stage: str) -> None:
@@ -522,11 +557,7 @@ def _record_failure(job_id: str, stage: str, error: Exception) -> None:
             "traceback": traceback.format_exc()[-8000:],
         }
         log.exception("job %s failed in %s", job_id, stage)
-    try:
-        _mark_failed(job_id, stage, code, detail, data)
-    except Exception:
-        log.exception("could not record the failure of job %s", job_id)
-        raise
+    _mark_failed(job_id, stage, code, detail, data)
 
 
 def _ml_error_code(error: Exception) -> str | None:
