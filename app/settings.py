@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     # A running stage writes its progress, and reads its job's status to notice a cancel, at
     # most this often (seconds).
     progress_interval_s: float = Field(default=1.0, gt=0)
+    # A running stage renews its job's lease every lease_ttl_s / 5 seconds. A second delivery of
+    # that stage on another host waits until the lease lapses this long after the holder's last
+    # heartbeat (on the holder's own host it takes over as soon as the holder's process is gone).
+    lease_ttl_s: float = Field(default=300.0, gt=0)
 
 
 @lru_cache

@@ -4,6 +4,7 @@ store and the filesystem broker: which deliveries run, how failures and cancels 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -204,3 +205,105 @@ def test_an_outcome_the_database_refused_is_retried_not_lost(
         assert job.status == JobStatus.CANCELLED
     # Eager mode runs the retry inline; its outcome is the task's.
     assert result.get() == ("failed" if outcome == "failure" else "cancelled")
+
+
+def _hold_lease(job_id: str, owner: str, seconds: float) -> None:
+    from datetime import timedelta
+
+    from app.db.base import utcnow
+
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.lease_owner, job.lease_expires_at = owner, utcnow() + timedelta(seconds=seconds)
+
+
+def test_a_second_copy_of_a_running_stage_waits_for_a_live_holder(service: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from worker.tasks import StageBusy, _claim, _process_alive, lease_owner
+
+    job_id = _job(JobStatus.RUNNING, stage="distill")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        # A live process on this host holds the stage: the second copy must not start.
+        _hold_lease(job_id, f"{socket.gethostname()}:{holder.pid}", 300)
+        with pytest.raises(StageBusy):
+            _claim(job_id, "distill", True, lease_owner())
+        job, events = _state(job_id)
+        assert job.lease_owner == f"{socket.gethostname()}:{holder.pid}" and not events
+        # Killed and not yet reaped (a zombie): gone, the lease is taken over at once.
+        holder.kill()
+        deadline = time.monotonic() + 10
+        while _process_alive(holder.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _process_alive(holder.pid)
+        assert _claim(job_id, "distill", True, lease_owner()) is not None
+        assert _state(job_id)[0].lease_owner == lease_owner()
+    finally:
+        holder.kill()
+        holder.wait()
+    # On another host only the heartbeat tells: live until it lapses.
+    _hold_lease(job_id, "another-host:1", 300)
+    with pytest.raises(StageBusy):
+        _claim(job_id, "distill", True, lease_owner())
+    _hold_lease(job_id, "another-host:1", -1)
+    assert _claim(job_id, "distill", True, lease_owner()) is not None
+    # A copy of a stage the job is not running yet is not held up by the lease.
+    _hold_lease(job_id, "another-host:1", 300)
+    with session_scope() as session:
+        session.get(Job, job_id).stage = "filter"  # type: ignore[union-attr]
+    assert _claim(job_id, "distill", False, lease_owner()) is not None
+
+
+def test_a_busy_delivery_runs_once_the_holder_is_gone(
+    service: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    import worker.tasks as tasks
+
+    job_id = _job(JobStatus.RUNNING, stage="prepare")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    _hold_lease(job_id, f"{socket.gethostname()}:{holder.pid}", 300)
+    waits: list[float] = []
+
+    def holder_dies_while_we_wait(settings: object) -> float:
+        holder.kill()
+        holder.wait()
+        waits.append(1.0)
+        return 0.0
+
+    monkeypatch.setattr(tasks, "lease_wait_s", holder_dies_while_we_wait)
+    # Eager mode runs the retry inline: busy once, then the stage runs (and fails: its corpus
+    # was never uploaded), started exactly once.
+    assert _run(job_id, "prepare") == "failed"
+    assert waits == [1.0]
+    job, events = _state(job_id)
+    assert job.status == JobStatus.FAILED
+    assert [e.message for e in events].count("prepare started") == 1
+
+
+def test_a_stage_that_lost_its_lease_stops_and_the_heartbeat_renews_it(service: Path) -> None:
+    from worker.tasks import LeaseKeeper, LeaseLost, ProgressReporter
+
+    job_id = _job(JobStatus.RUNNING, stage="filter")
+    _hold_lease(job_id, "host:1", 1)
+    keeper = LeaseKeeper(job_id, "host:1", ttl_s=0.25)
+    before = _state(job_id)[0].lease_expires_at
+    with keeper:  # beats every 0.05 s
+        deadline = time.monotonic() + 10
+        while _state(job_id)[0].lease_expires_at == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert _state(job_id)[0].lease_expires_at != before
+    ProgressReporter(job_id, "filter", owner="host:1")(0.5, "scoring")  # still ours
+    # Taken over by another delivery (our heartbeat lapsed): renewing fails, progress stops us.
+    _hold_lease(job_id, "host:2", 300)
+    assert not keeper.renew()
+    with pytest.raises(LeaseLost):
+        ProgressReporter(job_id, "filter", owner="host:1")(0.6, "scoring")
+    assert _state(job_id)[0].status == JobStatus.RUNNING

@@ -17,11 +17,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
+import socket
 import tarfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +81,15 @@ RECORD_RETRY_S = 30
 
 class JobCancelled(Exception):
     """Raised from the progress callback when the job row says `cancelling`."""
+
+
+class StageBusy(Exception):
+    """This stage of the job is running in another live worker process (it holds the lease)."""
+
+
+class LeaseLost(Exception):
+    """Raised from the progress callback when another delivery has taken over the stage (this
+    process's heartbeat lapsed, so it was taken for dead): stop without touching the row."""
 
 
 @dataclass(frozen=True)
@@ -162,8 +175,89 @@ def _mark_failed(job_id: str, stage: str, code: str, detail: str, data: dict[str
         )
 
 
-def _claim(job_id: str, stage: str, redelivered: bool) -> JobInputs | None:
-    """Decide whether this delivery should run; mark the job running. None: nothing to do."""
+# ---------------------------------------------------------------------------------------------
+# The job lease: one live process per running stage
+
+
+def lease_owner() -> str:
+    """This process as a lease holder: "host:pid"."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process `pid` on this host is alive (a zombie, killed but not reaped, is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    try:
+        # The state is the field after "(comm)", which may itself hold spaces or parentheses.
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def lease_held_by_another(job: Job, owner: str) -> bool:
+    """Whether another live process holds the job's lease.
+
+    Live: its heartbeat has not lapsed and, when it is on this host, its process still exists
+    (so a worker killed here is replaced at once; on another host, after lease_ttl_s).
+    """
+    holder, until = job.lease_owner, job.lease_expires_at
+    if not holder or holder == owner or until is None or until <= utcnow():
+        return False
+    host, _, pid = holder.rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        return _process_alive(int(pid))
+    return True
+
+
+class LeaseKeeper:
+    """A heartbeat thread renewing the job's lease while this process runs its stage."""
+
+    def __init__(self, job_id: str, owner: str, ttl_s: float) -> None:
+        self.job_id, self.owner, self.ttl_s = job_id, owner, ttl_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"lease-{job_id}", daemon=True)
+
+    def renew(self) -> bool:
+        """Push the lease's expiry on; False when this process no longer holds it."""
+        with session_scope() as session:
+            renewed = session.execute(
+                update(Job)
+                .where(Job.id == self.job_id, Job.lease_owner == self.owner)
+                .values(lease_expires_at=utcnow() + timedelta(seconds=self.ttl_s))
+            )
+            return bool(renewed.rowcount)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl_s / 5):
+            try:
+                if not self.renew():
+                    return  # released (stage done) or taken over: the progress check stops us
+            except Exception as error:  # a database blip: try again at the next beat
+                log.warning("job %s: could not renew its lease: %s", self.job_id, error)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def _claim(
+    job_id: str, stage: str, redelivered: bool, owner: str = "", lease_ttl_s: float = 300.0
+) -> JobInputs | None:
+    """Decide whether this delivery should run; mark the job running and take its lease.
+
+    None: nothing to do. StageBusy: another live process is running this stage (see
+    `lease_held_by_another`); the caller tries again later.
+    """
     with session_scope() as session:
         job = _locked_job(session, job_id)
         if job is None:
@@ -190,6 +284,11 @@ def _claim(job_id: str, stage: str, redelivered: bool) -> JobInputs | None:
             # the next stage, so this one must not.
             log.info("job %s is at %s; dropping stale %s task", job_id, job.stage, stage)
             return None
+        if job.stage == stage and lease_held_by_another(job, owner):
+            # A second copy of the stage that is running (redelivered after the visibility
+            # timeout, or sent twice): running it too would share the work folder. Wait: it
+            # is dropped as stale once the holder advances, and takes over if the holder dies.
+            raise StageBusy(f"job {job_id} {stage} is running in {job.lease_owner}")
         first_start = job.status == JobStatus.QUEUED
         # Deliveries of this stage so far: more than one means a redelivery (crash, lost host).
         attempt = 1 + (
@@ -209,6 +308,8 @@ def _claim(job_id: str, stage: str, redelivered: bool) -> JobInputs | None:
         job.started_at = job.started_at or utcnow()
         job.attempts = (job.attempts or 0) + 1
         job.stage = stage
+        job.lease_owner = owner or None
+        job.lease_expires_at = utcnow() + timedelta(seconds=lease_ttl_s) if owner else None
         job.progress = max(job.progress or 0.0, stage_offset(stage))
         if first_start:
             add_event(session, job_id, EventKind.STATUS, "running", data={"status": "running"})
@@ -239,10 +340,13 @@ def _claim(job_id: str, stage: str, redelivered: bool) -> JobInputs | None:
 class ProgressReporter:
     """The ProgressFn handed to a stage: throttled progress writes, events and cancel checks."""
 
-    def __init__(self, job_id: str, stage: str, interval_s: float = 1.0) -> None:
+    def __init__(
+        self, job_id: str, stage: str, interval_s: float = 1.0, owner: str | None = None
+    ) -> None:
         # Progress is written, and the row's status read to notice a cancel, at most every
         # interval_s: about once a second keeps cancel prompt and the database quiet.
         self.job_id, self.stage, self.interval_s = job_id, stage, interval_s
+        self.owner = owner  # this process's lease: lost to another delivery -> LeaseLost
         self._last_write = 0.0
         self._last_event = 0.0
         self._last_event_tenth = -1
@@ -263,6 +367,8 @@ class ProgressReporter:
             job = session.get(Job, self.job_id)
             if job is None or job.status in (JobStatus.CANCELLING, JobStatus.CANCELLED):
                 raise JobCancelled(self.job_id)
+            if self.owner and job.lease_owner not in (None, self.owner):
+                raise LeaseLost(f"job {self.job_id} {self.stage} taken over by {job.lease_owner}")
             # A redelivered stage reports again from 0: never move the bar backwards.
             session.execute(
                 update(Job)
@@ -454,11 +560,20 @@ def run_stage(self: Any, job_id: str, stage: str) -> str:
         raise ValueError(f"unknown stage {stage!r}")
     delivery = getattr(self.request, "delivery_info", None) or {}
     redelivered = bool(delivery.get("redelivered"))
+    settings, owner = get_settings(), lease_owner()
     try:
-        inputs = _claim(job_id, stage, redelivered)
+        inputs = _claim(job_id, stage, redelivered, owner, settings.lease_ttl_s)
         if inputs is None:
             return "dropped"
-        return StageRun(inputs, stage, get_settings()).run()
+        with LeaseKeeper(job_id, owner, settings.lease_ttl_s):
+            return StageRun(inputs, stage, settings, owner).run()
+    except StageBusy as busy:
+        wait = lease_wait_s(settings)
+        log.info("%s; trying again in %.0fs", busy, wait)
+        raise self.retry(countdown=wait) from busy
+    except LeaseLost as lost:
+        log.warning("%s; this copy stops", lost)
+        return "superseded"
     except JobCancelled:
         try:
             mark_cancelled(job_id, stage, f"cancelled during {stage}")
@@ -498,6 +613,11 @@ def _retry_recording(task: Any, job_id: str, stage: str, what: str, error: Excep
         RECORD_RETRY_S,
     )
     return task.retry(exc=error, countdown=RECORD_RETRY_S)
+
+
+def lease_wait_s(settings: Settings) -> float:
+    """How long a delivery that found its stage busy waits before looking again."""
+    return min(60.0, settings.lease_ttl_s / 2)
 
 
 def _on_terminated(job_id: str, stage: str) -> None:
@@ -577,8 +697,11 @@ def _ml_error_code(error: Exception) -> str | None:
 class StageRun:
     """One execution of one stage for one job."""
 
-    def __init__(self, inputs: JobInputs, stage: str, settings: Settings) -> None:
+    def __init__(
+        self, inputs: JobInputs, stage: str, settings: Settings, owner: str | None = None
+    ) -> None:
         self.inputs, self.stage, self.settings = inputs, stage, settings
+        self.owner = owner
         self.job_id = inputs.job_id
         self.store = store_for(settings)
         self.workdir = Path(settings.work_dir) / self.job_id
@@ -649,7 +772,7 @@ class StageRun:
             eval_queries=eval_queries,
             eval_qrels=eval_qrels,
             progress=ProgressReporter(
-                self.job_id, self.stage, self.settings.progress_interval_s
+                self.job_id, self.stage, self.settings.progress_interval_s, self.owner
             ),
         )
 
@@ -705,8 +828,9 @@ class StageRun:
     def _advance(self, next_stage: str) -> None:
         """Send the next stage, then point the row at it.
 
-        Send first: a crash between the two leaves a duplicate task at worst (dropped as stale
-        by _claim once the first copy has advanced the job), never a job with no task.
+        Send first: a crash between the two leaves a duplicate task at worst, never a job with
+        no task. The duplicate waits on the lease while the first copy runs the stage and is
+        dropped as stale by _claim once that copy has advanced the job.
         """
         self._raise_if_cancelled()
         task_id = send_stage(self.job_id, next_stage)
@@ -715,6 +839,13 @@ class StageRun:
                 update(Job)
                 .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING)
                 .values(stage=next_stage, celery_task_id=task_id)
+            )
+            # This stage is done: its lease no longer guards anything (the next stage's task
+            # takes its own when it starts).
+            session.execute(
+                update(Job)
+                .where(Job.id == self.job_id, Job.lease_owner == self.owner)
+                .values(lease_owner=None, lease_expires_at=None)
             )
 
     def _finish(self) -> None:
@@ -772,6 +903,7 @@ class StageRun:
             job.metrics = {**(job.metrics or {}), **job_metrics}
             job.recommended = Recommendation(recommended)
             job.status = JobStatus.SUCCEEDED
+            job.lease_owner = job.lease_expires_at = None
             job.progress = 1.0
             job.finished_at = utcnow()
             warnings = [str(w) for w in report.get("warnings", [])]

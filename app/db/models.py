@@ -167,6 +167,10 @@ class Job(Base):
     # {"code": ..., "message": ..., "stage": ...} when failed.
     error: Mapped[dict[str, Any] | None] = mapped_column(JSONType, default=None)
     celery_task_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    # The worker process running the current stage ("host:pid") and until when its heartbeat
+    # vouches for it: a second delivery of that stage waits instead of running beside it.
+    lease_owner: Mapped[str | None] = mapped_column(String(200), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # Plain column, not a foreign key: tuned_models.job_id already points back here.
     model_id: Mapped[str | None] = mapped_column(String(32), default=None)
