@@ -199,3 +199,31 @@ def test_worker_killed_mid_job_resumes_on_a_new_worker(
     for stage in STAGES:
         assert len(stage_events(stage, "finished")) <= 1
         assert stage_events(stage, "finished") or stage_events(stage, "skipped (already finished)")
+
+
+def test_a_lost_host_is_resumed_by_the_lease_sweep_before_the_broker_redelivers(
+    stack: ServiceStack, corpus_id: str, tmp_path: Path
+) -> None:
+    """A host that vanishes mid-stage stops renewing its job's lease. The broker would give
+    its task back only after the visibility timeout (an hour here): the lease sweep of any
+    other worker re-sends the stage within about one lease period instead."""
+    for worker in stack.workers:
+        worker.stop(timeout=3)
+    lease = {"lease_ttl_s": "3"}
+    stack.start_worker("worker-lease-1", **lease)
+    with stack.client() as client:
+        job = create_job(client, corpus_id, **LONG_TRAINING)
+        wait_for_event(client, job["id"], stage_started("distill"), 120, stack)
+        stack.workers[-1].kill()
+        # The other host never restores the lost task from the broker within this test.
+        stack.start_worker(
+            "worker-lease-2", work_dir=tmp_path / "host-2", visibility_timeout="3600", **lease
+        )
+        wait_for_job(client, job["id"], lambda j: j["status"] == "succeeded", 180, stack)
+        timeline = events(client, job["id"])
+    resent = [e for e in timeline if e["kind"] == "warning" and "lease" in e["message"]]
+    assert len(resent) == 1 and resent[0]["stage"] == "distill", timeline
+    starts = [e for e in timeline if e["kind"] == "stage" and e["message"] == "distill started"]
+    assert len(starts) == 2
+    stack.workers[-1].stop(timeout=3)
+    stack.start_worker("worker-after-lease")

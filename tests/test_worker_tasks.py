@@ -307,3 +307,35 @@ def test_a_stage_that_lost_its_lease_stops_and_the_heartbeat_renews_it(service: 
     with pytest.raises(LeaseLost):
         ProgressReporter(job_id, "filter", owner="host:1")(0.6, "scoring")
     assert _state(job_id)[0].status == JobStatus.RUNNING
+
+
+def test_a_stage_whose_lease_lapsed_is_sent_again_once(service: Path) -> None:
+    from worker.tasks import REQUEUED, _claim, lease_owner, sweep_lapsed_leases
+
+    queue = service / "broker" / "queue"
+    job_id = _job(JobStatus.RUNNING, stage="filter")
+    _hold_lease(job_id, "lost-host:7", 300)  # renewed lately: left alone
+    assert sweep_lapsed_leases(300) == [] and not list(queue.glob("*.msg"))
+    _hold_lease(job_id, "lost-host:7", -1)  # the host stopped renewing: sent again, once
+    assert sweep_lapsed_leases(300) == [job_id]
+    assert sweep_lapsed_leases(300) == []  # another worker's sweep a moment later
+    messages = list(queue.glob("*.msg"))
+    assert len(messages) == 1
+    assert json.loads(messages[0].read_text())["headers"]["argsrepr"] == "('job_1', 'filter')"
+    job, events = _state(job_id)
+    assert job.lease_owner == REQUEUED
+    assert [e.kind.value for e in events] == ["warning"] and "lost-host:7" in events[0].message
+    # The re-sent task takes the stage at once: nobody holds a requeued lease.
+    assert _claim(job_id, "filter", False, lease_owner()) is not None
+    assert _state(job_id)[0].lease_owner == lease_owner()
+    # Jobs between stages (no lease) and finished jobs are not swept.
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.lease_owner, job.lease_expires_at = None, None
+    assert sweep_lapsed_leases(300) == []
+    _hold_lease(job_id, "lost-host:7", -1)
+    with session_scope() as session:
+        session.get(Job, job_id).status = JobStatus.FAILED  # type: ignore[union-attr]
+    assert sweep_lapsed_leases(300) == []
+    assert len(list(queue.glob("*.msg"))) == 1

@@ -179,6 +179,12 @@ def _mark_failed(job_id: str, stage: str, code: str, detail: str, data: dict[str
 # The job lease: one live process per running stage
 
 
+# The owner the lease sweeper writes when it re-sends a stage whose holder stopped renewing:
+# no process holds it, so the re-sent task claims it at once, and other sweepers leave the job
+# alone for one lease_ttl_s (then it is re-sent again, should that task be lost too).
+REQUEUED = "requeued"
+
+
 def lease_owner() -> str:
     """This process as a lease holder: "host:pid"."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -207,7 +213,7 @@ def lease_held_by_another(job: Job, owner: str) -> bool:
     (so a worker killed here is replaced at once; on another host, after lease_ttl_s).
     """
     holder, until = job.lease_owner, job.lease_expires_at
-    if not holder or holder == owner or until is None or until <= utcnow():
+    if not holder or holder in (owner, REQUEUED) or until is None or until <= utcnow():
         return False
     host, _, pid = holder.rpartition(":")
     if host == socket.gethostname() and pid.isdigit():
@@ -979,6 +985,68 @@ def _cancel_revoked_job(request: Any = None, terminated: bool = False, **_: Any)
             mark_cancelled(job_id, stage, f"cancelled ({stage} task {how})")
     except Exception:
         log.exception("could not record the revoke of job %s", job_id)
+
+
+def sweep_lapsed_leases(lease_ttl_s: float | None = None) -> list[str]:
+    """Re-send the current stage of every job whose lease lapsed; returns their ids.
+
+    A lapsed lease means the process running the stage stopped renewing it for lease_ttl_s:
+    its host died or lost the database. The broker would redeliver that task only after the
+    visibility timeout (hours); this resumes the job within about one lease_ttl_s instead. Any
+    number of workers may sweep at once: the conditional update lets one of them re-send.
+    A late redelivery of the original task then finds the stage taken (it waits on the lease)
+    or finished (dropped as stale).
+    """
+    ttl = lease_ttl_s if lease_ttl_s is not None else get_settings().lease_ttl_s
+    alive = [JobStatus.RUNNING, JobStatus.CANCELLING]
+    with session_scope() as session:
+        lapsed = session.execute(
+            select(Job.id, Job.stage, Job.lease_owner).where(
+                Job.status.in_(alive), Job.lease_expires_at < utcnow()
+            )
+        ).all()
+    resent: list[str] = []
+    for job_id, stage, holder in lapsed:
+        now = utcnow()
+        with session_scope() as session:
+            won = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status.in_(alive), Job.lease_expires_at < now)
+                .values(lease_owner=REQUEUED, lease_expires_at=now + timedelta(seconds=ttl))
+            ).rowcount
+            if won:
+                add_event(
+                    session,
+                    job_id,
+                    EventKind.WARNING,
+                    f"{stage} stopped renewing its lease ({holder}); sending it again",
+                    stage=stage,
+                    data={"lease_owner": holder},
+                )
+        if won:
+            log.warning("job %s: %s's lease lapsed (%s); re-sending it", job_id, stage, holder)
+            send_stage(job_id, stage or STAGES[0])
+            resent.append(job_id)
+    return resent
+
+
+def _sweep_forever(interval_s: float) -> None:
+    while True:
+        time.sleep(interval_s)
+        try:
+            sweep_lapsed_leases()
+        except Exception as error:  # the database or broker is down: try again next time
+            log.warning("lease sweep failed: %s", error)
+
+
+@signals.worker_ready.connect
+def _start_lease_sweeper(**_: Any) -> None:
+    """In the worker's main process: sweep for lapsed leases every lease_ttl_s / 2 (at most a
+    minute), so a job whose worker host died resumes without waiting for the broker."""
+    interval = min(60.0, get_settings().lease_ttl_s / 2)
+    threading.Thread(
+        target=_sweep_forever, args=(interval,), name="lease-sweeper", daemon=True
+    ).start()
 
 
 @signals.worker_ready.connect
