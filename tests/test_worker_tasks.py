@@ -339,3 +339,52 @@ def test_a_stage_whose_lease_lapsed_is_sent_again_once(service: Path) -> None:
         session.get(Job, job_id).status = JobStatus.FAILED  # type: ignore[union-attr]
     assert sweep_lapsed_leases(300) == []
     assert len(list(queue.glob("*.msg"))) == 1
+
+
+def test_transient_errors_are_retried_three_times_and_leave_no_lease(
+    service: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker.tasks as tasks
+
+    job_id = _job(JobStatus.RUNNING, stage="filter")
+    calls: list[str | None] = []
+
+    def broker_down(self: object) -> str:
+        calls.append(_state(job_id)[0].lease_owner)  # held while the stage runs
+        raise ConnectionError("connection refused")
+
+    monkeypatch.setattr(tasks.StageRun, "run", broker_down)
+    assert _run(job_id, "filter") == "failed"  # eager mode runs the retries inline
+    assert calls == [tasks.lease_owner()] * (1 + tasks.TRANSIENT_RETRIES)
+    job, _ = _state(job_id)
+    assert job.status == JobStatus.FAILED and job.error is not None
+    # Each attempt gave its lease back on the way out: a retry on another process of this
+    # host need not wait for it to lapse.
+    assert job.lease_owner is None and job.lease_expires_at is None
+
+
+def test_waiting_on_a_busy_stage_does_not_use_up_its_transient_retries(
+    service: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker.tasks as tasks
+
+    job_id = _job(JobStatus.RUNNING, stage="filter")
+    _hold_lease(job_id, "another-host:1", 300)
+    waits: list[int] = []
+
+    def holder_finishes_after_four_waits(settings: object) -> float:
+        waits.append(1)
+        if len(waits) == 4:
+            _hold_lease(job_id, "another-host:1", -1)  # it stopped renewing
+        return 0.0
+
+    runs: list[int] = []
+
+    def broker_down(self: object) -> str:
+        runs.append(1)
+        raise ConnectionError("connection refused")
+
+    monkeypatch.setattr(tasks, "lease_wait_s", holder_finishes_after_four_waits)
+    monkeypatch.setattr(tasks.StageRun, "run", broker_down)
+    assert _run(job_id, "filter") == "failed"
+    assert len(waits) == 4 and len(runs) == 1 + tasks.TRANSIENT_RETRIES

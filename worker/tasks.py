@@ -254,6 +254,18 @@ class LeaseKeeper:
     def __exit__(self, *_: object) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+        # However the stage ended here (advanced, failed, cancelled, to be retried), this
+        # process no longer runs it: a retry landing on another process must not wait for the
+        # lease to lapse. Best effort: the database may be what failed.
+        try:
+            with session_scope() as session:
+                session.execute(
+                    update(Job)
+                    .where(Job.id == self.job_id, Job.lease_owner == self.owner)
+                    .values(lease_owner=None, lease_expires_at=None)
+                )
+        except Exception as error:
+            log.warning("job %s: could not release its lease: %s", self.job_id, error)
 
 
 def _claim(
@@ -556,11 +568,12 @@ def fetch_input(store: ObjectStore, key: str, dest: Path) -> Path:
     acks_late=True,
     reject_on_worker_lost=True,
     ignore_result=True,
-    # Retries are counted by hand: TRANSIENT_RETRIES for the stage, unlimited for recording
-    # its outcome (see _retry_recording).
+    # Retries are counted by hand: TRANSIENT_RETRIES for the stage's own errors (in the
+    # transient_retries argument), none for waiting on a busy stage or for recording an
+    # outcome (see _retry_recording).
     max_retries=None,
 )
-def run_stage(self: Any, job_id: str, stage: str) -> str:
+def run_stage(self: Any, job_id: str, stage: str, transient_retries: int = 0) -> str:
     """Run one stage of one job (see the module docstring); returns what happened."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
@@ -592,9 +605,13 @@ def run_stage(self: Any, job_id: str, stage: str) -> str:
         _on_terminated(job_id, stage)
         raise
     except Exception as error:
-        if _is_transient(error) and self.request.retries < TRANSIENT_RETRIES:
+        if _is_transient(error) and transient_retries < TRANSIENT_RETRIES:
             log.warning("job %s %s: transient error, retrying: %s", job_id, stage, error)
-            raise self.retry(exc=error, countdown=10 * (self.request.retries + 1)) from error
+            raise self.retry(
+                kwargs={"transient_retries": transient_retries + 1},
+                exc=error,
+                countdown=10 * (transient_retries + 1),
+            ) from error
         try:
             _record_failure(job_id, stage, error)
         except Exception as recording:
