@@ -321,9 +321,10 @@ def test_a_stage_whose_lease_lapsed_is_sent_again_once(service: Path) -> None:
     assert sweep_lapsed_leases(300) == []  # another worker's sweep a moment later
     messages = list(queue.glob("*.msg"))
     assert len(messages) == 1
-    assert json.loads(messages[0].read_text())["headers"]["argsrepr"] == "('job_1', 'filter')"
+    headers = json.loads(messages[0].read_text())["headers"]
+    assert headers["argsrepr"] == "('job_1', 'filter')"
     job, events = _state(job_id)
-    assert job.lease_owner == REQUEUED
+    assert job.lease_owner == REQUEUED and job.celery_task_id == headers["id"]
     assert [e.kind.value for e in events] == ["warning"] and "lost-host:7" in events[0].message
     # The re-sent task takes the stage at once: nobody holds a requeued lease.
     assert _claim(job_id, "filter", False, lease_owner()) is not None

@@ -1042,7 +1042,9 @@ def sweep_lapsed_leases(lease_ttl_s: float | None = None) -> list[str]:
                 )
         if won:
             log.warning("job %s: %s's lease lapsed (%s); re-sending it", job_id, stage, holder)
-            send_stage(job_id, stage or STAGES[0])
+            task_id = send_stage(job_id, stage or STAGES[0])
+            with session_scope() as session:  # what a cancel revokes from now on
+                session.execute(update(Job).where(Job.id == job_id).values(celery_task_id=task_id))
             resent.append(job_id)
     return resent
 
