@@ -389,3 +389,30 @@ def test_waiting_on_a_busy_stage_does_not_use_up_its_transient_retries(
     monkeypatch.setattr(tasks.StageRun, "run", broker_down)
     assert _run(job_id, "filter") == "failed"
     assert len(waits) == 4 and len(runs) == 1 + tasks.TRANSIENT_RETRIES
+
+
+def test_a_copy_that_lost_its_lease_publishes_nothing(
+    service: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The stage ran to its end without a progress report after the takeover (a long step, a
+    # database outage): the check before uploading still stops it, leaving the row and the
+    # object store to the copy that took over.
+    import worker.tasks as tasks
+
+    job_id = _job(JobStatus.RUNNING, stage="prepare")
+    uploads: list[str] = []
+
+    def stage_outlives_its_lease(stage: str, ctx: object) -> object:
+        _hold_lease(job_id, "another-host:1", 300)  # the sweep re-sent it; the copy took over
+        return None
+
+    monkeypatch.setattr(tasks, "run_pipeline_stage", stage_outlives_its_lease)
+    monkeypatch.setattr(tasks, "upload_stage", lambda *args: uploads.append("uploaded"))
+    corpus = service / "objects" / "corpora" / "crp_1" / "corpus.jsonl"
+    corpus.parent.mkdir(parents=True)
+    corpus.write_text('{"_id": "d1", "text": "a passage"}\n')
+    assert _run(job_id, "prepare") == "superseded"
+    job, events = _state(job_id)
+    assert not uploads and job.status == JobStatus.RUNNING
+    assert job.lease_owner == "another-host:1"  # not released by the copy that lost it
+    assert [e.message for e in events] == ["prepare started"]

@@ -807,10 +807,18 @@ class StageRun:
         return json.loads(raw)
 
     def _raise_if_cancelled(self) -> None:
+        """Before each step that publishes (upload, next stage, model): stop if the job was
+        cancelled, or if another delivery took this stage over (LeaseLost): two copies must not
+        upload over each other."""
         with session_scope() as session:
-            status = session.scalar(select(Job.status).where(Job.id == self.job_id))
+            row = session.execute(
+                select(Job.status, Job.lease_owner).where(Job.id == self.job_id)
+            ).one_or_none()
+        status, holder = row if row is not None else (None, None)
         if status in (JobStatus.CANCELLING, JobStatus.CANCELLED, None):
             raise JobCancelled(self.job_id)
+        if self.owner and holder not in (None, self.owner):
+            raise LeaseLost(f"job {self.job_id} {self.stage} taken over by {holder}")
 
     def _record_stage(self, outcome: dict[str, Any]) -> None:
         with session_scope() as session:
