@@ -416,3 +416,17 @@ def test_a_copy_that_lost_its_lease_publishes_nothing(
     assert not uploads and job.status == JobStatus.RUNNING
     assert job.lease_owner == "another-host:1"  # not released by the copy that lost it
     assert [e.message for e in events] == ["prepare started"]
+
+
+def test_a_stage_stopped_by_a_shutdown_is_swept_up_at_once(service: Path) -> None:
+    # A cold shutdown (SystemExit in the pool process) leaves the task unacknowledged for the
+    # broker to redeliver, hours later: the lease lapses at once, so the next sweep re-sends.
+    from worker.tasks import LeaseKeeper, _claim, lease_owner, sweep_lapsed_leases
+
+    job_id = _job(JobStatus.RUNNING, stage="distill")
+    assert _claim(job_id, "distill", False, lease_owner(), 300) is not None
+    with pytest.raises(SystemExit), LeaseKeeper(job_id, lease_owner(), 300):
+        raise SystemExit(1)
+    job, _ = _state(job_id)
+    assert job.lease_owner == lease_owner()  # kept, but lapsed
+    assert sweep_lapsed_leases(300) == [job_id]

@@ -251,21 +251,29 @@ class LeaseKeeper:
         self._thread.start()
         return self
 
-    def __exit__(self, *_: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
-        # However the stage ended here (advanced, failed, cancelled, to be retried), this
-        # process no longer runs it: a retry landing on another process must not wait for the
-        # lease to lapse. Best effort: the database may be what failed.
+        # However the stage ended here, this process no longer runs it. Ended by an error
+        # (failed, cancelled, to be retried): release it, so a retry landing on another process
+        # need not wait for it to lapse. Ended by the process exiting (SystemExit: a shutdown,
+        # or the terminate of a cancel): let it lapse now, so the sweep re-sends the stage
+        # instead of the job waiting hours for the broker to redeliver an unacknowledged task.
+        # Best effort: the database may be what failed.
+        exiting = kind is not None and not issubclass(kind, Exception)
+        values = {"lease_expires_at": utcnow()} if exiting else {
+            "lease_owner": None,
+            "lease_expires_at": None,
+        }
         try:
             with session_scope() as session:
                 session.execute(
                     update(Job)
                     .where(Job.id == self.job_id, Job.lease_owner == self.owner)
-                    .values(lease_owner=None, lease_expires_at=None)
+                    .values(**values)
                 )
         except Exception as error:
-            log.warning("job %s: could not release its lease: %s", self.job_id, error)
+            log.warning("job %s: could not give up its lease: %s", self.job_id, error)
 
 
 def _claim(
