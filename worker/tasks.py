@@ -221,6 +221,12 @@ def lease_held_by_another(job: Job, owner: str) -> bool:
     return True
 
 
+def _raise_if_taken_over(job_id: str, stage: str, owner: str | None, holder: str | None) -> None:
+    """LeaseLost when another delivery now holds the lease this process took."""
+    if owner and holder not in (None, owner):
+        raise LeaseLost(f"job {job_id} {stage} taken over by {holder}")
+
+
 class LeaseKeeper:
     """A heartbeat thread renewing the job's lease while this process runs its stage."""
 
@@ -254,11 +260,12 @@ class LeaseKeeper:
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
-        # However the stage ended here, this process no longer runs it. Ended by an error
-        # (failed, cancelled, to be retried): release it, so a retry landing on another process
-        # need not wait for it to lapse. Ended by the process exiting (SystemExit: a shutdown,
-        # or the terminate of a cancel): let it lapse now, so the sweep re-sends the stage
-        # instead of the job waiting hours for the broker to redeliver an unacknowledged task.
+        # However the stage ended here, this process no longer runs it. Ended by a return or
+        # an error (advanced, finished, failed, cancelled, to be retried): release it, so the
+        # next task (or a retry landing on another process) need not wait for it to lapse.
+        # Ended by the process exiting (SystemExit: a shutdown, or the terminate of a cancel):
+        # let it lapse now, so the sweep re-sends the stage instead of the job waiting hours
+        # for the broker to redeliver an unacknowledged task.
         # Best effort: the database may be what failed.
         exiting = kind is not None and not issubclass(kind, Exception)
         values = {"lease_expires_at": utcnow()} if exiting else {
@@ -393,8 +400,7 @@ class ProgressReporter:
             job = session.get(Job, self.job_id)
             if job is None or job.status in (JobStatus.CANCELLING, JobStatus.CANCELLED):
                 raise JobCancelled(self.job_id)
-            if self.owner and job.lease_owner not in (None, self.owner):
-                raise LeaseLost(f"job {self.job_id} {self.stage} taken over by {job.lease_owner}")
+            _raise_if_taken_over(self.job_id, self.stage, self.owner, job.lease_owner)
             # A redelivered stage reports again from 0: never move the bar backwards.
             session.execute(
                 update(Job)
@@ -647,7 +653,8 @@ def _retry_recording(task: Any, job_id: str, stage: str, what: str, error: Excep
 
 
 def lease_wait_s(settings: Settings) -> float:
-    """How long a delivery that found its stage busy waits before looking again."""
+    """How long a delivery that found its stage busy waits before looking again; also how
+    often workers sweep for lapsed leases."""
     return min(60.0, settings.lease_ttl_s / 2)
 
 
@@ -825,8 +832,7 @@ class StageRun:
         status, holder = row if row is not None else (None, None)
         if status in (JobStatus.CANCELLING, JobStatus.CANCELLED, None):
             raise JobCancelled(self.job_id)
-        if self.owner and holder not in (None, self.owner):
-            raise LeaseLost(f"job {self.job_id} {self.stage} taken over by {holder}")
+        _raise_if_taken_over(self.job_id, self.stage, self.owner, holder)
 
     def _record_stage(self, outcome: dict[str, Any]) -> None:
         with session_scope() as session:
@@ -878,13 +884,6 @@ class StageRun:
                 update(Job)
                 .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING)
                 .values(stage=next_stage, celery_task_id=task_id)
-            )
-            # This stage is done: its lease no longer guards anything (the next stage's task
-            # takes its own when it starts).
-            session.execute(
-                update(Job)
-                .where(Job.id == self.job_id, Job.lease_owner == self.owner)
-                .values(lease_owner=None, lease_expires_at=None)
             )
 
     def _finish(self) -> None:
@@ -942,7 +941,6 @@ class StageRun:
             job.metrics = {**(job.metrics or {}), **job_metrics}
             job.recommended = Recommendation(recommended)
             job.status = JobStatus.SUCCEEDED
-            job.lease_owner = job.lease_expires_at = None
             job.progress = 1.0
             job.finished_at = utcnow()
             warnings = [str(w) for w in report.get("warnings", [])]
@@ -1078,7 +1076,7 @@ def _sweep_forever(interval_s: float) -> None:
 def _start_lease_sweeper(**_: Any) -> None:
     """In the worker's main process: sweep for lapsed leases every lease_ttl_s / 2 (at most a
     minute), so a job whose worker host died resumes without waiting for the broker."""
-    interval = min(60.0, get_settings().lease_ttl_s / 2)
+    interval = lease_wait_s(get_settings())
     threading.Thread(
         target=_sweep_forever, args=(interval,), name="lease-sweeper", daemon=True
     ).start()
