@@ -310,6 +310,7 @@ def test_a_stage_that_lost_its_lease_stops_and_the_heartbeat_renews_it(service: 
 
 
 def test_a_stage_whose_lease_lapsed_is_sent_again_once(service: Path) -> None:
+    from app.db.base import utcnow
     from worker.tasks import REQUEUED, _claim, lease_owner, sweep_lapsed_leases
 
     queue = service / "broker" / "queue"
@@ -324,8 +325,21 @@ def test_a_stage_whose_lease_lapsed_is_sent_again_once(service: Path) -> None:
     headers = json.loads(messages[0].read_text())["headers"]
     assert headers["argsrepr"] == "('job_1', 'filter')"
     job, events = _state(job_id)
-    assert job.lease_owner == REQUEUED and job.celery_task_id == headers["id"]
+    assert job.lease_owner == f"{REQUEUED}:1" and job.celery_task_id == headers["id"]
     assert [e.kind.value for e in events] == ["warning"] and "lost-host:7" in events[0].message
+    # No task took the re-sent stage within a lease period (a long queue, or the task was
+    # lost): sent again, and the next check waits twice as long, then four times.
+    for resends, factor in ((2, 2), (3, 4)):
+        _hold_lease(job_id, _state(job_id)[0].lease_owner, -1)
+        before = utcnow()
+        assert sweep_lapsed_leases(300) == [job_id]
+        job, events = _state(job_id)
+        assert job.lease_owner == f"{REQUEUED}:{resends}"
+        wait_s = (job.lease_expires_at - before).total_seconds()
+        assert 300 * factor - 5 < wait_s <= 300 * factor + 5
+        assert f"sent again {resends - 1} time(s)" in events[-1].message
+        assert sweep_lapsed_leases(300) == []
+    assert len(list(queue.glob("*.msg"))) == 3
     # The re-sent task takes the stage at once: nobody holds a requeued lease.
     assert _claim(job_id, "filter", False, lease_owner()) is not None
     assert _state(job_id)[0].lease_owner == lease_owner()
@@ -339,7 +353,7 @@ def test_a_stage_whose_lease_lapsed_is_sent_again_once(service: Path) -> None:
     with session_scope() as session:
         session.get(Job, job_id).status = JobStatus.FAILED  # type: ignore[union-attr]
     assert sweep_lapsed_leases(300) == []
-    assert len(list(queue.glob("*.msg"))) == 1
+    assert len(list(queue.glob("*.msg"))) == 3
 
 
 def test_transient_errors_are_retried_three_times_and_leave_no_lease(

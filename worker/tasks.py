@@ -180,9 +180,20 @@ def _mark_failed(job_id: str, stage: str, code: str, detail: str, data: dict[str
 
 
 # The owner the lease sweeper writes when it re-sends a stage whose holder stopped renewing:
-# no process holds it, so the re-sent task claims it at once, and other sweepers leave the job
-# alone for one lease_ttl_s (then it is re-sent again, should that task be lost too).
+# "requeued:N", N the re-sends in a row that no task has claimed yet. No process holds it, so
+# the re-sent task claims it at once. Other sweepers leave the job alone for lease_ttl_s, then
+# twice that, and so on up to MAX_REQUEUE_BACKOFF times: a re-sent task that is only waiting in
+# a long queue is not sent again every lease period, and one that was lost is still replaced.
 REQUEUED = "requeued"
+MAX_REQUEUE_BACKOFF = 16
+
+
+def requeues(holder: str | None) -> int:
+    """How many times in a row the sweep has re-sent the stage without a task claiming it."""
+    if not holder or not holder.startswith(REQUEUED):
+        return 0
+    count = holder.partition(":")[2]
+    return int(count) if count.isdigit() else 1
 
 
 def lease_owner() -> str:
@@ -213,7 +224,7 @@ def lease_held_by_another(job: Job, owner: str) -> bool:
     (so a worker killed here is replaced at once; on another host, after lease_ttl_s).
     """
     holder, until = job.lease_owner, job.lease_expires_at
-    if not holder or holder in (owner, REQUEUED) or until is None or until <= utcnow():
+    if not holder or holder == owner or requeues(holder) or until is None or until <= utcnow():
         return False
     host, _, pid = holder.rpartition(":")
     if host == socket.gethostname() and pid.isdigit():
@@ -1039,20 +1050,36 @@ def sweep_lapsed_leases(lease_ttl_s: float | None = None) -> list[str]:
     resent: list[str] = []
     for job_id, stage, holder in lapsed:
         now = utcnow()
+        sent_before = requeues(holder)
+        wait_s = ttl * min(2**sent_before, MAX_REQUEUE_BACKOFF)
         with session_scope() as session:
             won = session.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.status.in_(alive), Job.lease_expires_at < now)
-                .values(lease_owner=REQUEUED, lease_expires_at=now + timedelta(seconds=ttl))
+                .where(
+                    Job.id == job_id,
+                    Job.status.in_(alive),
+                    Job.lease_expires_at < now,
+                    Job.lease_owner == holder,
+                )
+                .values(
+                    lease_owner=f"{REQUEUED}:{sent_before + 1}",
+                    lease_expires_at=now + timedelta(seconds=wait_s),
+                )
             ).rowcount
             if won:
+                message = (
+                    f"{stage} was sent again {sent_before} time(s) and no worker has taken it; "
+                    f"sending it again (next check in {wait_s:.0f} s)"
+                    if sent_before
+                    else f"{stage} stopped renewing its lease ({holder}); sending it again"
+                )
                 add_event(
                     session,
                     job_id,
                     EventKind.WARNING,
-                    f"{stage} stopped renewing its lease ({holder}); sending it again",
+                    message,
                     stage=stage,
-                    data={"lease_owner": holder},
+                    data={"lease_owner": holder, "resends": sent_before + 1},
                 )
         if won:
             log.warning("job %s: %s's lease lapsed (%s); re-sending it", job_id, stage, holder)
