@@ -356,6 +356,14 @@ def test_a_stage_whose_lease_lapsed_is_sent_again_once(service: Path) -> None:
     assert len(list(queue.glob("*.msg"))) == 3
 
 
+def test_only_the_sweeps_own_markers_count_as_re_sends() -> None:
+    from worker.tasks import requeues
+
+    assert [requeues(h) for h in ("requeued:3", "requeued", None, "requeued-host:5", "h:1")] == [
+        3, 1, 0, 0, 0,  # "requeued" alone: written before re-sends were counted
+    ]
+
+
 def test_transient_errors_are_retried_three_times_and_leave_no_lease(
     service: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
