@@ -190,10 +190,10 @@ MAX_REQUEUE_BACKOFF = 16
 
 def requeues(holder: str | None) -> int:
     """How many times in a row the sweep has re-sent the stage without a task claiming it."""
-    if holder == REQUEUED:  # written before re-sends were counted
-        return 1
     marker, _, count = (holder or "").partition(":")
-    return int(count) if marker == REQUEUED and count.isdigit() else 0
+    if marker != REQUEUED:
+        return 0
+    return int(count) if count.isdigit() else 1  # bare "requeued": written before counting
 
 
 def lease_owner() -> str:
