@@ -163,3 +163,32 @@ def test_dequantized_state_dict_maps_matmulinteger_weights_to_bert() -> None:
     table = inits["embeddings.word_embeddings.weight_quantized"].astype(np.float32)
     np.testing.assert_allclose(state["embeddings.word_embeddings.weight"], (table - 128) * 0.01,
                                rtol=1e-6)
+
+
+def test_convert_bert_onnx_on_a_real_int8_export(tmp_path: Path) -> None:
+    """Provisioning's path for an int8 ONNX student (bge-small), end to end on a file written by
+    onnxruntime's quantize_dynamic: our protobuf reader, the de-quantisation, the cosine check
+    against onnxruntime, and the float model that replaces the ONNX file."""
+    import numpy as np
+    import torch
+    from transformers import BertModel
+
+    from ml_core.provision import convert_bert_onnx, read_onnx
+    from tests.tiny_models import build_int8_onnx_encoder
+
+    folder = tmp_path / "int8-student"
+    reference = build_int8_onnx_encoder(folder)
+    graph = read_onnx(folder / "model.onnx")
+    # 2 layers x (query, key, value, attention output, intermediate, output) as int8 MatMuls.
+    assert sum(node.op_type == "MatMulInteger" for node in graph.nodes) == 12
+    convert_bert_onnx(folder)
+    assert not (folder / "model.onnx").exists() and (folder / "model.safetensors").is_file()
+    converted = BertModel.from_pretrained(folder).eval()
+    ids = torch.randint(5, 200, (4, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        ours = converted(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0].numpy()
+        theirs = reference(ids, mask, torch.zeros_like(ids))[:, 0].numpy()
+    cosine = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
+    assert cosine.min() > 0.999  # int8 rounding only; a mis-mapped weight lands far below

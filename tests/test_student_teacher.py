@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from ml_core.records import Passage
-from ml_core.registry import REPO_ROOT, ModelRegistry
+from ml_core.registry import REPO_ROOT, ModelRegistry, ModelSpec
 from ml_core.student import Student
 from ml_core.teacher import OnnxCrossEncoder, Teacher, TorchCrossEncoder, load_teacher
+from tests.tiny_models import build_onnx_teacher
 
 QUERIES = ["what is lift on a swept wing", "insulin resistance in mice", "heat", ""]
 PASSAGES = [
@@ -141,12 +142,34 @@ def test_teacher_progress_can_cancel(tiny_teacher: Teacher) -> None:
         tiny_teacher.score(PAIRS, batch_size=2, progress=cancel)
 
 
+def test_onnx_teacher_scores_as_the_torch_teacher(
+    tiny_teacher: Teacher, registry: ModelRegistry, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same weights on onnxruntime: same scores, and per-batch padding although the
+    ONNX folder's tokenizer.json pads every pair to 512 (as the provisioned teacher's does)."""
+    spec = build_onnx_teacher(registry.folder("tiny-teacher"), tmp_path / "tiny-onnx-teacher")
+    teacher = load_teacher(ModelSpec.read(tmp_path / "tiny-onnx-teacher"))
+    assert isinstance(teacher, OnnxCrossEncoder) and spec.format == "onnx"
+    assert teacher.input_names == ["input_ids", "attention_mask", "token_type_ids"]
+    widths: list[int] = []
+    original = teacher._logits
+    monkeypatch.setattr(teacher, "_logits",
+                        lambda b: widths.append(b["input_ids"].shape[1]) or original(b))
+    pairs = sorted(PAIRS, key=lambda pair: len(pair[0]) + len(pair[1]))  # longest last
+    scores = teacher.score(pairs, batch_size=4)
+    np.testing.assert_allclose(scores, tiny_teacher.score(pairs, batch_size=4), atol=1e-5)
+    assert len(set(np.round(scores, 6))) > 3
+    assert widths == sorted(widths, reverse=True)
+    assert widths[0] == 512 and widths[-1] < 40  # the long passage is truncated, not the rest
+
+
 REAL_TEACHER = REPO_ROOT / "var" / "models" / "ms-marco-minilm-l12"
 
 
 @pytest.mark.skipif(not (REAL_TEACHER / "tailor-model.json").is_file(),
-                    reason="ONNX backend is tested on the provisioned teacher (torch.onnx.export "
-                           "needs the onnx package, not installed); run `python -m ml_core "
+                    reason="the provisioned int8 teacher (the tiny ONNX teacher runs in every "
+                           "suite); run `python -m ml_core "
                            "provision` first")
 def test_onnx_teacher_on_provisioned_model(monkeypatch: pytest.MonkeyPatch) -> None:
     teacher = load_teacher(ModelRegistry(REAL_TEACHER.parent).get(REAL_TEACHER.name))

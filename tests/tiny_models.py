@@ -10,6 +10,7 @@ real text tokenizes into words rather than [UNK].
 
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
 
@@ -403,3 +404,75 @@ TINY_HYPERPARAMETERS: dict = {
     },
     "evaluation": {"test_fraction": 0.2},
 }
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX exports of the tiny models (the `onnx` package, a dev dependency, does the export), so
+# the ONNX teacher backend and the int8 de-quantisation at provisioning run in the default suite.
+
+_BERT_INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
+
+
+class _ExportableBert(BertModel):
+    """BertModel whose forward takes the three inputs by position and returns the hidden
+    states (the exporter traces positional inputs; the module tree, so node names, is
+    BertModel's own, as in the int8 files that provisioning converts)."""
+
+    def forward(self, input_ids, attention_mask, token_type_ids):  # noqa: ANN001, ANN201
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask,
+                               token_type_ids=token_type_ids).last_hidden_state
+
+
+def _export_onnx(model: torch.nn.Module, path: Path, output: str) -> None:
+    sample = torch.randint(5, 50, (2, 7))
+    torch.onnx.export(
+        model, (sample, torch.ones_like(sample), torch.zeros_like(sample)), str(path),
+        input_names=_BERT_INPUTS, output_names=[output], opset_version=17, dynamo=False,
+        dynamic_axes={**{name: {0: "batch", 1: "tokens"} for name in _BERT_INPUTS},
+                      output: {0: "batch"}},
+    )
+
+
+def build_onnx_teacher(hf_teacher: Path, folder: Path) -> ModelSpec:
+    """The tiny teacher's weights exported to float ONNX (logits [batch, 1]) with its
+    tokenizer: the same scorer on onnxruntime, registered as format "onnx"."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        if (hf_teacher / name).is_file():
+            (folder / name).write_bytes((hf_teacher / name).read_bytes())
+    # Like the provisioned teacher's tokenizer.json: every pair padded and truncated to 512.
+    tokenizer = json.loads((hf_teacher / "tokenizer.json").read_text(encoding="utf-8"))
+    tokenizer["padding"] = {"strategy": {"Fixed": 512}, "direction": "Right",
+                            "pad_to_multiple_of": None, "pad_id": 0, "pad_type_id": 0,
+                            "pad_token": "[PAD]"}
+    tokenizer["truncation"] = {"direction": "Right", "max_length": 512,
+                               "strategy": "LongestFirst", "stride": 0}
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer), encoding="utf-8")
+    model = BertForSequenceClassification.from_pretrained(hf_teacher).eval()
+    _export_onnx(model, folder / "model.onnx", "logits")
+    return _save_spec(folder, ModelSpec(
+        name="tiny-onnx-teacher", role="teacher", format="onnx", path="model.onnx",
+        max_query_length=64, max_passage_length=512, licence="test-only",
+        source="tests/tiny_models.py (tiny-teacher exported to ONNX)",
+    ))
+
+
+def build_int8_onnx_encoder(folder: Path) -> BertModel:
+    """A folder as a provisioned int8 ONNX student arrives (model.onnx quantised by
+    onnxruntime's quantize_dynamic, per-channel int8 MatMul weights, config.json, tokenizer);
+    returns the float model it was made from. Every weight is perturbed first, so no two
+    initializers are equal (the exporter shares equal constants, e.g. fresh zero biases)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tokenizer = _save_bert_tokenizer(folder, max_length=512)
+    torch.manual_seed(4)
+    model = _ExportableBert(_bert_config(len(tokenizer)), add_pooling_layer=False).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    model.config.save_pretrained(folder)
+    _export_onnx(model, folder / "float.onnx", "last_hidden_state")
+    quantize_dynamic(str(folder / "float.onnx"), str(folder / "model.onnx"),
+                     weight_type=QuantType.QInt8, per_channel=True)
+    (folder / "float.onnx").unlink()
+    return model
