@@ -54,9 +54,9 @@ _STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
         "evaluation.test_fraction",
     ),
     "generate": ("seed", "generator", "generation"),
-    "filter": ("seed", "student", "teacher", "candidates"),
+    "filter": ("seed", "student", "teacher", "encode_precision", "candidates"),
     "distill": ("seed", "training"),
-    "evaluate": ("evaluation",),
+    "evaluate": ("encode_precision", "evaluation"),
 }
 _UPSTREAM: dict[str, tuple[str, ...]] = {
     "prepare": (),
@@ -334,16 +334,18 @@ def _with_split(query: Query, split: str) -> Query:
 
 def _filter(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     from ml_core.candidates import mine_candidates, score_and_filter
-    from ml_core.student import Student
+    from ml_core.student import Student, resolve_precision
     from ml_core.teacher import load_teacher
 
     cfg = ctx.config
     passages = load_passages(ctx)
     queries = load_queries(ctx.stage_dir("generate") / "queries.jsonl")
     student = Student.load(ctx.registry.path(cfg.student))
+    student.encode_precision = resolve_precision(cfg.encode_precision, student.device)
     teacher = load_teacher(ctx.registry.get(cfg.teacher), ctx.registry)
 
-    ctx.progress(0.0, f"encoding {len(passages)} passages with the student")
+    ctx.progress(0.0, f"encoding {len(passages)} passages with the student "
+                      f"({student.encode_precision})")
     vectors = student.encode_passages(passages)
     np.save(out / "base_passage_vectors.npy", vectors)  # reused by evaluate for the base model
     ctx.progress(0.2, "retrieving candidates (student + BM25, fused)")
@@ -461,7 +463,7 @@ def _distill(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, An
 def _evaluate(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     from ml_core.corpus import read_qrels, read_queries
     from ml_core.evaluation import build_report, evaluate_retriever, teacher_check
-    from ml_core.student import Student
+    from ml_core.student import Student, resolve_precision
     from ml_core.teacher import load_teacher
 
     cfg = ctx.config
@@ -489,6 +491,8 @@ def _evaluate(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, A
 
     base = Student.load(ctx.registry.path(cfg.student))
     tuned = Student.load(ctx.stage_dir("distill") / "model")
+    precision = resolve_precision(cfg.encode_precision, base.device)
+    base.encode_precision = tuned.encode_precision = precision
     base_vectors = np.load(ctx.stage_dir("filter") / "base_passage_vectors.npy")
     ctx.progress(0.05, f"evaluating base model on {len(queries)} queries")
     base_metrics = evaluate_retriever(base, passages, queries, qrels, passage_vectors=base_vectors)
@@ -509,6 +513,7 @@ def _evaluate(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, A
     )
     report = build_report(base_metrics, tuned_metrics, check, cfg.evaluation, judgements)
     report["models"] = {"student": cfg.student, "teacher": cfg.teacher, "generator": cfg.generator}
+    report["encode_precision"] = precision
     report["recipe"] = cfg.model_dump(mode="json")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return {"queries": len(queries)}, {

@@ -23,6 +23,37 @@ from ml_core.records import Passage, ProgressFn, no_progress
 from ml_core.registry import SPEC_FILE, ModelSpec
 
 Kind = Literal["query", "passage"]
+Precision = Literal["fp32", "bf16"]
+# CPU flags (/proc/cpuinfo) of instructions that compute bf16 matrix products natively.
+_NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bf16 matrix products natively (AVX512-BF16 or AMX-BF16).
+
+    `cpuinfo` is /proc/cpuinfo's text (read when None; False where there is none)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return bool(_NATIVE_BF16_FLAGS & set(line.partition(":")[2].split()))
+    return False
+
+
+def resolve_precision(wanted: str, device: str | torch.device = "cpu",
+                      cpuinfo: str | None = None) -> Precision:
+    """The encoding precision to use: "auto" is bf16 where `device` computes it natively
+    (see `cpu_has_native_bf16`; CUDA devices that support bf16) and fp32 elsewhere."""
+    if wanted in ("fp32", "bf16"):
+        return wanted  # type: ignore[return-value]
+    if wanted != "auto":
+        raise ValueError(f"encode precision must be 'auto', 'fp32' or 'bf16', not {wanted!r}")
+    if torch.device(device).type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_native_bf16(cpuinfo) else "fp32"
 
 
 def configure_threads() -> int:
@@ -71,6 +102,10 @@ class Student(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec
+        # The number format of `encode` (the inference path only; training is always fp32).
+        # fp32 by default, so served and exported vectors agree exactly; the pipeline sets bf16
+        # for whole-corpus encoding where the hardware has it (RecipeConfig.encode_precision).
+        self.encode_precision: Precision = "fp32"
 
     @classmethod
     def load(cls, spec_or_folder: ModelSpec | Path | str, device: str | None = None) -> Student:
@@ -143,7 +178,7 @@ class Student(nn.Module):
         inputs = [(prefix + passage_text(t)).strip() for t in texts]
         batch = self.tokenizer(inputs, padding=True, truncation=True, max_length=max_length,
                                return_tensors="pt").to(self.device)
-        hidden = self.model(**batch).last_hidden_state
+        hidden = self.model(**batch).last_hidden_state.float()  # bf16 under autocast
         return self.pool(hidden, batch["attention_mask"])
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -177,19 +212,23 @@ class Student(nn.Module):
         """float32 [n, dim] embeddings in input order; batches sorted by length for speed.
 
         Truncates at `max_seq_length` for both kinds, exactly as the exported
-        sentence-transformers model does.
+        sentence-transformers model does. Computes under bf16 autocast when
+        `encode_precision` is "bf16" (vectors are returned as float32 either way).
         """
         report = progress or no_progress
         was_training = self.training
         self.eval()
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                  enabled=self.encode_precision == "bf16")
         try:
-            order = np.argsort([-len(passage_text(t)) for t in texts], kind="stable")
-            out = np.zeros((len(texts), self.dim), dtype=np.float32)
-            for start in range(0, len(texts), batch_size):
-                index = order[start:start + batch_size]
-                vectors = self.embed([texts[i] for i in index], kind, self.max_seq_length)
-                out[index] = vectors.float().cpu().numpy()
-                report(min(1.0, (start + len(index)) / len(texts)), f"encoded {kind}s")
+            with autocast:
+                order = np.argsort([-len(passage_text(t)) for t in texts], kind="stable")
+                out = np.zeros((len(texts), self.dim), dtype=np.float32)
+                for start in range(0, len(texts), batch_size):
+                    index = order[start:start + batch_size]
+                    vectors = self.embed([texts[i] for i in index], kind, self.max_seq_length)
+                    out[index] = vectors.float().cpu().numpy()
+                    report(min(1.0, (start + len(index)) / len(texts)), f"encoded {kind}s")
         finally:
             self.train(was_training)
         return out

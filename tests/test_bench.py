@@ -216,3 +216,19 @@ def test_the_table_says_which_side_of_a_shared_training_was_averaged(capsys):
     assert "sharp: reuses the training of sharp-merged; its checkpoint as trained" in out
     assert "merged: reuses the training of fused; its checkpoint averaged with the base (0.5)" \
         in out
+
+
+def test_encode_bench_times_both_formats_and_scores_the_whole_corpus(tmp_path, registry):
+    from bench.encode import run
+    from ml_core.config import build_config
+
+    demo = Path(__file__).resolve().parents[1] / "demo" / "cranfield"
+    config = build_config("default", {"student": "tiny-student"})
+    sampled = run(demo, demo / "qrels" / "test.tsv", 50, 1, tmp_path / "a", registry, config)
+    assert sampled["chunks"] == 50 and "ndcg@10" not in sampled
+    assert len(sampled["seconds"]["fp32"]) == len(sampled["seconds"]["bf16"]) == 1
+    assert 0.999 < sampled["cosine_min"] <= sampled["cosine_mean"] < 1.0 + 1e-6
+    whole = run(demo, demo / "qrels" / "test.tsv", 0, 1, tmp_path / "b", registry, config)
+    assert whole["chunks"] == whole["corpus_chunks"] > 50
+    assert set(whole["ndcg@10"]) == {"fp32", "bf16"}
+    assert abs(whole["ndcg@10"]["fp32"] - whole["ndcg@10"]["bf16"]) < 0.05

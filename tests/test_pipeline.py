@@ -13,6 +13,7 @@ from ml_core.__main__ import main as cli_main
 from ml_core.config import build_config
 from ml_core.pipeline import STAGES, StageContext, StageError, is_finished, run_stage
 from ml_core.registry import ModelRegistry
+from ml_core.student import resolve_precision
 from tests.tiny_models import TINY_HYPERPARAMETERS
 
 DEMO = Path(__file__).resolve().parents[1] / "demo" / "cranfield"
@@ -118,6 +119,31 @@ def test_changed_training_setting_reruns_only_downstream(
         "distill": False,
         "evaluate": False,
     }
+
+
+def test_encode_precision_reruns_filter_and_evaluate_and_is_reported(
+    finished_run: StageContext, tmp_path: Path
+) -> None:
+    first = json.loads((finished_run.stage_dir("evaluate") / "report.json").read_text())
+    assert first["encode_precision"] == resolve_precision("auto")
+    workdir = tmp_path / "copy"
+    shutil.copytree(finished_run.workdir, workdir)
+    results = {}
+    for precision in ("fp32", "bf16"):
+        ctx = StageContext(
+            workdir,
+            finished_run.corpus_path,
+            build_config("default", {**TINY_RECIPE, "encode_precision": precision}),
+            finished_run.registry,
+        )
+        skipped = {stage: run_stage(stage, ctx).skipped for stage in STAGES}
+        assert skipped == {"prepare": True, "generate": True, "filter": False,
+                           "distill": False, "evaluate": False}
+        report = json.loads((ctx.stage_dir("evaluate") / "report.json").read_text())
+        assert report["encode_precision"] == precision
+        results[precision] = np.load(ctx.stage_dir("filter") / "base_passage_vectors.npy")
+    cosines = (results["fp32"] * results["bf16"]).sum(axis=1)
+    assert cosines.min() > 0.999 and not np.array_equal(results["fp32"], results["bf16"])
 
 
 @pytest.mark.parametrize(

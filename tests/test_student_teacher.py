@@ -10,7 +10,7 @@ import torch
 
 from ml_core.records import Passage
 from ml_core.registry import REPO_ROOT, ModelRegistry, ModelSpec
-from ml_core.student import Student
+from ml_core.student import Student, cpu_has_native_bf16, resolve_precision
 from ml_core.teacher import OnnxCrossEncoder, Teacher, TorchCrossEncoder, load_teacher
 from tests.tiny_models import build_onnx_teacher
 
@@ -90,6 +90,41 @@ def test_progress_reaches_one(student: Student) -> None:
     seen: list[float] = []
     student.encode_queries(QUERIES, batch_size=3, progress=lambda f, m: seen.append(f))
     assert seen == [0.75, 1.0]
+
+
+def test_bf16_encoding_is_close_to_fp32_and_off_by_default(student: Student) -> None:
+    assert student.encode_precision == "fp32"  # served and exported vectors are fp32
+    texts = PASSAGES + QUERIES[:3]
+    exact = student.encode_passages(texts)
+    student.encode_precision = "bf16"
+    try:
+        approx = student.encode_passages(texts)
+    finally:
+        student.encode_precision = "fp32"
+    assert approx.dtype == np.float32
+    cosines = (exact * approx).sum(axis=1)
+    assert cosines.min() > 0.999
+    assert np.abs(exact - approx).max() > 1e-6  # bf16 did compute (not silently fp32)
+    np.testing.assert_array_equal(student.encode_passages(texts), exact)
+
+
+CPUINFO = "processor\t: 0\nmodel name\t: x\nflags\t\t: fpu sse2 avx2 avx512f {extra}\n"
+
+
+@pytest.mark.parametrize(
+    ("extra", "native"),
+    [("avx512_bf16 avx512_vnni", True), ("amx_bf16 amx_tile", True), ("avx512_vnni", False),
+     ("", False)],
+)
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it(extra: str, native: bool) -> None:
+    cpuinfo = CPUINFO.format(extra=extra)
+    assert cpu_has_native_bf16(cpuinfo) is native
+    assert resolve_precision("auto", "cpu", cpuinfo) == ("bf16" if native else "fp32")
+    assert resolve_precision("fp32", "cpu", cpuinfo) == "fp32"
+    assert resolve_precision("bf16", "cpu", cpuinfo) == "bf16"
+    assert not cpu_has_native_bf16("")
+    with pytest.raises(ValueError, match="fp16"):
+        resolve_precision("fp16", "cpu", cpuinfo)
 
 
 @pytest.fixture(scope="module")
