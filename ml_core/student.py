@@ -221,14 +221,14 @@ class Student(nn.Module):
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                   enabled=self.encode_precision == "bf16")
         try:
-            with autocast:
-                order = np.argsort([-len(passage_text(t)) for t in texts], kind="stable")
-                out = np.zeros((len(texts), self.dim), dtype=np.float32)
-                for start in range(0, len(texts), batch_size):
-                    index = order[start:start + batch_size]
+            order = np.argsort([-len(passage_text(t)) for t in texts], kind="stable")
+            out = np.zeros((len(texts), self.dim), dtype=np.float32)
+            for start in range(0, len(texts), batch_size):
+                index = order[start:start + batch_size]
+                with autocast:
                     vectors = self.embed([texts[i] for i in index], kind, self.max_seq_length)
-                    out[index] = vectors.float().cpu().numpy()
-                    report(min(1.0, (start + len(index)) / len(texts)), f"encoded {kind}s")
+                out[index] = vectors.float().cpu().numpy()
+                report(min(1.0, (start + len(index)) / len(texts)), f"encoded {kind}s")
         finally:
             self.train(was_training)
         return out
