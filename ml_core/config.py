@@ -72,6 +72,10 @@ class GenerationConfig(_Section):
     max_new_tokens: Annotated[int, Field(ge=4, le=256)] = 32
     few_shot_examples: Annotated[int, Field(ge=0, le=8)] = 3
     batch_size: Annotated[int, Field(ge=1, le=1024)] = 16
+    # The number format of the in-process generator (backend "transformers"; vLLM picks its
+    # own): "auto" is bf16 where the hardware computes it natively (CPUs with AVX512-BF16 or
+    # AMX, CUDA GPUs with bf16), fp32 elsewhere. bf16 changes the sampled text a little.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     @model_validator(mode="after")
     def _endpoint_for_openai(self) -> GenerationConfig:

@@ -306,7 +306,7 @@ def _prepare(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, An
 
 
 def _generate(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    from ml_core.generation import generate_queries, load_generator
+    from ml_core.generation import TransformersGenerator, generate_queries, load_generator
 
     cfg = ctx.config
     splits = load_splits(ctx)
@@ -325,7 +325,10 @@ def _generate(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, A
     per_type: dict[str, int] = {}
     for q in queries:
         per_type[q.query_type] = per_type.get(q.query_type, 0) + 1
-    return {"queries": len(queries), "per_type": per_type}, {}
+    stats: dict[str, Any] = {"queries": len(queries), "per_type": per_type}
+    if isinstance(generator, TransformersGenerator):
+        stats["precision"] = generator.precision
+    return stats, {}
 
 
 def _with_split(query: Query, split: str) -> Query:

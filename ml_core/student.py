@@ -45,12 +45,13 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
 
 def resolve_precision(wanted: str, device: str | torch.device = "cpu",
                       cpuinfo: str | None = None) -> Precision:
-    """The encoding precision to use: "auto" is bf16 where `device` computes it natively
-    (see `cpu_has_native_bf16`; CUDA devices that support bf16) and fp32 elsewhere."""
+    """The precision to compute in (encoding, generation): "auto" is bf16 where `device`
+    computes it natively (see `cpu_has_native_bf16`; CUDA devices that support bf16) and fp32
+    elsewhere."""
     if wanted in ("fp32", "bf16"):
         return wanted  # type: ignore[return-value]
     if wanted != "auto":
-        raise ValueError(f"encode precision must be 'auto', 'fp32' or 'bf16', not {wanted!r}")
+        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', not {wanted!r}")
     if torch.device(device).type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if cpu_has_native_bf16(cpuinfo) else "fp32"

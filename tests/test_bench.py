@@ -232,3 +232,24 @@ def test_encode_bench_times_both_formats_and_scores_the_whole_corpus(tmp_path, r
     assert whole["chunks"] == whole["corpus_chunks"] > 50
     assert set(whole["ndcg@10"]) == {"fp32", "bf16"}
     assert abs(whole["ndcg@10"]["fp32"] - whole["ndcg@10"]["bf16"]) < 0.05
+
+
+def test_generate_bench_times_both_formats_on_the_same_sample(tmp_path, registry):
+    from bench.generate import print_table, run
+    from ml_core.config import build_config
+
+    demo = Path(__file__).resolve().parents[1] / "demo" / "cranfield"
+    config = build_config("default", {
+        "generator": "tiny-generator", "student": "tiny-student",
+        "generation": {"query_types": ["questions", "keywords"], "max_new_tokens": 6,
+                       "few_shot_examples": 1, "batch_size": 4},
+    })
+    result = run(demo, 3, 2, tmp_path / "work", registry, config)
+    assert result["passages"] == 3 and result["requested"] == 6
+    assert result["query_types"] == ["questions", "keywords"]
+    assert all(len(result["seconds"][name]) == 2 for name in ("fp32", "bf16"))
+    assert all(0 <= result["queries"][name] <= 6 for name in ("fp32", "bf16"))
+    assert 0 <= result["identical"] <= result["queries"]["fp32"]
+    best = {name: min(result["seconds"][name]) for name in ("fp32", "bf16")}
+    assert result["speedup_bf16"] == pytest.approx(best["fp32"] / best["bf16"])
+    print_table("demo", result)

@@ -232,7 +232,9 @@ def test_generate_queries_is_deterministic_for_a_seed() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_generator(registry) -> TransformersGenerator:
-    cfg = GenerationConfig()
+    # fp32, so that batched and single greedy decoding are exactly equal (bf16 rounds matrix
+    # products by their shape); bf16 has its own tests below.
+    cfg = GenerationConfig(precision="fp32")
     generator = load_generator(cfg, registry.get("tiny-generator"), registry)
     assert isinstance(generator, TransformersGenerator)
     return generator
@@ -263,6 +265,32 @@ def test_transformers_generator_left_pads_so_batching_matches_single_greedy(tiny
     batched = tiny_generator.complete([short, long], temperature=0.0, max_new_tokens=5, seed=0)
     alone = tiny_generator.complete([short], temperature=0.0, max_new_tokens=5, seed=0)
     assert batched[0] == alone[0]
+
+
+def test_generator_precision_sets_the_weights_number_format(registry, monkeypatch) -> None:
+    import torch
+
+    import ml_core.student
+
+    spec = registry.get("tiny-generator")
+    loaded = {}
+    for wanted, native, dtype in [("fp32", True, torch.float32), ("bf16", False, torch.bfloat16),
+                                  ("auto", True, torch.bfloat16), ("auto", False, torch.float32)]:
+        monkeypatch.setattr(ml_core.student, "cpu_has_native_bf16",
+                            lambda _info=None, native=native: native)
+        generator = load_generator(GenerationConfig(precision=wanted), spec, registry)
+        assert isinstance(generator, TransformersGenerator)
+        assert {p.dtype for p in generator.model.parameters()} == {dtype}
+        assert generator.precision == ("bf16" if dtype == torch.bfloat16 else "fp32")
+        loaded[generator.precision] = generator
+    with pytest.raises(ValueError, match="precision"):
+        TransformersGenerator.load(spec, device="cpu", precision="fp16")
+    # bf16 samples seeded and decodes only new tokens, like fp32.
+    conversations = [[{"role": "user", "content": "Passage: the aircraft wing has a shock"}]] * 2
+    bf16 = loaded["bf16"]
+    first = bf16.complete(conversations, temperature=0.8, max_new_tokens=6, seed=3)
+    assert first == bf16.complete(conversations, temperature=0.8, max_new_tokens=6, seed=3)
+    assert all("Passage:" not in reply and "<|im_end|>" not in reply for reply in first)
 
 
 def test_generate_queries_end_to_end_on_the_tiny_model(tiny_generator) -> None:

@@ -126,6 +126,8 @@ def test_encode_precision_reruns_filter_and_evaluate_and_is_reported(
 ) -> None:
     first = json.loads((finished_run.stage_dir("evaluate") / "report.json").read_text())
     assert first["encode_precision"] == resolve_precision("auto")
+    generated = json.loads((finished_run.stage_dir("generate") / "manifest.json").read_text())
+    assert generated["counts"]["precision"] == resolve_precision("auto")
     workdir = tmp_path / "copy"
     shutil.copytree(finished_run.workdir, workdir)
     results = {}
@@ -152,6 +154,7 @@ def test_encode_precision_reruns_filter_and_evaluate_and_is_reported(
         ("generation", "passages", 30, "prepare"),  # the sample is drawn in prepare
         ("training", "max_passage_length", 48, "prepare"),  # chunking follows it
         ("generation", "temperature", 0.5, "generate"),
+        ("generation", "precision", "fp32", "generate"),
         ("candidates", "top_k", 6, "filter"),
         ("evaluation", "teacher_check_queries", 5, "evaluate"),
     ],
