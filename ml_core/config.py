@@ -144,6 +144,12 @@ class TrainingConfig(_Section):
     max_query_length: Annotated[int, Field(ge=8, le=512)] = 64
     max_passage_length: Annotated[int, Field(ge=16, le=8192)] = 128
     dev_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.1
+    # The number format the student's forward and backward passes compute in (bf16 autocast;
+    # the weights, the optimizer and the loss stay float32): "auto" is bf16 where the hardware
+    # computes it natively (CPUs with AVX512-BF16 or AMX, CUDA GPUs with bf16; the recipe
+    # trains in bf16 on GPU), fp32 elsewhere. One training step of MiniLM on 16 queries x 8
+    # passages took 7.1 s in bf16 against 12.8 s in fp32 here (one core).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     # Also train on queries the round-trip filter dropped only because the teacher signal ranked
     # another passage first, with that passage as the positive (the recipe drops them). Helps
     # only where the teacher beats the student: SciFact dev -0.0063 -> -0.0009 nDCG@10 vs base,

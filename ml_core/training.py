@@ -33,7 +33,7 @@ from ml_core.config import TrainingConfig
 from ml_core.gradcache import GradCache, all_reduce_gradients, distributed_world
 from ml_core.losses import DistillationObjective, passage_keys
 from ml_core.records import Passage, ProgressFn, Query, ScoredList, no_progress
-from ml_core.student import Student, passage_text
+from ml_core.student import Student, passage_text, resolve_precision
 
 STATE_FILE = "checkpoint.pt"
 CONFIG_FILE = "training_config.json"
@@ -169,6 +169,7 @@ class _Run:
         self.cfg = cfg
         self.rank, self.world = distributed_world()
         self.device = next(student.parameters()).device
+        self.precision = resolve_precision(cfg.precision, self.device)
         self.cache = GradCache(DistillationObjective(cfg).compute_terms)
         # Never train on longer inputs than the model is used with (its spec's limits).
         self.query_length = min(cfg.max_query_length, student.spec.max_query_length)
@@ -183,8 +184,12 @@ class _Run:
             return self.student.forward_passages(texts, self.passage_length).float()
 
     def _autocast(self) -> torch.autocast:
-        # bf16 encoders on GPU as in the recipe; the loss itself runs in float32 on the reps.
-        return torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda")
+        # bf16 encoders where the hardware has it (TrainingConfig.precision), as the recipe on
+        # GPU; the loss itself runs in float32 on the reps. GradCache's second forward pass
+        # sees the same inputs and shapes as its first, so it reproduces the reps bit for bit
+        # and the cached gradients belong to the reps the loss was computed on.
+        return torch.autocast(self.device.type, torch.bfloat16,
+                              enabled=self.precision == "bf16")
 
     def streams(self, batch: list[TrainingExample]) -> list[tuple[Any, list[list[str]]]]:
         """This rank's contiguous shard of the global batch, in micro-batch chunks."""

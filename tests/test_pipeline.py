@@ -128,6 +128,8 @@ def test_encode_precision_reruns_filter_and_evaluate_and_is_reported(
     assert first["encode_precision"] == resolve_precision("auto")
     generated = json.loads((finished_run.stage_dir("generate") / "manifest.json").read_text())
     assert generated["counts"]["precision"] == resolve_precision("auto")
+    distilled = json.loads((finished_run.stage_dir("distill") / "manifest.json").read_text())
+    assert distilled["counts"]["precision"] == resolve_precision("auto")
     workdir = tmp_path / "copy"
     shutil.copytree(finished_run.workdir, workdir)
     results = {}
@@ -155,6 +157,7 @@ def test_encode_precision_reruns_filter_and_evaluate_and_is_reported(
         ("training", "max_passage_length", 48, "prepare"),  # chunking follows it
         ("generation", "temperature", 0.5, "generate"),
         ("generation", "precision", "fp32", "generate"),
+        ("training", "precision", "fp32", "distill"),
         ("candidates", "top_k", 6, "filter"),
         ("evaluation", "teacher_check_queries", 5, "evaluate"),
     ],

@@ -292,3 +292,31 @@ def test_a_finished_state_is_not_resumed_by_another_starting_model(
     rerun(other)
     assert any("different run" in message for message in reports)
     assert sum(" step " in message for message in reports) == 4
+
+
+def test_training_precision_picks_the_encoders_number_format(
+    model_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ml_core.student
+
+    train = _lists()[:8]
+    final = {}
+    for name, wanted, native in [("fp32", "fp32", True), ("bf16", "bf16", False),
+                                 ("auto-native", "auto", True), ("auto-emulated", "auto", False)]:
+        monkeypatch.setattr(ml_core.student, "cpu_has_native_bf16",
+                            lambda _info=None, native=native: native)
+        cfg = CFG.model_copy(update={"precision": wanted})
+        result = train_student(_student(model_store), train, train, _passages(), _queries(), cfg,
+                               tmp_path / name, seed=1)
+        losses = [entry["dev_loss"] for entry in result.history]
+        assert losses[-1] < losses[0], name  # bf16 encoders still learn
+        final[name] = torch.load(tmp_path / name / "state" / STATE_FILE,
+                                 weights_only=True)["model"]
+    diff = {name: max((final[name][k] - final["fp32"][k]).abs().max().item() for k in final[name])
+            for name in final}
+    # The weights and the optimizer stay float32; bf16 changes only the rounding of the passes.
+    assert all(t.dtype == torch.float32 for t in final["bf16"].values() if t.is_floating_point())
+    assert 0 < diff["bf16"] < 0.05
+    # auto is bf16 on native hardware ...
+    assert all(torch.equal(final["auto-native"][k], final["bf16"][k]) for k in final["bf16"])
+    assert diff["auto-emulated"] == 0  # ... and fp32 where bf16 would be emulated
