@@ -253,3 +253,32 @@ def test_generate_bench_times_both_formats_on_the_same_sample(tmp_path, registry
     best = {name: min(result["seconds"][name]) for name in ("fp32", "bf16")}
     assert result["speedup_bf16"] == pytest.approx(best["fp32"] / best["bf16"])
     print_table("demo", result)
+
+
+def test_train_bench_runs_one_epoch_in_both_formats_on_the_same_lists(tmp_path, registry, capsys):
+    from bench.train import print_table, run
+    from ml_core.config import build_config
+
+    demo = Path(__file__).resolve().parents[1] / "demo" / "cranfield"
+    config = build_config("default", {
+        "student": "tiny-student",
+        "training": {"batch_size": 8, "micro_batch_size": 4, "list_size": 4,
+                     "learning_rate": 1e-3},
+    })
+    result = run(demo, 16, 1, tmp_path / "work", registry, config)
+    assert result["queries"] == 16 and result["steps"] == 2  # one epoch of 16 lists in 8s
+    assert all(len(result["dev_loss"][name]) == 2 for name in ("fp32", "bf16"))
+    assert result["fp32_weights_moved"] > 0
+    # The same lists and seed: bf16's rounding makes it land elsewhere (Adam's first steps move
+    # every weight by about the learning rate, so not necessarily by less than fp32 moved) ...
+    assert 0 < result["bf16_from_fp32"] < 2 * result["fp32_weights_moved"]
+    # ... and both formats start from the same dev loss (to bf16's rounding) and lower it.
+    (fp32_before, fp32_after), (bf16_before, bf16_after) = result["dev_loss"].values()
+    assert bf16_before == pytest.approx(fp32_before, rel=0.02)
+    assert fp32_after < fp32_before and bf16_after < bf16_before
+    best = {name: min(result["seconds"][name]) for name in ("fp32", "bf16")}
+    assert result["speedup_bf16"] == pytest.approx(best["fp32"] / best["bf16"])
+    print_table("demo", result)
+    assert "bf16 speed-up" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="lists"):
+        run(demo, 10_000, 1, tmp_path / "big", registry, config)
