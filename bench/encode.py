@@ -14,10 +14,6 @@ which format `encode_precision: auto` picks on this machine.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import random
 import time
 from pathlib import Path
@@ -25,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.quality import DATASETS_ROOT, QRELS
-from ml_core.__main__ import default_model_store
+from bench import sidebyside
+from bench.quality import QRELS
 from ml_core.config import RecipeConfig, build_config
 from ml_core.corpus import read_qrels, read_queries
 from ml_core.evaluation import evaluate_retriever
@@ -95,29 +91,15 @@ def print_table(dataset: str, result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="scifact-dev", choices=sorted(QRELS))
+    parser = sidebyside.parser(__doc__, "encode", repeats=2)
     parser.add_argument("--limit", type=int, default=4096, help="chunks to encode (0: all)")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--work", type=Path, default=Path("var/bench-encode"))
-    parser.add_argument("--store", type=Path, default=default_model_store())
-    parser.add_argument("--out", type=Path, default=Path("bench/results/encode.json"))
     args = parser.parse_args(argv)
     if args.limit < 0 or args.repeats < 1:
         parser.error("--limit must be >= 0 and --repeats >= 1")
-    data = DATASETS_ROOT / args.dataset
+    data = sidebyside.dataset_folder(args)
     result = run(data, data / QRELS[args.dataset], args.limit, args.repeats,
                  args.work / args.dataset, ModelRegistry(args.store))
-    print_table(args.dataset, result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "machine": platform.platform(),
-        "cpus": os.cpu_count(),
-        "torch_threads": os.environ.get("TAILOR_TORCH_THREADS", "all"),
-        "datasets": {args.dataset: result},
-    }, indent=2))
-    print(f"wrote {args.out}")
-    return 0
+    return sidebyside.finish(args, result, print_table)
 
 
 if __name__ == "__main__":

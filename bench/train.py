@@ -17,10 +17,6 @@ well is a question for the whole recipe (`bench.quality`).
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import random
 import shutil
 import time
@@ -29,8 +25,7 @@ from typing import Any
 
 import torch
 
-from bench.quality import DATASETS_ROOT, QRELS
-from ml_core.__main__ import default_model_store
+from bench import sidebyside
 from ml_core.config import RecipeConfig, build_config
 from ml_core.pipeline import StageContext, load_passages, run_stage
 from ml_core.records import Query, ScoredList
@@ -122,29 +117,14 @@ def print_table(dataset: str, result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="scifact-dev", choices=sorted(QRELS))
+    parser = sidebyside.parser(__doc__, "train")
     parser.add_argument("--queries", type=int, default=96, help="training lists (one epoch)")
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--work", type=Path, default=Path("var/bench-train"))
-    parser.add_argument("--store", type=Path, default=default_model_store())
-    parser.add_argument("--out", type=Path, default=Path("bench/results/train.json"))
     args = parser.parse_args(argv)
     if args.queries < 1 or args.repeats < 1:
         parser.error("--queries and --repeats must be >= 1")
-    data = DATASETS_ROOT / args.dataset
-    result = run(data, args.queries, args.repeats, args.work / args.dataset,
-                 ModelRegistry(args.store))
-    print_table(args.dataset, result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "machine": platform.platform(),
-        "cpus": os.cpu_count(),
-        "torch_threads": os.environ.get("TAILOR_TORCH_THREADS", "all"),
-        "datasets": {args.dataset: result},
-    }, indent=2))
-    print(f"wrote {args.out}")
-    return 0
+    result = run(sidebyside.dataset_folder(args), args.queries, args.repeats,
+                 args.work / args.dataset, ModelRegistry(args.store))
+    return sidebyside.finish(args, result, print_table)
 
 
 if __name__ == "__main__":
