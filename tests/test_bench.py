@@ -71,6 +71,9 @@ def test_variants_reuse_the_shared_stages_they_agree_on(tmp_path, capsys, model_
         "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\t{d}\t1\n" for i, d in enumerate(ids))
     )
     recipe = {**TINY_RECIPE, "generation": {**TINY_RECIPE["generation"], "passages": 20}}
+    # These variants pin the lists they were measured with (8 from the top 12).
+    recipe["candidates"] = {k: v for k, v in recipe["candidates"].items() if k != "top_k"}
+    recipe["training"] = {k: v for k, v in recipe["training"].items() if k != "list_size"}
     monkeypatch.setattr(quality, "DATASETS_ROOT", tmp_path / "data")
     saved: list[list[str]] = []
     result = quality.run_dataset(
@@ -106,19 +109,28 @@ def test_variants_reuse_the_shared_stages_they_agree_on(tmp_path, capsys, model_
 
 
 def test_infonce_on_the_default_data_differs_from_the_default_only_in_its_loss():
-    """infonce-merged is the default recipe with the loss swapped; it reuses infonce-fused's
-    training, as merged reuses fused's. The bench's default variant is the product's default."""
+    """infonce-merged is the old default (sharp-merged) with the loss swapped and reuses
+    infonce-fused's training, as merged reuses fused's; l16-infonce is plain InfoNCE on the
+    default's queries and lists. The bench's default variant is the product's default."""
     from bench.quality import DEFAULT_VARIANT, _config, _training_run_hash
     from ml_core.config import build_config
 
-    default, plain, averaged = (_config("default", v, {})
-                                for v in (DEFAULT_VARIANT, "infonce-fused", "infonce-merged"))
+    default = _config("default", DEFAULT_VARIANT, {})
     assert default == build_config("default", {})
+    sharp, plain, averaged = (_config("default", v, {})
+                              for v in ("sharp-merged", "infonce-fused", "infonce-merged"))
     assert averaged.training.loss == plain.training.loss == "infonce"
-    assert averaged.model_dump(exclude={"training": {"loss"}}) == default.model_dump(
+    assert averaged.model_dump(exclude={"training": {"loss"}}) == sharp.model_dump(
         exclude={"training": {"loss"}})
     assert plain.training.base_merge == 0.0 < averaged.training.base_merge
-    assert _training_run_hash(plain) == _training_run_hash(averaged) != _training_run_hash(default)
+    assert _training_run_hash(plain) == _training_run_hash(averaged) != _training_run_hash(sharp)
+    # The old default pins what it was measured with: lists of 8 from the top 12.
+    assert (sharp.candidates.top_k, sharp.training.list_size) == (12, 8)
+    assert (default.candidates.top_k, default.training.list_size) == (16, 16)
+    contrastive = _config("default", "l16-infonce", {})
+    assert contrastive.training.loss == "infonce" and contrastive.training.base_merge == 0.0
+    assert contrastive.model_dump(exclude={"training": {"loss", "base_merge"}}) == \
+        default.model_dump(exclude={"training": {"loss", "base_merge"}})
 
 
 def test_the_more_data_variant_is_sharp_merged_on_a_larger_passage_sample():
@@ -156,9 +168,9 @@ def test_set_overrides_reach_sections_and_the_seed():
 def test_merged_runs_compare_the_default_with_each_variant_pairwise(tmp_path, capsys):
     default = _run("cranfield", 0.38, 0.0, "1")
     rows = default["datasets"]["cranfield"]["rows"]
-    rows["sharp-merged"] = {"ndcg@10": 0.42, "per_query": {"a": 0.5, "b": 0.5, "c": 0.26}}
+    rows["l16-merged"] = {"ndcg@10": 0.42, "per_query": {"a": 0.5, "b": 0.5, "c": 0.26}}
     del rows["listwise"]
-    default["datasets"]["cranfield"]["seconds"] = {"sharp-merged": {"distill": 2.0}}
+    default["datasets"]["cranfield"]["seconds"] = {"l16-merged": {"distill": 2.0}}
     other = _run("cranfield", 0.38, 0.0, "1")
     rows = other["datasets"]["cranfield"]["rows"]
     rows["infonce-merged"] = {"ndcg@10": 0.41, "per_query": {"a": 0.4, "b": 0.4, "c": 0.43}}
@@ -168,7 +180,7 @@ def test_merged_runs_compare_the_default_with_each_variant_pairwise(tmp_path, ca
     second.write_text(json.dumps(other))
     assert main(["--merge", str(first), str(second), "--out", str(out)]) == 0
     comparisons = json.loads(out.read_text())["datasets"]["cranfield"]["comparisons"]
-    result = comparisons["sharp-merged - infonce-merged"]
+    result = comparisons["l16-merged - infonce-merged"]
     assert result["difference"] == pytest.approx(0.01)
     assert (result["better"], result["worse"], result["queries"]) == (2, 1, 3)
     # A run from before per-query scores still joins one that has them.
@@ -176,7 +188,7 @@ def test_merged_runs_compare_the_default_with_each_variant_pairwise(tmp_path, ca
     default["datasets"]["cranfield"]["rows"]["base"]["per_query"] = {"a": 0.4}
     joined = merge_results([older, default])["datasets"]["cranfield"]["rows"]
     assert joined["base"]["per_query"] == {"a": 0.4} and "listwise" in joined
-    assert "sharp-merged - infonce-merged: +0.0100 nDCG@10" in capsys.readouterr().out
+    assert "l16-merged - infonce-merged: +0.0100 nDCG@10" in capsys.readouterr().out
 
 
 def test_merge_adds_the_pairs_asked_for_with_compare(tmp_path, capsys):
