@@ -381,7 +381,7 @@ def _filter(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, Any
 
 
 def _distill(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    from ml_core.student import Student, resolve_precision
+    from ml_core.student import Student
     from ml_core.training import CONFIG_FILE, average_with_base, train_student
 
     cfg = ctx.config
@@ -447,11 +447,10 @@ def _distill(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, An
     record = json.loads((result.best_dir / CONFIG_FILE).read_text())
     record["training"] = cfg.training.model_dump(mode="json")
     (model_dir / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
-    precision = resolve_precision(cfg.training.precision, student.device)
     history = {
         "best_epoch": result.best_epoch,
         "steps": result.steps,
-        "precision": precision,
+        "precision": result.precision,
         "stopped_early": result.stopped_early,
         "base_merge": share,
         "epochs": result.history,
@@ -461,7 +460,7 @@ def _distill(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, An
         "train_queries": len(train_lists),
         "dev_queries": len(dev_lists),
         "steps": result.steps,
-        "precision": precision,
+        "precision": result.precision,
     }
     return counts, {"best_epoch": result.best_epoch}
 

@@ -67,6 +67,7 @@ class TrainingResult:
     history: list[dict[str, Any]]
     steps: int
     stopped_early: bool
+    precision: str = "fp32"  # the number format the passes computed in (TrainingConfig.precision)
     base_is_best: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -474,4 +475,5 @@ def train_student(
         history=history,
         steps=step,
         stopped_early=stopped_early,
+        precision=run.precision,
     )
