@@ -45,9 +45,10 @@ class Scorer(Protocol):
 class Candidates:
     """One query's first-stage evidence.
 
-    passage_ids: the fused top-k, best first, with their RRF scores in `rrf`; student_ids and
-    bm25_ids: each retriever's own list; source_rank: 1-based rank of the query's source passage
-    in the student's list (None when the student did not retrieve it).
+    passage_ids: the fused top-k, best first, with their RRF scores in `rrf`; student_ids,
+    bm25_ids and helper_ids (one list per helper retriever): each retriever's own list;
+    source_rank: 1-based rank of the query's source passage in the student's list (None when
+    the student did not retrieve it).
     """
 
     query_id: str
@@ -56,6 +57,7 @@ class Candidates:
     student_ids: list[str]
     bm25_ids: list[str] = field(default_factory=list)
     source_rank: int | None = None
+    helper_ids: list[list[str]] = field(default_factory=list)
 
 
 @dataclass
@@ -92,28 +94,39 @@ def mine_candidates(
     cfg: CandidateConfig,
     passage_vectors: np.ndarray | None = None,
     batch_size: int = ENCODE_BATCH_SIZE,
+    helpers: Sequence[tuple[Encoder, np.ndarray | None]] = (),
 ) -> dict[str, Candidates]:
     """{query id: Candidates}: the student's top list fused with BM25's by RRF, cut to cfg.top_k.
 
     The student list is max(top_k, student_top_n) deep so the round-trip filter can see the
     source passage's rank. `passage_vectors` (aligned with `passages`) skips re-encoding.
+    `helpers` are (encoder, its passage vectors or None) for cfg.helpers: each one's dense
+    top_k joins the fusion, after the student's and BM25's.
     """
     if not queries:
         return {}
-    if passage_vectors is None:
-        passage_vectors = student.encode_passages(list(passages), batch_size=batch_size)
+    texts = [q.text for q in queries]
     ids = [p.id for p in passages]
-    index = DenseIndex.build(passage_vectors, ids)
-    depth = max(cfg.top_k, cfg.student_top_n)
-    query_vectors = student.encode_queries([q.text for q in queries], batch_size=batch_size)
-    _, student_lists = index.search(query_vectors, depth)
+
+    def dense_lists(encoder: Encoder, vectors: np.ndarray | None, depth: int) -> list[list[str]]:
+        if vectors is None:
+            vectors = encoder.encode_passages(list(passages), batch_size=batch_size)
+        index = DenseIndex.build(vectors, ids)
+        return index.search(encoder.encode_queries(texts, batch_size=batch_size), depth)[1]
+
+    student_lists = dense_lists(student, passage_vectors, max(cfg.top_k, cfg.student_top_n))
     bm25_lists: list[list[str]] = [[] for _ in queries]
     if cfg.use_bm25:
-        _, bm25_lists = BM25Index(passages).search([q.text for q in queries], cfg.top_k)
+        _, bm25_lists = BM25Index(passages).search(texts, cfg.top_k)
+    # helper_lists[h][i]: helper h's list for query i; per_query[i]: query i's helper lists.
+    helper_lists = [dense_lists(encoder, vectors, cfg.top_k) for encoder, vectors in helpers]
+    per_query = [list(lists) for lists in zip(*helper_lists, strict=True)] or [[] for _ in queries]
 
     result: dict[str, Candidates] = {}
-    for query, student_ids, bm25_ids in zip(queries, student_lists, bm25_lists, strict=True):
-        rankings = [student_ids[: cfg.top_k]] + ([bm25_ids] if cfg.use_bm25 else [])
+    for query, student_ids, bm25_ids, helper_ids in zip(
+        queries, student_lists, bm25_lists, per_query, strict=True
+    ):
+        rankings = [student_ids[: cfg.top_k]] + ([bm25_ids] if cfg.use_bm25 else []) + helper_ids
         fused = reciprocal_rank_fusion(rankings, cfg.rrf_k)[: cfg.top_k]
         scores = rrf_scores(rankings, cfg.rrf_k)
         in_student = query.source_id in student_ids
@@ -125,6 +138,7 @@ def mine_candidates(
             student_ids=student_ids,
             bm25_ids=bm25_ids,
             source_rank=source_rank,
+            helper_ids=helper_ids,
         )
     return result
 
@@ -187,6 +201,30 @@ def teacher_agreement(
 
 def _minmax(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return (values - low) / (high - low) if high > low else np.ones_like(values)
+
+
+def teacher_signal(
+    passage_ids: Sequence[str],
+    raw_scores: np.ndarray,
+    candidates: Candidates,
+    low: float,
+    high: float,
+    cfg: CandidateConfig,
+) -> np.ndarray:
+    """The training target's signal for one query's scored passages: the raw teacher scores
+    min-max normalised between `low` and `high` (percentiles of all queries' raw scores); with
+    cfg.teacher_signal == "fused", fused_teacher_weight x that + (1 - weight) x the passages'
+    RRF evidence (0 for a passage outside the fused top-k) min-max scaled within the list.
+    Unclipped: decisions on it would see clipped top scores as ties."""
+    signal = _minmax(np.asarray(raw_scores, dtype=np.float64), low, high)
+    if cfg.teacher_signal == "fused":
+        rrf = dict(zip(candidates.passage_ids, candidates.rrf, strict=True))
+        evidence = np.array([rrf.get(pid, 0.0) for pid in passage_ids])
+        spread = evidence.max() - evidence.min()
+        evidence = (evidence - evidence.min()) / spread if spread > 0 else evidence * 0
+        w = cfg.fused_teacher_weight
+        signal = w * signal + (1 - w) * evidence
+    return signal
 
 
 def score_and_filter(
@@ -254,16 +292,7 @@ def score_and_filter(
             continue
         pids = list(scores)
         raw_values = np.array([scores[pid] for pid in pids])
-        # Decisions use the unclipped signal: clipping would turn the top 1% into ties.
-        signal = _minmax(raw_values, low, high)
-        if cfg.teacher_signal == "fused":
-            cand = candidates[query.id]
-            rrf = dict(zip(cand.passage_ids, cand.rrf, strict=True))
-            evidence = np.array([rrf.get(pid, 0.0) for pid in pids])
-            spread = evidence.max() - evidence.min()
-            evidence = (evidence - evidence.min()) / spread if spread > 0 else evidence * 0
-            w = cfg.fused_teacher_weight
-            signal = w * signal + (1 - w) * evidence
+        signal = teacher_signal(pids, raw_values, candidates[query.id], low, high, cfg)
         source_index = pids.index(query.source_id)
         reason = None
         if cfg.round_trip and np.any(signal > signal[source_index]):

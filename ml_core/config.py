@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class QueryType(StrEnum):
@@ -109,6 +109,18 @@ class CandidateConfig(_Section):
     teacher_signal: Literal["cross_encoder", "fused"] = "fused"
     fused_teacher_weight: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
     teacher_batch_size: Annotated[int, Field(ge=1, le=1024)] = 32
+    # Helper retrievers: other bi-encoders of the model registry (role student) whose dense
+    # top_k lists join the reciprocal-rank fusion beside the student's and BM25's. They widen
+    # the candidate pool and vote in the fused teacher signal; they are never trained, and the
+    # filter stage encodes the corpus once with each. A helper that is the student is skipped.
+    helpers: list[str] = []
+
+    @field_validator("helpers")
+    @classmethod
+    def _distinct_helpers(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"helpers are named more than once: {value}")
+        return value
 
 
 class TrainingConfig(_Section):

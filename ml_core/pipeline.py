@@ -347,13 +347,23 @@ def _filter(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, Any
     student.encode_precision = resolve_precision(cfg.encode_precision, student.device)
     teacher = load_teacher(ctx.registry.get(cfg.teacher), ctx.registry)
 
+    helper_names = [name for name in cfg.candidates.helpers if name != cfg.student]
+    helpers = [_load_helper(ctx, name) for name in helper_names]
+
     ctx.progress(0.0, f"encoding {len(passages)} passages with the student "
                       f"({student.encode_precision})")
     vectors = student.encode_passages(passages)
     np.save(out / "base_passage_vectors.npy", vectors)  # reused by evaluate for the base model
-    ctx.progress(0.2, "retrieving candidates (student + BM25, fused)")
+    helper_vectors = []
+    for n, (name, helper) in enumerate(zip(helper_names, helpers, strict=True)):
+        ctx.progress(0.1 + 0.1 * n / len(helpers),
+                     f"encoding {len(passages)} passages with helper {name!r}")
+        helper_vectors.append(helper.encode_passages(passages))
+    ctx.progress(0.2, "retrieving candidates (student + BM25"
+                      + "".join(f" + {name}" for name in helper_names) + ", fused)")
     candidates = mine_candidates(
-        queries, passages, student, cfg.candidates, passage_vectors=vectors
+        queries, passages, student, cfg.candidates, passage_vectors=vectors,
+        helpers=list(zip(helpers, helper_vectors, strict=True)),
     )
     result = score_and_filter(
         queries,
@@ -376,8 +386,25 @@ def _filter(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, Any
         ),
     )
     write_jsonl(out / "queries.jsonl", (q for q in queries if q.id in kept))
-    (out / "filter.json").write_text(json.dumps(result.summary, indent=2))
-    return {"kept": len(kept), "generated": len(queries)}, result.summary
+    summary = {**result.summary, "helpers": helper_names}
+    (out / "filter.json").write_text(json.dumps(summary, indent=2))
+    return {"kept": len(kept), "generated": len(queries)}, summary
+
+
+def _load_helper(ctx: StageContext, name: str):  # noqa: ANN202 - Student, imported lazily
+    """A helper retriever (candidates.helpers) from the registry: a bi-encoder, not trained."""
+    from ml_core.student import Student, resolve_precision
+
+    try:
+        spec = ctx.registry.get(name)
+    except KeyError as exc:
+        raise StageError(f"candidates.helpers: {exc.args[0]}") from None
+    if spec.role != "student":
+        raise StageError(f"candidates.helpers: model {name!r} is a {spec.role}, not a bi-encoder "
+                         "(role student)")
+    helper = Student.load(spec)
+    helper.encode_precision = resolve_precision(ctx.config.encode_precision, helper.device)
+    return helper
 
 
 def _distill(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -82,6 +82,10 @@ def test_explicit_fields_and_hyperparameters_shape_the_recipe(sqlite_api: Api) -
         ({"teacher": "no-such-teacher"}, "teacher"),
         ({"generator": "tiny-teacher"}, "generator"),  # exists, wrong role
         ({"base_model": "tiny-generator"}, "base_model"),
+        ({"hyperparameters": {"candidates": {"helpers": ["no-such-helper"]}}},
+         "hyperparameters.candidates.helpers"),
+        ({"hyperparameters": {"candidates": {"helpers": ["tiny-teacher"]}}},
+         "hyperparameters.candidates.helpers"),  # a helper retriever is a bi-encoder
     ],
 )
 def test_models_must_exist_with_the_right_role(sqlite_api: Api, fields: dict, field: str) -> None:
@@ -102,6 +106,8 @@ def test_models_must_exist_with_the_right_role(sqlite_api: Api, fields: dict, fi
          "hyperparameters.training.learning_rate"),
         ({"hyperparameters": {"candidates": {"top_k": 1}}}, "invalid_recipe",
          "hyperparameters.candidates.top_k"),
+        ({"hyperparameters": {"candidates": {"helpers": ["tiny-student", "tiny-student"]}}},
+         "invalid_recipe", "hyperparameters.candidates.helpers"),
         ({"hyperparameters": {"training": {"no_such_knob": 1}}}, "invalid_recipe",
          "hyperparameters.training.no_such_knob"),
         ({"hyperparameters": {"training": {"batch_size": 4, "micro_batch_size": 8}}},

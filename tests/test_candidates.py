@@ -91,6 +91,56 @@ def test_mine_candidates_reuses_given_passage_vectors_and_can_skip_bm25() -> Non
     assert mined["q"].bm25_ids == [] and mined["q"].passage_ids == mined["q"].student_ids
 
 
+class PreferenceHelper:
+    """A helper retriever that ranks every query's passages by a fixed preference."""
+
+    def __init__(self, preference: dict[str, float]) -> None:
+        self.preference = preference
+        self.encoded_passages = 0
+
+    def encode_queries(self, texts, batch_size=32, progress=None) -> np.ndarray:
+        row = [self.preference.get(p.id, 0.0) for p in PASSAGES]
+        return np.array([row] * len(texts), dtype=np.float32)
+
+    def encode_passages(self, passages, batch_size=32, progress=None) -> np.ndarray:
+        self.encoded_passages += len(passages)
+        return np.eye(len(PASSAGES), dtype=np.float32)[[PASSAGES.index(p) for p in passages]]
+
+
+def test_helper_retrievers_join_the_fusion_and_their_lists_are_kept() -> None:
+    query = Query("q", "wing plate", source_id="p1")
+    cfg = CandidateConfig(top_k=2, student_top_n=2, use_bm25=False)
+    student, helper = KeywordStudent(), PreferenceHelper({"p3": 2.0, "p5": 1.0})
+
+    alone = mine_candidates([query], PASSAGES, student, cfg)["q"]
+    helped = mine_candidates([query], PASSAGES, student, cfg, helpers=[(helper, None)])["q"]
+
+    assert helper.encoded_passages == len(PASSAGES)  # no vectors given: the helper encodes
+    assert helped.helper_ids == [["p3", "p5"]]  # the helper's top 2, best first
+    assert alone.helper_ids == [] and alone.passage_ids == alone.student_ids[:2]
+    # p3 is the helper's #1 and not in the student's two: the helper's vote puts it level with
+    # the student's #1 and ahead of the student's #2 (p2), which the fused top 2 now leaves out.
+    assert "p3" not in alone.passage_ids
+    assert set(helped.passage_ids) == {"p1", "p3"}
+    assert helped.rrf == pytest.approx([1 / 61, 1 / 61])
+    assert helped.student_ids == alone.student_ids  # the round trip still reads the student
+
+
+def test_helper_vectors_given_are_not_encoded_again() -> None:
+    helper = PreferenceHelper({"p5": 1.0})
+    vectors = helper.encode_passages(PASSAGES)
+    cfg = CandidateConfig(top_k=2, student_top_n=2, use_bm25=False)
+    queries = [Query("a", "plate", source_id="p3"), Query("b", "heat", source_id="p4")]
+    mined = mine_candidates(queries, PASSAGES, KeywordStudent(), cfg, helpers=[(helper, vectors)])
+    assert helper.encoded_passages == len(PASSAGES)  # only the explicit call above
+    assert [len(mined[q.id].helper_ids) for q in queries] == [1, 1]
+
+
+def test_helpers_named_twice_are_refused() -> None:
+    with pytest.raises(ValueError, match="more than once"):
+        CandidateConfig(helpers=["bge-small", "bge-small"])
+
+
 def _cand(qid: str, fused: list[str], student: list[str], bm25: list[str] | None = None,
           source_rank: int | None = 1) -> Candidates:
     rrf = [1 / (60 + i) for i in range(1, len(fused) + 1)]

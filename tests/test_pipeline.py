@@ -331,3 +331,77 @@ def test_base_merge_averages_the_best_checkpoint_without_training_again(
     assert json.loads((workdir / "distill" / "history.json").read_text())["base_merge"] == 0.25
     exported = json.loads((workdir / "distill" / "model" / "training_config.json").read_text())
     assert exported["training"]["base_merge"] == 0.25
+
+
+def _store_with_helper(finished_run: StageContext, root: Path) -> ModelRegistry:
+    """The tiny store plus `tiny-helper`: the tiny student with its weights perturbed, so a
+    second bi-encoder that ranks differently."""
+    import torch
+    from transformers import BertModel
+
+    from ml_core.registry import ModelSpec
+    from tests.tiny_models import _save_spec
+
+    for name in finished_run.registry.names():
+        (root / name).symlink_to(finished_run.registry.folder(name))
+    helper = root / "tiny-helper"
+    shutil.copytree(finished_run.registry.folder("tiny-student"), helper)
+    model = BertModel.from_pretrained(helper, add_pooling_layer=False)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for tensor in model.parameters():
+            tensor.add_(0.05 * torch.randn(tensor.shape, generator=generator))
+    model.save_pretrained(helper)
+    spec = ModelSpec.read(helper).model_copy(update={"name": "tiny-helper"})
+    _save_spec(helper, spec)
+    return ModelRegistry(root)
+
+
+def test_helper_retrievers_widen_the_candidates_and_are_recorded(
+    finished_run: StageContext, tmp_path: Path
+) -> None:
+    (tmp_path / "models").mkdir()
+    registry = _store_with_helper(finished_run, tmp_path / "models")
+    workdir = tmp_path / "helped"
+    for stage in ("prepare", "generate"):
+        shutil.copytree(finished_run.stage_dir(stage), workdir / stage)
+    recipe = json.loads(json.dumps(TINY_RECIPE))
+    # The student named as a helper is skipped: its list is always in the fusion.
+    recipe["candidates"]["helpers"] = ["tiny-helper", "tiny-student"]
+    messages: list[str] = []
+    ctx = StageContext(workdir, finished_run.corpus_path, build_config("default", recipe),
+                       registry, progress=lambda fraction, message: messages.append(message))
+    assert run_stage("prepare", ctx).skipped and run_stage("generate", ctx).skipped
+    assert not run_stage("filter", ctx).skipped
+
+    summary = json.loads((workdir / "filter" / "filter.json").read_text())
+    assert summary["helpers"] == ["tiny-helper"]
+    assert any("helper 'tiny-helper'" in message for message in messages)
+    before = json.loads((finished_run.stage_dir("filter") / "filter.json").read_text())
+    assert before["helpers"] == []
+    # A third ranking in the fusion moves some query's candidate list.
+    lists = {}
+    for run in (finished_run.stage_dir("filter"), workdir / "filter"):
+        rows = (json.loads(line) for line in (run / "teacher_scores.jsonl").open())
+        lists[run] = {row["query_id"]: row["passage_ids"] for row in rows}
+    old, new = lists.values()
+    assert old.keys() == new.keys() and any(old[q] != new[q] for q in old)
+
+
+@pytest.mark.parametrize(
+    ("helper", "message"),
+    [("no-such-model", "candidates.helpers: unknown model 'no-such-model'"),
+     ("tiny-teacher", "candidates.helpers: model 'tiny-teacher' is a teacher, not a bi-encoder")],
+)
+def test_a_helper_that_is_not_a_registered_bi_encoder_is_named(
+    finished_run: StageContext, tmp_path: Path, helper: str, message: str
+) -> None:
+    for stage in ("prepare", "generate"):
+        shutil.copytree(finished_run.stage_dir(stage), tmp_path / stage)
+    recipe = json.loads(json.dumps(TINY_RECIPE))
+    recipe["candidates"]["helpers"] = [helper]
+    ctx = StageContext(tmp_path, finished_run.corpus_path, build_config("default", recipe),
+                       finished_run.registry)
+    with pytest.raises(StageError, match=message):
+        run_stage("filter", ctx)
+    assert not (tmp_path / "filter" / "manifest.json").exists()

@@ -32,6 +32,8 @@ EXPLICIT = {
 
 # Which registry role each model field must have.
 MODEL_ROLES = (("base_model", "student"), ("teacher", "teacher"), ("generator", "generator"))
+# Helper retrievers are bi-encoders (role student) named in the recipe's candidates section.
+HELPERS_FIELD = "hyperparameters.candidates.helpers"
 
 
 def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
@@ -87,8 +89,9 @@ def resolve_recipe(request: JobCreate) -> RecipeConfig:
 def check_models(recipe: RecipeConfig, registry: ModelRegistry) -> None:
     """Every model the recipe names exists in the registry with the right role (422 otherwise)."""
     names = {"base_model": recipe.student, "teacher": recipe.teacher, "generator": recipe.generator}
-    for field, role in MODEL_ROLES:
-        name = names[field]
+    checks = [(field, names[field], role) for field, role in MODEL_ROLES]
+    checks += [(HELPERS_FIELD, name, "student") for name in recipe.candidates.helpers]
+    for field, name, role in checks:
         available = [spec.name for spec in registry.list(role)]
         try:
             spec = registry.get(name)
