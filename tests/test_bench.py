@@ -294,3 +294,41 @@ def test_train_bench_runs_one_epoch_in_both_formats_on_the_same_lists(tmp_path, 
     assert "bf16 speed-up" in capsys.readouterr().out
     with pytest.raises(ValueError, match="lists"):
         run(demo, 10_000, 1, tmp_path / "big", registry, config)
+
+
+def test_teacher_signal_bench_orders_both_candidate_lists_by_every_signal(tmp_path, registry,
+                                                                          capsys):
+    from bench.teacher_signal import REFERENCE, print_table, run
+    from ml_core.config import build_config
+    from ml_core.corpus import read_qrels, read_queries
+    from ml_core.evaluation import evaluate_retriever
+    from ml_core.pipeline import StageContext, load_passages
+    from ml_core.student import Student
+
+    demo = Path(__file__).resolve().parents[1] / "demo" / "cranfield"
+    config = build_config("default", {"student": "tiny-student", "teacher": "tiny-teacher",
+                                      "encode_precision": "fp32", "candidates": {"top_k": 6}})
+    qrels_path = demo / "qrels" / "test.tsv"
+    qrels = read_qrels(qrels_path)
+    judged = [q for q in read_queries(demo / "queries.jsonl") if q.id in qrels]
+    work = tmp_path / "work"
+    # The student as its own helper: a third vote for its list, so the fused lists differ.
+    result = run(demo, qrels_path, ["tiny-student"], work, registry, config)
+    assert result["queries"] == len(judged) and result["top_k"] == 6
+    assert 0 < result["pairs_scored"] <= len(judged) * 12 and 0 < result["list_overlap"] <= 1
+    signals = [f"{s}{suffix}" for suffix in ("", "+helpers")
+               for s in ("rrf", "cross_encoder", "fused")]
+    assert list(result["systems"]) == ["student", *signals]
+    for name, row in result["systems"].items():
+        assert 0 <= row["ndcg@10"] <= 1 and row["queries"] == len(judged)
+        assert ("vs_" + REFERENCE in row) == (name != REFERENCE)
+    # The student row is the student's own retrieval, as the evaluate stage measures it.
+    passages = load_passages(StageContext(work, demo / "corpus.jsonl", config, registry))
+    student = Student.load(registry.path("tiny-student"))
+    own = evaluate_retriever(student, passages, judged, qrels)
+    assert result["systems"]["student"]["ndcg@10"] == pytest.approx(own["ndcg@10"], abs=1e-9)
+    print_table("demo", result)
+    assert "fused+helpers" in capsys.readouterr().out
+    # A seeded sample of the judged queries, on the cached encodings.
+    sample = run(demo, qrels_path, [], work, registry, config, max_queries=20)
+    assert sample["queries"] == 20 and sample["list_overlap"] == 1.0  # no helper, same lists
