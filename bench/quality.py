@@ -108,6 +108,10 @@ _FUSED_W25 = {"teacher_signal": "fused", "fused_teacher_weight": 0.25, **_TOP12}
 # The paper's longer lists: 16 passages per query from the fused top 16 (the default since
 # 2026-12-04; the variants above use 8 of 12).
 _TOP16 = {"teacher_signal": "fused", "top_k": 16}
+# A second bi-encoder's votes: bge-small (de-quantised from the teacher's wheel) as a helper
+# retriever, its dense top 16 fused with the student's and BM25's. It changes the candidate
+# pool and the fused teacher signal, nothing else (probe: bench/results/teacher-signal-*.json).
+_HELPED16 = {**_TOP16, "helpers": ["bge-small"]}
 
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -149,6 +153,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # Plain contrastive fine-tuning on exactly the default's queries and lists, as trained.
     "l16-infonce": {"training": {"loss": "infonce", "base_merge": 0.0, "list_size": 16,
                                  **_T_SHARP}, "candidates": _TOP16},
+    # The default recipe with bge-small as a helper retriever in the fusion.
+    "l16-helped": {"training": _listwise(MERGE_SHARE, **_T_SHARP, list_size=16),
+                   "candidates": _HELPED16},
 }
 SHARED_STAGES = ("prepare", "generate", "filter")
 
