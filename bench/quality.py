@@ -47,6 +47,9 @@ a variant with other candidate settings, such as fused, re-runs only filter):
     l16-merged  sharp-merged with lists of 16 from the fused top 16 (the others: 8 of 12):
                the product's default recipe since 2026-12-04
     l16-infonce  plain contrastive fine-tuning on l16-merged's queries and lists, as trained
+    l16-helped  l16-merged with bge-small's dense top 16 joining the candidate fusion
+               (candidates.helpers)
+    l16, helped  l16-merged and l16-helped as trained, not averaged with the base
 
 Every model is evaluated on the dataset's own judgements, which no stage trains or selects on.
 Prints a table and writes JSON with per-stage wall times.
@@ -156,6 +159,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # The default recipe with bge-small as a helper retriever in the fusion.
     "l16-helped": {"training": _listwise(MERGE_SHARE, **_T_SHARP, list_size=16),
                    "candidates": _HELPED16},
+    # The two above as trained, not averaged with the base (each reuses the other's training):
+    # does the averaging hide what the better target taught?
+    "l16": {"training": _listwise(0.0, **_T_SHARP, list_size=16), "candidates": _TOP16},
+    "helped": {"training": _listwise(0.0, **_T_SHARP, list_size=16), "candidates": _HELPED16},
 }
 SHARED_STAGES = ("prepare", "generate", "filter")
 

@@ -148,6 +148,23 @@ def test_the_more_data_variant_is_sharp_merged_on_a_larger_passage_sample():
     assert all("generation" not in VARIANTS[v] for v in VARIANTS if not v.startswith("p240"))
 
 
+def test_the_helped_variants_differ_from_the_default_only_in_the_helper_retriever():
+    """l16-helped adds bge-small to the default's fusion and nothing else; l16 and helped are
+    the two as trained, each reusing its averaged twin's training."""
+    from bench.quality import VARIANTS, _config, _training_run_hash
+
+    default, helped_merged, default_raw, helped_raw = (
+        _config("default", v, {}) for v in ("l16-merged", "l16-helped", "l16", "helped"))
+    assert helped_merged.candidates.helpers == ["bge-small"] and default.candidates.helpers == []
+    assert helped_merged.model_dump(exclude={"candidates": {"helpers"}}) == default.model_dump(
+        exclude={"candidates": {"helpers"}})
+    assert default_raw.training.base_merge == helped_raw.training.base_merge == 0.0
+    assert _training_run_hash(default_raw) == _training_run_hash(default)
+    assert _training_run_hash(helped_raw) == _training_run_hash(helped_merged)
+    assert [v for v in VARIANTS if _config("default", v, {}).candidates.helpers] == [
+        "l16-helped", "helped"]
+
+
 def test_set_overrides_reach_sections_and_the_seed():
     """A replication under another seed is `--set seed=1`; section settings keep working."""
     from bench.quality import _config, parse_overrides
