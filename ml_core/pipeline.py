@@ -133,9 +133,18 @@ def stage_fingerprint(stage: str, ctx: StageContext) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+# Settings added after stages had already run, with the value that does what the recipe did
+# before them. At that value they are left out of the hash, so a stage that finished before the
+# setting existed (a job resumed across an upgrade) keeps its fingerprint and is not redone.
+_ADDED_SETTINGS: dict[tuple[str, str], Any] = {("candidates", "helpers"): []}
+
+
 def section_hash(config: RecipeConfig, stage: str) -> str:
     """sha256 of the recipe settings `stage` itself reads (its manifest's config_hash)."""
     data = config.model_dump(mode="json")
+    for (section, key), neutral in _ADDED_SETTINGS.items():
+        if data[section].get(key) == neutral:
+            del data[section][key]
     picked: dict[str, Any] = {}
     for name in _STAGE_SECTIONS[stage]:
         section, _, field = name.partition(".")

@@ -159,6 +159,7 @@ def test_encode_precision_reruns_filter_and_evaluate_and_is_reported(
         ("generation", "precision", "fp32", "generate"),
         ("training", "precision", "fp32", "distill"),
         ("candidates", "top_k", 6, "filter"),
+        ("candidates", "helpers", ["bge-small"], "filter"),
         ("evaluation", "teacher_check_queries", 5, "evaluate"),
     ],
 )
@@ -405,3 +406,25 @@ def test_a_helper_that_is_not_a_registered_bi_encoder_is_named(
     with pytest.raises(StageError, match=message):
         run_stage("filter", ctx)
     assert not (tmp_path / "filter" / "manifest.json").exists()
+
+
+def test_a_setting_added_later_leaves_the_fingerprints_of_earlier_stages_alone() -> None:
+    """candidates.helpers came after jobs had run: at its neutral value (none) the filter's
+    hash is the one computed before the setting existed, so a resumed job is not re-filtered."""
+    import hashlib
+
+    from ml_core.pipeline import _STAGE_SECTIONS, section_hash
+
+    config = build_config("default", TINY_RECIPE)
+    assert config.candidates.helpers == []
+    before = config.model_dump(mode="json")
+    del before["candidates"]["helpers"]  # the recipe as it was before the setting
+    picked = {}
+    for name in _STAGE_SECTIONS["filter"]:
+        section, _, field = name.partition(".")
+        picked[name] = before[section][field] if field else before[section]
+    old = hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
+    assert section_hash(config, "filter") == old
+    helped = build_config("default", {**TINY_RECIPE, "candidates": {
+        **TINY_RECIPE["candidates"], "helpers": ["bge-small"]}})
+    assert section_hash(helped, "filter") != old
