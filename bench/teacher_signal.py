@@ -113,18 +113,20 @@ def run(data: Path, qrels_path: Path, helpers: list[str], work: Path,
     low = float(np.percentile(raw, cfg.norm_low_percentile))
     high = float(np.percentile(raw, cfg.norm_high_percentile))
 
+    signal_config = {name: cfg.model_copy(update={"teacher_signal": name})
+                     for name in ("cross_encoder", "fused")}
+
     def ordered(query: Query, suffix: str, signal: str) -> list[str]:
         cand = pools[suffix][query.id]
         pids = cand.passage_ids
-        raw_values = np.array([raw_of[(query.id, pid)] for pid in pids])
         if signal == "rrf":
             values = np.asarray(cand.rrf)
         else:
-            kind = cfg.model_copy(update={"teacher_signal": (
-                "cross_encoder" if signal == "cross_encoder" else "fused")})
-            values = teacher_signal(pids, raw_values, cand, low, high, kind)
+            raw_values = np.array([raw_of[(query.id, pid)] for pid in pids])
+            values = teacher_signal(pids, raw_values, cand, low, high, signal_config[signal])
         head = [pids[i] for i in np.argsort(-values, kind="stable")]
-        tail = [pid for pid in cand.student_ids if pid not in set(head)]
+        in_head = set(head)
+        tail = [pid for pid in cand.student_ids if pid not in in_head]
         return pool_to_documents(head + tail, document_of)
 
     rankings: dict[str, dict[str, list[str]]] = {
