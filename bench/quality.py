@@ -113,7 +113,7 @@ _FUSED_W25 = {"teacher_signal": "fused", "fused_teacher_weight": 0.25, **_TOP12}
 _TOP16 = {"teacher_signal": "fused", "top_k": 16}
 # A second bi-encoder's votes: bge-small (de-quantised from the teacher's wheel) as a helper
 # retriever, its dense top 16 fused with the student's and BM25's. It changes the candidate
-# pool and the fused teacher signal, nothing else (probe: bench/results/teacher-signal-*.json).
+# pool and the fused teacher signal, nothing else (bench/results/teacher-signal.json).
 _HELPED16 = {**_TOP16, "helpers": ["bge-small"]}
 
 
@@ -159,7 +159,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # The default recipe with bge-small as a helper retriever in the fusion.
     "l16-helped": {"training": _listwise(MERGE_SHARE, **_T_SHARP, list_size=16),
                    "candidates": _HELPED16},
-    # The two above as trained, not averaged with the base (each reuses the other's training):
+    # l16-merged and l16-helped as trained, not averaged with the base (each reuses its
+    # averaged twin's training):
     # does the averaging hide what the better target taught?
     "l16": {"training": _listwise(0.0, **_T_SHARP, list_size=16), "candidates": _TOP16},
     "helped": {"training": _listwise(0.0, **_T_SHARP, list_size=16), "candidates": _HELPED16},
