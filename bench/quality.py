@@ -397,6 +397,13 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return overrides
 
 
+def _gpu_name() -> str | None:
+    """The CUDA device the stages run on (they pick it when there is one), else None."""
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.quality",
@@ -464,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         "overrides": overrides,
         "machine": platform.platform(),
         "cpus": os.cpu_count(),
+        "gpu": _gpu_name(),
         # Stage times come from the stage manifests; runs sharing the machine set this to 1.
         "torch_threads": os.environ.get("TAILOR_TORCH_THREADS", "all"),
         "datasets": {},

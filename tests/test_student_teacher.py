@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import ml_core.teacher as teacher_module
 from ml_core.records import Passage
 from ml_core.registry import REPO_ROOT, ModelRegistry, ModelSpec
 from ml_core.student import Student, cpu_has_native_bf16, resolve_precision
-from ml_core.teacher import OnnxCrossEncoder, Teacher, TorchCrossEncoder, load_teacher
-from tests.tiny_models import build_onnx_teacher
+from ml_core.teacher import (
+    DequantizedCrossEncoder,
+    OnnxCrossEncoder,
+    Teacher,
+    TorchCrossEncoder,
+    load_teacher,
+)
+from tests.tiny_models import build_int8_onnx_teacher, build_onnx_teacher
 
 QUERIES = ["what is lift on a swept wing", "insulin resistance in mice", "heat", ""]
 PASSAGES = [
@@ -199,6 +208,85 @@ def test_onnx_teacher_scores_as_the_torch_teacher(
     assert widths[0] == 512 and widths[-1] < 40  # the long passage is truncated, not the rest
 
 
+@pytest.fixture(scope="module")
+def int8_teacher(registry: ModelRegistry, tmp_path_factory: pytest.TempPathFactory,
+                 ) -> tuple[ModelSpec, Path]:
+    """(the tiny teacher as int8 ONNX with its config.json, the float HF teacher behind it)."""
+    folder = tmp_path_factory.mktemp("int8") / "tiny-int8-teacher"
+    float_folder = build_int8_onnx_teacher(registry.folder("tiny-teacher"), folder)
+    return ModelSpec.read(folder), float_folder
+
+
+# Tiny random weights give int8 activation rounding a larger share of their narrow logit range
+# (0.11 here) than the default teacher's (under 0.01, test_dequantized_default_teacher).
+TINY_DEVIATION = 0.2
+
+
+def test_dequantized_teacher_scores_as_its_float_original(
+    int8_teacher: tuple[ModelSpec, Path], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The GPU path of an int8 ONNX teacher, run on the CPU: the de-quantised torch model
+    scores like the float teacher the int8 file was made from, and like the ONNX file."""
+    monkeypatch.setattr(teacher_module, "MAX_DEQUANTIZED_DEVIATION", TINY_DEVIATION)
+    spec, float_folder = int8_teacher
+    assert isinstance(load_teacher(spec, device="cpu"), OnnxCrossEncoder)  # CPUs keep ONNX
+    dequantized = DequantizedCrossEncoder(spec, device="cpu")
+    assert isinstance(dequantized.model, torch.nn.Module)
+    scores = dequantized.score(PAIRS, batch_size=4)
+    original = TorchCrossEncoder(ModelSpec.read(float_folder), device="cpu").score(PAIRS)
+    onnx = OnnxCrossEncoder(spec).score(PAIRS, batch_size=4)
+    spread = float(np.ptp(original))
+    assert spread > 0
+    # Weights rounded to int8 only: closer to the float original than onnxruntime's int8 run,
+    # which rounds the activations too.
+    assert np.abs(scores - original).max() < 0.25 * spread
+    assert np.abs(scores - original).max() < np.abs(onnx - original).max()
+    assert np.corrcoef(scores, original)[0, 1] > 0.99
+
+
+def test_dequantized_teacher_refuses_weights_that_score_otherwise(
+    int8_teacher: tuple[ModelSpec, Path], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A mis-mapped weight (here the classifier's sign) fails the check against ONNX at load."""
+    monkeypatch.setattr(teacher_module, "MAX_DEQUANTIZED_DEVIATION", TINY_DEVIATION)
+    from ml_core import provision
+
+    real = provision.dequantized_bert_state_dict
+
+    def flipped(graph: provision.OnnxGraph) -> dict[str, np.ndarray]:
+        state = real(graph)
+        state["classifier.weight"] = -state["classifier.weight"]
+        return state
+
+    monkeypatch.setattr(provision, "dequantized_bert_state_dict", flipped)
+    with pytest.raises(ValueError, match="scores unlike its ONNX original"):
+        DequantizedCrossEncoder(int8_teacher[0], device="cpu")
+
+
+def test_only_a_bert_config_enables_the_dequantized_path(
+    int8_teacher: tuple[ModelSpec, Path], tmp_path: Path,
+) -> None:
+    folder = int8_teacher[0].folder
+    assert teacher_module._is_bert(folder)
+    assert not teacher_module._is_bert(tmp_path)  # no config.json: ONNX on the CPU
+    (tmp_path / "config.json").write_text('{"model_type": "xlm-roberta"}')
+    assert not teacher_module._is_bert(tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_onnx_teacher_runs_dequantized_on_cuda(
+    int8_teacher: tuple[ModelSpec, Path], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(teacher_module, "MAX_DEQUANTIZED_DEVIATION", TINY_DEVIATION)
+    spec = int8_teacher[0]
+    teacher = load_teacher(spec)
+    assert isinstance(teacher, DequantizedCrossEncoder) and teacher.device == "cuda"
+    assert next(teacher.model.parameters()).is_cuda
+    np.testing.assert_allclose(teacher.score(PAIRS, batch_size=4),
+                               DequantizedCrossEncoder(spec, device="cpu").score(PAIRS),
+                               atol=1e-4)
+
+
 REAL_TEACHER = REPO_ROOT / "var" / "models" / "ms-marco-minilm-l12"
 
 
@@ -225,6 +313,29 @@ def test_onnx_teacher_on_provisioned_model(monkeypatch: pytest.MonkeyPatch) -> N
     permutation = [2, 0, 3, 1]
     shuffled = teacher.score([pairs[i] for i in permutation], batch_size=4)
     np.testing.assert_allclose(shuffled, scores[permutation], atol=1e-4)
+
+
+@pytest.mark.skipif(not (REAL_TEACHER / "config.json").is_file(),
+                    reason="the provisioned int8 teacher with its config.json; run `python -m "
+                           "ml_core provision` first")
+def test_dequantized_default_teacher(tmp_path: Path) -> None:
+    """The default teacher de-quantised (its GPU path, run on the CPU) passes its own check,
+    and the check catches a config with the wrong head count (24 instead of 12), whose logits
+    still correlate 0.999 with the ONNX ones on the check pairs."""
+    spec = ModelRegistry(REAL_TEACHER.parent).get(REAL_TEACHER.name)
+    teacher = DequantizedCrossEncoder(spec, device="cpu")
+    pairs = [("how is lift produced on a swept wing", PASSAGES[0]),
+             ("how is lift produced on a swept wing", PASSAGES[2]),
+             ("insulin resistance in mice", PASSAGES[2]),
+             ("insulin resistance in mice", PASSAGES[0])]
+    scores = teacher.score(pairs)
+    assert scores[0] > scores[1] and scores[2] > scores[3]
+    wrong = tmp_path / "wrong-heads"
+    shutil.copytree(REAL_TEACHER, wrong)
+    config = json.loads((wrong / "config.json").read_text())
+    (wrong / "config.json").write_text(json.dumps({**config, "num_attention_heads": 24}))
+    with pytest.raises(ValueError, match="scores unlike its ONNX original"):
+        DequantizedCrossEncoder(ModelSpec.read(wrong), device="cpu")
 
 
 def test_student_refuses_non_hf_spec(student: Student) -> None:

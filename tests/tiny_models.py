@@ -11,6 +11,7 @@ real text tokenizes into words rather than [UNK].
 from __future__ import annotations
 
 import json
+import shutil
 import string
 from pathlib import Path
 
@@ -476,3 +477,29 @@ def build_int8_onnx_encoder(folder: Path) -> BertModel:
                      weight_type=QuantType.QInt8, per_channel=True)
     (folder / "float.onnx").unlink()
     return model
+
+
+def build_int8_onnx_teacher(hf_teacher: Path, folder: Path) -> Path:
+    """The tiny teacher as the default teacher arrives: int8 ONNX (onnxruntime's
+    quantize_dynamic, per-channel) with its tokenizer, plus the config.json that provisioning
+    writes for it, registered as format "onnx". Every weight is perturbed first (as in
+    build_int8_onnx_encoder); returns the folder of the float HF teacher it was made from."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    float_folder = folder.with_name(folder.name + "-float")
+    shutil.copytree(hf_teacher, float_folder)
+    model = BertForSequenceClassification.from_pretrained(float_folder).eval()
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    model.save_pretrained(float_folder)
+    spec = build_onnx_teacher(float_folder, folder)
+    (folder / "model.onnx").rename(folder / "float.onnx")
+    quantize_dynamic(str(folder / "float.onnx"), str(folder / "model.onnx"),
+                     weight_type=QuantType.QInt8, per_channel=True)
+    (folder / "float.onnx").unlink()
+    (folder / "config.json").write_bytes((float_folder / "config.json").read_bytes())
+    _save_spec(folder, spec.model_copy(update={
+        "name": "tiny-int8-teacher", "source": "tests/tiny_models.py (tiny-teacher, int8 ONNX)"}))
+    return float_folder
