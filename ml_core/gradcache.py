@@ -49,7 +49,10 @@ class _RngState:
 
     def __init__(self) -> None:
         self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        # CUDA's generators matter only once this process uses CUDA (a model on the GPU has
+        # initialised it). Reading them otherwise would initialise CUDA: wasted on a CPU rank, and
+        # fatal in a process forked from one that had used CUDA (seen on a GPU host).
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
 
     @contextmanager
     def replay(self) -> Iterator[None]:

@@ -278,7 +278,9 @@ def test_generator_precision_sets_the_weights_number_format(registry, monkeypatc
                                   ("auto", True, torch.bfloat16), ("auto", False, torch.float32)]:
         monkeypatch.setattr(ml_core.student, "cpu_has_native_bf16",
                             lambda _info=None, native=native: native)
-        generator = load_generator(GenerationConfig(precision=wanted), spec, registry)
+        # The CPU rule is under test (on a GPU host, auto is bf16 on the GPU).
+        generator = load_generator(GenerationConfig(precision=wanted), spec, registry,
+                                   device="cpu")
         assert isinstance(generator, TransformersGenerator)
         assert {p.dtype for p in generator.model.parameters()} == {dtype}
         assert generator.precision == ("bf16" if dtype == torch.bfloat16 else "fp32")

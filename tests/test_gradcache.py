@@ -173,3 +173,21 @@ def test_one_chunk_batch_skips_the_cache_pass_with_the_same_gradients() -> None:
     )
     assert calls == [BATCH, BATCH * LIST_SIZE]  # one forward per stream, no no-grad pass
     assert _max_abs_diff(_grads(model), cached) < 1e-5
+
+
+def test_rng_snapshot_leaves_an_unused_cuda_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU rank on a GPU host must not touch CUDA: reading its generators would initialise it,
+    which fails in a process forked from one that had used CUDA (seen on an H200 host)."""
+    from ml_core import gradcache
+
+    def refuse() -> list[torch.Tensor]:
+        raise RuntimeError("Cannot re-initialize CUDA in forked subprocess")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", refuse)
+    state = gradcache._RngState()
+    assert state.cuda == []
+    before = torch.rand(3)
+    with state.replay():
+        assert torch.equal(torch.rand(3), before)  # the CPU stream is replayed as before

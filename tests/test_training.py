@@ -82,11 +82,11 @@ def _lists(teacher_disagrees: bool = False) -> list[ScoredList]:
     ]
 
 
-def _student(model_store: Path):
+def _student(model_store: Path, device: str | None = None):
     from ml_core.student import Student
 
     torch.manual_seed(0)  # any weight the checkpoint lacks (e.g. an unused pooler) is seeded too
-    return Student.load(model_store / "tiny-student")
+    return Student.load(model_store / "tiny-student", device)
 
 
 def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -306,8 +306,9 @@ def test_training_precision_picks_the_encoders_number_format(
         monkeypatch.setattr(ml_core.student, "cpu_has_native_bf16",
                             lambda _info=None, native=native: native)
         cfg = CFG.model_copy(update={"precision": wanted})
-        result = train_student(_student(model_store), train, train, _passages(), _queries(), cfg,
-                               tmp_path / name, seed=1)
+        # The CPU rule is under test (on a GPU host, auto is bf16 on the GPU).
+        result = train_student(_student(model_store, "cpu"), train, train, _passages(),
+                               _queries(), cfg, tmp_path / name, seed=1)
         losses = [entry["dev_loss"] for entry in result.history]
         assert losses[-1] < losses[0], name  # bf16 encoders still learn
         final[name] = torch.load(tmp_path / name / "state" / STATE_FILE,
