@@ -145,7 +145,18 @@ def test_the_more_data_variant_is_sharp_merged_on_a_larger_passage_sample():
         exclude={"generation": {"passages"}})
     assert _training_run_hash(larger) == _training_run_hash(as_trained)
     assert as_trained.training.base_merge == 0.0 < larger.training.base_merge
-    assert all("generation" not in VARIANTS[v] for v in VARIANTS if not v.startswith("p240"))
+    assert all("generation" not in VARIANTS[v] for v in VARIANTS
+               if not v.startswith("p240") and v != "l16-six")
+
+
+def test_the_six_types_variant_changes_only_the_query_types():
+    from bench.quality import _config
+
+    default, six = (_config("default", v, {}) for v in ("l16-merged", "l16-six"))
+    assert len(six.generation.query_types) == 6 > len(default.generation.query_types) == 4
+    assert set(default.generation.query_types) < set(six.generation.query_types)
+    assert six.model_dump(exclude={"generation": {"query_types"}}) == default.model_dump(
+        exclude={"generation": {"query_types"}})
 
 
 def test_the_helped_variants_differ_from_the_default_only_in_the_helper_retriever():
