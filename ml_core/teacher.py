@@ -135,7 +135,7 @@ class OnnxCrossEncoder(Teacher):
 
 
 class DequantizedCrossEncoder(TorchCrossEncoder):
-    """An int8 (or float) ONNX BERT cross-encoder de-quantised into a float
+    """An int8 ONNX BERT cross-encoder (onnxruntime's quantize_dynamic) de-quantised into a float
     BertForSequenceClassification on torch; the folder's config.json gives the architecture.
 
     Loading checks the float model against onnxruntime on CHECK_PAIRS and raises ValueError when
