@@ -26,6 +26,7 @@ import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -39,6 +40,9 @@ from ml_core.registry import (
     folder_sha256,
     verify_files,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +285,24 @@ def dequantized_bert_state_dict(graph: OnnxGraph) -> dict[str, np.ndarray]:
     return state
 
 
+def load_dequantized(model: torch.nn.Module, onnx_path: Path) -> None:
+    """Load the de-quantised weights of the int8 ONNX BERT at `onnx_path` into `model` (a
+    BertModel, or a BertForSequenceClassification for a cross-encoder).
+
+    Raises ProvisionError when a parameter of the model is missing or the file has one extra.
+    """
+    import torch
+
+    arrays = dequantized_bert_state_dict(read_onnx(onnx_path))
+    missing, unexpected = model.load_state_dict(
+        {k: torch.from_numpy(v) for k, v in arrays.items()}, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ProvisionError(f"{onnx_path}: de-quantised weights do not fit "
+                             f"{type(model).__name__}: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+
+
 def convert_bert_onnx(folder: Path) -> None:
     """Replace `folder/model.onnx` (int8 BERT) by a float BertModel saved as safetensors.
 
@@ -293,13 +315,7 @@ def convert_bert_onnx(folder: Path) -> None:
     onnx_path = folder / "model.onnx"
     config = BertConfig.from_pretrained(folder)
     model = BertModel(config, add_pooling_layer=False).eval()
-    arrays = dequantized_bert_state_dict(read_onnx(onnx_path))
-    state = {k: torch.from_numpy(v) for k, v in arrays.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("position_ids")]
-    if missing or unexpected:
-        raise ProvisionError(f"de-quantised weights do not fit BertModel: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+    load_dequantized(model, onnx_path)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     batch = tokenizer(list(CHECK_SENTENCES), padding=True, truncation=True, max_length=512,
                       return_tensors="np")

@@ -138,25 +138,19 @@ class DequantizedCrossEncoder(TorchCrossEncoder):
     """An int8 ONNX BERT cross-encoder (onnxruntime's quantize_dynamic) de-quantised into a float
     BertForSequenceClassification on torch; the folder's config.json gives the architecture.
 
-    Loading checks the float model against onnxruntime on CHECK_PAIRS and raises ValueError when
-    a logit deviates by more than MAX_DEQUANTIZED_DEVIATION of their range.
+    Loading raises ProvisionError when the weights do not fit the config's model, and checks the
+    float model against onnxruntime on CHECK_PAIRS: ValueError when a logit deviates by more
+    than MAX_DEQUANTIZED_DEVIATION of their range.
     """
 
     def _load(self) -> torch.nn.Module:
         from transformers import BertConfig, BertForSequenceClassification
 
-        from ml_core.provision import dequantized_bert_state_dict, read_onnx
+        from ml_core.provision import load_dequantized
 
         config = BertConfig.from_pretrained(self.spec.folder, num_labels=1)
         model = BertForSequenceClassification(config).eval()
-        arrays = dequantized_bert_state_dict(read_onnx(self.spec.weights))
-        missing, unexpected = model.load_state_dict(
-            {k: torch.from_numpy(v) for k, v in arrays.items()}, strict=False)
-        missing = [k for k in missing if not k.endswith("position_ids")]
-        if missing or unexpected:
-            raise ValueError(f"teacher {self.spec.name!r}: de-quantised weights do not fit "
-                             f"BertForSequenceClassification (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
+        load_dequantized(model, self.spec.weights)
         batch = dict(self.tokenizer([q for q, _ in CHECK_PAIRS], [p for _, p in CHECK_PAIRS],
                                     padding="longest", return_tensors="np"))
         with torch.no_grad():
