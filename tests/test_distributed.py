@@ -60,7 +60,7 @@ def _worker(rank: int, rendezvous: str, model_store: Path, out: Path) -> None:
             torch.save(grads, out / "grads.pt")
         train = tt._lists()[:8]
         train_student(
-            tt._student(model_store),
+            tt._student(model_store, "cpu"),  # gloo ranks on the CPU, also on a GPU host
             train,
             train[:4],
             tt._passages(),
@@ -78,16 +78,18 @@ def test_two_processes_match_one_process(model_store: Path, tmp_path: Path) -> N
         _worker,
         args=(str(tmp_path / "rendezvous"), model_store, tmp_path),
         nprocs=WORLD,
-        start_method="fork",
+        # fork is fast, but a child forked after this process used CUDA cannot touch CUDA,
+        # which torch's optimizers do even for CPU tensors (a graph-capture check).
+        start_method="spawn" if torch.cuda.is_initialized() else "fork",
     )
 
     single_grads = gc._cached_grads(gc._tiny_bert(dropout=0.0), gc._batch())
     assert gc._max_abs_diff(torch.load(tmp_path / "grads.pt"), single_grads) < 1e-5
 
     train = tt._lists()[:8]
-    base = tt._weights(tt._student(model_store))
+    base = tt._weights(tt._student(model_store, "cpu"))
     single = train_student(
-        tt._student(model_store),
+        tt._student(model_store, "cpu"),
         train,
         train[:4],
         tt._passages(),

@@ -296,7 +296,8 @@ REAL_TEACHER = REPO_ROOT / "var" / "models" / "ms-marco-minilm-l12"
                            "suite); run `python -m ml_core "
                            "provision` first")
 def test_onnx_teacher_on_provisioned_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    teacher = load_teacher(ModelRegistry(REAL_TEACHER.parent).get(REAL_TEACHER.name))
+    teacher = load_teacher(ModelRegistry(REAL_TEACHER.parent).get(REAL_TEACHER.name),
+                           device="cpu")  # on CUDA the default teacher runs de-quantised
     assert isinstance(teacher, OnnxCrossEncoder)
     widths: list[int] = []
     original = teacher._logits
