@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 
 class QueryType(StrEnum):
-    """The six synthetic query types of the recipe (Tamber et al. 2025, section 3)."""
+    """The six synthetic query types of the recipe (Tamber et al. 2025, section 3), which the
+    generator writes, and one extractive type that needs no generator."""
 
     QUESTIONS = "questions"
     CLAIMS = "claims"
@@ -26,9 +27,15 @@ class QueryType(StrEnum):
     KEYWORDS = "keywords"
     ZERO_SHOT_USER = "zero_shot_user"
     FEW_SHOT_USER = "few_shot_user"
+    # The passage's own title from the corpus, as is (one query per titled document).
+    SOURCE_TITLES = "source_titles"
 
 
 ALL_QUERY_TYPES: tuple[QueryType, ...] = tuple(QueryType)
+EXTRACTIVE_QUERY_TYPES: frozenset[QueryType] = frozenset({QueryType.SOURCE_TITLES})
+# The types an instruction LLM writes, each with its prompt.
+LLM_QUERY_TYPES: tuple[QueryType, ...] = tuple(
+    t for t in QueryType if t not in EXTRACTIVE_QUERY_TYPES)
 
 
 class _Section(BaseModel):

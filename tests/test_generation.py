@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from ml_core.config import ALL_QUERY_TYPES, GenerationConfig, QueryType
+from ml_core.config import LLM_QUERY_TYPES, GenerationConfig, QueryType
 from ml_core.generation import (
     EXAMPLES,
     GeneratorError,
@@ -38,7 +38,7 @@ PASSAGE = Passage(
 # Prompts
 
 
-@pytest.mark.parametrize("query_type", ALL_QUERY_TYPES)
+@pytest.mark.parametrize("query_type", LLM_QUERY_TYPES)
 def test_prompt_states_the_recipe_rules_and_ends_with_the_passage(query_type: QueryType) -> None:
     messages = build_messages(PASSAGE.text, query_type, 3, random.Random(0))
     system = messages[0]["content"]
@@ -68,7 +68,7 @@ def test_few_shot_examples_are_seeded_and_vary_between_prompts() -> None:
 
 
 def test_every_example_has_a_query_of_every_few_shot_type() -> None:
-    few_shot_types = set(ALL_QUERY_TYPES) - {QueryType.ZERO_SHOT_USER}
+    few_shot_types = set(LLM_QUERY_TYPES) - {QueryType.ZERO_SHOT_USER}
     assert len(EXAMPLES) >= 8
     for example in EXAMPLES:
         assert set(example.queries) == few_shot_types
@@ -216,6 +216,32 @@ def test_generate_queries_retries_unusable_replies_once() -> None:
     assert [q.id for q in queries] == ["titles:id0", "titles:id1", "titles:id2"]
     assert [len(c["conversations"]) for c in generator.calls] == [3, 1]
     assert generator.calls[0]["seed"] != generator.calls[1]["seed"]
+
+
+def test_source_titles_are_the_corpus_titles_one_per_document_and_leave_the_rest_alone() -> None:
+    titled = [
+        Passage("a#0", "first chunk of a", title="Flow past a flat plate .", parent_id="a"),
+        Passage("a#1", "second chunk of a", title="Flow past a flat plate .", parent_id="a"),
+        Passage("b", "doc b end.", title=""),  # no title: no query
+        Passage("c", "doc c end.", title="Shock"),  # one word: not a query
+        Passage("d", "doc d end.", title="  Heat   transfer at high Mach numbers"),
+    ]
+    only = generate_queries(titled, GenerationConfig(query_types=["source_titles"]),
+                            ScriptedGenerator(), seed=3)
+    assert [(q.id, q.text, q.query_type, q.source_id) for q in only] == [
+        ("source_titles:a#0", "Flow past a flat plate", "source_titles", "a#0"),
+        ("source_titles:d", "Heat transfer at high Mach numbers", "source_titles", "d"),
+    ]
+    # Mixed with generated types, the generator sees exactly the calls it would without them.
+    with_titles, without = ScriptedGenerator(), ScriptedGenerator()
+    mixed = generate_queries(titled, GenerationConfig(query_types=["questions", "source_titles"],
+                                                      batch_size=2), with_titles, seed=3)
+    plain = generate_queries(titled, GenerationConfig(query_types=["questions"], batch_size=2),
+                             without, seed=3)
+    assert with_titles.calls == without.calls and with_titles.calls
+    assert [q for q in mixed if q.query_type == "questions"] == plain
+    assert [q.id for q in mixed if q.query_type == "source_titles"] == [
+        "source_titles:a#0", "source_titles:d"]
 
 
 def test_generate_queries_is_deterministic_for_a_seed() -> None:

@@ -11,7 +11,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from ml_core.config import GenerationConfig, QueryType
+from ml_core.config import EXTRACTIVE_QUERY_TYPES, GenerationConfig, QueryType
 from ml_core.generation.backends import Conversation, Generator
 from ml_core.generation.prompts import EXAMPLES, MAX_PASSAGE_CHARS, build_messages
 from ml_core.records import Passage, ProgressFn, Query, no_progress
@@ -215,6 +215,33 @@ def build_batch(
     return conversations
 
 
+def source_title_query(title: str) -> str | None:
+    """A corpus title as a query: whitespace collapsed, a trailing lone period dropped (Cranfield
+    writes "... plate ."), cut to MAX_QUERY_WORDS; None when under MIN_QUERY_WORDS words."""
+    words = title.split()
+    if words and words[-1] == ".":
+        words = words[:-1]
+    if len(_words(" ".join(words))) < MIN_QUERY_WORDS:
+        return None
+    return " ".join(words[:MAX_QUERY_WORDS])
+
+
+def _extracted(requests: list[_Request]) -> dict[int, str]:
+    """Answers of the extractive requests: one source-title query per document (the first
+    sampled chunk of it), none for a passage without a usable title."""
+    answers: dict[int, str] = {}
+    seen: set[str] = set()
+    for i, request in enumerate(requests):
+        if request.query_type != QueryType.SOURCE_TITLES:
+            continue
+        document = request.passage.document_id
+        text = source_title_query(request.passage.title)
+        if text is not None and document not in seen:
+            seen.add(document)
+            answers[i] = text
+    return answers
+
+
 def generate_queries(
     passages: list[Passage],
     cfg: GenerationConfig,
@@ -224,6 +251,9 @@ def generate_queries(
 ) -> list[Query]:
     """Synthetic queries: one per passage per type in `cfg.query_types`, minus unusable replies.
 
+    `source_titles` queries are the passages' own titles (one per document, no generator call);
+    the other types' queries are the same with or without them.
+
     Requests are batched by query type (`cfg.batch_size` rows sharing one random draw of
     few-shot examples, passages sorted by length); replies that clean to nothing are retried
     once with other examples and another seed. Query ids are `<type>:<passage id>`; results come
@@ -231,8 +261,10 @@ def generate_queries(
     function of (passages, cfg, seed) and the generator.
     """
     requests = [_Request(p, t) for p in passages for t in cfg.query_types]
-    answers: dict[int, str] = {}
-    pending = list(range(len(requests)))
+    # Extractive types are read off the passage; only the rest go to the generator, batched and
+    # seeded exactly as they would be without them.
+    answers: dict[int, str] = _extracted(requests)
+    pending = [i for i, r in enumerate(requests) if r.query_type not in EXTRACTIVE_QUERY_TYPES]
     # Total batches over all rounds is unknown up front; report against the first round and
     # cap at 1.0 so retries never make progress run backwards.
     first_round_batches = max(1, len(_batches(requests, pending, cfg.batch_size)))
