@@ -159,6 +159,15 @@ def test_the_six_types_variant_changes_only_the_query_types():
         exclude={"generation": {"query_types"}})
 
 
+def test_the_titles_variant_is_the_default_plus_source_titles():
+    from bench.quality import _config
+
+    default, titled = (_config("default", v, {}) for v in ("l16-merged", "l16-titles"))
+    assert titled.generation.query_types == [*default.generation.query_types, "source_titles"]
+    assert titled.model_dump(exclude={"generation": {"query_types"}}) == default.model_dump(
+        exclude={"generation": {"query_types"}})
+
+
 def test_the_helped_variants_differ_from_the_default_only_in_the_helper_retriever():
     """l16-helped adds bge-small to the default's fusion and nothing else; l16 and helped are
     the two as trained, each reusing its averaged twin's training."""
