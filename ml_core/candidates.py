@@ -240,7 +240,9 @@ def score_and_filter(
     The teacher scores only each query's fused top-k plus its source passage when missing.
     Drop reasons, first that applies: "no_source" (source passage unknown), "round_trip_teacher"
     (source not ranked #1 by the teacher signal), "round_trip_student" (source not in the
-    student's top cfg.student_top_n), "low_score" (best raw teacher score under the
+    student's top cfg.student_top_n; with cfg.round_trip_scope == "document", both checks look
+    for any chunk of the source's document, and the teacher's best such chunk is the list's
+    positive), "low_score" (best raw teacher score under the
     cfg.min_score_percentile of all queries' best scores). The round-trip checks apply only
     when cfg.round_trip. Scores are min-max normalised between the norm_low/high percentiles of
     all raw scores and clipped to [0, 1]. With cfg.teacher_signal == "fused", the signal is
@@ -281,6 +283,8 @@ def score_and_filter(
     best = np.array([max(raw_by_query[q.id].values()) for q in scored_queries])
     floor = float(np.percentile(best, cfg.min_score_percentile)) if len(best) else 0.0
 
+    by_document = cfg.round_trip_scope == "document"
+    moved = 0  # kept queries whose positive is another chunk of the source's document
     lists: list[ScoredList] = []
     relabeled: list[ScoredList] = []
     kept: list[Query] = []
@@ -294,13 +298,27 @@ def score_and_filter(
         raw_values = np.array([scores[pid] for pid in pids])
         signal = teacher_signal(pids, raw_values, candidates[query.id], low, high, cfg)
         source_index = pids.index(query.source_id)
+        if by_document:
+            document = by_id[query.source_id].document_id
+            own = [i for i, pid in enumerate(pids) if by_id[pid].document_id == document]
+            # The document's best chunk; the source passage itself on a tie.
+            positive = max(own, key=lambda i: (signal[i], i == source_index))
+            others = [i for i in range(len(pids)) if i not in own]
+            teacher_lost = bool(others) and bool(np.max(signal[others]) > signal[positive])
+            student_found = any(
+                by_id[pid].document_id == document
+                for pid in candidates[query.id].student_ids[: cfg.student_top_n]
+                if pid in by_id
+            )
+        else:
+            positive = source_index
+            teacher_lost = bool(np.any(signal > signal[source_index]))
+            rank = candidates[query.id].source_rank
+            student_found = rank is not None and rank <= cfg.student_top_n
         reason = None
-        if cfg.round_trip and np.any(signal > signal[source_index]):
+        if cfg.round_trip and teacher_lost:
             reason = "round_trip_teacher"
-        elif cfg.round_trip and not (
-            candidates[query.id].source_rank is not None
-            and candidates[query.id].source_rank <= cfg.student_top_n
-        ):
+        elif cfg.round_trip and not student_found:
             reason = "round_trip_student"
         elif raw_values.max() < floor:
             reason = "low_score"
@@ -309,14 +327,17 @@ def score_and_filter(
         if reason:
             reasons[query.id] = reason
             continue
-        lists.append(_scored_list(query.id, pids, signal, raw_values, source_index))
+        lists.append(_scored_list(query.id, pids, signal, raw_values, positive))
         kept.append(query)
+        moved += positive != source_index
 
     summary = {
         "generated": len(queries),
         "scored": len(scored_queries),
         "kept": len(kept),
         "relabeled": len(relabeled),
+        "round_trip_scope": cfg.round_trip_scope,
+        "positive_moved": moved,
         "pairs_scored": len(pairs),
         "dropped": dict(Counter(reasons.values())),
         "by_type": _counts_by_type(queries, reasons),

@@ -168,6 +168,16 @@ def test_the_titles_variant_is_the_default_plus_source_titles():
         exclude={"generation": {"query_types"}})
 
 
+def test_the_document_round_trip_variant_changes_only_the_round_trip_scope():
+    from bench.quality import _config
+
+    default, doc = (_config("default", v, {}) for v in ("l16-merged", "l16-doc"))
+    assert (default.candidates.round_trip_scope, doc.candidates.round_trip_scope) == (
+        "passage", "document")
+    assert doc.model_dump(exclude={"candidates": {"round_trip_scope"}}) == default.model_dump(
+        exclude={"candidates": {"round_trip_scope"}})
+
+
 def test_the_helped_variants_differ_from_the_default_only_in_the_helper_retriever():
     """l16-helped adds bge-small to the default's fusion and nothing else; l16 and helped are
     the two as trained, each reusing its averaged twin's training."""

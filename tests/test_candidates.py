@@ -250,6 +250,82 @@ def test_round_trip_can_be_switched_off() -> None:
     assert result.lists[0].passage_ids == ["p3", "p4"]  # the source stays the positive
 
 
+CHUNKED = [
+    Passage("d1#0", "wing wing shock", parent_id="d1"),
+    Passage("d1#1", "wing flutter", parent_id="d1"),
+    Passage("d1#2", "wing plate", parent_id="d1"),
+    Passage("d2", "heat plate"),
+    Passage("d3", "heat heat noise"),
+]
+
+
+def _chunk_text(pid: str) -> str:
+    return next(p.text for p in CHUNKED if p.id == pid)
+
+
+def test_document_round_trip_keeps_a_query_whose_teacher_first_is_a_sibling_chunk() -> None:
+    queries = [
+        # The teacher puts d1#1 (same document) first: kept under "document", d1#1 the positive.
+        Query("sibling", "wing", "questions", source_id="d1#0"),
+        # Another document first: dropped under both scopes, relabelled.
+        Query("other", "heat", "claims", source_id="d1#2"),
+        # The student never retrieves the source, only a sibling chunk: the document check passes.
+        Query("student_sibling", "flutter", "titles", source_id="d1#0"),
+        # A sibling's score ties the source's: the source stays the positive.
+        Query("tie", "shock", "titles", source_id="d1#0"),
+    ]
+    candidates = {
+        "sibling": _cand("sibling", ["d1#1", "d1#0", "d2"], ["d1#1", "d1#0", "d2"], source_rank=2),
+        "other": _cand("other", ["d2", "d1#2"], ["d2", "d1#2"], source_rank=2),
+        "student_sibling": _cand("student_sibling", ["d1#1", "d3"], ["d1#1", "d3", "d2"],
+                                 source_rank=None),
+        "tie": _cand("tie", ["d1#0", "d1#1", "d3"], ["d1#0", "d1#1", "d3"], source_rank=1),
+    }
+    t = _chunk_text
+    teacher = TableTeacher({
+        ("wing", t("d1#0")): 6.0, ("wing", t("d1#1")): 8.0, ("wing", t("d2")): 1.0,
+        ("heat", t("d2")): 7.0, ("heat", t("d1#2")): 2.0,
+        ("flutter", t("d1#1")): 9.0, ("flutter", t("d3")): 0.0, ("flutter", t("d1#0")): 3.0,
+        ("shock", t("d1#0")): 5.0, ("shock", t("d1#1")): 5.0, ("shock", t("d3")): 1.0,
+    })
+    passage_cfg = CandidateConfig(student_top_n=2, min_score_percentile=0.0,
+                                  teacher_signal="cross_encoder")
+    document_cfg = passage_cfg.model_copy(update={"round_trip_scope": "document"})
+
+    by_passage = score_and_filter(queries, candidates, CHUNKED, teacher, passage_cfg)
+    assert [q.id for q in by_passage.kept] == ["tie"]
+    assert by_passage.summary["dropped"] == {"round_trip_teacher": 3}
+    assert by_passage.summary["positive_moved"] == 0
+
+    by_document = score_and_filter(queries, candidates, CHUNKED, teacher, document_cfg)
+    assert [q.id for q in by_document.kept] == ["sibling", "student_sibling", "tie"]
+    lists = {scored.query_id: scored for scored in by_document.lists}
+    # The teacher's best chunk of the document leads; the source stays in the list behind it.
+    assert lists["sibling"].passage_ids == ["d1#1", "d1#0", "d2"]
+    assert lists["sibling"].raw_scores == [8.0, 6.0, 1.0]
+    assert lists["student_sibling"].passage_ids == ["d1#1", "d3", "d1#0"]
+    assert lists["tie"].passage_ids == ["d1#0", "d1#1", "d3"]
+    summary = by_document.summary
+    assert summary["dropped"] == {"round_trip_teacher": 1}
+    assert summary["round_trip_scope"] == "document" and summary["positive_moved"] == 2
+    assert [r.query_id for r in by_document.relabeled] == ["other"]
+    assert by_document.relabeled[0].passage_ids[0] == "d2"
+
+
+def test_document_round_trip_still_needs_the_document_in_the_students_top_n() -> None:
+    queries = [Query("q", "wing", source_id="d1#0")]
+    # Only d1#2, at rank 3, of the document is in the student's list; top 2 misses it.
+    candidates = {"q": _cand("q", ["d1#0", "d2"], ["d2", "d3", "d1#2"], source_rank=None)}
+    teacher = TableTeacher({("wing", _chunk_text("d1#0")): 9.0, ("wing", _chunk_text("d2")): 1.0})
+    cfg = CandidateConfig(student_top_n=2, min_score_percentile=0.0,
+                          teacher_signal="cross_encoder", round_trip_scope="document")
+    result = score_and_filter(queries, candidates, CHUNKED, teacher, cfg)
+    assert result.kept == [] and result.summary["dropped"] == {"round_trip_student": 1}
+    wider = cfg.model_copy(update={"student_top_n": 3})
+    assert [q.id for q in score_and_filter(queries, candidates, CHUNKED, teacher, wider).kept] \
+        == ["q"]
+
+
 def test_teacher_agreement_compares_source_ranks_over_the_same_pool() -> None:
     queries = [Query("a", "x", source_id="p1"), Query("b", "y", source_id="p2")]
     candidates = {
