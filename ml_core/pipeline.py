@@ -136,7 +136,10 @@ def stage_fingerprint(stage: str, ctx: StageContext) -> str:
 # Settings added after stages had already run, with the value that does what the recipe did
 # before them. At that value they are left out of the hash, so a stage that finished before the
 # setting existed (a job resumed across an upgrade) keeps its fingerprint and is not redone.
-_ADDED_SETTINGS: dict[tuple[str, str], Any] = {("candidates", "helpers"): []}
+_ADDED_SETTINGS: dict[tuple[str, str], Any] = {
+    ("candidates", "helpers"): [],
+    ("candidates", "round_trip_scope"): "passage",
+}
 
 
 def section_hash(config: RecipeConfig, stage: str) -> str:

@@ -409,16 +409,18 @@ def test_a_helper_that_is_not_a_registered_bi_encoder_is_named(
 
 
 def test_a_setting_added_later_leaves_the_fingerprints_of_earlier_stages_alone() -> None:
-    """candidates.helpers came after jobs had run: at its neutral value (none) the filter's
-    hash is the one computed before the setting existed, so a resumed job is not re-filtered."""
+    """candidates.helpers and candidates.round_trip_scope came after jobs had run: at their
+    neutral values (no helpers, the passage round trip) the filter's hash is the one computed
+    before the settings existed, so a resumed job is not re-filtered."""
     import hashlib
 
     from ml_core.pipeline import _STAGE_SECTIONS, section_hash
 
     config = build_config("default", TINY_RECIPE)
-    assert config.candidates.helpers == []
+    assert config.candidates.helpers == [] and config.candidates.round_trip_scope == "passage"
     before = config.model_dump(mode="json")
-    del before["candidates"]["helpers"]  # the recipe as it was before the setting
+    del before["candidates"]["helpers"]  # the recipe as it was before the settings
+    del before["candidates"]["round_trip_scope"]
     picked = {}
     for name in _STAGE_SECTIONS["filter"]:
         section, _, field = name.partition(".")
@@ -428,3 +430,6 @@ def test_a_setting_added_later_leaves_the_fingerprints_of_earlier_stages_alone()
     helped = build_config("default", {**TINY_RECIPE, "candidates": {
         **TINY_RECIPE["candidates"], "helpers": ["bge-small"]}})
     assert section_hash(helped, "filter") != old
+    by_document = build_config("default", {**TINY_RECIPE, "candidates": {
+        **TINY_RECIPE["candidates"], "round_trip_scope": "document"}})
+    assert section_hash(by_document, "filter") != old
