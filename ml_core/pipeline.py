@@ -318,17 +318,21 @@ def _prepare(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, An
 
 
 def _generate(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    from ml_core.config import EXTRACTIVE_QUERY_TYPES
     from ml_core.generation import TransformersGenerator, generate_queries, load_generator
 
     cfg = ctx.config
     splits = load_splits(ctx)
     by_id = {p.id: p for p in load_passages(ctx)}
     sample = [by_id[pid] for pid in splits]
-    # A hosted model behind an OpenAI-compatible endpoint is named, not stored locally.
-    source = (
-        cfg.generator if cfg.generation.backend == "openai" else ctx.registry.get(cfg.generator)
-    )
-    generator = load_generator(cfg.generation, source, ctx.registry)
+    generator = None  # extractive query types only: no model to load
+    if any(t not in EXTRACTIVE_QUERY_TYPES for t in cfg.generation.query_types):
+        # A hosted model behind an OpenAI-compatible endpoint is named, not stored locally.
+        source = (
+            cfg.generator if cfg.generation.backend == "openai"
+            else ctx.registry.get(cfg.generator)
+        )
+        generator = load_generator(cfg.generation, source, ctx.registry)
     queries = generate_queries(sample, cfg.generation, generator, cfg.seed, ctx.progress)
     queries = [_with_split(q, splits[q.source_id]) for q in queries]
     if not queries:

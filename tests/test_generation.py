@@ -226,8 +226,8 @@ def test_source_titles_are_the_corpus_titles_one_per_document_and_leave_the_rest
         Passage("c", "doc c end.", title="Shock"),  # one word: not a query
         Passage("d", "doc d end.", title="  Heat   transfer at high Mach numbers"),
     ]
-    only = generate_queries(titled, GenerationConfig(query_types=["source_titles"]),
-                            ScriptedGenerator(), seed=3)
+    # Extractive types alone need no generator at all.
+    only = generate_queries(titled, GenerationConfig(query_types=["source_titles"]), None, seed=3)
     assert [(q.id, q.text, q.query_type, q.source_id) for q in only] == [
         ("source_titles:a#0", "Flow past a flat plate", "source_titles", "a#0"),
         ("source_titles:d", "Heat transfer at high Mach numbers", "source_titles", "d"),
@@ -242,6 +242,12 @@ def test_source_titles_are_the_corpus_titles_one_per_document_and_leave_the_rest
     assert [q for q in mixed if q.query_type == "questions"] == plain
     assert [q.id for q in mixed if q.query_type == "source_titles"] == [
         "source_titles:a#0", "source_titles:d"]
+
+
+def test_generated_types_without_a_generator_are_refused_by_name() -> None:
+    cfg = GenerationConfig(query_types=["source_titles", "claims", "questions"])
+    with pytest.raises(ValueError, match=r"\['claims', 'questions'\] need a generator"):
+        generate_queries(_passages(2), cfg, None, seed=1)
 
 
 def test_generate_queries_is_deterministic_for_a_seed() -> None:

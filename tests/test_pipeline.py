@@ -296,6 +296,26 @@ def test_relabeled_disagreements_join_training_only_when_asked(
         run(learning_rate=1e-4)
 
 
+def test_extractive_query_types_alone_load_no_generator(
+    finished_run: StageContext, tmp_path: Path
+) -> None:
+    shutil.copytree(finished_run.workdir / "prepare", tmp_path / "prepare")
+    recipe = json.loads(json.dumps(TINY_RECIPE))
+    recipe["generation"]["query_types"] = ["source_titles"]
+    recipe["generator"] = "no-such-generator"  # loading it would fail
+    ctx = StageContext(tmp_path, finished_run.corpus_path, build_config("default", recipe),
+                       finished_run.registry)
+    assert is_finished("prepare", ctx)
+    run_stage("generate", ctx)
+    rows = [json.loads(line) for line in (tmp_path / "generate" / "queries.jsonl").open()]
+    assert rows and {row["query_type"] for row in rows} == {"source_titles"}
+    recipe["generation"]["query_types"] = ["source_titles", "questions"]
+    ctx = StageContext(tmp_path, finished_run.corpus_path, build_config("default", recipe),
+                       finished_run.registry)
+    with pytest.raises(Exception, match="no-such-generator"):
+        run_stage("generate", ctx)
+
+
 def test_base_merge_averages_the_best_checkpoint_without_training_again(
     finished_run: StageContext, tmp_path: Path
 ) -> None:

@@ -245,14 +245,15 @@ def _extracted(requests: list[_Request]) -> dict[int, str]:
 def generate_queries(
     passages: list[Passage],
     cfg: GenerationConfig,
-    generator: Generator,
+    generator: Generator | None,
     seed: int,
     progress: ProgressFn = no_progress,
 ) -> list[Query]:
     """Synthetic queries: one per passage per type in `cfg.query_types`, minus unusable replies.
 
     `source_titles` queries are the passages' own titles (one per document, no generator call);
-    the other types' queries are the same with or without them.
+    the other types' queries are the same with or without them. `generator` may be None only
+    when every type in `cfg.query_types` is extractive.
 
     Requests are batched by query type (`cfg.batch_size` rows sharing one random draw of
     few-shot examples, passages sorted by length); replies that clean to nothing are retried
@@ -265,6 +266,9 @@ def generate_queries(
     # seeded exactly as they would be without them.
     answers: dict[int, str] = _extracted(requests)
     pending = [i for i, r in enumerate(requests) if r.query_type not in EXTRACTIVE_QUERY_TYPES]
+    if pending and generator is None:
+        needing = sorted({requests[i].query_type.value for i in pending})
+        raise ValueError(f"query types {needing} need a generator, and none was given")
     # Total batches over all rounds is unknown up front; report against the first round and
     # cap at 1.0 so retries never make progress run backwards.
     first_round_batches = max(1, len(_batches(requests, pending, cfg.batch_size)))
