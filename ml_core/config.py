@@ -108,7 +108,9 @@ class CandidateConfig(_Section):
     # corpus the teacher's #1 is often another chunk of the same document (a third of the
     # generated queries on both development datasets, README), which "passage" drops; "document"
     # keeps such a query with the teacher's best chunk of the document as its positive, and the
-    # student check passes when any chunk of the document is in the student's top N.
+    # student check passes when any chunk of the document is in the student's top N. Measured
+    # (seed 13, against "passage" on the same queries): Cranfield -0.0031, SciFact dev -0.0010
+    # nDCG@10, both inside the noise, so "passage" stays the default (README).
     round_trip_scope: Literal["passage", "document"] = "passage"
     # Drop queries whose best teacher score is under this percentile of all best scores.
     min_score_percentile: Annotated[float, Field(ge=0.0, le=99.0)] = 25.0
