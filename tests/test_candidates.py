@@ -147,8 +147,8 @@ def _cand(qid: str, fused: list[str], student: list[str], bm25: list[str] | None
     return Candidates(qid, fused, rrf, student, bm25 or [], source_rank)
 
 
-def _text(pid: str) -> str:
-    return next(p.text for p in PASSAGES if p.id == pid)
+def _text(pid: str, passages: list[Passage] | None = None) -> str:
+    return next(p.text for p in passages or PASSAGES if p.id == pid)
 
 
 def test_score_and_filter_applies_round_trip_and_orders_lists() -> None:
@@ -259,10 +259,6 @@ CHUNKED = [
 ]
 
 
-def _chunk_text(pid: str) -> str:
-    return next(p.text for p in CHUNKED if p.id == pid)
-
-
 def test_document_round_trip_keeps_a_query_whose_teacher_first_is_a_sibling_chunk() -> None:
     queries = [
         # The teacher puts d1#1 (same document) first: kept under "document", d1#1 the positive.
@@ -281,7 +277,9 @@ def test_document_round_trip_keeps_a_query_whose_teacher_first_is_a_sibling_chun
                                  source_rank=None),
         "tie": _cand("tie", ["d1#0", "d1#1", "d3"], ["d1#0", "d1#1", "d3"], source_rank=1),
     }
-    t = _chunk_text
+    def t(pid: str) -> str:
+        return _text(pid, CHUNKED)
+
     teacher = TableTeacher({
         ("wing", t("d1#0")): 6.0, ("wing", t("d1#1")): 8.0, ("wing", t("d2")): 1.0,
         ("heat", t("d2")): 7.0, ("heat", t("d1#2")): 2.0,
@@ -316,7 +314,8 @@ def test_document_round_trip_still_needs_the_document_in_the_students_top_n() ->
     queries = [Query("q", "wing", source_id="d1#0")]
     # Only d1#2, at rank 3, of the document is in the student's list; top 2 misses it.
     candidates = {"q": _cand("q", ["d1#0", "d2"], ["d2", "d3", "d1#2"], source_rank=None)}
-    teacher = TableTeacher({("wing", _chunk_text("d1#0")): 9.0, ("wing", _chunk_text("d2")): 1.0})
+    teacher = TableTeacher({("wing", _text("d1#0", CHUNKED)): 9.0,
+                            ("wing", _text("d2", CHUNKED)): 1.0})
     cfg = CandidateConfig(student_top_n=2, min_score_percentile=0.0,
                           teacher_signal="cross_encoder", round_trip_scope="document")
     result = score_and_filter(queries, candidates, CHUNKED, teacher, cfg)
