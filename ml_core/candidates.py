@@ -300,11 +300,10 @@ def score_and_filter(
         source_index = pids.index(query.source_id)
         if by_document:
             document = by_id[query.source_id].document_id
-            own = [i for i, pid in enumerate(pids) if by_id[pid].document_id == document]
+            same = np.array([by_id[pid].document_id == document for pid in pids])
             # The document's best chunk; the source passage itself on a tie.
-            positive = max(own, key=lambda i: (signal[i], i == source_index))
-            others = [i for i in range(len(pids)) if i not in own]
-            teacher_lost = bool(others) and bool(np.max(signal[others]) > signal[positive])
+            positive = int(max(np.flatnonzero(same), key=lambda i: (signal[i], i == source_index)))
+            teacher_lost = bool(np.any(signal[~same] > signal[positive]))
             student_found = any(
                 by_id[pid].document_id == document
                 for pid in candidates[query.id].student_ids[: cfg.student_top_n]
@@ -329,7 +328,7 @@ def score_and_filter(
             continue
         lists.append(_scored_list(query.id, pids, signal, raw_values, positive))
         kept.append(query)
-        moved += positive != source_index
+        moved += int(positive != source_index)
 
     summary = {
         "generated": len(queries),

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ml_core.config import RecipeConfig
+from ml_core.config import EXTRACTIVE_QUERY_TYPES, RecipeConfig
 from ml_core.records import (
     Passage,
     ProgressFn,
@@ -318,7 +318,6 @@ def _prepare(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, An
 
 
 def _generate(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    from ml_core.config import EXTRACTIVE_QUERY_TYPES
     from ml_core.generation import TransformersGenerator, generate_queries, load_generator
 
     cfg = ctx.config
