@@ -361,24 +361,33 @@ def build_report(
     teacher_check: Mapping[str, Any] | None,
     cfg: EvaluationConfig,
     judgements: str,
+    base_kept: bool = False,
 ) -> dict[str, Any]:
     """The evaluate stage's report.json body (docs/contracts.md).
 
     Returns {"base", "tuned", "gain", "recommended", "warnings", "per_query_type",
-    "teacher_check", "judgements"} and, when both carry "per_query" scores, "significance"
-    (paired_difference of nDCG@10: interval and p-value of the gain) and "per_query"
-    {query id: {"base", "tuned"}}. "tuned" is recommended only when its nDCG@10 gain exceeds
-    cfg.min_gain; the customer is never silently left with a worse model, and a gain whose
-    interval includes 0 is reported as within noise.
+    "teacher_check", "judgements", "base_kept"} and, when both carry "per_query" scores,
+    "significance" (paired_difference of nDCG@10: interval and p-value of the gain) and
+    "per_query" {query id: {"base", "tuned"}}. "tuned" is recommended only when its nDCG@10 gain
+    exceeds cfg.min_gain; the customer is never silently left with a worse model, and a gain
+    whose interval includes 0 is reported as within noise. `base_kept`: training never beat the
+    base on its dev loss, so "tuned" holds the base's own weights; the report says so instead
+    of comparing the two, and recommends the base.
     """
     detail = ("per_query_type", "per_query")
     base_summary = {k: v for k, v in base.items() if k not in detail}
     tuned_summary = {k: v for k, v in tuned.items() if k not in detail}
     gain = _numeric_gain(base_summary, tuned_summary)
     primary_gain = gain.get(PRIMARY, 0.0)
-    recommended = "tuned" if primary_gain > cfg.min_gain else "base"
+    recommended = "tuned" if primary_gain > cfg.min_gain and not base_kept else "base"
     warnings: list[str] = []
-    if primary_gain < 0 and recommended == "base":
+    if base_kept:
+        warnings.append(
+            "training never beat the base model on the synthetic dev loss, so the tuned model "
+            "is the base model: base is recommended, and any difference between the two rows "
+            "is encoding numerics"
+        )
+    elif primary_gain < 0 and recommended == "base":
         warnings.append("tuned model is worse than base: keeping base as recommendation")
     elif primary_gain < 0:
         warnings.append(
@@ -403,7 +412,7 @@ def build_report(
         significance = {"metric": PRIMARY,
                         **paired_difference(base["per_query"], tuned["per_query"])}
         low, high = significance["ci95"]
-        if low <= 0.0 <= high and primary_gain != 0:
+        if low <= 0.0 <= high and primary_gain != 0 and not base_kept:
             warnings.append(
                 f"the nDCG@10 difference ({primary_gain:+.4f}) is within noise: its 95% "
                 f"interval [{low:+.4f}, {high:+.4f}] over {significance['queries']} queries "
@@ -446,6 +455,7 @@ def build_report(
         "per_query_type": per_type,
         "teacher_check": check,
         "judgements": judgements,
+        "base_kept": base_kept,
     }
     if significance is not None:
         report["significance"] = significance

@@ -558,7 +558,9 @@ def _evaluate(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, A
         max_queries=cfg.evaluation.teacher_check_queries,
         seed=cfg.seed,
     )
-    report = build_report(base_metrics, tuned_metrics, check, cfg.evaluation, judgements)
+    history = json.loads((ctx.stage_dir("distill") / "history.json").read_text())
+    report = build_report(base_metrics, tuned_metrics, check, cfg.evaluation, judgements,
+                          base_kept=history["best_epoch"] == 0)
     report["models"] = {"student": cfg.student, "teacher": cfg.teacher, "generator": cfg.generator}
     report["encode_precision"] = precision
     report["recipe"] = cfg.model_dump(mode="json")

@@ -272,7 +272,7 @@ def test_report_exists_once_the_job_has_succeeded(sqlite_api: Api) -> None:
     report = {
         "base": {"ndcg@10": 0.31}, "tuned": {"ndcg@10": 0.42}, "gain": {"ndcg@10": 0.11},
         "recommended": "tuned", "warnings": [], "per_query_type": {}, "teacher_check": {},
-        "judgements": "synthetic",
+        "judgements": "synthetic", "base_kept": False,
     }
     sqlite_api.app.state.store.put_bytes(
         f"jobs/{job['id']}/evaluate/report.json", json.dumps(report).encode()

@@ -196,6 +196,25 @@ def test_report_warns_when_tuned_is_worse_and_teacher_is_no_better() -> None:
     assert "round-trip" in report["teacher_check"]["caveat"]  # synthetic rerank check is biased
 
 
+def test_report_says_when_training_kept_the_base_model() -> None:
+    """best epoch 0: "tuned" is the base's weights, so a difference is numerics, not a result."""
+    check = {"method": "judged_rerank", "queries": 50, "teacher": 0.6, "student": 0.4}
+    base = {**_metrics(0.40), "per_query": {"a": 0.5, "b": 0.3}}
+    tuned = {**_metrics(0.4005), "per_query": {"a": 0.501, "b": 0.3}}
+    cfg = EvaluationConfig(min_gain=0.0)
+
+    report = build_report(base, tuned, check, cfg, "customer", base_kept=True)
+    assert report["base_kept"] is True and report["recommended"] == "base"
+    assert report["warnings"] == [
+        "training never beat the base model on the synthetic dev loss, so the tuned model is the "
+        "base model: base is recommended, and any difference between the two rows is encoding "
+        "numerics"
+    ]
+    trained = build_report(base, tuned, check, cfg, "customer")
+    assert trained["base_kept"] is False and trained["recommended"] == "tuned"
+    assert any("within noise" in w for w in trained["warnings"])
+
+
 def test_paired_difference_matches_the_exact_randomization_test() -> None:
     # Three queries each better by 1: of the 8 equally likely sign patterns, 2 (all kept, all
     # flipped) are as extreme as the observed mean, so the exact two-sided p is 0.25.

@@ -65,6 +65,8 @@ def test_every_stage_writes_its_artifacts_and_manifest(finished_run: StageContex
     assert report["judgements"] == "synthetic"
     assert 0.0 <= report["base"]["ndcg@10"] <= 1.0 and 0.0 <= report["tuned"]["ndcg@10"] <= 1.0
     assert report["recommended"] in ("tuned", "base")
+    history = json.loads((finished_run.stage_dir("distill") / "history.json").read_text())
+    assert report["base_kept"] is (history["best_epoch"] == 0)
     assert (finished_run.stage_dir("distill") / "model" / "modules.json").exists()
     # Every teacher score is kept, dropped queries' too, and agrees with the kept lists.
     filter_dir = finished_run.stage_dir("filter")

@@ -927,6 +927,7 @@ class StageRun:
                 "per_query_type",
                 "teacher_check",
                 "judgements",
+                "base_kept",
             )
             if key in report
         }

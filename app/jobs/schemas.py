@@ -111,3 +111,5 @@ class JobReport(BaseModel):
     per_query_type: dict[str, Any] = Field(default_factory=dict)
     teacher_check: dict[str, Any] = Field(default_factory=dict)
     judgements: Literal["customer", "synthetic"] | None = None
+    # Training never beat the base on its dev loss: the tuned model is the base's weights.
+    base_kept: bool | None = None
