@@ -178,6 +178,16 @@ def test_the_document_round_trip_variant_changes_only_the_round_trip_scope():
         exclude={"candidates": {"round_trip_scope"}})
 
 
+def test_the_relabel_variant_changes_only_relabel_disagreements():
+    from bench.quality import _config, _training_run_hash
+
+    default, relabel = (_config("default", v, {}) for v in ("l16-merged", "l16-relabel"))
+    assert relabel.training.relabel_disagreements and not default.training.relabel_disagreements
+    assert relabel.model_dump(exclude={"training": {"relabel_disagreements"}}) == \
+        default.model_dump(exclude={"training": {"relabel_disagreements"}})
+    assert _training_run_hash(relabel) != _training_run_hash(default)
+
+
 def test_the_helped_variants_differ_from_the_default_only_in_the_helper_retriever():
     """l16-helped adds bge-small to the default's fusion and nothing else; l16 and helped are
     the two as trained, each reusing its averaged twin's training."""
