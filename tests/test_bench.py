@@ -188,6 +188,19 @@ def test_the_relabel_variant_changes_only_relabel_disagreements():
     assert _training_run_hash(relabel) != _training_run_hash(default)
 
 
+@pytest.mark.parametrize(("variant", "field", "value"), [
+    ("l16-e8", "max_epochs", 8), ("l16-nce03", "infonce_weight", 0.3)])
+def test_the_training_only_variants_change_one_training_setting(variant, field, value):
+    from bench.quality import _config, _training_run_hash
+
+    default, other = (_config("default", v, {}) for v in ("l16-merged", variant))
+    assert getattr(other.training, field) == value != getattr(default.training, field)
+    assert other.model_dump(exclude={"training": {field}}) == \
+        default.model_dump(exclude={"training": {field}})
+    assert other.fingerprint("candidates") == default.fingerprint("candidates")
+    assert _training_run_hash(other) != _training_run_hash(default)
+
+
 def test_the_helped_variants_differ_from_the_default_only_in_the_helper_retriever():
     """l16-helped adds bge-small to the default's fusion and nothing else; l16 and helped are
     the two as trained, each reusing its averaged twin's training."""
