@@ -15,6 +15,7 @@ a changed setting reruns exactly the stages downstream of it.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
@@ -536,15 +537,25 @@ def _evaluate(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, A
     if not queries:
         raise StageError("no evaluation queries: supply judgements or a larger passage sample")
 
+    history = json.loads((ctx.stage_dir("distill") / "history.json").read_text())
+    # Training that never beat the base on dev loss exports the base's own weights (no
+    # averaging), so the tuned model's scores are the base's: encoding the corpus again would
+    # only cost time and add bf16 batch noise between two identical models.
+    base_kept = history["best_epoch"] == 0
     base = Student.load(ctx.registry.path(cfg.student))
-    tuned = Student.load(ctx.stage_dir("distill") / "model")
     precision = resolve_precision(cfg.encode_precision, base.device)
-    base.encode_precision = tuned.encode_precision = precision
+    base.encode_precision = precision
     base_vectors = np.load(ctx.stage_dir("filter") / "base_passage_vectors.npy")
     ctx.progress(0.05, f"evaluating base model on {len(queries)} queries")
     base_metrics = evaluate_retriever(base, passages, queries, qrels, passage_vectors=base_vectors)
-    ctx.progress(0.35, "evaluating tuned model")
-    tuned_metrics = evaluate_retriever(tuned, passages, queries, qrels)
+    if base_kept:
+        ctx.progress(0.35, "training kept the base model: its scores are the tuned model's")
+        tuned_metrics = copy.deepcopy(base_metrics)
+    else:
+        ctx.progress(0.35, "evaluating tuned model")
+        tuned = Student.load(ctx.stage_dir("distill") / "model")
+        tuned.encode_precision = precision
+        tuned_metrics = evaluate_retriever(tuned, passages, queries, qrels)
     ctx.progress(0.75, "checking the teacher against the student")
     teacher = load_teacher(ctx.registry.get(cfg.teacher), ctx.registry)
     check = teacher_check(
@@ -558,9 +569,8 @@ def _evaluate(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, A
         max_queries=cfg.evaluation.teacher_check_queries,
         seed=cfg.seed,
     )
-    history = json.loads((ctx.stage_dir("distill") / "history.json").read_text())
     report = build_report(base_metrics, tuned_metrics, check, cfg.evaluation, judgements,
-                          base_kept=history["best_epoch"] == 0)
+                          base_kept=base_kept)
     report["models"] = {"student": cfg.student, "teacher": cfg.teacher, "generator": cfg.generator}
     report["encode_precision"] = precision
     report["recipe"] = cfg.model_dump(mode="json")

@@ -318,6 +318,33 @@ def test_extractive_query_types_alone_load_no_generator(
         run_stage("generate", ctx)
 
 
+def test_evaluate_scores_a_kept_base_once(finished_run: StageContext, tmp_path: Path) -> None:
+    """When training never beat the base (best epoch 0, so the export is the base's weights),
+    evaluate does not encode the corpus a second time: the tuned row is the base's row."""
+    workdir = tmp_path / "kept"
+    shutil.copytree(finished_run.workdir, workdir)
+    history_path = workdir / "distill" / "history.json"
+    history = json.loads(history_path.read_text())
+    assert history["best_epoch"] > 0
+    # The trained model stays in distill/model, so a second encoding would score differently.
+    history["best_epoch"] = 0
+    history_path.write_text(json.dumps(history))
+    shutil.rmtree(workdir / "evaluate")
+    messages: list[str] = []
+    ctx = StageContext(
+        workdir, finished_run.corpus_path, finished_run.config, finished_run.registry,
+        progress=lambda fraction, message: messages.append(message),
+    )
+    assert not run_stage("evaluate", ctx).skipped
+    report = json.loads((workdir / "evaluate" / "report.json").read_text())
+    assert report["base_kept"] is True and report["recommended"] == "base"
+    assert report["tuned"] == report["base"]
+    assert "evaluating tuned model" not in messages
+    assert any("training kept the base model" in m for m in messages)
+    trained = json.loads((finished_run.stage_dir("evaluate") / "report.json").read_text())
+    assert trained["base"] == report["base"] and trained["tuned"] != trained["base"]
+
+
 def test_base_merge_averages_the_best_checkpoint_without_training_again(
     finished_run: StageContext, tmp_path: Path
 ) -> None:
