@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from ml_core.config import LLM_QUERY_TYPES, GenerationConfig, QueryType
+from ml_core.config import EXTRACTIVE_QUERY_TYPES, LLM_QUERY_TYPES, GenerationConfig, QueryType
 from ml_core.generation import (
     EXAMPLES,
     GeneratorError,
@@ -242,6 +242,14 @@ def test_source_titles_are_the_corpus_titles_one_per_document_and_leave_the_rest
     assert [q for q in mixed if q.query_type == "questions"] == plain
     assert [q.id for q in mixed if q.query_type == "source_titles"] == [
         "source_titles:a#0", "source_titles:d"]
+
+
+def test_every_extractive_type_has_an_extractor() -> None:
+    """The generator is never asked for an extractive type, so each one needs its extractor."""
+    titled = [Passage("a", "text of a.", title="Flow past a flat plate")]
+    for query_type in EXTRACTIVE_QUERY_TYPES:
+        queries = generate_queries(titled, GenerationConfig(query_types=[query_type]), None, 1)
+        assert [q.query_type for q in queries] == [query_type.value]
 
 
 def test_generated_types_without_a_generator_are_refused_by_name() -> None:

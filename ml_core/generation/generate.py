@@ -232,8 +232,12 @@ def _extracted(requests: list[_Request]) -> dict[int, str]:
     answers: dict[int, str] = {}
     seen: set[str] = set()
     for i, request in enumerate(requests):
-        if request.query_type != QueryType.SOURCE_TITLES:
+        if request.query_type not in EXTRACTIVE_QUERY_TYPES:
             continue
+        if request.query_type != QueryType.SOURCE_TITLES:
+            # generate_queries sends no extractive type to the generator: one without an
+            # extractor here would silently yield no queries.
+            raise NotImplementedError(f"no extractor for query type {request.query_type.value!r}")
         document = request.passage.document_id
         text = source_title_query(request.passage.title)
         if text is not None and document not in seen:
