@@ -201,6 +201,17 @@ def test_the_training_only_variants_change_one_training_setting(variant, field, 
     assert _training_run_hash(other) != _training_run_hash(default)
 
 
+def test_the_long_list_variant_changes_only_the_list_length_and_the_cache_chunk():
+    from bench.quality import _config
+
+    default, long = (_config("default", v, {}) for v in ("l16-merged", "l32-merged"))
+    assert (long.candidates.top_k, long.training.list_size, long.training.micro_batch_size) == (
+        32, 32, 16)
+    assert long.training.batch_size == default.training.batch_size
+    changed = {"candidates": {"top_k"}, "training": {"list_size", "micro_batch_size"}}
+    assert long.model_dump(exclude=changed) == default.model_dump(exclude=changed)
+
+
 def test_the_helped_variants_differ_from_the_default_only_in_the_helper_retriever():
     """l16-helped adds bge-small to the default's fusion and nothing else; l16 and helped are
     the two as trained, each reusing its averaged twin's training."""
