@@ -160,7 +160,13 @@ class TrainingConfig(_Section):
     warmup_epochs: Annotated[float, Field(ge=0.0, le=10.0)] = 0.5
     min_lr_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
     grad_clip: Annotated[float, Field(gt=0.0, le=100.0)] = 1.0
-    max_epochs: Annotated[int, Field(ge=1, le=100)] = 4
+    # A cap: early stopping on the dev loss (patience) ends training before it (paper: up to
+    # 30). At 4 the default stopped at the cap with its dev loss still falling; up to 8 it
+    # stopped after 6 (Cranfield) and 5 (SciFact dev) epochs, best at 4 and 3, and scored
+    # +0.0007 and +0.0008 nDCG@10 over the cap of 4 on the same lists (inside the noise;
+    # the adoption rule asked for a positive difference on both), with 1.2-1.4x the training
+    # time (README "Benchmarks").
+    max_epochs: Annotated[int, Field(ge=1, le=100)] = 8
     patience: Annotated[int, Field(ge=1, le=100)] = 2
     kl_student_temperature: Annotated[float, Field(gt=0.0, le=10.0)] = 0.05
     # The paper uses 0.3 on lists drawn from the top 100, where normalised teacher scores spread

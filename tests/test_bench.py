@@ -71,9 +71,11 @@ def test_variants_reuse_the_shared_stages_they_agree_on(tmp_path, capsys, model_
         "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\t{d}\t1\n" for i, d in enumerate(ids))
     )
     recipe = {**TINY_RECIPE, "generation": {**TINY_RECIPE["generation"], "passages": 20}}
-    # These variants pin the lists they were measured with (8 from the top 12).
+    # These variants pin the lists they were measured with (8 from the top 12) and the
+    # 4-epoch cap.
     recipe["candidates"] = {k: v for k, v in recipe["candidates"].items() if k != "top_k"}
-    recipe["training"] = {k: v for k, v in recipe["training"].items() if k != "list_size"}
+    recipe["training"] = {k: v for k, v in recipe["training"].items()
+                          if k not in ("list_size", "max_epochs")}
     monkeypatch.setattr(quality, "DATASETS_ROOT", tmp_path / "data")
     saved: list[list[str]] = []
     result = quality.run_dataset(
@@ -129,8 +131,11 @@ def test_infonce_on_the_default_data_differs_from_the_default_only_in_its_loss()
     assert (default.candidates.top_k, default.training.list_size) == (16, 16)
     contrastive = _config("default", "l16-infonce", {})
     assert contrastive.training.loss == "infonce" and contrastive.training.base_merge == 0.0
-    assert contrastive.model_dump(exclude={"training": {"loss", "base_merge"}}) == \
-        default.model_dump(exclude={"training": {"loss", "base_merge"}})
+    # Measured with training capped at 4 epochs, the cap of its day; the default now stops on
+    # the dev loss alone within 8.
+    assert (contrastive.training.max_epochs, default.training.max_epochs) == (4, 8)
+    changed = {"training": {"loss", "base_merge", "max_epochs"}}
+    assert contrastive.model_dump(exclude=changed) == default.model_dump(exclude=changed)
 
 
 def test_the_more_data_variant_is_sharp_merged_on_a_larger_passage_sample():
@@ -247,11 +252,13 @@ def test_set_overrides_reach_sections_and_the_seed():
 
 
 def test_merged_runs_compare_the_default_with_each_variant_pairwise(tmp_path, capsys):
+    from bench.quality import DEFAULT_VARIANT
+
     default = _run("cranfield", 0.38, 0.0, "1")
     rows = default["datasets"]["cranfield"]["rows"]
-    rows["l16-merged"] = {"ndcg@10": 0.42, "per_query": {"a": 0.5, "b": 0.5, "c": 0.26}}
+    rows[DEFAULT_VARIANT] = {"ndcg@10": 0.42, "per_query": {"a": 0.5, "b": 0.5, "c": 0.26}}
     del rows["listwise"]
-    default["datasets"]["cranfield"]["seconds"] = {"l16-merged": {"distill": 2.0}}
+    default["datasets"]["cranfield"]["seconds"] = {DEFAULT_VARIANT: {"distill": 2.0}}
     other = _run("cranfield", 0.38, 0.0, "1")
     rows = other["datasets"]["cranfield"]["rows"]
     rows["infonce-merged"] = {"ndcg@10": 0.41, "per_query": {"a": 0.4, "b": 0.4, "c": 0.43}}
@@ -261,7 +268,7 @@ def test_merged_runs_compare_the_default_with_each_variant_pairwise(tmp_path, ca
     second.write_text(json.dumps(other))
     assert main(["--merge", str(first), str(second), "--out", str(out)]) == 0
     comparisons = json.loads(out.read_text())["datasets"]["cranfield"]["comparisons"]
-    result = comparisons["l16-merged - infonce-merged"]
+    result = comparisons[f"{DEFAULT_VARIANT} - infonce-merged"]
     assert result["difference"] == pytest.approx(0.01)
     assert (result["better"], result["worse"], result["queries"]) == (2, 1, 3)
     # A run from before per-query scores still joins one that has them.
@@ -269,7 +276,7 @@ def test_merged_runs_compare_the_default_with_each_variant_pairwise(tmp_path, ca
     default["datasets"]["cranfield"]["rows"]["base"]["per_query"] = {"a": 0.4}
     joined = merge_results([older, default])["datasets"]["cranfield"]["rows"]
     assert joined["base"]["per_query"] == {"a": 0.4} and "listwise" in joined
-    assert "l16-merged - infonce-merged: +0.0100 nDCG@10" in capsys.readouterr().out
+    assert f"{DEFAULT_VARIANT} - infonce-merged: +0.0100 nDCG@10" in capsys.readouterr().out
 
 
 def test_merge_adds_the_pairs_asked_for_with_compare(tmp_path, capsys):
