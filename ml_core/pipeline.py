@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ml_core.config import EXTRACTIVE_QUERY_TYPES, RecipeConfig
+from ml_core.config import LLM_QUERY_TYPES, RecipeConfig
 from ml_core.records import (
     Passage,
     ProgressFn,
@@ -326,7 +326,7 @@ def _generate(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, A
     by_id = {p.id: p for p in load_passages(ctx)}
     sample = [by_id[pid] for pid in splits]
     generator = None  # extractive query types only: no model to load
-    if any(t not in EXTRACTIVE_QUERY_TYPES for t in cfg.generation.query_types):
+    if any(t in LLM_QUERY_TYPES for t in cfg.generation.query_types):
         # A hosted model behind an OpenAI-compatible endpoint is named, not stored locally.
         source = (
             cfg.generator if cfg.generation.backend == "openai"
