@@ -227,6 +227,61 @@ def teacher_signal(
     return signal
 
 
+@dataclass(frozen=True, slots=True)
+class _Judgement:
+    """One query's scored pool as the filter sees it: passage ids, raw scores and signal in
+    scoring order, the list's positive, and the two round-trip checks."""
+
+    pids: list[str]
+    raw: np.ndarray
+    signal: np.ndarray
+    positive: int
+    source_index: int
+    teacher_lost: bool
+    student_found: bool
+
+
+def _judge(
+    query: Query,
+    scores: Mapping[str, float],
+    cand: Candidates,
+    by_id: Mapping[str, Passage],
+    low: float,
+    high: float,
+    cfg: CandidateConfig,
+) -> _Judgement:
+    pids = list(scores)
+    raw_values = np.array([scores[pid] for pid in pids])
+    signal = teacher_signal(pids, raw_values, cand, low, high, cfg)
+    source_index = pids.index(query.source_id)
+    if cfg.round_trip_scope == "document":
+        document = by_id[query.source_id].document_id
+        same = np.array([by_id[pid].document_id == document for pid in pids])
+        # The document's best chunk; the source passage itself on a tie.
+        positive = int(max(np.flatnonzero(same), key=lambda i: (signal[i], i == source_index)))
+        teacher_lost = bool(np.any(signal[~same] > signal[positive]))
+        student_found = any(
+            by_id[pid].document_id == document
+            for pid in cand.student_ids[: cfg.student_top_n]
+            if pid in by_id
+        )
+    else:
+        positive = source_index
+        teacher_lost = bool(np.any(signal > signal[source_index]))
+        student_found = cand.source_rank is not None and cand.source_rank <= cfg.student_top_n
+    return _Judgement(pids, raw_values, signal, positive, source_index, teacher_lost,
+                      student_found)
+
+
+def _percentiles(raw_by_query: Mapping[str, Mapping[str, float]], cfg: CandidateConfig
+                 ) -> tuple[float, float]:
+    values = [v for scores in raw_by_query.values() for v in scores.values()]
+    if not values:
+        return 0.0, 1.0
+    return (float(np.percentile(values, cfg.norm_low_percentile)),
+            float(np.percentile(values, cfg.norm_high_percentile)))
+
+
 def score_and_filter(
     queries: Sequence[Query],
     candidates: Mapping[str, Candidates],
@@ -248,42 +303,71 @@ def score_and_filter(
     all raw scores and clipped to [0, 1]. With cfg.teacher_signal == "fused", the signal is
     fused_teacher_weight x normalised teacher + (1 - weight) x the query's RRF evidence
     min-max scaled within its list, and the round trip uses that signal.
+
+    With cfg.filter_depth under top_k (and the round trip on), scoring takes two rounds: the
+    fused top filter_depth (plus the source) of every query first; a query whose source the
+    signal does not put first there is dropped ("round_trip_teacher") without its deeper
+    candidates being scored, and only the others get the rest of their top-k scored and the
+    full decision. A deeper candidate can still beat the source in the second round and drop
+    the query. Percentiles and the signal's normalisation then see every score of both rounds;
+    a first-round drop's relabelled list holds its first-round pool only.
     """
     by_id = passages if isinstance(passages, Mapping) else {p.id: p for p in passages}
-    pairs: list[tuple[str, str]] = []
-    owners: list[tuple[str, str]] = []  # (query id, passage id) per pair
-    scored_queries: list[Query] = []
-    for query in queries:
-        cand = candidates.get(query.id)
-        if cand is None or query.source_id not in by_id:
-            continue
-        pool = list(dict.fromkeys([*cand.passage_ids, query.source_id]))
-        for pid in pool:
-            pairs.append((query.text, passage_text(by_id[pid])))
-            owners.append((query.id, pid))
-        scored_queries.append(query)
-
-    progress(0.0, f"teacher scoring {len(pairs)} pairs for {len(scored_queries)} queries")
-    raw = (
-        np.asarray(
-            teacher.score(pairs, batch_size=cfg.teacher_batch_size, progress=progress),
-            dtype=np.float64,
-        )
-        if pairs
-        else np.zeros(0)
-    )
-    if len(raw) != len(pairs):
-        raise ValueError(f"teacher returned {len(raw)} scores for {len(pairs)} pairs")
+    scored_queries = [
+        query for query in queries
+        if candidates.get(query.id) is not None and query.source_id in by_id
+    ]
+    depth = min(cfg.filter_depth or cfg.top_k, cfg.top_k)
+    two_rounds = cfg.round_trip and depth < cfg.top_k
     raw_by_query: dict[str, dict[str, float]] = {}
-    for (qid, pid), value in zip(owners, raw, strict=True):
-        raw_by_query.setdefault(qid, {})[pid] = float(value)
+    pairs_scored = 0
 
-    low = float(np.percentile(raw, cfg.norm_low_percentile)) if len(raw) else 0.0
-    high = float(np.percentile(raw, cfg.norm_high_percentile)) if len(raw) else 1.0
+    def score_pools(batch: Sequence[Query], limit: int, span: tuple[float, float]) -> None:
+        nonlocal pairs_scored
+        pairs: list[tuple[str, str]] = []
+        owners: list[tuple[str, str]] = []  # (query id, passage id) per pair
+        for query in batch:
+            pool = [*candidates[query.id].passage_ids[:limit], query.source_id]
+            done = raw_by_query.get(query.id, {})
+            for pid in dict.fromkeys(pool):
+                if pid not in done:
+                    pairs.append((query.text, passage_text(by_id[pid])))
+                    owners.append((query.id, pid))
+        lo, hi = span
+        progress(lo, f"teacher scoring {len(pairs)} pairs for {len(batch)} queries")
+        raw = (
+            np.asarray(
+                teacher.score(pairs, batch_size=cfg.teacher_batch_size,
+                              progress=lambda f, m: progress(lo + (hi - lo) * f, m)),
+                dtype=np.float64,
+            )
+            if pairs
+            else np.zeros(0)
+        )
+        if len(raw) != len(pairs):
+            raise ValueError(f"teacher returned {len(raw)} scores for {len(pairs)} pairs")
+        for (qid, pid), value in zip(owners, raw, strict=True):
+            raw_by_query.setdefault(qid, {})[pid] = float(value)
+        pairs_scored += len(pairs)
+
+    first_drops: set[str] = set()
+    if two_rounds:
+        score_pools(scored_queries, depth, (0.0, 0.5))
+        low, high = _percentiles(raw_by_query, cfg)
+        first_drops = {
+            query.id for query in scored_queries
+            if _judge(query, raw_by_query[query.id], candidates[query.id], by_id, low, high,
+                      cfg).teacher_lost
+        }
+        score_pools([q for q in scored_queries if q.id not in first_drops], cfg.top_k,
+                    (0.5, 1.0))
+    else:
+        score_pools(scored_queries, cfg.top_k, (0.0, 1.0))
+
+    low, high = _percentiles(raw_by_query, cfg)
     best = np.array([max(raw_by_query[q.id].values()) for q in scored_queries])
     floor = float(np.percentile(best, cfg.min_score_percentile)) if len(best) else 0.0
 
-    by_document = cfg.round_trip_scope == "document"
     moved = 0  # kept queries whose positive is another chunk of the source's document
     lists: list[ScoredList] = []
     relabeled: list[ScoredList] = []
@@ -294,41 +378,24 @@ def score_and_filter(
         if scores is None:
             reasons[query.id] = "no_source" if query.source_id not in by_id else "no_candidates"
             continue
-        pids = list(scores)
-        raw_values = np.array([scores[pid] for pid in pids])
-        signal = teacher_signal(pids, raw_values, candidates[query.id], low, high, cfg)
-        source_index = pids.index(query.source_id)
-        if by_document:
-            document = by_id[query.source_id].document_id
-            same = np.array([by_id[pid].document_id == document for pid in pids])
-            # The document's best chunk; the source passage itself on a tie.
-            positive = int(max(np.flatnonzero(same), key=lambda i: (signal[i], i == source_index)))
-            teacher_lost = bool(np.any(signal[~same] > signal[positive]))
-            student_found = any(
-                by_id[pid].document_id == document
-                for pid in candidates[query.id].student_ids[: cfg.student_top_n]
-                if pid in by_id
-            )
-        else:
-            positive = source_index
-            teacher_lost = bool(np.any(signal > signal[source_index]))
-            rank = candidates[query.id].source_rank
-            student_found = rank is not None and rank <= cfg.student_top_n
+        j = _judge(query, scores, candidates[query.id], by_id, low, high, cfg)
+        teacher_lost = j.teacher_lost or query.id in first_drops
         reason = None
         if cfg.round_trip and teacher_lost:
             reason = "round_trip_teacher"
-        elif cfg.round_trip and not student_found:
+        elif cfg.round_trip and not j.student_found:
             reason = "round_trip_student"
-        elif raw_values.max() < floor:
+        elif j.raw.max() < floor:
             reason = "low_score"
-        if reason == "round_trip_teacher" and raw_values.max() >= floor:
-            relabeled.append(_scored_list(query.id, pids, signal, raw_values, int(signal.argmax())))
+        if reason == "round_trip_teacher" and j.raw.max() >= floor:
+            relabeled.append(_scored_list(query.id, j.pids, j.signal, j.raw,
+                                          int(j.signal.argmax())))
         if reason:
             reasons[query.id] = reason
             continue
-        lists.append(_scored_list(query.id, pids, signal, raw_values, positive))
+        lists.append(_scored_list(query.id, j.pids, j.signal, j.raw, j.positive))
         kept.append(query)
-        moved += int(positive != source_index)
+        moved += int(j.positive != j.source_index)
 
     summary = {
         "generated": len(queries),
@@ -337,7 +404,9 @@ def score_and_filter(
         "relabeled": len(relabeled),
         "round_trip_scope": cfg.round_trip_scope,
         "positive_moved": moved,
-        "pairs_scored": len(pairs),
+        "pairs_scored": pairs_scored,
+        "filter_depth": depth,
+        "first_round_drops": len(first_drops),
         "dropped": dict(Counter(reasons.values())),
         "by_type": _counts_by_type(queries, reasons),
         "thresholds": {"min_top_score": floor, "norm_low": low, "norm_high": high},

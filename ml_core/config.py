@@ -125,11 +125,23 @@ class CandidateConfig(_Section):
     teacher_signal: Literal["cross_encoder", "fused"] = "fused"
     fused_teacher_weight: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
     teacher_batch_size: Annotated[int, Field(ge=1, le=1024)] = 32
+    # Two-round scoring for long lists: the teacher first scores every query's fused top
+    # filter_depth (plus its source); only the queries the round trip keeps there get the rest
+    # of their top_k scored. The teacher is the CPU bottleneck and most queries are dropped,
+    # so lists of 32 cost little more filtering than lists of 16. None: one round over top_k.
+    filter_depth: Annotated[int | None, Field(ge=2, le=1000)] = None
     # Helper retrievers: other bi-encoders of the model registry (role student) whose dense
     # top_k lists join the reciprocal-rank fusion beside the student's and BM25's. They widen
     # the candidate pool and vote in the fused teacher signal; they are never trained, and the
     # filter stage encodes the corpus once with each. A helper that is the student is skipped.
     helpers: list[str] = []
+
+    @model_validator(mode="after")
+    def _depth_within_top_k(self) -> CandidateConfig:
+        if self.filter_depth is not None and self.filter_depth > self.top_k:
+            raise ValueError(f"candidates.filter_depth ({self.filter_depth}) must not exceed "
+                             f"candidates.top_k ({self.top_k})")
+        return self
 
     @field_validator("helpers")
     @classmethod

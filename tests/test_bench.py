@@ -217,6 +217,19 @@ def test_the_long_list_variant_changes_only_the_list_length_and_the_cache_chunk(
     assert long.model_dump(exclude=changed) == default.model_dump(exclude=changed)
 
 
+def test_the_long_list_variant_at_eight_epochs_differs_from_the_default_only_in_its_lists():
+    from bench.quality import DEFAULT_VARIANT, _config
+
+    default, long = (_config("default", v, {}) for v in (DEFAULT_VARIANT, "l32-e8"))
+    assert (long.candidates.top_k, long.candidates.filter_depth, long.training.list_size,
+            long.training.micro_batch_size) == (32, 16, 32, 16)
+    assert long.training.max_epochs == default.training.max_epochs == 8
+    changed = {"candidates": {"top_k", "filter_depth"},
+               "training": {"list_size", "micro_batch_size"}}
+    assert long.model_dump(exclude=changed) == default.model_dump(exclude=changed)
+    assert long.fingerprint("generation") == default.fingerprint("generation")
+
+
 def test_the_helped_variants_differ_from_the_default_only_in_the_helper_retriever():
     """l16-helped adds bge-small to the default's fusion and nothing else; l16 and helped are
     the two as trained, each reusing its averaged twin's training."""

@@ -386,3 +386,55 @@ def test_filter_runs_on_the_tiny_models(registry) -> None:
         assert scored.passage_ids[0] == query.source_id
         assert len(set(scored.passage_ids)) == len(scored.passage_ids) >= 3
         assert len(scored.raw_scores) == len(scored.teacher_scores) == len(scored.passage_ids)
+
+
+def test_two_round_filter_scores_deep_candidates_only_for_queries_it_keeps() -> None:
+    queries = [
+        Query("kept", "wing", source_id="p1"),
+        Query("lost_early", "heat", source_id="p3"),
+        Query("lost_deep", "flutter", source_id="p2"),
+    ]
+    deep = {
+        "kept": ["p1", "p2", "p3", "p4"],
+        "lost_early": ["p3", "p4", "p1", "p2"],
+        "lost_deep": ["p2", "p1", "p5", "p4"],
+    }
+    candidates = {qid: _cand(qid, ids, ids) for qid, ids in deep.items()}
+    texts = {q.id: q.text for q in queries}
+    scores = {
+        "kept": [9.0, 1.0, 2.0, 3.0],
+        "lost_early": [2.0, 6.0, 0.0, 1.0],  # p4 beats the source inside the first round
+        "lost_deep": [7.0, 3.0, 8.0, 0.0],  # p5, below the first round, beats the source
+    }
+    table = {(texts[qid], _text(pid)): s
+             for qid, ids in deep.items() for pid, s in zip(ids, scores[qid], strict=True)}
+    base = {"top_k": 4, "min_score_percentile": 0.0, "teacher_signal": "cross_encoder"}
+
+    one_round = TableTeacher(table)
+    full = score_and_filter(queries, candidates, PASSAGES, one_round, CandidateConfig(**base))
+    two_rounds = TableTeacher(table)
+    cheap = score_and_filter(queries, candidates, PASSAGES, two_rounds,
+                             CandidateConfig(**base, filter_depth=2))
+
+    # Same decisions and lists as scoring everything, for fewer pairs: the early loser's two
+    # deep candidates are never scored. (The normalised scores differ a little: the
+    # percentiles see only what was scored.)
+    assert [q.id for q in full.kept] == [q.id for q in cheap.kept] == ["kept"]
+    for lists in (full.lists, cheap.lists):
+        assert lists[0].passage_ids == ["p1", "p2", "p3", "p4"]
+        assert lists[0].raw_scores == [9.0, 1.0, 2.0, 3.0]
+    assert len(one_round.scored) == 12 and len(two_rounds.scored) == 10
+    assert sorted(two_rounds.scored) == sorted(set(two_rounds.scored))  # nothing twice
+    assert ("heat", _text("p1")) not in two_rounds.scored
+    assert cheap.summary["dropped"] == full.summary["dropped"] == {"round_trip_teacher": 2}
+    assert cheap.summary["pairs_scored"] == 10 and cheap.summary["first_round_drops"] == 1
+    # The early loser's relabelled list holds what the first round scored.
+    relabeled = {r.query_id: r for r in cheap.relabeled}
+    assert relabeled["lost_early"].passage_ids == ["p4", "p3"]
+    assert relabeled["lost_deep"].passage_ids[0] == "p5"
+
+
+def test_filter_depth_must_not_exceed_top_k() -> None:
+    with pytest.raises(ValueError, match="filter_depth"):
+        CandidateConfig(top_k=16, filter_depth=32)
+    assert CandidateConfig(top_k=32, filter_depth=16).filter_depth == 16
