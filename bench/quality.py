@@ -63,6 +63,8 @@ a variant with other candidate settings, such as fused, re-runs only filter):
     l16-nce03  l16-merged with the InfoNCE term weighted 0.3 (the default and the paper: 0.1)
     l32-merged  l16-merged with lists of 32 from the fused top 32 (gradient cache in chunks of
                16 queries, so the memory of lists of 16)
+    l32-e8     l16-e8 with lists of 32 from the fused top 32; the teacher scores candidates
+               17-32 only for queries the round trip keeps in the top 16 (filter_depth 16)
 
 Every model is evaluated on the dataset's own judgements, which no stage trains or selects on.
 Prints a table and writes JSON with per-stage wall times.
