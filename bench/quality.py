@@ -121,10 +121,10 @@ def _listwise(merge: float, **more: Any) -> dict[str, Any]:
 
 _P240 = {"passages": 240}
 # Does the default's 2e-5 over ~24 optimizer steps move the weights too little (most judged
-# queries keep their nDCG@10 exactly; the paper trains at 2e-4)? Measured: no (README).
+# queries keep their nDCG@10 exactly; the paper trains at 2e-4)? Measured: no (docs/benchmarks.md).
 _LR1E4 = {"learning_rate": 1e-4}
 # Where the cross-encoder is no better than the student (Cranfield), weigh rank fusion 3 to 1
-# in the fused signal. Measured on Cranfield: no better than half and half (README).
+# in the fused signal. Measured on Cranfield: no better than half and half (docs/benchmarks.md).
 _FUSED_W25 = {"teacher_signal": "fused", "fused_teacher_weight": 0.25, **_TOP12}
 # The paper's longer lists: 16 passages per query from the fused top 16 (the default since
 # 2026-12-04; the variants above use 8 of 12).
@@ -188,8 +188,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "l16": {"training": _listwise(0.0, **_T_SHARP, list_size=16), "candidates": _TOP16},
     "helped": {"training": _listwise(0.0, **_T_SHARP, list_size=16), "candidates": _HELPED16},
     # The default with the paper's six query types (the default generates four): on an H200,
-    # 6.6x the kept queries of the four types gained no more than the default (README), so
-    # variety, not amount, is the data lever left to measure. 1.5x the generation.
+    # 6.6x the kept queries of the four types gained no more than the default (docs/benchmarks.md),
+    # so variety, not amount, is the data lever left to measure. 1.5x the generation.
     "l16-six": {"training": _listwise(MERGE_SHARE, **_T_SHARP, list_size=16),
                 "candidates": _TOP16, "generation": _SIX_TYPES},
     # The default plus each sampled document's own title as a query: the issue's "cheap
@@ -199,8 +199,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
                    "candidates": _TOP16, "generation": _WITH_TITLES},
     # The default with the round trip at document level: a query whose teacher #1 is another
     # chunk of its source document is kept, with that chunk as the positive, where the default
-    # drops it (a third of the generated queries on both datasets, README). Same queries.
-    # Measured against l16-merged on the same queries: Cranfield -0.0031, SciFact dev -0.0010.
+    # drops it (a third of the generated queries on both datasets, docs/benchmarks.md). Same
+    # queries. Measured against l16-merged on the same queries: Cranfield -0.0031, SciFact dev
+    # -0.0010.
     "l16-doc": {"training": _listwise(MERGE_SHARE, **_T_SHARP, list_size=16),
                 "candidates": _DOC16},
     # The default also training on the queries the round trip dropped because the signal put
@@ -211,20 +212,22 @@ VARIANTS: dict[str, dict[str, Any]] = {
                                           relabel_disagreements=True),
                     "candidates": _TOP16},
     # Training-only levers (both reuse l16-merged's filter stage, so the lists are identical).
-    # l16-merged's training stops at its 4-epoch cap with the dev loss still falling (README);
-    # the paper trains up to 30 epochs and lets early stopping decide. Up to 8 here. The
-    # default recipe since stop 27: ahead of l16-merged on both datasets (Cranfield +0.0007,
-    # SciFact dev +0.0008, seed 13; both inside the noise), 35.3 min for the SciFact dev run.
+    # l16-merged's training stops at its 4-epoch cap with the dev loss still falling
+    # (docs/benchmarks.md); the paper trains up to 30 epochs and lets early stopping decide. Up to
+    # 8 here. The default recipe since stop 27: ahead of l16-merged on both datasets (Cranfield
+    # +0.0007, SciFact dev +0.0008, seed 13; both inside the noise), 35.3 min for the SciFact dev
+    # run.
     "l16-e8": {"training": _listwise(MERGE_SHARE, **_T_SHARP, list_size=16, max_epochs=8),
                "candidates": _TOP16},
-    # Dropping the InfoNCE term cost SciFact dev 0.0024 (README), and plain InfoNCE alone is
-    # level with the base: is the paper's 0.1 the right share between the two?
+    # Dropping the InfoNCE term cost SciFact dev 0.0024 (docs/benchmarks.md), and plain InfoNCE
+    # alone is level with the base: is the paper's 0.1 the right share between the two?
     "l16-nce03": {"training": _listwise(MERGE_SHARE, **_T_SHARP, list_size=16,
                                         infonce_weight=0.3),
                   "candidates": _TOP16},
-    # Longer lists again: 8 -> 16 was the one change ahead of the default on every run (README),
-    # and the default's SciFact dev run uses about half of its 60 minutes. The gradient cache
-    # (chunks of 16 queries) keeps memory at lists of 16's; it computes the same gradients.
+    # Longer lists again: 8 -> 16 was the one change ahead of the default on every run
+    # (docs/benchmarks.md), and the default's SciFact dev run uses about half of its 60 minutes.
+    # The gradient cache (chunks of 16 queries) keeps memory at lists of 16's; it computes the same
+    # gradients.
     "l32-merged": {"training": _listwise(MERGE_SHARE, **_T_SHARP, list_size=32,
                                          micro_batch_size=16),
                    "candidates": {**_TOP16, "top_k": 32}},

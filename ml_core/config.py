@@ -82,7 +82,7 @@ class GenerationConfig(_Section):
     # The number format of the in-process generator (backend "transformers"; vLLM picks its
     # own): "auto" is bf16 where the hardware computes it natively (CPUs with AVX512-BF16 or
     # AMX, CUDA GPUs with bf16), fp32 elsewhere. bf16 changes the sampled text a little; it
-    # generated 1.67x faster here (`python -m bench.generate`, README "Benchmarks").
+    # generated 1.67x faster here (`python -m bench.generate`, docs/benchmarks.md).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     @model_validator(mode="after")
@@ -106,11 +106,11 @@ class CandidateConfig(_Section):
     # What the round trip must find. "passage" (the paper, whose documents are one passage each):
     # the source passage itself. "document": any chunk of the source's document. In a chunked
     # corpus the teacher's #1 is often another chunk of the same document (a third of the
-    # generated queries on both development datasets, README), which "passage" drops; "document"
-    # keeps such a query with the teacher's best chunk of the document as its positive, and the
-    # student check passes when any chunk of the document is in the student's top N. Measured
-    # (seed 13, against "passage" on the same queries): Cranfield -0.0031, SciFact dev -0.0010
-    # nDCG@10, both inside the noise, so "passage" stays the default (README).
+    # generated queries on both development datasets, docs/benchmarks.md), which "passage" drops;
+    # "document" keeps such a query with the teacher's best chunk of the document as its positive,
+    # and the student check passes when any chunk of the document is in the student's top N.
+    # Measured (seed 13, against "passage" on the same queries): Cranfield -0.0031, SciFact dev
+    # -0.0010 nDCG@10, both inside the noise, so "passage" stays the default (docs/benchmarks.md).
     round_trip_scope: Literal["passage", "document"] = "passage"
     # Drop queries whose best teacher score is under this percentile of all best scores.
     min_score_percentile: Annotated[float, Field(ge=0.0, le=99.0)] = 25.0
@@ -121,7 +121,8 @@ class CandidateConfig(_Section):
     # and the student, so that where the cross-encoder alone is no better than the student
     # (Cranfield, see docs/models.md) the first stage's agreement still counts. "cross_encoder":
     # the teacher's scores as they are (the paper). Fused measured better on both development
-    # datasets: Cranfield +0.0072, SciFact dev +0.0034 nDCG@10 over cross_encoder (README).
+    # datasets: Cranfield +0.0072, SciFact dev +0.0034 nDCG@10 over cross_encoder
+    # (docs/benchmarks.md).
     teacher_signal: Literal["cross_encoder", "fused"] = "fused"
     fused_teacher_weight: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
     teacher_batch_size: Annotated[int, Field(ge=1, le=1024)] = 32
@@ -166,7 +167,7 @@ class TrainingConfig(_Section):
     micro_batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
     # Paper: 2e-4 at 4,096 queries per step. On a few hundred synthetic queries, 1e-4 fits them
     # and the checkpoint as trained fell below its base (SciFact dev -0.0146 nDCG@10, p 0.047;
-    # Cranfield -0.0027), level with 2e-5 once averaged with the base (README "Benchmarks").
+    # Cranfield -0.0027), level with 2e-5 once averaged with the base (docs/benchmarks.md).
     learning_rate: Annotated[float, Field(gt=0.0, le=1e-2)] = 2e-5
     weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
     warmup_epochs: Annotated[float, Field(ge=0.0, le=10.0)] = 0.5
@@ -177,14 +178,14 @@ class TrainingConfig(_Section):
     # stopped after 6 (Cranfield) and 5 (SciFact dev) epochs, best at 4 and 3, and scored
     # +0.0007 and +0.0008 nDCG@10 over the cap of 4 on the same lists (inside the noise;
     # the adoption rule asked for a positive difference on both), with 1.2-1.4x the training
-    # time (README "Benchmarks").
+    # time (docs/benchmarks.md).
     max_epochs: Annotated[int, Field(ge=1, le=100)] = 8
     patience: Annotated[int, Field(ge=1, le=100)] = 2
     kl_student_temperature: Annotated[float, Field(gt=0.0, le=10.0)] = 0.05
     # The paper uses 0.3 on lists drawn from the top 100, where normalised teacher scores spread
     # over [0, 1]. Our lists are the top few hard candidates, whose scores sit close together:
     # 0.3 makes the target nearly flat and pulls hard negatives toward the query (measured on
-    # Cranfield -0.0162 -> +0.0006 nDCG@10, SciFact dev -0.0264 -> -0.0097; README "Benchmarks").
+    # Cranfield -0.0162 -> +0.0006 nDCG@10, SciFact dev -0.0264 -> -0.0097; docs/benchmarks.md).
     # 0.1 -> 0.05, averaged with the base (base_merge 0.5): Cranfield +0.0003 (level), SciFact
     # dev +0.0047 (95% interval [+0.0004, +0.0089]), the first setting above its base on both.
     kl_teacher_temperature: Annotated[float, Field(gt=0.0, le=10.0)] = 0.05
@@ -203,15 +204,16 @@ class TrainingConfig(_Section):
     # Also train on queries the round-trip filter dropped only because the teacher signal ranked
     # another passage first, with that passage as the positive (the recipe drops them). Helps
     # only where the teacher beats the student: SciFact dev -0.0063 -> -0.0009 nDCG@10 vs base,
-    # Cranfield +0.0078 -> -0.0017 (README "Benchmarks"), so it is off by default.
+    # Cranfield +0.0078 -> -0.0017 (docs/benchmarks.md), so it is off by default.
     relabel_disagreements: bool = False
     # Weight-space ensembling with the base (WiSE-FT, arXiv 2109.01903): the exported model is
     # (1 - base_merge) x the best checkpoint + base_merge x the base model. Fine-tuning on a few
     # hundred synthetic queries fits them (dev loss falls) while the judged score can slip;
     # averaging with the starting point keeps part of the gain and gives back less elsewhere.
     # Half and half (WiSE-FT's midpoint, not tuned) measured side by side against no averaging:
-    # SciFact dev -0.0051 -> +0.0002 nDCG@10 vs base, Cranfield +0.0091 -> +0.0067 (README
-    # "Benchmarks"): the only setting measured at or above the base on both, so the default.
+    # SciFact dev -0.0051 -> +0.0002 nDCG@10 vs base, Cranfield +0.0091 -> +0.0067
+    # (docs/benchmarks.md)
+    #: the only setting measured at or above the base on both, so the default.
     # A later run (another machine): Cranfield +0.0071, SciFact -0.0012, neither separable from
     # 0 by its 95% interval. 0 ships the best checkpoint as trained.
     base_merge: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
@@ -246,8 +248,9 @@ class RecipeConfig(_Section):
     # "auto" is bf16 where the hardware computes it natively (CPUs with AVX512-BF16 or AMX,
     # CUDA GPUs with bf16) and fp32 elsewhere, where bf16 would be emulated and slower.
     # Measured on 4,096 SciFact dev chunks, 2 cores (`python -m bench.encode`): bf16 encodes
-    # 2.09x faster than fp32 at a cosine of at least 0.99997 to the fp32 vectors (README
-    # "Benchmarks"). Training, exported models and the /embed endpoint always compute in fp32.
+    # 2.09x faster than fp32 at a cosine of at least 0.99997 to the fp32 vectors
+    # (docs/benchmarks.md)
+    #. Training, exported models and the /embed endpoint always compute in fp32.
     encode_precision: Literal["auto", "fp32", "bf16"] = "auto"
     corpus: CorpusConfig = CorpusConfig()
     generation: GenerationConfig = GenerationConfig()
