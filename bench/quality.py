@@ -47,6 +47,9 @@ a variant with other candidate settings, such as fused, re-runs only filter):
     l16-merged  sharp-merged with lists of 16 from the fused top 16 (the others: 8 of 12):
                the product's default recipe from 2026-12-04 until l16-e8 (stop 27)
     l16-infonce  plain contrastive fine-tuning on l16-merged's queries and lists, as trained
+               (4-epoch cap)
+    infonce-e8  plain contrastive fine-tuning on the default's queries and lists, trained up
+               to 8 epochs like the default: the baseline `make bench` runs beside it
     l16-helped  l16-merged with bge-small's dense top 16 joining the candidate fusion
                (candidates.helpers)
     l16, helped  l16-merged and l16-helped as trained, not averaged with the base
@@ -179,6 +182,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # Plain contrastive fine-tuning on exactly the default's queries and lists, as trained.
     "l16-infonce": {"training": {"loss": "infonce", **_E4, "base_merge": 0.0, "list_size": 16,
                                  **_T_SHARP}, "candidates": _TOP16},
+    # Plain contrastive fine-tuning on the default's queries and lists, trained as long as the
+    # default is (up to 8 epochs, early stopping on its own dev loss): the baseline the issue
+    # names, on the same budget. l16-infonce keeps the 4-epoch cap it was measured with.
+    "infonce-e8": {"training": {"loss": "infonce", "base_merge": 0.0, "list_size": 16,
+                                "max_epochs": 8, **_T_SHARP}, "candidates": _TOP16},
     # The default recipe with bge-small as a helper retriever in the fusion.
     "l16-helped": {"training": _listwise(MERGE_SHARE, **_T_SHARP, list_size=16),
                    "candidates": _HELPED16},
@@ -486,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--datasets", nargs="+", default=["cranfield", "scifact-dev"])
     parser.add_argument(
-        "--variants", nargs="+", default=[DEFAULT_VARIANT, "l16-infonce"],
+        "--variants", nargs="+", default=[DEFAULT_VARIANT, "infonce-e8"],
         choices=sorted(VARIANTS)
     )
     parser.add_argument("--preset", default="default")

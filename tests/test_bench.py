@@ -136,6 +136,12 @@ def test_infonce_on_the_default_data_differs_from_the_default_only_in_its_loss()
     assert (contrastive.training.max_epochs, default.training.max_epochs) == (4, 8)
     changed = {"training": {"loss", "base_merge", "max_epochs"}}
     assert contrastive.model_dump(exclude=changed) == default.model_dump(exclude=changed)
+    # The baseline `make bench` runs: the same budget as the default, only the loss (and no
+    # averaging with the base) differ.
+    same_budget = _config("default", "infonce-e8", {})
+    assert (same_budget.training.loss, same_budget.training.base_merge) == ("infonce", 0.0)
+    swapped = {"training": {"loss", "base_merge"}}
+    assert same_budget.model_dump(exclude=swapped) == default.model_dump(exclude=swapped)
 
 
 def test_the_more_data_variant_is_sharp_merged_on_a_larger_passage_sample():
