@@ -382,10 +382,13 @@ def build_report(
     recommended = "tuned" if primary_gain > cfg.min_gain and not base_kept else "base"
     warnings: list[str] = []
     if base_kept:
+        # The pipeline passes the base's own rows twice; a caller that encoded the same weights
+        # a second time may see numerics, which the report names as such.
         warnings.append(
             "training never beat the base model on the synthetic dev loss, so the tuned model "
-            "is the base model: base is recommended, and any difference between the two rows "
-            "is encoding numerics"
+            "is the base model: base is recommended"
+            + ("" if base == tuned else
+               ", and any difference between the two rows is encoding numerics")
         )
     elif primary_gain < 0 and recommended == "base":
         warnings.append("tuned model is worse than base: keeping base as recommendation")

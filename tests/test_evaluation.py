@@ -210,6 +210,12 @@ def test_report_says_when_training_kept_the_base_model() -> None:
         "base model: base is recommended, and any difference between the two rows is encoding "
         "numerics"
     ]
+    # Rows that are one and the same (what the pipeline passes): no talk of numerics.
+    same = build_report(base, dict(base), check, cfg, "customer", base_kept=True)
+    assert same["warnings"] == [
+        "training never beat the base model on the synthetic dev loss, so the tuned model is the "
+        "base model: base is recommended"
+    ]
     trained = build_report(base, tuned, check, cfg, "customer")
     assert trained["base_kept"] is False and trained["recommended"] == "tuned"
     assert any("within noise" in w for w in trained["warnings"])
