@@ -317,7 +317,7 @@ def score_and_filter(
         query for query in queries
         if candidates.get(query.id) is not None and query.source_id in by_id
     ]
-    depth = min(cfg.filter_depth or cfg.top_k, cfg.top_k)
+    depth = cfg.filter_depth or cfg.top_k  # the config keeps it within top_k
     two_rounds = cfg.round_trip and depth < cfg.top_k
     raw_by_query: dict[str, dict[str, float]] = {}
     pairs_scored = 0
@@ -405,7 +405,7 @@ def score_and_filter(
         "round_trip_scope": cfg.round_trip_scope,
         "positive_moved": moved,
         "pairs_scored": pairs_scored,
-        "filter_depth": depth,
+        "filter_depth": depth if two_rounds else cfg.top_k,
         "first_round_drops": len(first_drops),
         "dropped": dict(Counter(reasons.values())),
         "by_type": _counts_by_type(queries, reasons),

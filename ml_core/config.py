@@ -128,8 +128,9 @@ class CandidateConfig(_Section):
     teacher_batch_size: Annotated[int, Field(ge=1, le=1024)] = 32
     # Two-round scoring for long lists: the teacher first scores every query's fused top
     # filter_depth (plus its source); only the queries the round trip keeps there get the rest
-    # of their top_k scored. The teacher is the CPU bottleneck and most queries are dropped,
-    # so lists of 32 cost little more filtering than lists of 16. None: one round over top_k.
+    # of their top_k scored. The teacher is the CPU bottleneck and most queries are dropped:
+    # lists of 32 at depth 16 filtered in 1.11x (SciFact dev) and 1.29x (Cranfield) the time
+    # of one round over 16 (docs/benchmarks.md, stop 28). None: one round over top_k.
     filter_depth: Annotated[int | None, Field(ge=2, le=1000)] = None
     # Helper retrievers: other bi-encoders of the model registry (role student) whose dense
     # top_k lists join the reciprocal-rank fusion beside the student's and BM25's. They widen

@@ -428,6 +428,7 @@ def test_two_round_filter_scores_deep_candidates_only_for_queries_it_keeps() -> 
     assert ("heat", _text("p1")) not in two_rounds.scored
     assert cheap.summary["dropped"] == full.summary["dropped"] == {"round_trip_teacher": 2}
     assert cheap.summary["pairs_scored"] == 10 and cheap.summary["first_round_drops"] == 1
+    assert (cheap.summary["filter_depth"], full.summary["filter_depth"]) == (2, 4)
     # The early loser's relabelled list holds what the first round scored.
     relabeled = {r.query_id: r for r in cheap.relabeled}
     assert relabeled["lost_early"].passage_ids == ["p4", "p3"]
