@@ -310,7 +310,8 @@ def score_and_filter(
     candidates being scored, and only the others get the rest of their top-k scored and the
     full decision. A deeper candidate can still beat the source in the second round and drop
     the query. Percentiles and the signal's normalisation then see every score of both rounds;
-    a first-round drop's relabelled list holds its first-round pool only.
+    a first-round drop's relabelled list, and its pool in the teacher check, hold its
+    first-round pool only.
     """
     by_id = passages if isinstance(passages, Mapping) else {p.id: p for p in passages}
     scored_queries = [
@@ -320,10 +321,9 @@ def score_and_filter(
     depth = cfg.filter_depth or cfg.top_k  # the config keeps it within top_k
     two_rounds = cfg.round_trip and depth < cfg.top_k
     raw_by_query: dict[str, dict[str, float]] = {}
-    pairs_scored = 0
 
-    def score_pools(batch: Sequence[Query], limit: int, span: tuple[float, float]) -> None:
-        nonlocal pairs_scored
+    def score_pools(batch: Sequence[Query], limit: int, span: tuple[float, float]) -> int:
+        """Scores each query's top `limit` (plus its source) not scored yet; returns the count."""
         pairs: list[tuple[str, str]] = []
         owners: list[tuple[str, str]] = []  # (query id, passage id) per pair
         for query in batch:
@@ -348,21 +348,21 @@ def score_and_filter(
             raise ValueError(f"teacher returned {len(raw)} scores for {len(pairs)} pairs")
         for (qid, pid), value in zip(owners, raw, strict=True):
             raw_by_query.setdefault(qid, {})[pid] = float(value)
-        pairs_scored += len(pairs)
+        return len(pairs)
 
     first_drops: set[str] = set()
     if two_rounds:
-        score_pools(scored_queries, depth, (0.0, 0.5))
+        pairs_scored = score_pools(scored_queries, depth, (0.0, 0.5))
         low, high = _percentiles(raw_by_query, cfg)
         first_drops = {
             query.id for query in scored_queries
             if _judge(query, raw_by_query[query.id], candidates[query.id], by_id, low, high,
                       cfg).teacher_lost
         }
-        score_pools([q for q in scored_queries if q.id not in first_drops], cfg.top_k,
-                    (0.5, 1.0))
+        pairs_scored += score_pools([q for q in scored_queries if q.id not in first_drops],
+                                    cfg.top_k, (0.5, 1.0))
     else:
-        score_pools(scored_queries, cfg.top_k, (0.0, 1.0))
+        pairs_scored = score_pools(scored_queries, cfg.top_k, (0.0, 1.0))
 
     low, high = _percentiles(raw_by_query, cfg)
     best = np.array([max(raw_by_query[q.id].values()) for q in scored_queries])
