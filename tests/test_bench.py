@@ -439,3 +439,19 @@ def test_teacher_signal_bench_orders_both_candidate_lists_by_every_signal(tmp_pa
     # A seeded sample of the judged queries, on the cached encodings.
     sample = run(demo, qrels_path, [], work, registry, config, max_queries=20)
     assert sample["queries"] == 20 and sample["list_overlap"] == 1.0  # no helper, same lists
+
+
+def test_the_larger_generator_variant_changes_only_the_generator():
+    """gemma-e8 pins a top-level setting (the generator) and nothing but it; a --set that
+    contradicts it is refused rather than silently measuring something else."""
+    from bench.quality import _config
+    from ml_core.pipeline import section_hash
+
+    default, larger = (_config("default", v, {}) for v in ("l16-e8", "gemma-e8"))
+    assert (default.generator, larger.generator) == ("smollm2-135m", "gemma3-270m")
+    assert larger.model_dump(exclude={"generator"}) == default.model_dump(exclude={"generator"})
+    assert section_hash(larger, "prepare") == section_hash(default, "prepare")
+    assert section_hash(larger, "generate") != section_hash(default, "generate")
+    with pytest.raises(ValueError, match="generator conflicts with variant 'gemma-e8'"):
+        _config("default", "gemma-e8", {"generator": "smollm2-135m"})
+    assert _config("default", "gemma-e8", {"generator": "gemma3-270m"}) == larger
