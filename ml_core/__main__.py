@@ -2,7 +2,7 @@
 
 python -m ml_core provision [--store DIR] [NAME ...]
 python -m ml_core run --corpus PATH --out DIR [--config FILE] [--preset quick]
-                      [--queries Q.jsonl --qrels QRELS.tsv]
+                      [--queries Q.jsonl --qrels QRELS.tsv] [--train-queries LOG.jsonl]
 python -m ml_core stage NAME --corpus PATH --out DIR [...]   # one stage on earlier outputs
 """
 
@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--preset", default="default", choices=sorted(PRESETS))
         cmd.add_argument("--queries", type=Path, default=None, help="judged queries (BEIR jsonl)")
         cmd.add_argument("--qrels", type=Path, default=None, help="judgements (BEIR qrels tsv)")
+        cmd.add_argument("--train-queries", type=Path, default=None,
+                         help="your users' own queries, unjudged (BEIR jsonl, e.g. from a search "
+                         "log): trained on beside the synthetic ones")
         cmd.add_argument("--store", type=Path, default=None, help="model store folder")
     return parser
 
@@ -116,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         registry=ModelRegistry(store),
         eval_queries=args.queries,
         eval_qrels=args.qrels,
+        train_queries=args.train_queries,
     )
     stages = STAGES if args.command == "run" else (args.stage,)
     try:

@@ -253,6 +253,11 @@ def _judge(
     pids = list(scores)
     raw_values = np.array([scores[pid] for pid in pids])
     signal = teacher_signal(pids, raw_values, cand, low, high, cfg)
+    if not query.source_id:
+        # A supplied query (no source passage): the signal's #1 is its positive, and there is
+        # no round trip to make.
+        best = int(signal.argmax())
+        return _Judgement(pids, raw_values, signal, best, best, False, True)
     source_index = pids.index(query.source_id)
     if cfg.round_trip_scope == "document":
         document = by_id[query.source_id].document_id
@@ -293,6 +298,8 @@ def score_and_filter(
     """Teacher-scored, filtered candidate lists (see FilterResult).
 
     The teacher scores only each query's fused top-k plus its source passage when missing.
+    A query without a source (source_id "": one the customer supplied, not generated) skips the
+    round trip: the signal's #1 is its list's positive, and only "low_score" can drop it.
     Drop reasons, first that applies: "no_source" (source passage unknown), "round_trip_teacher"
     (source not ranked #1 by the teacher signal), "round_trip_student" (source not in the
     student's top cfg.student_top_n; with cfg.round_trip_scope == "document", both checks look
@@ -316,7 +323,8 @@ def score_and_filter(
     by_id = passages if isinstance(passages, Mapping) else {p.id: p for p in passages}
     scored_queries = [
         query for query in queries
-        if candidates.get(query.id) is not None and query.source_id in by_id
+        if candidates.get(query.id) is not None and (not query.source_id
+                                                     or query.source_id in by_id)
     ]
     depth = cfg.filter_depth or cfg.top_k  # the config keeps it within top_k
     two_rounds = cfg.round_trip and depth < cfg.top_k
@@ -327,10 +335,10 @@ def score_and_filter(
         pairs: list[tuple[str, str]] = []
         owners: list[tuple[str, str]] = []  # (query id, passage id) per pair
         for query in batch:
-            pool = [*candidates[query.id].passage_ids[:limit], query.source_id]
+            pool = [*candidates[query.id].passage_ids[:limit], query.source_id or None]
             done = raw_by_query.get(query.id, {})
             for pid in dict.fromkeys(pool):
-                if pid not in done:
+                if pid is not None and pid not in done:
                     pairs.append((query.text, passage_text(by_id[pid])))
                     owners.append((query.id, pid))
         lo, hi = span
@@ -376,7 +384,8 @@ def score_and_filter(
     for query in queries:
         scores = raw_by_query.get(query.id)
         if scores is None:
-            reasons[query.id] = "no_source" if query.source_id not in by_id else "no_candidates"
+            known = not query.source_id or query.source_id in by_id
+            reasons[query.id] = "no_candidates" if known else "no_source"
             continue
         j = _judge(query, scores, candidates[query.id], by_id, low, high, cfg)
         teacher_lost = j.teacher_lost or query.id in first_drops

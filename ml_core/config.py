@@ -68,6 +68,9 @@ class GenerationConfig(_Section):
     # default is sized so a whole run on a 5,000-passage corpus fits an hour on 2 CPU cores;
     # raise it on a GPU worker.
     passages: Annotated[int, Field(ge=1, le=1_000_000)] = 160
+    # Off: no synthetic queries; the job trains on the queries it is given (the customer's own
+    # unlabelled queries, e.g. a search log; StageContext.train_queries) and nothing else.
+    synthetic: bool = True
     backend: Literal["transformers", "vllm", "openai"] = "transformers"
     # For backend="openai": any OpenAI-compatible completions endpoint (vLLM server, hosted API).
     endpoint: str | None = None

@@ -3,7 +3,8 @@
 Stages (each a function of a StageContext, writing only under `workdir/<stage>/`):
 
     prepare   corpus file          -> passages.jsonl (hygiene + chunks), sample.jsonl (splits)
-    generate  sample               -> queries.jsonl (synthetic queries, one per passage per type)
+    generate  sample               -> queries.jsonl (synthetic queries, one per passage per type,
+                                      and any the customer supplied: train_queries)
     filter    queries + passages   -> candidates.jsonl (teacher-scored lists), queries.jsonl (kept)
     distill   candidates + queries -> model/ (sentence-transformers folder), history.json
     evaluate  model + test queries -> report.json (base vs tuned, teacher check, recommendation)
@@ -16,10 +17,12 @@ a changed setting reruns exactly the stages downstream of it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import shutil
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +95,9 @@ class StageContext:
     eval_queries: Path | None = None
     eval_qrels: Path | None = None
     progress: ProgressFn = no_progress
+    # The customer's own queries without judgements (BEIR queries.jsonl, e.g. from a search
+    # log): trained on beside the synthetic ones, their teacher's #1 as the positive.
+    train_queries: Path | None = None
 
     def stage_dir(self, stage: str) -> Path:
         return self.workdir / stage
@@ -126,6 +132,8 @@ def stage_fingerprint(stage: str, ctx: StageContext) -> str:
         parts[upstream] = manifest["fingerprint"]
     if stage == "prepare":
         parts["corpus"] = file_sha256(ctx.corpus_path)
+    if stage == "generate" and ctx.train_queries:  # absent otherwise: older fingerprints hold
+        parts["train_queries"] = file_sha256(ctx.train_queries)
     if stage == "evaluate":
         for name in ("eval_queries", "eval_qrels"):
             path = getattr(ctx, name)
@@ -140,6 +148,7 @@ def stage_fingerprint(stage: str, ctx: StageContext) -> str:
 _ADDED_SETTINGS: dict[tuple[str, str], Any] = {
     ("candidates", "helpers"): [],
     ("candidates", "round_trip_scope"): "passage",
+    ("generation", "synthetic"): True,
 }
 
 
@@ -232,15 +241,7 @@ def run_all(
 
 
 def _with_progress(ctx: StageContext, progress: ProgressFn) -> StageContext:
-    return StageContext(
-        ctx.workdir,
-        ctx.corpus_path,
-        ctx.config,
-        ctx.registry,
-        ctx.eval_queries,
-        ctx.eval_qrels,
-        progress,
-    )
+    return dataclasses.replace(ctx, progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,6 +323,13 @@ def _generate(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, A
     from ml_core.generation import TransformersGenerator, generate_queries, load_generator
 
     cfg = ctx.config
+    supplied = read_supplied_queries(ctx.train_queries) if ctx.train_queries else []
+    if not cfg.generation.synthetic:
+        if not supplied:
+            raise StageError("generation.synthetic is off and no training queries were given: "
+                             "supply the customer's queries or turn synthetic generation on")
+        write_jsonl(out / "queries.jsonl", supplied)
+        return {"queries": len(supplied), "per_type": {SUPPLIED: len(supplied)}}, {}
     splits = load_splits(ctx)
     by_id = {p.id: p for p in load_passages(ctx)}
     sample = [by_id[pid] for pid in splits]
@@ -337,6 +345,7 @@ def _generate(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, A
     queries = [_with_split(q, splits[q.source_id]) for q in queries]
     if not queries:
         raise StageError("the generator produced no usable queries")
+    queries += supplied
     write_jsonl(out / "queries.jsonl", queries)
     per_type: dict[str, int] = {}
     for q in queries:
@@ -345,6 +354,32 @@ def _generate(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, A
     if isinstance(generator, TransformersGenerator):
         stats["precision"] = generator.precision
     return stats, {}
+
+
+# The query type of the customer's own queries (no source passage; see read_supplied_queries).
+SUPPLIED = "supplied"
+
+
+def read_supplied_queries(path: Path) -> list[Query]:
+    """The customer's unlabelled queries (BEIR queries.jsonl; CorpusError names a bad line) as
+    training queries without a source passage: ids prefixed "supplied:" so they never meet a
+    synthetic id, repeats (same normalised text) kept once so none sits in train and dev both.
+    The split (train/dev) is drawn at training time."""
+    from ml_core.corpus import read_queries
+
+    seen: set[str] = set()
+    queries = []
+    for query in read_queries(path):
+        key = query_key(query.text)
+        if key and key not in seen:
+            seen.add(key)
+            queries.append(Query(f"{SUPPLIED}:{query.id}", query.text, SUPPLIED))
+    return queries
+
+
+def query_key(text: str) -> str:
+    """When two queries are the same query: NFKC, case and spacing aside (digits count)."""
+    return " ".join(unicodedata.normalize("NFKC", text).lower().split())
 
 
 def _with_split(query: Query, split: str) -> Query:
@@ -424,12 +459,18 @@ def _load_helper(ctx: StageContext, name: str):  # noqa: ANN202 - Student, impor
 
 
 def _distill(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    from ml_core.candidates import split_by_passage
     from ml_core.student import Student
     from ml_core.training import CONFIG_FILE, average_with_base, train_student
 
     cfg = ctx.config
     passages = {p.id: p for p in load_passages(ctx)}
     queries = {q.id: q for q in load_queries(ctx.stage_dir("generate") / "queries.jsonl")}
+    # Supplied queries have no source passage to split by: they split by themselves, seeded.
+    supplied = [qid for qid, q in queries.items() if not q.source_id]
+    dev = cfg.training.dev_fraction
+    for qid, split in split_by_passage(supplied, {"train": 1 - dev, "dev": dev}, cfg.seed).items():
+        queries[qid] = _with_split(queries[qid], split)
     splits = load_splits(ctx)
     test_ids = {pid for pid, split in splits.items() if split == "test"}
     train_lists: list[ScoredList] = []
@@ -447,8 +488,8 @@ def _distill(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, An
         ]
     for scored in scored_lists:
         split = queries[scored.query_id].split
-        if split not in ("train", "dev"):
-            continue
+        if split not in ("train", "dev") or scored.passage_ids[0] in test_ids:
+            continue  # a supplied query's positive may be a held-out test passage
         # Test passages are never trained on, not even as negatives.
         keep = [i for i, pid in enumerate(scored.passage_ids) if i == 0 or pid not in test_ids]
         scored = ScoredList(
@@ -521,9 +562,20 @@ def _evaluate(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, A
         queries = list(read_queries(ctx.eval_queries))
         qrels = read_qrels(ctx.eval_qrels)
         queries = [q for q in queries if q.id in qrels]
+        # A judged query the model was trained on (given as a training query too) would grade
+        # the model on its own homework: it is left out, and the report says how many were.
+        trained = {
+            query_key(q.text)
+            for q in load_queries(ctx.stage_dir("generate") / "queries.jsonl")
+            if not q.source_id
+        }
+        judged = len(queries)
+        queries = [q for q in queries if query_key(q.text) not in trained]
+        excluded = judged - len(queries)
         check_queries = queries
     else:
         judgements = "synthetic"
+        excluded = 0
         generated = load_queries(ctx.stage_dir("generate") / "queries.jsonl")
         kept = {q.id for q in load_queries(ctx.stage_dir("filter") / "queries.jsonl")}
         by_id = {p.id: p for p in passages}
@@ -535,7 +587,11 @@ def _evaluate(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, A
         queries = [q for q in held_out if q.id in kept]
         check_queries = held_out
     if not queries:
-        raise StageError("no evaluation queries: supply judgements or a larger passage sample")
+        raise StageError(
+            "no evaluation queries: every judged query was also a training query"
+            if excluded else
+            "no evaluation queries: supply judgements or a larger passage sample"
+        )
 
     history = json.loads((ctx.stage_dir("distill") / "history.json").read_text())
     # Training that never beat the base on dev loss exports the base's own weights (no
@@ -573,6 +629,8 @@ def _evaluate(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, A
                           base_kept=base_kept)
     report["models"] = {"student": cfg.student, "teacher": cfg.teacher, "generator": cfg.generator}
     report["encode_precision"] = precision
+    if excluded:
+        report["excluded_trained_queries"] = excluded
     report["recipe"] = cfg.model_dump(mode="json")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return {"queries": len(queries)}, {

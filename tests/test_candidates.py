@@ -210,6 +210,40 @@ def test_score_and_filter_drops_weak_queries_under_the_percentile() -> None:
     assert result.summary["thresholds"]["min_top_score"] == pytest.approx(2.5)
 
 
+def test_a_supplied_query_has_the_signals_first_as_its_positive_and_no_round_trip() -> None:
+    """A customer's own query (no source passage): the teacher's #1 becomes the positive, even
+    where the student ranks it low, and only the score floor can drop it."""
+    queries = [
+        Query("log1", "heat", "supplied"),
+        Query("log2", "noise", "supplied"),
+        Query("gen", "wing", "questions", source_id="p1"),
+    ]
+    candidates = {
+        "log1": _cand("log1", ["p3", "p4", "p5"], ["p3", "p4", "p5"], source_rank=None),
+        "log2": _cand("log2", ["p5", "p4"], ["p5", "p4"], source_rank=None),
+        "gen": _cand("gen", ["p1", "p2"], ["p1", "p2"]),
+    }
+    teacher = TableTeacher({
+        ("heat", _text("p3")): 2.0, ("heat", _text("p4")): 6.0, ("heat", _text("p5")): 1.0,
+        ("noise", _text("p5")): 0.5, ("noise", _text("p4")): 0.2,
+        ("wing", _text("p1")): 8.0, ("wing", _text("p2")): 3.0,
+    })
+    cfg = CandidateConfig(student_top_n=1, min_score_percentile=34.0,
+                          teacher_signal="cross_encoder")
+
+    result = score_and_filter(queries, candidates, PASSAGES, teacher, cfg)
+
+    assert len(teacher.scored) == 3 + 2 + 2  # no source to append for the supplied queries
+    assert [q.id for q in result.kept] == ["log1", "gen"]
+    log1 = next(s for s in result.lists if s.query_id == "log1")
+    assert log1.passage_ids == ["p4", "p3", "p5"] and log1.raw_scores == [6.0, 2.0, 1.0]
+    # Best scores 6, 0.5, 8: the weakest query falls under the floor, supplied or not.
+    assert result.summary["dropped"] == {"low_score": 1}
+    assert result.summary["by_type"]["supplied"] == {"generated": 2, "kept": 1, "low_score": 1}
+    assert result.summary["teacher_check"]["queries"] == 1  # only queries with a source
+    assert result.relabeled == []
+
+
 def test_normalisation_uses_percentiles_and_clips() -> None:
     queries = [Query("q", "wing", source_id="p1")]
     pool = ["p1", "p2", "p3", "p4", "p5"]

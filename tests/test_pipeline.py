@@ -482,3 +482,92 @@ def test_a_setting_added_later_leaves_the_fingerprints_of_earlier_stages_alone()
     by_document = build_config("default", {**TINY_RECIPE, "candidates": {
         **TINY_RECIPE["candidates"], "round_trip_scope": "document"}})
     assert section_hash(by_document, "filter") != old
+
+
+def _queries_file(path: Path, texts: dict[str, str]) -> Path:
+    path.write_text("".join(json.dumps({"_id": k, "text": v}) + "\n" for k, v in texts.items()))
+    return path
+
+
+def test_supplied_queries_train_beside_synthetic_ones_and_leave_the_evaluation(
+    finished_run: StageContext, tmp_path: Path
+) -> None:
+    """A customer's own unjudged queries (a search log) join training with the teacher's #1 as
+    their positive; a judged query that is also one of them is not graded."""
+    workdir = tmp_path / "supplied"
+    shutil.copytree(finished_run.workdir, workdir)
+    log = _queries_file(tmp_path / "log.jsonl", {
+        "a": "wing flutter at high speed", "b": "Wing  FLUTTER at high speed",  # a repeat
+        "c": "heat transfer in a boundary layer", "d": "shock waves on a cone",
+        "e": "pressure on a flat plate", "f": "flow over a wing 1",
+    })
+    corpus_ids = [json.loads(x)["_id"] for x in finished_run.corpus_path.open()]
+    judged = _queries_file(tmp_path / "judged.jsonl",
+                           {f"q{i}": f"flow over a wing {i}" for i in range(3)})
+    qrels = tmp_path / "qrels.tsv"
+    qrels.write_text("".join(f"q{i}\t{corpus_ids[i]}\t1\n" for i in range(3)))
+    ctx = StageContext(workdir, finished_run.corpus_path, finished_run.config,
+                       finished_run.registry, judged, qrels, train_queries=log)
+
+    assert run_stage("prepare", ctx).skipped
+    assert not run_stage("generate", ctx).skipped  # the supplied queries are one of its inputs
+    generated = [json.loads(x) for x in (workdir / "generate" / "queries.jsonl").open()]
+    before = [json.loads(x) for x in (finished_run.stage_dir("generate") / "queries.jsonl").open()]
+    assert generated[: len(before)] == before  # the synthetic queries are unchanged
+    supplied = generated[len(before):]
+    assert [q["id"] for q in supplied] == [f"supplied:{k}" for k in "acdef"]
+    assert {(q["query_type"], q["source_id"], q["split"]) for q in supplied} == {
+        ("supplied", "", "")}
+    for stage in ("filter", "distill", "evaluate"):
+        assert not run_stage(stage, ctx).skipped
+    lists = {json.loads(x)["query_id"]: json.loads(x)
+             for x in (workdir / "filter" / "candidates.jsonl").open()}
+    kept = [lists[q["id"]] for q in supplied if q["id"] in lists]
+    assert kept, "the filter kept none of the supplied queries"
+    for scored in kept:  # positive first: the teacher signal's best in its list
+        assert scored["teacher_scores"][0] == max(scored["teacher_scores"])
+    trained = json.loads((workdir / "distill" / "manifest.json").read_text())["counts"]
+    alone = json.loads((finished_run.stage_dir("distill") / "manifest.json").read_text())["counts"]
+    test_ids = {json.loads(x)["id"] for x in (workdir / "prepare" / "sample.jsonl").open()
+                if json.loads(x)["split"] == "test"}
+    usable = sum(1 for scored in kept if scored["passage_ids"][0] not in test_ids)
+    assert (trained["train_queries"] + trained["dev_queries"]
+            == alone["train_queries"] + alone["dev_queries"] + usable)
+    report = json.loads((workdir / "evaluate" / "report.json").read_text())
+    assert report["excluded_trained_queries"] == 1
+    assert report["base"]["queries"] == 2 and set(report["per_query"]) == {"q0", "q2"}
+
+
+def test_without_synthetic_queries_a_job_trains_on_the_supplied_ones_alone(
+    finished_run: StageContext, tmp_path: Path
+) -> None:
+    config = build_config("default", {**TINY_RECIPE, "generation": {
+        **TINY_RECIPE["generation"], "synthetic": False}})
+    workdir = tmp_path / "log-only"
+    shutil.copytree(finished_run.workdir, workdir)
+    ctx = StageContext(workdir, finished_run.corpus_path, config, finished_run.registry)
+    with pytest.raises(StageError, match="no training queries were given"):
+        run_stage("generate", ctx)
+    log = _queries_file(tmp_path / "log.jsonl", {
+        f"l{i}": text for i, text in enumerate(
+            ["wing flutter", "heat transfer to a plate", "shock wave angle", "boundary layer",
+             "pressure distribution", "supersonic cone", "laminar flow", "turbulent jet"])})
+    ctx.train_queries = log
+    assert not run_stage("generate", ctx).skipped
+    types = {json.loads(x)["query_type"] for x in (workdir / "generate" / "queries.jsonl").open()}
+    assert types == {"supplied"}
+    assert not run_stage("filter", ctx).skipped
+    assert not run_stage("distill", ctx).skipped
+    counts = json.loads((workdir / "distill" / "manifest.json").read_text())["counts"]
+    assert counts["train_queries"] >= 1
+
+
+def test_a_bad_supplied_queries_line_is_named(finished_run: StageContext, tmp_path: Path) -> None:
+    workdir = tmp_path / "bad"
+    shutil.copytree(finished_run.workdir, workdir)
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"_id": "a", "text": "wing"}\n{"_id": "b"}\n')
+    ctx = StageContext(workdir, finished_run.corpus_path, finished_run.config,
+                       finished_run.registry, train_queries=log)
+    with pytest.raises(ValueError, match=r"log\.jsonl.*line 2.*text"):
+        run_stage("generate", ctx)
