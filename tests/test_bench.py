@@ -455,3 +455,78 @@ def test_the_larger_generator_variant_changes_only_the_generator():
     with pytest.raises(ValueError, match="generator conflicts with variant 'gemma-e8'"):
         _config("default", "gemma-e8", {"generator": "smollm2-135m"})
     assert _config("default", "gemma-e8", {"generator": "gemma3-270m"}) == larger
+
+
+def test_cross_fit_folds_are_seeded_disjoint_and_cover_every_query():
+    from bench.quality import cross_fit_folds
+
+    ids = [f"q{i}" for i in range(11)]
+    folds = cross_fit_folds(ids, 2, seed=13)
+    assert sorted(map(len, folds)) == [5, 6]
+    assert sorted(folds[0] + folds[1]) == sorted(ids) and not set(folds[0]) & set(folds[1])
+    assert folds == cross_fit_folds(ids, 2, seed=13) != cross_fit_folds(ids, 2, seed=1)
+
+
+def test_joined_folds_weigh_each_fold_by_its_queries_and_pair_every_query():
+    from bench.quality import _same_row, join_folds
+
+    def fold(scores: dict[str, tuple[float, float]], recommended: str) -> dict:
+        rows = {side: {"ndcg@10": sum(s[n] for s in scores.values()) / len(scores),
+                       "queries": len(scores)} for n, side in enumerate(("base", "tuned"))}
+        per_query = {q: {"base": b, "tuned": t} for q, (b, t) in scores.items()}
+        return {**rows, "per_query": per_query, "recommended": recommended}
+
+    joined = join_folds([fold({"a": (0.2, 0.4), "b": (0.5, 0.5)}, "tuned"),
+                         fold({"c": (0.9, 0.6)}, "base")])
+    assert joined["base"] == {"ndcg@10": pytest.approx(1.6 / 3), "queries": 3}
+    assert joined["tuned"]["ndcg@10"] == pytest.approx(1.5 / 3)
+    assert joined["significance"]["queries"] == 3
+    assert joined["significance"]["difference"] == pytest.approx(-0.1 / 3)
+    assert (joined["significance"]["better"], joined["significance"]["worse"]) == (1, 1)
+    assert joined["recommended"] == "tuned/base"
+    # A joined base row agrees with one measured whole, up to the order of the sums.
+    assert _same_row({"ndcg@10": 0.1 + 0.2, "queries": 3}, {"ndcg@10": 0.3, "queries": 3})
+    assert not _same_row({"ndcg@10": 0.3001, "queries": 3}, {"ndcg@10": 0.3, "queries": 3})
+
+
+def test_a_cross_fitted_variant_never_grades_a_query_its_model_trained_on(
+    tmp_path, model_store, monkeypatch
+):
+    from bench import quality
+    from ml_core.registry import ModelRegistry
+    from tests.test_pipeline import DEMO, TINY_RECIPE
+
+    data = tmp_path / "data" / "cranfield"
+    (data / "qrels").mkdir(parents=True)
+    corpus_lines = (DEMO / "corpus.jsonl").read_text().splitlines()[:60]
+    (data / "corpus.jsonl").write_text("\n".join(corpus_lines) + "\n")
+    ids = [json.loads(line)["_id"] for line in corpus_lines[:8]]
+    topics = ["wing flutter", "heat transfer", "shock wave", "boundary layer", "flat plate",
+              "supersonic cone", "laminar flow", "turbulent jet"]
+    (data / "queries.jsonl").write_text("".join(
+        json.dumps({"_id": f"q{i}", "text": t}) + "\n" for i, t in enumerate(topics)))
+    (data / "qrels" / "test.tsv").write_text(
+        "".join(f"q{i}\t{d}\t1\n" for i, d in enumerate(ids)))
+    monkeypatch.setattr(quality, "DATASETS_ROOT", tmp_path / "data")
+    recipe = {**TINY_RECIPE, "training": {k: v for k, v in TINY_RECIPE["training"].items()
+                                          if k not in ("list_size", "max_epochs")},
+              "candidates": {k: v for k, v in TINY_RECIPE["candidates"].items() if k != "top_k"}}
+    result = quality.run_dataset("cranfield", "default", ["supplied-e8"], tmp_path / "work",
+                                 ModelRegistry(model_store), recipe)
+    work = tmp_path / "work" / "cranfield" / "supplied-e8"
+    graded = []
+    for f in (0, 1):
+        inputs = work / f"fold{f}" / "inputs"
+        trained = {json.loads(x)["_id"] for x in (inputs / "train.jsonl").open()}
+        report = json.loads((work / f"fold{f}" / "evaluate" / "report.json").read_text())
+        assert trained and not trained & set(report["per_query"])
+        assert report["judgements"] == "customer"
+        graded += list(report["per_query"])
+    assert sorted(graded) == [f"q{i}" for i in range(8)]
+    rows = result["rows"]
+    assert set(rows["supplied-e8"]["per_query"]) == set(rows["base"]["per_query"]) == set(
+        f"q{i}" for i in range(8))
+    assert rows["supplied-e8"]["significance"]["queries"] == 8
+    assert rows["supplied-e8"]["filter"]["generated"] == 8  # each fold's 4 training queries
+    assert set(result["seconds"]["supplied-e8"]) == {
+        "prepare", "generate", "filter", "distill", "evaluate"}
