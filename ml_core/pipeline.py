@@ -587,11 +587,13 @@ def _evaluate(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, A
         queries = [q for q in held_out if q.id in kept]
         check_queries = held_out
     if not queries:
-        raise StageError(
-            "no evaluation queries: every judged query was also a training query"
-            if excluded else
-            "no evaluation queries: supply judgements or a larger passage sample"
-        )
+        if excluded:
+            reason = "every judged query was also a training query"
+        elif not cfg.generation.synthetic:
+            reason = "a job without synthetic queries (generation.synthetic off) needs judgements"
+        else:
+            reason = "supply judgements or a larger passage sample"
+        raise StageError(f"no evaluation queries: {reason}")
 
     history = json.loads((ctx.stage_dir("distill") / "history.json").read_text())
     # Training that never beat the base on dev loss exports the base's own weights (no

@@ -560,6 +560,8 @@ def test_without_synthetic_queries_a_job_trains_on_the_supplied_ones_alone(
     assert not run_stage("distill", ctx).skipped
     counts = json.loads((workdir / "distill" / "manifest.json").read_text())["counts"]
     assert counts["train_queries"] >= 1
+    with pytest.raises(StageError, match="without synthetic queries .* needs judgements"):
+        run_stage("evaluate", ctx)
 
 
 def test_a_bad_supplied_queries_line_is_named(finished_run: StageContext, tmp_path: Path) -> None:
