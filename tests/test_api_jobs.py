@@ -334,3 +334,18 @@ def test_a_job_whose_task_cannot_be_queued_fails_saying_why(
     # The same shape as a failure the worker records: error, detail, stage.
     assert set(job["error"]) == {"error", "detail", "stage"}
     assert (job["error"]["error"], job["error"]["stage"]) == ("enqueue_failed", "prepare")
+
+
+def test_a_catalogued_model_not_installed_here_is_named_with_who_can_install_it(
+    sqlite_api: Api,
+) -> None:
+    caller = sqlite_api.tenant()
+    corpus = caller.corpus()
+    response = caller.post("/v1/jobs", json=job_body(corpus["id"], generator="gemma3-270m"))
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["field"] == "generator"
+    assert "in Tailor's catalogue but not installed here" in body["detail"]
+    assert "python -m ml_core provision gemma3-270m" in body["detail"]
+    unknown = caller.post("/v1/jobs", json=job_body(corpus["id"], generator="no-such-model"))
+    assert "catalogue" not in unknown.json()["detail"]

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from app.errors import InvalidRecipe, UnknownModel
 from app.jobs.schemas import JobCreate
 from ml_core.config import RecipeConfig, build_config
-from ml_core.registry import ModelRegistry
+from ml_core.registry import DEFAULT_MODELS, ModelRegistry
 
 # Settings that decide where the worker sends data and which credentials it uses: the operator
 # chooses them, never a tenant (a tenant-set endpoint could receive the operator's API key).
@@ -96,8 +96,13 @@ def check_models(recipe: RecipeConfig, registry: ModelRegistry) -> None:
         try:
             spec = registry.get(name)
         except KeyError:
+            # A catalogued model this deployment has not installed: say so, and who can fix it.
+            hint = (f"; {name!r} is in Tailor's catalogue but not installed here (an operator "
+                    f"installs it with `python -m ml_core provision {name}`)"
+                    if name in DEFAULT_MODELS else "")
             raise UnknownModel(
-                f"{field}: unknown model {name!r}; available: {', '.join(available) or 'none'}",
+                f"{field}: unknown model {name!r}; available: {', '.join(available) or 'none'}"
+                f"{hint}",
                 field=field,
                 available=available,
             ) from None
