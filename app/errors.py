@@ -99,6 +99,10 @@ class InvalidEvalSet(InvalidRequest):
     code = "invalid_eval_set"
 
 
+class InvalidQuerySet(InvalidRequest):
+    code = "invalid_query_set"
+
+
 class InvalidRecipe(InvalidRequest):
     code = "invalid_recipe"
 

@@ -17,6 +17,7 @@ from app.eval_sets.router import router as eval_sets_router
 from app.health.router import router as health_router
 from app.jobs.router import router as jobs_router
 from app.models.router import router as models_router
+from app.query_sets.router import router as query_sets_router
 from app.settings import Settings, get_settings
 from app.storage import object_store_from_url
 
@@ -66,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         health_router,
         corpora_router,
         eval_sets_router,
+        query_sets_router,
         jobs_router,
         models_router,
         embeddings_router,

@@ -7,6 +7,7 @@ visibility timeout is a few seconds so a killed worker's task comes back quickly
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,6 +92,36 @@ def test_full_loop_through_http(stack: ServiceStack, corpus: Path, tmp_path: Pat
     assert finished == list(STAGES)
     assert timeline[-1]["kind"] == "status" and timeline[-1]["data"]["status"] == "succeeded"
     assert any(e["kind"] == "progress" for e in timeline)
+
+
+def test_a_job_trains_on_a_query_set_and_grades_none_of_its_queries(
+    stack: ServiceStack, corpus: Path, corpus_id: str
+) -> None:
+    """The customer's own queries reach the worker through the object store: generate adds
+    them, and a judged query that is one of them is left out of the evaluation."""
+
+    documents = [json.loads(line) for line in corpus.open()][:6]
+    texts = [" ".join(d["text"].split()[:6]) for d in documents]
+    log = "".join(json.dumps({"_id": f"l{i}", "text": t}) + "\n" for i, t in enumerate(texts))
+    judged = "".join(json.dumps({"_id": f"q{i}", "text": t}) + "\n"
+                     for i, t in enumerate([texts[0], "a question nobody logged"]))
+    qrels = "".join(f"q{i}\t{documents[i]['_id']}\t1\n" for i in range(2))
+    with stack.client() as client:
+        query_set = client.post("/v1/query-sets", data={"corpus_id": corpus_id},
+                                files={"queries": ("log.jsonl", log.encode())})
+        assert query_set.status_code == 201, query_set.text
+        eval_set = client.post("/v1/eval-sets", data={"corpus_id": corpus_id},
+                               files={"queries": ("q.jsonl", judged.encode()),
+                                      "qrels": ("qrels.tsv", qrels.encode())})
+        assert eval_set.status_code == 201, eval_set.text
+        job = create_job(client, corpus_id, query_set_id=query_set.json()["id"],
+                         eval_set_id=eval_set.json()["id"])
+        done = wait_for_job(client, job["id"], lambda j: j["status"] == "succeeded", 240, stack)
+        generated = done["metrics"]["stages"]["generate"]["counts"]
+        assert generated["per_type"]["supplied"] == 6
+        report = client.get(f"/v1/jobs/{job['id']}/report").json()
+        assert report["excluded_trained_queries"] == 1
+        assert set(report["per_query"]) == {"q1"}
 
 
 def test_cancel_of_a_running_job(stack: ServiceStack, corpus_id: str) -> None:

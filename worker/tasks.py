@@ -42,6 +42,7 @@ from app.db.models import (
     Job,
     JobEvent,
     JobStatus,
+    QuerySet,
     Recommendation,
     TunedModel,
 )
@@ -103,6 +104,7 @@ class JobInputs:
     corpus_key: str
     eval_queries_key: str | None
     eval_qrels_key: str | None
+    train_queries_key: str | None = None
 
 
 def stage_offset(stage: str) -> float:
@@ -368,6 +370,7 @@ def _claim(
         )
         corpus = session.get(Corpus, job.corpus_id)
         eval_set = session.get(EvalSet, job.eval_set_id) if job.eval_set_id else None
+        query_set = session.get(QuerySet, job.query_set_id) if job.query_set_id else None
         if corpus is None:
             raise StageError(f"corpus {job.corpus_id} of job {job_id} no longer exists")
         return JobInputs(
@@ -378,6 +381,7 @@ def _claim(
             corpus_key=corpus.object_key,
             eval_queries_key=eval_set.queries_key if eval_set else None,
             eval_qrels_key=eval_set.qrels_key if eval_set else None,
+            train_queries_key=query_set.queries_key if query_set else None,
         )
 
 
@@ -803,9 +807,15 @@ class StageRun:
     def _context(self) -> StageContext:
         inputs_dir = self.workdir / "inputs"
         corpus_path = inputs_dir / Path(self.inputs.corpus_key).name
-        # Only prepare reads (and fingerprints) the corpus, only evaluate the judgements.
+        # Only prepare reads (and fingerprints) the corpus, only generate the customer's own
+        # training queries, only evaluate the judgements.
         if self.stage == "prepare":
             fetch_input(self.store, self.inputs.corpus_key, corpus_path)
+        train_queries = None
+        if self.inputs.train_queries_key:
+            train_queries = inputs_dir / "train" / Path(self.inputs.train_queries_key).name
+            if self.stage == "generate":
+                fetch_input(self.store, self.inputs.train_queries_key, train_queries)
         eval_queries = eval_qrels = None
         if self.inputs.eval_queries_key and self.inputs.eval_qrels_key:
             eval_queries = inputs_dir / "eval" / Path(self.inputs.eval_queries_key).name
@@ -820,6 +830,7 @@ class StageRun:
             registry=ModelRegistry(Path(self.settings.model_store)),
             eval_queries=eval_queries,
             eval_qrels=eval_qrels,
+            train_queries=train_queries,
             progress=ProgressReporter(
                 self.job_id, self.stage, self.settings.progress_interval_s, self.owner
             ),

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
 from app.db.models import ACTIVE_JOB_STATUSES, Corpus, Job, Tenant
+from app.db.pages import newest_first
 from app.deps import Page
 from app.errors import InvalidCorpus, NotFound, ResourceInUse
 from app.ids import new_id
@@ -71,15 +72,7 @@ def get_corpus(session: Session, tenant: Tenant, corpus_id: str, *, lock: bool =
 def list_corpora(session: Session, tenant: Tenant, page: Page) -> tuple[list[Corpus], int]:
     """A page of the tenant's live corpora, newest first, and their total."""
     live = (Corpus.tenant_id == tenant.id, Corpus.deleted_at.is_(None))
-    count = session.scalar(select(func.count()).select_from(Corpus).where(*live)) or 0
-    rows = session.scalars(
-        select(Corpus)
-        .where(*live)
-        .order_by(Corpus.created_at.desc(), Corpus.id.desc())
-        .offset(page.offset)
-        .limit(page.limit)
-    )
-    return list(rows), count
+    return newest_first(session, Corpus, page, *live)
 
 
 def delete_corpus(session: Session, tenant: Tenant, corpus_id: str) -> Corpus:

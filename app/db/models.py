@@ -138,6 +138,26 @@ class EvalSet(Base):
     corpus: Mapped[Corpus] = relationship()
 
 
+class QuerySet(Base):
+    """A customer's own queries without judgements (e.g. a search log) for one corpus: jobs
+    train on them beside the synthetic queries."""
+
+    __tablename__ = "query_sets"
+    __table_args__ = (Index("ix_query_sets_tenant_created", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    corpus_id: Mapped[str] = mapped_column(ForeignKey("corpora.id"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    queries_key: Mapped[str] = mapped_column(String(512))
+    # Distinct queries (repeats of one text, case and spacing aside, count once).
+    queries: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    tenant: Mapped[Tenant] = relationship()
+    corpus: Mapped[Corpus] = relationship()
+
+
 class Job(Base):
     """One specialization run: the request, its resolved recipe and its progress."""
 
@@ -151,6 +171,7 @@ class Job(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     corpus_id: Mapped[str] = mapped_column(ForeignKey("corpora.id"), index=True)
     eval_set_id: Mapped[str | None] = mapped_column(ForeignKey("eval_sets.id"), default=None)
+    query_set_id: Mapped[str | None] = mapped_column(ForeignKey("query_sets.id"), default=None)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)
     # sha256 of the canonical request body: a retried Idempotency-Key must carry the same body.
     request_hash: Mapped[str | None] = mapped_column(String(64), default=None)
@@ -185,6 +206,7 @@ class Job(Base):
     tenant: Mapped[Tenant] = relationship()
     corpus: Mapped[Corpus] = relationship()
     eval_set: Mapped[EvalSet | None] = relationship()
+    query_set: Mapped[QuerySet | None] = relationship()
 
 
 class JobEvent(Base):

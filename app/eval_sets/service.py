@@ -5,11 +5,12 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.corpora.service import get_corpus
 from app.db.models import Corpus, EvalSet, Tenant
+from app.db.pages import newest_first
 from app.deps import Page
 from app.errors import InvalidEvalSet, NotFound
 from app.ids import new_id
@@ -111,13 +112,4 @@ def get_eval_set(session: Session, tenant: Tenant, eval_set_id: str) -> EvalSet:
 
 def list_eval_sets(session: Session, tenant: Tenant, page: Page) -> tuple[list[EvalSet], int]:
     """A page of the tenant's eval sets, newest first, and their total."""
-    mine = EvalSet.tenant_id == tenant.id
-    count = session.scalar(select(func.count()).select_from(EvalSet).where(mine)) or 0
-    rows = session.scalars(
-        select(EvalSet)
-        .where(mine)
-        .order_by(EvalSet.created_at.desc(), EvalSet.id.desc())
-        .offset(page.offset)
-        .limit(page.limit)
-    )
-    return list(rows), count
+    return newest_first(session, EvalSet, page, EvalSet.tenant_id == tenant.id)

@@ -38,6 +38,11 @@ class JobCreate(BaseModel):
         default=None, description="Judge with the tenant's own eval set instead of held-out "
         "synthetic queries."
     )
+    query_set_id: str | None = Field(
+        default=None, description="Also train on the tenant's own queries of this query set "
+        "(unjudged, e.g. a search log; the teacher's first choice is each one's positive). A "
+        "judged query of the eval set that is also in it is left out of the evaluation."
+    )
 
 
 class JobRead(ReadSchema):
@@ -46,6 +51,7 @@ class JobRead(ReadSchema):
     id: str = Field(examples=["job_5d1c0e9a2b7f4c6d8e0a1b2c"])
     corpus_id: str
     eval_set_id: str | None
+    query_set_id: str | None
     status: JobStatus
     stage: str | None = Field(description="The stage running or last run.")
     progress: float = Field(ge=0.0, le=1.0, description="Overall progress, 0..1.")

@@ -14,12 +14,14 @@ from sqlalchemy.orm import Session
 from app.corpora.service import get_corpus
 from app.db.base import utcnow
 from app.db.models import EventKind, Job, JobEvent, JobStatus, Tenant
+from app.db.pages import newest_first
 from app.deps import Page
 from app.errors import IdempotencyConflict, InvalidRequest, InvalidState, NotFound
 from app.eval_sets.service import get_eval_set
 from app.ids import new_id
 from app.jobs.recipe import check_models, resolve_recipe
 from app.jobs.schemas import JobCreate
+from app.query_sets.service import get_query_set
 from app.storage import ObjectNotFound, ObjectStore
 from ml_core.registry import ModelRegistry
 
@@ -79,13 +81,32 @@ def create_job(
                 f"eval set {eval_set.id} judges corpus {eval_set.corpus_id}, not {corpus.id}",
                 field="eval_set_id",
             )
+    if request.query_set_id is not None:
+        query_set = get_query_set(session, tenant, request.query_set_id)
+        if query_set.corpus_id != corpus.id:
+            raise InvalidRequest(
+                f"query set {query_set.id} holds queries for corpus {query_set.corpus_id}, "
+                f"not {corpus.id}",
+                field="query_set_id",
+            )
     recipe = resolve_recipe(request)
     check_models(recipe, registry)
+    if not recipe.generation.synthetic:
+        # Without synthetic queries a job has only the customer's to train on, and none held
+        # out to judge by.
+        for field, given in (("query_set_id", request.query_set_id),
+                             ("eval_set_id", request.eval_set_id)):
+            if given is None:
+                raise InvalidRequest(
+                    f"hyperparameters.generation.synthetic is off: the job needs {field}",
+                    field=field,
+                )
     job = Job(
         id=new_id("job"),
         tenant_id=tenant.id,
         corpus_id=corpus.id,
         eval_set_id=request.eval_set_id,
+        query_set_id=request.query_set_id,
         idempotency_key=idempotency_key,
         request_hash=digest,
         spec=request.model_dump(mode="json"),
@@ -131,16 +152,7 @@ def get_job(session: Session, tenant: Tenant, job_id: str) -> Job:
 
 def list_jobs(session: Session, tenant: Tenant, page: Page) -> tuple[list[Job], int]:
     """A page of the tenant's jobs, newest first, and their total."""
-    mine = Job.tenant_id == tenant.id
-    count = session.scalar(select(func.count()).select_from(Job).where(mine)) or 0
-    rows = session.scalars(
-        select(Job)
-        .where(mine)
-        .order_by(Job.created_at.desc(), Job.id.desc())
-        .offset(page.offset)
-        .limit(page.limit)
-    )
-    return list(rows), count
+    return newest_first(session, Job, page, Job.tenant_id == tenant.id)
 
 
 def list_events(

@@ -1,0 +1,1 @@
+"""Query sets: a customer's own queries without judgements, for training."""
