@@ -157,7 +157,7 @@ def test_the_more_data_variant_is_sharp_merged_on_a_larger_passage_sample():
     assert _training_run_hash(larger) == _training_run_hash(as_trained)
     assert as_trained.training.base_merge == 0.0 < larger.training.base_merge
     assert all("generation" not in VARIANTS[v] for v in VARIANTS
-               if not v.startswith("p240") and v not in ("l16-six", "l16-titles"))
+               if not v.startswith("p240") and v not in ("l16-six", "l16-titles", "supplied-e8"))
 
 
 def test_the_six_types_variant_changes_only_the_query_types():
@@ -487,6 +487,20 @@ def test_joined_folds_weigh_each_fold_by_its_queries_and_pair_every_query():
     # A joined base row agrees with one measured whole, up to the order of the sums.
     assert _same_row({"ndcg@10": 0.1 + 0.2, "queries": 3}, {"ndcg@10": 0.3, "queries": 3})
     assert not _same_row({"ndcg@10": 0.3001, "queries": 3}, {"ndcg@10": 0.3, "queries": 3})
+
+
+def test_the_cross_fitted_variants_are_the_default_on_other_queries():
+    """supplied-e8 is the default (l16-e8) without synthetic queries, mixed-e8 the default
+    itself: what differs is only the training queries the bench hands them (CROSS_FIT)."""
+    from bench.quality import CROSS_FIT, _config
+
+    default, supplied, mixed = (_config("default", v, {})
+                                for v in ("l16-e8", "supplied-e8", "mixed-e8"))
+    assert mixed == default
+    assert supplied.generation.synthetic is False and default.generation.synthetic is True
+    assert supplied.model_dump(exclude={"generation": {"synthetic"}}) == default.model_dump(
+        exclude={"generation": {"synthetic"}})
+    assert set(CROSS_FIT) == {"supplied-e8", "mixed-e8"}
 
 
 def test_a_cross_fitted_variant_never_grades_a_query_its_model_trained_on(
