@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
 from app.db.models import ACTIVE_JOB_STATUSES, Corpus, Job, Tenant
-from app.db.pages import newest_first
+from app.db.tenant_rows import newest_first
 from app.deps import Page
 from app.errors import InvalidCorpus, NotFound, ResourceInUse
 from app.ids import new_id

@@ -5,14 +5,13 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.corpora.service import get_corpus
 from app.db.models import Corpus, EvalSet, Tenant
-from app.db.pages import newest_first
+from app.db.tenant_rows import newest_first, owned
 from app.deps import Page
-from app.errors import InvalidEvalSet, NotFound
+from app.errors import InvalidEvalSet
 from app.ids import new_id
 from app.storage import ObjectStore, stored_until_committed
 from app.uploads import SpooledFile
@@ -102,12 +101,7 @@ def create_eval_set(
 
 def get_eval_set(session: Session, tenant: Tenant, eval_set_id: str) -> EvalSet:
     """The tenant's eval set `eval_set_id` (404 otherwise)."""
-    eval_set = session.scalar(
-        select(EvalSet).where(EvalSet.id == eval_set_id, EvalSet.tenant_id == tenant.id)
-    )
-    if eval_set is None:
-        raise NotFound(f"eval set {eval_set_id} not found", resource="eval_set", id=eval_set_id)
-    return eval_set
+    return owned(session, EvalSet, tenant.id, eval_set_id, "eval_set")
 
 
 def list_eval_sets(session: Session, tenant: Tenant, page: Page) -> tuple[list[EvalSet], int]:

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from app.corpora.service import get_corpus
 from app.db.base import utcnow
 from app.db.models import EventKind, Job, JobEvent, JobStatus, Tenant
-from app.db.pages import newest_first
+from app.db.tenant_rows import newest_first, owned
 from app.deps import Page
 from app.errors import IdempotencyConflict, InvalidRequest, InvalidState, NotFound
 from app.eval_sets.service import get_eval_set
@@ -144,10 +144,7 @@ def mark_enqueue_failed(session: Session, job: Job, error: Exception) -> None:
 
 def get_job(session: Session, tenant: Tenant, job_id: str) -> Job:
     """The tenant's job `job_id` (404 otherwise)."""
-    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant.id))
-    if job is None:
-        raise NotFound(f"job {job_id} not found", resource="job", id=job_id)
-    return job
+    return owned(session, Job, tenant.id, job_id, "job")
 
 
 def list_jobs(session: Session, tenant: Tenant, page: Page) -> tuple[list[Job], int]:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.corpora.service import get_corpus
 from app.db.models import QuerySet, Tenant
-from app.db.pages import newest_first
+from app.db.tenant_rows import newest_first, owned
 from app.deps import Page
-from app.errors import InvalidQuerySet, NotFound
+from app.errors import InvalidQuerySet
 from app.ids import new_id
 from app.storage import ObjectStore, stored_until_committed
 from app.uploads import SpooledFile
@@ -54,13 +53,7 @@ def create_query_set(
 
 def get_query_set(session: Session, tenant: Tenant, query_set_id: str) -> QuerySet:
     """The tenant's query set `query_set_id` (404 otherwise)."""
-    query_set = session.scalar(
-        select(QuerySet).where(QuerySet.id == query_set_id, QuerySet.tenant_id == tenant.id)
-    )
-    if query_set is None:
-        raise NotFound(f"query set {query_set_id} not found", resource="query_set",
-                       id=query_set_id)
-    return query_set
+    return owned(session, QuerySet, tenant.id, query_set_id, "query_set")
 
 
 def list_query_sets(session: Session, tenant: Tenant, page: Page) -> tuple[list[QuerySet], int]:

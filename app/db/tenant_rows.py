@@ -1,4 +1,5 @@
-"""A page of a tenant's rows, newest first: the one listing every collection route uses."""
+"""A tenant's rows: one of them by id (404 for anyone else's), and a page of them newest first,
+as every resource route reads them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from app.deps import Page
+from app.errors import NotFound
 
 Row = TypeVar("Row")
 
@@ -27,3 +29,14 @@ def newest_first(
         .limit(page.limit)
     )
     return list(rows), count
+
+
+def owned(session: Session, model: type[Row], tenant_id: str, row_id: str, resource: str) -> Row:
+    """The tenant's row `row_id` of `model` (NotFound naming `resource`, e.g. "eval_set",
+    otherwise: another tenant's row is as absent as a missing one)."""
+    table: Any = model
+    row = session.scalar(select(model).where(table.id == row_id, table.tenant_id == tenant_id))
+    if row is None:
+        raise NotFound(f"{resource.replace('_', ' ')} {row_id} not found", resource=resource,
+                       id=row_id)
+    return row
