@@ -97,7 +97,7 @@ from ml_core.__main__ import default_model_store
 from ml_core.config import RecipeConfig, build_config
 from ml_core.evaluation import paired_difference
 from ml_core.pipeline import StageContext, run_stage, section_hash
-from ml_core.records import no_progress
+from ml_core.records import no_progress, write_jsonl
 from ml_core.registry import ModelRegistry
 from ml_core.report import format_p, format_significance
 from ml_core.training import training_run_settings
@@ -462,8 +462,7 @@ def run_cross_fit(
         inputs.mkdir(parents=True, exist_ok=True)
         for file, chosen in (("train.jsonl", [q for q in texts if q.id not in inside]),
                              ("eval.jsonl", [q for q in texts if q.id in inside])):
-            (inputs / file).write_text("".join(
-                json.dumps({"_id": q.id, "text": q.text}) + "\n" for q in chosen))
+            write_jsonl(inputs / file, ({"_id": q.id, "text": q.text} for q in chosen))
         ctx = StageContext(folder, corpus, config, registry, inputs / "eval.jsonl", qrels,
                            no_progress, train_queries=inputs / "train.jsonl")
         fold_times: dict[str, float] = {}
