@@ -250,7 +250,12 @@ def test_the_helped_variants_differ_from_the_default_only_in_the_helper_retrieve
     assert _training_run_hash(default_raw) == _training_run_hash(default)
     assert _training_run_hash(helped_raw) == _training_run_hash(helped_merged)
     assert [v for v in VARIANTS if _config("default", v, {}).candidates.helpers] == [
-        "l16-helped", "helped"]
+        "l16-helped", "helped", "helped-e8"]
+    # helped-e8 is the default recipe today (l16-e8) plus the helper, and nothing else.
+    default_now, helped_now = (_config("default", v, {}) for v in ("l16-e8", "helped-e8"))
+    assert helped_now.candidates.helpers == ["bge-small"]
+    assert helped_now.model_dump(exclude={"candidates": {"helpers"}}) == default_now.model_dump(
+        exclude={"candidates": {"helpers"}})
 
 
 def test_set_overrides_reach_sections_and_the_seed():
