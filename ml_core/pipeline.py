@@ -537,6 +537,7 @@ def _distill(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, An
         "precision": result.precision,
         "stopped_early": result.stopped_early,
         "base_merge": share,
+        "dev_queries": len(dev_lists),
         "epochs": result.history,
     }
     (out / "history.json").write_text(json.dumps(history, indent=2))
@@ -628,7 +629,7 @@ def _evaluate(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, A
         seed=cfg.seed,
     )
     report = build_report(base_metrics, tuned_metrics, check, cfg.evaluation, judgements,
-                          base_kept=base_kept)
+                          base_kept=base_kept, dev_queries=history.get("dev_queries"))
     report["models"] = {"student": cfg.student, "teacher": cfg.teacher, "generator": cfg.generator}
     report["encode_precision"] = precision
     if excluded:

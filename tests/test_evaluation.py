@@ -221,6 +221,28 @@ def test_report_says_when_training_kept_the_base_model() -> None:
     assert any("within noise" in w for w in trained["warnings"])
 
 
+def test_report_says_when_the_base_was_kept_on_too_few_dev_queries() -> None:
+    """A dev loss over 8 queries cannot tell a better model from noise: the customer is told why
+    the base was kept and what to give the job; a large dev split or a trained model gets no
+    such warning."""
+    check = {"method": "judged_rerank", "queries": 50, "teacher": 0.6, "student": 0.4}
+    base = {**_metrics(0.40), "per_query": {"a": 0.5, "b": 0.3}}
+    tuned = {**_metrics(0.43), "per_query": {"a": 0.55, "b": 0.31}}
+    cfg = EvaluationConfig(min_gain=0.0)
+
+    small = build_report(base, dict(base), check, cfg, "customer", base_kept=True, dev_queries=8)
+    dev_warnings = [w for w in small["warnings"] if "dev queries" in w]
+    assert len(dev_warnings) == 1
+    assert "only 8 dev queries" in dev_warnings[0]
+    assert "generation.passages" in dev_warnings[0] and "training.dev_fraction" in dev_warnings[0]
+    for report in (
+        build_report(base, dict(base), check, cfg, "customer", base_kept=True, dev_queries=30),
+        build_report(base, dict(base), check, cfg, "customer", base_kept=True),
+        build_report(base, tuned, check, cfg, "customer", dev_queries=8),
+    ):
+        assert not any("dev queries" in w for w in report["warnings"])
+
+
 def test_paired_difference_matches_the_exact_randomization_test() -> None:
     # Three queries each better by 1: of the 8 equally likely sign patterns, 2 (all kept, all
     # flipped) are as extreme as the observed mean, so the exact two-sided p is 0.25.
