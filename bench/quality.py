@@ -280,7 +280,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # orders the judged queries' lists better than the default's (+0.0106 Cranfield, +0.0143
     # SciFact dev; bench.teacher_signal), but l16-helped (4 epochs) stopped with its dev loss
     # still falling and trained no better student: does the longer training carry the finer
-    # target?
+    # target? Measured (stop 31) against l16-e8: Cranfield -0.0004, SciFact dev -0.0016: fails
+    # its rule.
     "helped-e8": {"training": _listwise(MERGE_SHARE, **_T_SHARP, list_size=16, max_epochs=8),
                   "candidates": _HELPED16},
 }
