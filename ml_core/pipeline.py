@@ -537,7 +537,6 @@ def _distill(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, An
         "precision": result.precision,
         "stopped_early": result.stopped_early,
         "base_merge": share,
-        "dev_queries": len(dev_lists),
         "epochs": result.history,
     }
     (out / "history.json").write_text(json.dumps(history, indent=2))
@@ -628,8 +627,9 @@ def _evaluate(ctx: StageContext, out: Path) -> tuple[dict[str, Any], dict[str, A
         max_queries=cfg.evaluation.teacher_check_queries,
         seed=cfg.seed,
     )
+    distill_counts = (read_manifest(ctx.stage_dir("distill")) or {}).get("counts", {})
     report = build_report(base_metrics, tuned_metrics, check, cfg.evaluation, judgements,
-                          base_kept=base_kept, dev_queries=history.get("dev_queries"))
+                          base_kept=base_kept, dev_queries=distill_counts.get("dev_queries"))
     report["models"] = {"student": cfg.student, "teacher": cfg.teacher, "generator": cfg.generator}
     report["encode_precision"] = precision
     if excluded:
