@@ -8,6 +8,9 @@ from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI
 
+from app.api_docs import document_common_responses
+from app.api_keys.router import router as api_keys_router
+from app.auth import limiter_for
 from app.corpora.router import router as corpora_router
 from app.db.session import make_engine, make_session_factory
 from app.embeddings.router import router as embeddings_router
@@ -16,8 +19,10 @@ from app.errors import install_error_handlers
 from app.eval_sets.router import router as eval_sets_router
 from app.health.router import router as health_router
 from app.jobs.router import router as jobs_router
+from app.logs import configure_logging
 from app.models.router import router as models_router
 from app.query_sets.router import router as query_sets_router
+from app.request_context import RequestContextMiddleware
 from app.settings import Settings, get_settings
 from app.storage import object_store_from_url
 
@@ -28,7 +33,10 @@ specialized embedding model; then embed with it (also through an OpenAI-compatib
 or download it as a sentence-transformers folder.
 
 Every route except the health probes needs `Authorization: Bearer <api key>`. Errors share one
-shape: `{"error": code, "detail": message, ...context}`.
+shape: `{"error": code, "detail": message, "request_id": id, ...context}`. Every response carries
+`X-Request-ID` (yours when you send a valid one); authenticated responses carry
+`X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset` for the key, and a 429
+says how long to wait in `Retry-After`.
 """
 
 
@@ -42,6 +50,7 @@ def _version() -> str:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """An app wired to `settings` (default: the environment). The schema comes from Alembic."""
     settings = settings or get_settings()
+    configure_logging(settings.log_format, settings.log_level)
     engine = make_engine(settings.database_url)
 
     @asynccontextmanager
@@ -62,7 +71,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.session_factory = make_session_factory(engine)
     app.state.store = object_store_from_url(settings.object_store_url, settings)
     app.state.embedding_models = EmbeddingModels(settings, app.state.store)
+    app.state.limiter = limiter_for(settings)
     install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware)
     for router in (
         health_router,
         corpora_router,
@@ -71,8 +82,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         jobs_router,
         models_router,
         embeddings_router,
+        api_keys_router,
     ):
         app.include_router(router)
+    document_common_responses(app)
     return app
 
 

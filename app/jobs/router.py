@@ -8,23 +8,28 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Response, status
 
 from app.db.models import Job
-from app.deps import CurrentTenant, PageDep, RegistryDep, SessionDep, StoreDep
+from app.deps import CurrentTenant, PageDep, RegistryDep, SessionDep, SettingsDep, StoreDep
 from app.errors import (
     IdempotencyConflict,
     InvalidRecipe,
     InvalidRequest,
     InvalidState,
     NotFound,
+    QuotaExceeded,
     Unauthorized,
     UnknownModel,
     responses,
 )
 from app.jobs import queue, service
 from app.jobs.schemas import JobCreate, JobEventList, JobEventRead, JobList, JobRead, JobReport
+from app.logs import bind
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+# Event ids are 64-bit integers: no larger cursor can match anything.
+MAX_EVENT_ID = 2**63 - 1
 
 IdempotencyKey = Annotated[
     str | None,
@@ -46,7 +51,7 @@ IdempotencyKey = Annotated[
               "Idempotency-Key created."},
         **responses(
             Unauthorized, NotFound, IdempotencyConflict, InvalidRecipe, UnknownModel,
-            InvalidRequest,
+            InvalidRequest, QuotaExceeded,
         ),
     },
 )
@@ -56,10 +61,14 @@ def create_job(
     session: SessionDep,
     tenant: CurrentTenant,
     registry: RegistryDep,
+    settings: SettingsDep,
     idempotency_key: IdempotencyKey = None,
 ) -> Job:
     """Start a specialization job on a corpus; it is queued, then run stage by stage."""
-    job, created = service.create_job(session, tenant, request, registry, idempotency_key)
+    job, created = service.create_job(
+        session, tenant, request, registry, idempotency_key, settings.max_concurrent_jobs
+    )
+    bind(job_id=job.id)
     if not created:
         response.status_code = status.HTTP_200_OK
         return job
@@ -97,7 +106,9 @@ def list_job_events(
     job_id: str,
     session: SessionDep,
     tenant: CurrentTenant,
-    after: Annotated[int | None, Query(ge=0, description="Only events with a larger id.")] = None,
+    after: Annotated[
+        int | None, Query(ge=0, le=MAX_EVENT_ID, description="Only events with a larger id.")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> JobEventList:
     """List a job's events oldest first; poll with `after` = the last id seen."""
