@@ -141,7 +141,9 @@ class EmbeddingModels:
             raise
         except Exception as exc:
             log.exception("could not load model %s", source.cache_key)
-            raise Unavailable(f"model {source.cache_key} could not be loaded: {exc}") from exc
+            # The cause (logged above) can name object keys and paths: none of it is the client's.
+            raise Unavailable(f"model {source.cache_key} could not be loaded; retry later, and "
+                              f"quote the request id if it persists") from exc
 
     def student(self, source: ModelSource) -> Any:
         """The loaded student for `source` (loading it on first use)."""

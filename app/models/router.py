@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from typing import Any
 
 from fastapi import APIRouter, Response, status
-from fastapi.responses import RedirectResponse, StreamingResponse
+from fastapi.responses import FileResponse, RedirectResponse
+from starlette.responses import MalformedRangeHeader
+from starlette.responses import RangeNotSatisfiable as StarletteRangeNotSatisfiable
 
 from app.deps import CurrentTenant, PageDep, RegistryDep, SessionDep, SettingsDep, StoreDep
-from app.errors import InvalidRequest, NotFound, Unauthorized, responses
+from app.errors import InvalidRequest, NotFound, RangeNotSatisfiable, Unauthorized, responses
 from app.models import service
 from app.models.schemas import ModelList, ModelRead
-from app.storage import ObjectStore
+from app.storage import ObjectNotFound
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
-
-CHUNK = 1024 * 1024
 
 
 @router.get("", response_model=ModelList, responses=responses(Unauthorized, InvalidRequest))
@@ -39,24 +39,43 @@ def get_model(
     return service.get_model(session, tenant, registry, model_id)
 
 
-def _stream(store: ObjectStore, key: str) -> Iterator[bytes]:
-    with store.open_stream(key) as stream:
-        while chunk := stream.read(CHUNK):
-            yield chunk
+DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
+        "description": "The sentence-transformers folder as .tar.gz (local object store).",
+    },
+    206: {
+        "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
+        "description": "The bytes a `Range: bytes=...` header asked for (local object store).",
+    },
+    307: {"description": "Redirect to a time-limited S3 URL of the .tar.gz."},
+    **responses(Unauthorized, NotFound, RangeNotSatisfiable, InvalidRequest),
+}
+
+
+class ArchiveResponse(FileResponse):
+    """A file with HEAD and Range from Starlette, its range errors in the API's terms: a
+    malformed Range is ignored (the whole file, as RFC 9110 asks), one past the end is a 416
+    in the one error shape."""
+
+    @classmethod
+    def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
+        try:
+            return super()._parse_range_header(http_range, file_size)
+        except MalformedRangeHeader:
+            return []
+        except StarletteRangeNotSatisfiable:
+            raise RangeNotSatisfiable(
+                f"the archive has {file_size} bytes: the Range asks for bytes past its end",
+                headers={"Content-Range": f"bytes */{file_size}"}, size=file_size,
+            ) from None
 
 
 @router.get(
     "/{model_id}/download",
-    response_class=StreamingResponse,
+    response_class=FileResponse,
     response_model=None,
-    responses={
-        200: {
-            "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
-            "description": "The sentence-transformers folder as .tar.gz (local object store).",
-        },
-        307: {"description": "Redirect to a time-limited S3 URL of the .tar.gz."},
-        **responses(Unauthorized, NotFound, InvalidRequest),
-    },
+    responses=DOWNLOAD_RESPONSES,
 )
 def download_model(
     model_id: str,
@@ -65,7 +84,9 @@ def download_model(
     store: StoreDep,
     settings: SettingsDep,
 ) -> Response:
-    """Download a tuned model as a .tar.gz sentence-transformers folder."""
+    """Download a tuned model as a .tar.gz sentence-transformers folder. The embedded store
+    serves byte ranges (`Range: bytes=0-1023`), so an interrupted download can resume; with S3
+    the redirect's URL does."""
     if not model_id.startswith(service.TUNED_PREFIX):
         raise NotFound(
             f"model {model_id} is a base model: only tuned models can be downloaded",
@@ -75,13 +96,24 @@ def download_model(
     url = store.presigned_url(model.object_key, settings.presigned_url_expires)
     if url is not None:
         return RedirectResponse(url, status_code=status.HTTP_307_TEMPORARY_REDIRECT)
-    if not store.exists(model.object_key):
-        raise NotFound(f"model {model_id} has no archive", resource="model", id=model_id)
-    return StreamingResponse(
-        _stream(store, model.object_key),
-        media_type="application/gzip",
-        headers={
-            "Content-Disposition": f'attachment; filename="{model.id}.tar.gz"',
-            "Content-Length": str(store.size(model.object_key)),
-        },
-    )
+    try:
+        path = store.local_path(model.object_key)
+    except ObjectNotFound:
+        raise NotFound(f"model {model_id} has no archive", resource="model", id=model_id) from None
+    assert path is not None  # a store that cannot sign URLs is a local folder
+    # Starlette answers HEAD, Range (206) and conditional requests from the file.
+    return ArchiveResponse(path, media_type="application/gzip", filename=f"{model.id}.tar.gz")
+
+
+router.add_api_route(
+    "/{model_id}/download",
+    download_model,
+    methods=["HEAD"],
+    name="head_model_download",
+    response_class=FileResponse,
+    response_model=None,
+    responses=DOWNLOAD_RESPONSES,
+    summary="Head Model Download",
+    description="The download's headers without its body: size (`Content-Length`), "
+    "`Accept-Ranges`, `ETag` and `Last-Modified` on the embedded store; the redirect with S3.",
+)
