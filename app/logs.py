@@ -98,6 +98,18 @@ class TextFormatter(logging.Formatter):
         return f"{head} {pairs}{newline}{tail}"
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is when a line is emitted (tools and tests swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def configure_logging(log_format: LogFormat = "json", level: str = "INFO") -> None:
     """Send every log line (uvicorn's and Celery's included) through one stderr handler in
     `log_format`. Idempotent: a second call replaces the first call's handler only."""
@@ -105,7 +117,7 @@ def configure_logging(log_format: LogFormat = "json", level: str = "INFO") -> No
     for handler in list(root.handlers):
         if handler.get_name() == _HANDLER_NAME:
             root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root.addHandler(handler)
