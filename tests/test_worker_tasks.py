@@ -461,3 +461,39 @@ def test_a_stage_stopped_by_a_shutdown_is_swept_up_at_once(service: Path) -> Non
     assert job.lease_owner == lease_owner()  # kept, but lapsed
     assert sweep_lapsed_leases(300) == [job_id]
 
+
+def test_deliberate_errors_fail_the_job_with_their_own_code(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from ml_core.config import RecipeConfig
+    from ml_core.corpus import CorpusError
+    from ml_core.pipeline import StageError
+    from ml_core.registry import ModelRegistry, UnknownModel
+    from worker.tasks import error_code
+
+    with pytest.raises(UnknownModel) as unknown:
+        ModelRegistry(tmp_path).get("no-such-model")
+    assert isinstance(unknown.value, KeyError)  # callers that catch KeyError still do
+    assert str(unknown.value).startswith("unknown model 'no-such-model'")
+    with pytest.raises(ValidationError) as invalid:
+        RecipeConfig.model_validate({"training": {"no_such_knob": 1}})
+    deliberate = [CorpusError("c.jsonl", 3, "text", "empty"), StageError("nothing left"),
+                  unknown.value, invalid.value]
+    assert [error_code(e) for e in deliberate] == [
+        "invalid_corpus", "stage_failed", "unknown_model", "invalid_recipe",
+    ]
+    # A stray KeyError that merely mentions a model is a bug to report as internal.
+    assert error_code(KeyError("model_type")) is None
+    assert error_code(RuntimeError("boom")) is None
+
+
+def test_an_invalid_corpus_fails_the_job_naming_its_line(service: Path) -> None:
+    job_id = _job()
+    corpus = service / "objects" / "corpora" / "crp_1" / "corpus.jsonl"
+    corpus.parent.mkdir(parents=True)
+    corpus.write_text('{"_id": "d1", "text": "a passage"}\n{"_id": "d2"}\n')
+    assert _run(job_id, "prepare") == "failed"
+    job, events = _state(job_id)
+    assert job.error is not None and job.error["error"] == "invalid_corpus"
+    assert "line 2" in job.error["detail"] and "text" in job.error["detail"]
+    assert events[-1].data["exception"] == "CorpusError" and "traceback" not in events[-1].data
