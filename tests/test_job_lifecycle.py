@@ -202,3 +202,26 @@ def test_success_records_the_model_and_warns_when_the_base_stays(database: None)
     with session_scope() as session:
         model = session.get(TunedModel, "mdl_1")
         assert model is not None and model.job_id == job_id
+
+
+@pytest.mark.parametrize(
+    ("modules", "kept_out"),
+    [
+        # Shared by the API and the worker: only the database layer, no ML, no web framework.
+        ("app.jobs.lifecycle", ("fastapi", "starlette", "ml_core", "celery")),
+        # The worker never imports the API's HTTP layer.
+        ("worker.tasks, worker.signals", ("fastapi", "starlette", "app.errors", "app.deps")),
+    ],
+)
+def test_the_lifecycle_and_the_worker_stay_outside_the_http_layer(
+    modules: str, kept_out: tuple[str, ...]
+) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        f"import sys, {modules}; "
+        f"bad = [m for m in {kept_out!r} if m in sys.modules]; "
+        "sys.exit(bool(bad) and print(bad))"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
