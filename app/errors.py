@@ -250,6 +250,16 @@ async def _database_data_error(request: Request, exc: Exception) -> JSONResponse
     return _json(request, {"error": InvalidRequest.code, "detail": detail}, 422)
 
 
+async def _lone_surrogate(request: Request, exc: Exception) -> JSONResponse:
+    # JSON's \ud800 escapes decode to lone surrogates, which no database driver (nor UTF-8) can
+    # encode: any text field of any JSON body can hold one. Other encoding errors are ours.
+    if not isinstance(exc, UnicodeEncodeError) or exc.reason != "surrogates not allowed":
+        raise exc
+    detail = ("a text value in the request holds a lone surrogate (an unpaired \\ud800-\\udfff "
+              "escape), which is not text")
+    return _json(request, {"error": InvalidRequest.code, "detail": detail}, 422)
+
+
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return _json(request, {"error": "internal_error", "detail": "internal server error"}, 500)
@@ -261,4 +271,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(DataError, _database_data_error)
+    app.add_exception_handler(UnicodeEncodeError, _lone_surrogate)
     app.add_exception_handler(Exception, _unhandled)

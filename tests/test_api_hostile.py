@@ -272,6 +272,27 @@ def test_an_unreadable_json_body_is_the_documented_422(
     assert "422" in documented and "400" not in documented
 
 
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("/v1/jobs", b'{"corpus_id": "crp_\\ud800"}'),
+        ("/v1/jobs", b'{"corpus_id": "crp_\\u0000"}'),
+        ("/v1/embed", b'{"model": "mdl_\\udc00", "inputs": ["wing"]}'),
+        ("/v1/embed", b'{"model": "mdl_\\u0000", "inputs": ["wing"]}'),
+    ],
+)
+def test_ids_holding_a_lone_surrogate_or_nul_are_422_on_both_databases(
+    api: Api, route: str, body: bytes
+) -> None:
+    caller = api.tenant()
+    response = caller.post(route, content=body, headers={"Content-Type": "application/json"})
+    if response.status_code == 404:  # SQLite stores and compares NUL like any character
+        assert b"u0000" in body and api.settings.database_url.startswith("sqlite")
+        return
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == "validation_error"
+
+
 def test_eval_and_query_sets_go_with_their_deleted_corpus(api: Api) -> None:
     caller = api.tenant()
     corpus = caller.corpus(3)
