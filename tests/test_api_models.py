@@ -135,7 +135,7 @@ def test_embed_with_base_and_tuned_models(sqlite_api: Api, tuned_archive: Path) 
     "body",
     [
         {"model": "tiny-student", "inputs": []},
-        {"model": "tiny-student", "inputs": ["x"] * 257},
+        {"model": "tiny-student", "inputs": ["x"] * 2049},
         {"model": "tiny-student", "inputs": [""]},
         {"model": "tiny-student", "inputs": ["x" * 16_385]},
         {"model": "tiny-student", "inputs": ["x"], "input_type": "document"},
@@ -181,9 +181,8 @@ def test_openai_shape_base64_and_query_selection(sqlite_api: Api) -> None:
     mismatch = caller.post("/v1/embeddings", json={
         "model": "tiny-student", "input": "x", "dimensions": 8,
     })
-    assert mismatch.status_code == 422 and mismatch.json()["field"] == "dimensions"
-    tokens = caller.post("/v1/embeddings", json={"model": "tiny-student", "input": [1, 2, 3]})
-    assert tokens.status_code == 422
+    assert mismatch.status_code == 422
+    assert mismatch.json()["error"]["param"] == "dimensions"
 
 
 def test_the_model_cache_keeps_the_most_recent_models(sqlite_api: Api, tuned_archive: Path) -> None:
