@@ -98,6 +98,35 @@ def test_download_streams_the_archive_from_a_local_store(
     assert caller.get("/v1/models/tiny-student/download").status_code == 404
 
 
+def test_download_with_an_onnx_export_whose_vectors_match(
+    sqlite_api: Api, tuned_archive: Path, tmp_path: Path
+) -> None:
+    from ml_core.export import onnx_sentence_embeddings
+    from ml_core.student import Student
+
+    caller = sqlite_api.tenant()
+    model_id = _tuned_model(sqlite_api, caller, tuned_archive)
+    response = caller.get(f"/v1/models/{model_id}/download", params={"onnx": "true"})
+    assert response.status_code == 200, response.text
+    assert f'filename="{model_id}-onnx.tar.gz"' in response.headers["content-disposition"]
+    with tarfile.open(fileobj=io.BytesIO(response.content)) as tar:
+        names = tar.getnames()
+        tar.extractall(tmp_path, filter="data")
+    assert {"mdl_archive_root/onnx/model.onnx", "mdl_archive_root/modules.json"} <= set(names)
+    texts = ["boundary layer transition", "supersonic wind tunnel tests"]
+    served = _vectors(caller.post("/v1/embed", json={"model": model_id, "inputs": texts}).json())
+    student = Student.load(tmp_path / "mdl_archive_root")
+    batch = student.tokenizer(student.encoding_texts(texts, "passage"), padding=True,
+                              return_tensors="np")
+    onnx_vectors = onnx_sentence_embeddings(tmp_path / "mdl_archive_root/onnx/model.onnx",
+                                            dict(batch))
+    np.testing.assert_allclose(onnx_vectors, served, atol=1e-5)
+    # Built once, then kept beside the archive.
+    assert f"models/{model_id}/model-onnx.tar.gz" in sqlite_api.stored()
+    again = caller.get(f"/v1/models/{model_id}/download", params={"onnx": "true"})
+    assert again.content == response.content
+
+
 def _vectors(response_json: dict) -> np.ndarray:
     return np.array([row["embedding"] for row in response_json["data"]], dtype=np.float32)
 
