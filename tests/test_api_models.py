@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -222,30 +221,6 @@ def test_the_model_cache_keeps_the_most_recent_models(sqlite_api: Api, tuned_arc
     for name in ("tiny-student", model_id, "tiny-student"):
         assert caller.post("/v1/embed", json={"model": name, "inputs": ["x"]}).status_code == 200
         assert list(models._loaded) == [name if name.startswith("mdl_") else f"base:{name}"]
-
-
-@pytest.fixture
-def served(sqlite_api: Api) -> Iterator[str]:
-    """The same app behind a real uvicorn server on a free port; yields its base URL."""
-    import threading
-    import time
-
-    import uvicorn
-
-    from tests.processes import free_port
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(sqlite_api.app, host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
 
 
 def test_the_official_openai_sdk_works_unchanged(sqlite_api: Api, served: str) -> None:
