@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from app.embeddings.batching import Batcher, Overloaded
-from app.errors import NotFound, Unavailable
+from app.errors import Unavailable
+from app.models.service import get_base_spec
 from ml_core.registry import ModelRegistry, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -25,13 +26,7 @@ CHARS_PER_TOKEN = 4  # an estimate for batching only: the teacher tokenizes the 
 
 def get_teacher_spec(registry: ModelRegistry, name: str) -> ModelSpec:
     """The registry spec of teacher `name` (404 for unknown names and non-teachers)."""
-    try:
-        spec = registry.get(name)
-    except KeyError:
-        spec = None
-    if spec is None or spec.role != "teacher":
-        raise NotFound(f"rerank model {name} not found", resource="model", id=name)
-    return spec
+    return get_base_spec(registry, name, role="teacher")
 
 
 def relevance(teacher: Any, scores: np.ndarray) -> np.ndarray:
