@@ -74,13 +74,10 @@ class ModelSpec(BaseModel):
         return self.model_copy(update={"folder": folder.resolve()})
 
 
-def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, streamed (hashlib.file_digest)."""
     with Path(path).open("rb") as handle:
-        while block := handle.read(chunk_size):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def folder_sha256(folder: Path, skip: Sequence[str] = (SPEC_FILE,)) -> dict[str, str]:
