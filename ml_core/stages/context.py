@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ml_core.config import RecipeConfig
+from ml_core.errors import MLCoreError
 from ml_core.records import Passage, ProgressFn, Query, no_progress, read_jsonl
 from ml_core.registry import ModelRegistry
 
@@ -15,7 +16,7 @@ from ml_core.registry import ModelRegistry
 StageOutput = tuple[dict[str, Any], dict[str, Any]]
 
 
-class StageError(RuntimeError):
+class StageError(MLCoreError, RuntimeError):
     """A stage cannot run: missing upstream output, or inputs that leave nothing to do."""
 
     code = "stage_failed"
