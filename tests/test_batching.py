@@ -72,7 +72,8 @@ def test_a_large_request_does_not_hold_back_small_ones_behind_it() -> None:
     asyncio.run(main())
     batcher.close()
     assert order == ["small", "big"]
-    assert 1 in runner.batches[0]  # the small request rode in the first window
+    # It rode in the first window or, had the encoder started before it was queued, the next.
+    assert 1 in runner.batches[0] + runner.batches[1]
 
 
 def test_a_failing_batch_fails_its_requests_and_the_encoder_goes_on() -> None:
