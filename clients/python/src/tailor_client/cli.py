@@ -33,7 +33,7 @@ from tailor_client.display import (
 from tailor_client.errors import APIConnectionError, APIError, TailorError
 from tailor_client.resources import Collection
 from tailor_client.uploads import ProgressFn
-from tailor_client.watch import follow, follow_or_cancel
+from tailor_client.watch import follow_or_cancel
 
 EXIT_OK, EXIT_ERROR, EXIT_CANCELLED, EXIT_INTERRUPTED = 0, 1, 3, 130
 
@@ -242,6 +242,20 @@ def health(client: Client, args: argparse.Namespace, output: Output) -> int:
 # The parser
 
 
+# `jobs create` options that pass a text through (the job spec's field, or how it is sent).
+JOB_OPTIONS = {
+    "--base-model": "student model to specialize (server default)",
+    "--preset": "recipe preset, e.g. quick or default",
+    "--eval-set": "evaluate on your judgements (evs_...)",
+    "--query-set": "also train on your queries (qrs_...)",
+    "--teacher": "cross-encoder teacher (registry name)",
+    "--generator": "query generator (registry name)",
+    "--query-types": "comma-separated, e.g. questions,keywords",
+    "--hyperparameters": "recipe overrides as JSON, or @FILE",
+    "--idempotency-key": "default: a fresh one per command",
+}
+
+
 def _common() -> argparse.ArgumentParser:
     # SUPPRESS: an option given after the command does not reset one given before it.
     common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
@@ -275,49 +289,46 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=run)
         return sub
 
+    def list_and_get(subs: Any, kind: str, pick: Callable[[Client], Collection[Any]],
+                     noun: str) -> None:
+        _paging(command(subs, "list", _list(kind, pick), f"list {noun}s, newest first"))
+        command(subs, "get", _get(pick), f"read a {noun}").add_argument("id")
+
+    def files_for_corpus(subs: Any, run: Callable[..., int], help: str,
+                         files: dict[str, str]) -> None:
+        create = command(subs, "create", run, help)
+        create.add_argument("--corpus", required=True, help="the corpus (crp_...)")
+        for flag, text in files.items():
+            create.add_argument(flag, required=True, help=text)
+        create.add_argument("--name", help="display name")
+
     corpora = group("corpora", "upload, list, read and delete corpora")
     upload = command(corpora, "upload", corpora_upload, "upload a BEIR corpus (.jsonl or .gz)")
     upload.add_argument("file")
     upload.add_argument("--name", help="display name (default: the file name)")
-    _paging(command(corpora, "list", _list("corpora", lambda c: c.corpora), "list corpora"))
-    command(corpora, "get", _get(lambda c: c.corpora), "read a corpus").add_argument("id")
+    list_and_get(corpora, "corpora", lambda c: c.corpora, "corpus")
     command(corpora, "delete", corpora_delete, "delete a corpus").add_argument("id")
 
     eval_sets = group("eval-sets", "judged queries to evaluate jobs with")
-    create = command(eval_sets, "create", eval_sets_create, "upload judgements for a corpus")
-    create.add_argument("--corpus", required=True, help="the judged corpus (crp_...)")
-    create.add_argument("--queries", required=True, help="BEIR queries.jsonl")
-    create.add_argument("--qrels", required=True, help="BEIR qrels .tsv")
-    create.add_argument("--name")
-    _paging(command(eval_sets, "list", _list("eval-sets", lambda c: c.eval_sets), "list"))
-    command(eval_sets, "get", _get(lambda c: c.eval_sets), "read one").add_argument("id")
+    files_for_corpus(eval_sets, eval_sets_create, "upload judgements for a corpus",
+                     {"--queries": "BEIR queries.jsonl", "--qrels": "BEIR qrels .tsv"})
+    list_and_get(eval_sets, "eval-sets", lambda c: c.eval_sets, "eval set")
 
     query_sets = group("query-sets", "your users' own queries (no judgements) to train on")
-    create = command(query_sets, "create", query_sets_create, "upload queries for a corpus")
-    create.add_argument("--corpus", required=True, help="the corpus they search (crp_...)")
-    create.add_argument("--queries", required=True, help="BEIR queries.jsonl")
-    create.add_argument("--name")
-    _paging(command(query_sets, "list", _list("query-sets", lambda c: c.query_sets), "list"))
-    command(query_sets, "get", _get(lambda c: c.query_sets), "read one").add_argument("id")
+    files_for_corpus(query_sets, query_sets_create, "upload queries for a corpus",
+                     {"--queries": "BEIR queries.jsonl"})
+    list_and_get(query_sets, "query-sets", lambda c: c.query_sets, "query set")
 
     jobs = group("jobs", "start, follow, cancel jobs and read their reports")
     create = command(jobs, "create", jobs_create, "start a job (--wait follows it)")
     create.add_argument("--corpus", required=True, help="corpus id (crp_...)")
-    create.add_argument("--base-model", help="student model to specialize (server default)")
-    create.add_argument("--preset", help="recipe preset, e.g. quick or default")
-    create.add_argument("--eval-set", help="evaluate on your judgements (evs_...)")
-    create.add_argument("--query-set", help="also train on your queries (qrs_...)")
-    create.add_argument("--teacher", help="cross-encoder teacher (registry name)")
-    create.add_argument("--generator", help="query generator (registry name)")
-    create.add_argument("--query-types", help="comma-separated, e.g. questions,keywords")
+    for flag, help in JOB_OPTIONS.items():
+        create.add_argument(flag, help=help)
     create.add_argument("--passages", type=int, help="passages sampled for generation")
     create.add_argument("--loss", choices=["listwise", "infonce"])
-    create.add_argument("--hyperparameters", help="recipe overrides as JSON, or @FILE")
-    create.add_argument("--idempotency-key", help="default: a fresh one per command")
     create.add_argument("--wait", action="store_true", help="follow the job to its end")
     create.add_argument("--poll-interval", type=float, default=1.0, help=argparse.SUPPRESS)
-    _paging(command(jobs, "list", _list("jobs", lambda c: c.jobs), "list jobs"))
-    command(jobs, "get", _get(lambda c: c.jobs), "read a job").add_argument("id")
+    list_and_get(jobs, "jobs", lambda c: c.jobs, "job")
     wait = command(jobs, "wait", jobs_wait, "follow a job to its end with progress bars")
     wait.add_argument("id")
     wait.add_argument("--poll-interval", type=float, default=1.0, help=argparse.SUPPRESS)
@@ -329,8 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     command(jobs, "report", jobs_report, "the evaluation report as tables").add_argument("id")
 
     models = group("models", "base and tuned models")
-    _paging(command(models, "list", _list("models", lambda c: c.models), "list models"))
-    command(models, "get", _get(lambda c: c.models), "read a model").add_argument("id")
+    list_and_get(models, "models", lambda c: c.models, "model")
     download = command(models, "download", models_download,
                        "download a tuned model, unpacked for SentenceTransformer(DIR)")
     download.add_argument("id")
