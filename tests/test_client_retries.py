@@ -172,8 +172,13 @@ def test_an_upload_is_not_sent_again_after_an_error_the_server_may_have_acted_on
     created = {"id": "crp_1", "documents": 1}
     with ScriptedServer([Answer(503, error("unavailable", "try later")),
                          Answer(201, created)]) as server:
-        assert client_for(server).corpora.upload(corpus) == created
+        progress: list[tuple[int, int | None]] = []
+        assert client_for(server).corpora.upload(
+            corpus, on_progress=lambda done, total: progress.append((done, total))
+        ) == created
     assert len(server.seen) == 2
+    size = corpus.stat().st_size
+    assert progress[-1] == (size, size) and {total for _, total in progress} == {size}
     assert server.seen[0].headers["Content-Length"] == server.seen[1].headers["Content-Length"]
 
 

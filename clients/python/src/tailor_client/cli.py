@@ -57,7 +57,7 @@ class Output:
         if self.as_json:
             print(json.dumps(rows, indent=2))
         else:
-            self.out.print(resource_table(kind, rows, total))
+            self.out.print(resource_table(kind, rows, total, self.out.width))
 
     def transfer(self, verb: str) -> _Transfer:
         return _Transfer(self.err, verb)
@@ -71,7 +71,9 @@ class _Transfer:
                                  TransferSpeedColumn(), console=console, transient=True)
         self.task = self.progress.add_task(verb, total=None)
 
-    def __enter__(self) -> ProgressFn:
+    def __enter__(self) -> ProgressFn | None:
+        if not self.progress.console.is_terminal:
+            return None  # a bar that is only erased again is noise in a log
         self.progress.start()
         return lambda done, total: self.progress.update(self.task, completed=done, total=total)
 

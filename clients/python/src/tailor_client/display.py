@@ -19,7 +19,13 @@ STATUS_STYLES = {"succeeded": "green", "failed": "red", "cancelled": "yellow",
                  "cancelling": "yellow", "running": "cyan", "queued": "dim"}
 
 # Column name -> how to show a field of the row; lists print these columns in order.
-Column = tuple[str, Callable[[Mapping[str, Any]], str]]
+Column = tuple[str, Callable[[Mapping[str, Any]], str | Text]]
+# What a narrow terminal leaves out first, in this order; ids are never cut short (people copy
+# them into the next command), so the other columns give way.
+NARROW_DROPS = ("created", "bytes", "licence", "judgements", "base model", "stage", "dim",
+                "corpus", "progress", "kind", "documents", "queries", "recommended", "name")
+ID_COLUMNS = {"id", "corpus", "model"}
+LONG_VALUE = 160
 
 
 def field(name: str) -> Callable[[Mapping[str, Any]], str]:
@@ -35,9 +41,9 @@ def percent(row: Mapping[str, Any]) -> str:
     return f"{100 * float(row.get('progress') or 0):.0f}%"
 
 
-def status(row: Mapping[str, Any]) -> str:
+def status(row: Mapping[str, Any]) -> Text:
     value = str(row.get("status", ""))
-    return f"[{STATUS_STYLES.get(value, '')}]{value}[/]" if value in STATUS_STYLES else value
+    return Text(value, style=STATUS_STYLES.get(value, ""))
 
 
 COLUMNS: dict[str, list[Column]] = {
@@ -58,29 +64,48 @@ COLUMNS: dict[str, list[Column]] = {
 
 
 def resource_table(kind: str, rows: Iterable[Mapping[str, Any]], total: int | None = None,
-                   ) -> Table:
-    """A list of corpora, jobs, ... as a table; `total` adds "n of total" as its caption."""
+                   width: int | None = None) -> Table:
+    """A list of corpora, jobs, ... as a table, fitted to `width` by leaving out the least
+    needed columns; `total` adds "n of total" as its caption."""
     columns = COLUMNS[kind]
-    table = Table(*[name for name, _ in columns], box=None, header_style="bold")
-    shown = 0
-    for row in rows:
-        table.add_row(*[show(row) for _, show in columns])
-        shown += 1
-    if total is not None and total > shown:
-        table.caption = f"{shown} of {total}: --all lists every one"
+    cells = [[Text(v) if isinstance(v, str) else v for v in (show(row) for _, show in columns)]
+             for row in rows]
+    widths = {name: max([len(name), *(row[i].cell_len for row in cells)]) + 2
+              for i, (name, _) in enumerate(columns)}
+    shown = [name for name, _ in columns]
+    for name in NARROW_DROPS:
+        if width is None or sum(widths[n] for n in shown) <= width:
+            break
+        if name in shown:
+            shown.remove(name)
+    table = Table(box=None, header_style="bold")
+    for name in shown:
+        table.add_column(name, no_wrap=name in ID_COLUMNS, min_width=widths[name] - 2
+                         if name in ID_COLUMNS else None)
+    index = [i for i, (name, _) in enumerate(columns) if name in shown]
+    for row in cells:
+        table.add_row(*[row[i] for i in index])
+    if total is not None and total > len(cells):
+        table.caption = f"{len(cells)} of {total}: --all lists every one"
     return table
 
 
 def resource_fields(row: Mapping[str, Any]) -> Table:
-    """One resource as name / value lines (nested values as compact JSON)."""
+    """One resource as name / value lines. Nested values print as compact JSON, cut short
+    when long (a job's metrics and recipe: `--json` prints them, `jobs report` reads them)."""
     import json
 
     table = Table.grid(padding=(0, 2))
-    table.add_column(style="bold")
+    table.add_column(style="bold", no_wrap=True)
     table.add_column()
     for name, value in row.items():
+        if name == "status":
+            table.add_row(name, status(row))
+            continue
         shown = json.dumps(value) if isinstance(value, dict | list) else str(value)
-        table.add_row(name, status(row) if name == "status" else shown)
+        if len(shown) > LONG_VALUE:
+            shown = shown[:LONG_VALUE] + f"... ({len(shown)} characters: --json prints it)"
+        table.add_row(name, Text(shown))
     return table
 
 
@@ -208,14 +233,18 @@ def report_view(report: Report, job_id: str | None = None) -> Group:
                           "were also training queries"))
     warnings = report.get("warnings") or []
     if warnings:
-        parts.append(Text("Warnings:", style="bold yellow"))
-        parts.extend(Text(f"  ! {w}", style="yellow") for w in warnings)
+        listed = Table.grid(padding=(0, 1))
+        listed.add_column(no_wrap=True)
+        listed.add_column(style="yellow")
+        for warning in warnings:
+            listed.add_row(" !", Text(warning))
+        parts.extend([Text("Warnings:", style="bold yellow"), listed])
     return Group(*[p for p in parts if p is not None])
 
 
 def job_summary(job: Job) -> Text:
     """One line when a job ends: how it ended, the model and the headline figures."""
-    text = Text.from_markup(f"job {job['id']} {status(job)}")
+    text = Text.assemble(f"job {job['id']} ", status(job))
     if job["status"] == "succeeded":
         metrics = job.get("metrics") or {}
         base = (metrics.get("base") or {}).get(PRIMARY)
