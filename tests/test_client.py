@@ -205,3 +205,5 @@ def test_ctrl_c_while_waiting_asks_and_cancels_the_job(
     assert process.returncode == 3, err
     assert f"Cancel job {job_id.group(1)}?" in err
     assert client.jobs.get(job_id.group(1))["status"] == "cancelled"
+    # Cancelling again (a retry whose answer was lost) is not an error.
+    assert client.jobs.cancel(job_id.group(1))["status"] == "cancelled"

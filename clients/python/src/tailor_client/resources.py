@@ -10,7 +10,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
-from tailor_client.errors import TailorError
+from tailor_client.errors import ConflictError, TailorError
 from tailor_client.transport import Retry, Transport
 from tailor_client.types import (
     FINISHED_STATUSES,
@@ -184,8 +184,15 @@ class Jobs(Collection[Job]):
         )
 
     def cancel(self, id: str) -> Job:
-        """Ask a job to stop: a queued job stops at once, a running one within seconds."""
-        return self._transport.json("POST", f"{self.path}/{id}/cancel")
+        """Ask a job to stop: a queued job stops at once, a running one within seconds.
+        A job already cancelled is returned as it is (a retry whose first try was answered
+        but lost lands here); one that succeeded or failed raises ConflictError."""
+        try:
+            return self._transport.json("POST", f"{self.path}/{id}/cancel")
+        except ConflictError as exc:
+            if exc.context.get("status") != "cancelled":
+                raise
+        return self.get(id)
 
     def report(self, id: str) -> Report:
         """The evaluation report of a succeeded job (409 `invalid_state` before that)."""

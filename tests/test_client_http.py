@@ -1,12 +1,14 @@
-"""The Python client's HTTP behaviour against a real local HTTP server that answers from a
-script: retries with backoff, Retry-After, one Idempotency-Key across a job's retries, no
-resending of uploads the server may have acted on, errors carrying code and detail, and safe
-unpacking of model archives."""
+"""The Python client on its own: its HTTP behaviour against a real local HTTP server that
+answers from a script (retries with backoff, Retry-After, one Idempotency-Key across a job's
+retries, no resending of uploads the server may have acted on, errors carrying code and
+detail), safe unpacking of model archives, and a package that needs nothing of the server."""
 
 from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib.metadata import requires
 from pathlib import Path
 
 import pytest
@@ -232,3 +235,14 @@ def test_an_archive_that_escapes_its_folder_is_refused(tmp_path: Path) -> None:
         with unpacked_into(tmp_path / "model") as archive:
             archive.write_bytes(_archive({"../outside.txt": b"x"}))
     assert not (tmp_path / "outside.txt").exists() and not (tmp_path / "model").exists()
+
+
+def test_the_package_depends_on_httpx_and_rich_only_and_imports_nothing_of_the_server() -> None:
+    assert sorted(r.split(">")[0].split("=")[0] for r in requires("tailor-client") or []) == [
+        "httpx", "rich"]
+    probe = ("import sys, tailor_client, tailor_client.cli; "
+             "print(sorted({m.split('.')[0] for m in sys.modules} & "
+             "{'app', 'worker', 'ml_core', 'torch', 'pydantic', 'fastapi'}))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True, cwd="/")
+    assert done.stdout.strip() == "[]"
