@@ -103,6 +103,35 @@ def test_upload_with_the_cli_and_page_through_corpora(
     assert uploaded["id"] in listed and "cli corpus" in listed
 
 
+def test_every_collection_reads_back_and_embeds_with_a_base_model(
+    stack: ServiceStack, client: Client, tmp_path: Path
+) -> None:
+    corpus = synthetic_corpus(tmp_path / "corpus.jsonl", 10, 3)
+    corpus_row = client.corpora.upload(corpus, name="read back")
+    assert client.corpora.get(corpus_row["id"]) == corpus_row
+    queries, qrels = judgements(corpus, tmp_path)
+    eval_set = client.eval_sets.create(corpus_row["id"], queries, qrels, name="judged")
+    query_set = client.query_sets.create(corpus_row["id"], queries, name="search log")
+    assert (eval_set["queries"], query_set["queries"]) == (8, 8)
+    for collection, row in ((client.eval_sets, eval_set), (client.query_sets, query_set)):
+        assert collection.get(row["id"]) == row and row in list(collection.iter())
+    assert client.models.get("tiny-student")["kind"] == "base"
+    assert "tiny-student" in [model["id"] for model in client.models.iter(page_size=1)]
+    assert client.health() == {"status": "ok"} and client.ready()["status"] == "ready"
+    assert "ready" in ok(cli(stack, "health"), stack)
+
+    texts = ["flow over a wing", "heat flux"]
+    ours = client.embed("tiny-student", texts, input_type="query")
+    openai = client.embeddings("tiny-student", texts, input_type="query")
+    assert [row["embedding"] for row in openai["data"]] == \
+        [row["embedding"] for row in ours["data"]]
+    assert openai["usage"]["total_tokens"] > 0
+
+    client.corpora.delete(corpus_row["id"])
+    with pytest.raises(NotFoundError):
+        client.corpora.get(corpus_row["id"])
+
+
 def test_errors_carry_the_apis_code_and_detail(
     stack: ServiceStack, client: Client, tmp_path: Path
 ) -> None:
