@@ -43,7 +43,7 @@ class Output:
 
     def __init__(self, as_json: bool) -> None:
         self.as_json = as_json
-        self.out = Console(soft_wrap=as_json, highlight=False)
+        self.out = Console(highlight=False)
         self.err = Console(stderr=True, highlight=False)
 
     def result(self, value: Any, render: Callable[[Any], Any] = resource_fields) -> None:
