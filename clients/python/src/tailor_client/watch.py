@@ -7,12 +7,14 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     Progress,
+    Task,
     TaskID,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
 )
 from rich.prompt import Confirm
+from rich.text import Text
 
 from tailor_client.client import Client
 from tailor_client.errors import ConflictError
@@ -59,12 +61,20 @@ class StageBars:
             self.progress.update(task, message=f"[red]{message}[/]")
 
 
+class RunningTime(TimeElapsedColumn):
+    """Time since a bar started, while it runs; a finished stage says how long it took in its
+    message instead (a stage that finished before we started following has no start here)."""
+
+    def render(self, task: Task) -> Text:
+        return Text("") if task.finished else super().render(task)
+
+
 def new_progress(console: Console) -> Progress:
     return Progress(
         TextColumn("{task.description:<12}"),
         BarColumn(),
         TaskProgressColumn(),
-        TimeElapsedColumn(),
+        RunningTime(),
         TextColumn("{task.fields[message]}", markup=True),
         console=console,
         # Without a terminal (CI logs, pipes) rich prints the final bars once.
