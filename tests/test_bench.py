@@ -352,7 +352,7 @@ def test_teacher_signal_bench_orders_both_candidate_lists_by_every_signal(tmp_pa
 
 
 def test_cross_fit_folds_are_seeded_disjoint_and_cover_every_query():
-    from bench.quality import cross_fit_folds
+    from bench.cross_fit import cross_fit_folds
 
     ids = [f"q{i}" for i in range(11)]
     folds = cross_fit_folds(ids, 2, seed=13)
@@ -362,7 +362,8 @@ def test_cross_fit_folds_are_seeded_disjoint_and_cover_every_query():
 
 
 def test_joined_folds_weigh_each_fold_by_its_queries_and_pair_every_query():
-    from bench.quality import _same_row, join_folds
+    from bench.cross_fit import join_folds
+    from bench.quality import _same_row
 
     def fold(scores: dict[str, tuple[float, float]], recommended: str) -> dict:
         rows = {side: {"ndcg@10": sum(s[n] for s in scores.values()) / len(scores),
