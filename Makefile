@@ -9,7 +9,7 @@ STORE  ?= var/models
 $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch==2.13.0 resolves to the CPU build on these machines; see README "The two commands".
+	# torch is pinned to the exact CPU build (pyproject.toml); see README "The two commands".
 	$(PY) -m pip install -q -e '.[dev]'
 	# The customer's client and CLI (its own package, httpx + rich only); the tests drive it.
 	$(PY) -m pip install -q -e clients/python
