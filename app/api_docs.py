@@ -52,12 +52,14 @@ def _authenticated(operation: dict[str, Any]) -> bool:
 def _complete(path: str, operation: dict[str, Any]) -> None:
     responses = operation.setdefault("responses", {})
     if _authenticated(operation):
+        # The route's own error shape (OpenAI's on the OpenAI-compatible route).
+        error_body = responses["401"].get("content", ERROR_BODY)
         if path not in EMBED_ROUTES and "403" not in responses:
             responses["403"] = {"description": InsufficientScope.description,
-                                "content": ERROR_BODY}
+                                "content": error_body}
         responses["429"] = {
             "description": TooManyRequests.description,
-            "content": ERROR_BODY,
+            "content": error_body,
             "headers": {name: _ref(name) for name in ("Retry-After", *RATE_LIMIT_HEADERS)},
         }
         responses = dict(sorted(responses.items()))

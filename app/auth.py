@@ -14,7 +14,7 @@ from app.settings import Settings
 from app.tenants.service import cached_key, is_expired, verify_key
 
 # The routes an `embed` key may call (route templates); a `train` key may call every route.
-EMBED_ROUTES = frozenset({"/v1/embed", "/v1/embeddings", "/v1/rerank"})
+EMBED_ROUTES = frozenset({"/v1/embed", "/v1/embeddings", "/v1/rerank", "/v1/rerank/models"})
 
 
 def shared_redis_url(settings: Settings) -> str | None:

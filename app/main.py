@@ -13,6 +13,7 @@ from app.api_keys.router import router as api_keys_router
 from app.auth import limiter_for
 from app.corpora.router import router as corpora_router
 from app.db.session import make_engine, make_session_factory
+from app.embeddings.router import openai_router
 from app.embeddings.router import router as embeddings_router
 from app.embeddings.service import EmbeddingModels
 from app.errors import install_error_handlers
@@ -23,6 +24,8 @@ from app.logs import configure_logging
 from app.models.router import router as models_router
 from app.query_sets.router import router as query_sets_router
 from app.request_context import RequestContextMiddleware
+from app.rerank.router import router as rerank_router
+from app.rerank.service import Rerankers
 from app.settings import Settings, get_settings
 from app.storage import object_store_from_url
 
@@ -56,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        app.state.embedding_models.close()
         engine.dispose()
 
     app = FastAPI(
@@ -71,6 +75,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.session_factory = make_session_factory(engine)
     app.state.store = object_store_from_url(settings.object_store_url, settings)
     app.state.embedding_models = EmbeddingModels(settings, app.state.store)
+    # Teachers share the embedding models' encoder threads: one pool of compute for both.
+    app.state.rerankers = Rerankers(lambda: app.state.embedding_models.batcher)
     app.state.limiter = limiter_for(settings)
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware)
@@ -82,6 +88,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         jobs_router,
         models_router,
         embeddings_router,
+        openai_router,
+        rerank_router,
         api_keys_router,
     ):
         app.include_router(router)

@@ -75,6 +75,10 @@ def test_an_embed_key_reaches_the_embedding_routes_only(sqlite_api: Api) -> None
     assert response.status_code == 200, response.text
     response = embed.post("/v1/embeddings", json={"model": "tiny-student", "input": "wing"})
     assert response.status_code == 200, response.text
+    response = embed.post("/v1/rerank", json={"model": "tiny-teacher", "query": "wing",
+                                              "documents": ["wing flutter", "heat"]})
+    assert response.status_code == 200, response.text
+    assert embed.get("/v1/rerank/models").status_code == 200
     for method, url in (("GET", "/v1/corpora"), ("POST", "/v1/jobs"), ("GET", "/v1/models"),
                         ("POST", "/v1/api-keys"), ("GET", "/v1/api-keys")):
         response = sqlite_api.client.request(method, url, headers=embed.headers, json={})

@@ -21,7 +21,8 @@ class ApiKeyCreate(BaseModel):
     scope: KeyScope = Field(
         default=KeyScope.TRAIN,
         description="`train`: every route. `embed`: the embedding and rerank routes only "
-        "(/v1/embed, /v1/embeddings, /v1/rerank), e.g. for a search service.",
+        "(/v1/embed, /v1/embeddings, /v1/rerank, /v1/rerank/models), e.g. for a search "
+        "service.",
     )
     expires_in_days: int | None = Field(
         default=None, ge=1, le=3650, strict=True,

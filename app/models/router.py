@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, Query, Response, status
 from fastapi.responses import FileResponse, RedirectResponse
 from starlette.responses import MalformedRangeHeader
 from starlette.responses import RangeNotSatisfiable as StarletteRangeNotSatisfiable
@@ -12,6 +13,7 @@ from starlette.responses import RangeNotSatisfiable as StarletteRangeNotSatisfia
 from app.deps import CurrentTenant, PageDep, RegistryDep, SessionDep, SettingsDep, StoreDep
 from app.errors import InvalidRequest, NotFound, RangeNotSatisfiable, Unauthorized, responses
 from app.models import service
+from app.models.onnx_archive import ensure_onnx_archive
 from app.models.schemas import ModelList, ModelRead
 from app.storage import ObjectNotFound
 
@@ -83,26 +85,36 @@ def download_model(
     tenant: CurrentTenant,
     store: StoreDep,
     settings: SettingsDep,
+    onnx: Annotated[bool, Query(description="Add `onnx/model.onnx`, an ONNX export with the "
+                                "same vectors (built on the first request: seconds).")] = False,
 ) -> Response:
-    """Download a tuned model as a .tar.gz sentence-transformers folder. The embedded store
-    serves byte ranges (`Range: bytes=0-1023`), so an interrupted download can resume; with S3
-    the redirect's URL does."""
+    """Download a tuned model as a .tar.gz sentence-transformers folder (with `?onnx=true`, an
+    ONNX export of it inside too). The embedded store serves byte ranges
+    (`Range: bytes=0-1023`), so an interrupted download can resume; with S3 the redirect's URL
+    does."""
     if not model_id.startswith(service.TUNED_PREFIX):
         raise NotFound(
             f"model {model_id} is a base model: only tuned models can be downloaded",
             resource="model", id=model_id,
         )
     model = service.get_tuned(session, tenant, model_id)
-    url = store.presigned_url(model.object_key, settings.presigned_url_expires)
+    key = model.object_key
+    if onnx:
+        session.commit()  # no connection held while the export runs
+        if not store.exists(model.object_key):
+            raise NotFound(f"model {model_id} has no archive", resource="model", id=model_id)
+        key = ensure_onnx_archive(store, model, Path(settings.embed_cache_dir) / "onnx")
+    url = store.presigned_url(key, settings.presigned_url_expires)
     if url is not None:
         return RedirectResponse(url, status_code=status.HTTP_307_TEMPORARY_REDIRECT)
     try:
-        path = store.local_path(model.object_key)
+        path = store.local_path(key)
     except ObjectNotFound:
         raise NotFound(f"model {model_id} has no archive", resource="model", id=model_id) from None
     assert path is not None  # a store that cannot sign URLs is a local folder
+    filename = f"{model.id}-onnx.tar.gz" if onnx else f"{model.id}.tar.gz"
     # Starlette answers HEAD, Range (206) and conditional requests from the file.
-    return ArchiveResponse(path, media_type="application/gzip", filename=f"{model.id}.tar.gz")
+    return ArchiveResponse(path, media_type="application/gzip", filename=filename)
 
 
 router.add_api_route(
