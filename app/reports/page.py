@@ -35,7 +35,7 @@ EXTRA_METRICS = ("ndcg@100", "recall@10")
 TOP_CHANGES = 5
 
 
-def _metric_name(key: str) -> str:
+def metric_name(key: str) -> str:
     return DISPLAY.get(key, key.replace("ndcg", "nDCG").replace("recall", "Recall")
                        .replace("mrr", "MRR"))
 
@@ -48,7 +48,7 @@ def _environment() -> Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters["metric"] = _metric_name
+    env.filters["metric"] = metric_name
     env.filters["signed"] = lambda value, digits=4: f"{float(value):+.{digits}f}"
     env.filters["fixed"] = lambda value, digits=4: f"{float(value):.{digits}f}"
     return env
@@ -159,7 +159,8 @@ def _per_query(report: Mapping[str, Any]) -> dict[str, Any] | None:
             "same": sum(abs(d) <= charts.SAME for d in diffs.values()),
         }
         ranked = sorted(diffs.items(), key=lambda item: (item[1], item[0]))
-        section["histogram"] = charts.histogram(list(diffs.values()))
+        if counts["better"] or counts["worse"]:
+            section["histogram"] = charts.histogram(list(diffs.values()))
         section["gains"] = [
             {"id": qid, **rows[qid], "diff": d}
             for qid, d in reversed(ranked[-TOP_CHANGES:]) if d > charts.SAME
@@ -233,7 +234,7 @@ def _teacher(
         section["check"] = check
         section["better"] = better
         section["chart"] = charts.grouped_bars(
-            [charts.Group(_metric_name(check.get("metric", PRIMARY)),
+            [charts.Group(metric_name(check.get("metric", PRIMARY)),
                           (check.get("student"), check.get("teacher")))],
             [("student (base model)", "c-base"), ("teacher re-ranking it", "c-teacher")],
         )
