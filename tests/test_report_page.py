@@ -8,9 +8,12 @@ import html as html_lib
 import json
 import re
 import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
 
 from app.db.models import Job, JobStatus
-from app.reports import render_report_html
+from app.reports import STAGE_FILES, render_report_from_stages, render_report_html
 from app.reports.charts import difference_bins
 from tests.api_support import Api
 from tests.report_samples import sample_history, sample_report
@@ -128,3 +131,16 @@ def test_the_route_serves_a_succeeded_jobs_page_to_its_tenant_only(sqlite_api: A
     assert "kept: epoch 2" in caller.get(url).text
     other = sqlite_api.tenant("other")
     assert other.get(url).status_code == 404
+
+
+def test_the_worker_can_render_the_page_from_a_jobs_stage_folders(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="report.json"):
+        render_report_from_stages(tmp_path)
+    for name, (stage, file_name) in STAGE_FILES.items():
+        (tmp_path / stage).mkdir()
+        body = {"report": sample_report(), "history": sample_history(best_epoch=1),
+                "filter_summary": {"generated": 90, "kept": 61, "by_type": {}}}[name]
+        (tmp_path / stage / file_name).write_text(json.dumps(body))
+    html = render_report_from_stages(tmp_path, facts=[("model", "mdl_1")])
+    assert "kept: epoch 1" in html and "61 of 90 generated queries" in html
+    assert "mdl_1" in html

@@ -22,6 +22,7 @@ from app.ids import new_id
 from app.jobs.recipe import check_models, resolve_recipe
 from app.jobs.schemas import JobCreate
 from app.query_sets.service import get_query_set
+from app.reports import STAGE_FILES
 from app.storage import ObjectNotFound, ObjectStore
 from ml_core.registry import ModelRegistry
 
@@ -250,9 +251,8 @@ def report_page_inputs(store: ObjectStore, job: Job) -> dict[str, Any]:
         facts.append(("judgements", job.eval_set_id))
     if job.finished_at:
         facts.append(("finished", job.finished_at.strftime("%Y-%m-%d %H:%M UTC")))
-    return {
-        "report": report,
-        "history": _stage_json(store, job, "distill", "history.json"),
-        "filter_summary": _stage_json(store, job, "filter", "filter.json"),
-        "facts": facts,
+    extras = {
+        name: _stage_json(store, job, stage, file_name)
+        for name, (stage, file_name) in STAGE_FILES.items() if name != "report"
     }
+    return {"report": report, **extras, "facts": facts}

@@ -5,10 +5,19 @@ report.html it writes next to an archived model) render the same page.
 """
 
 from app.reports.page import (
+    STAGE_FILES,
+    render_report_from_stages,
     render_report_html,
     report_csp,
     report_css,
     report_fragment,
 )
 
-__all__ = ["render_report_html", "report_csp", "report_css", "report_fragment"]
+__all__ = [
+    "STAGE_FILES",
+    "render_report_from_stages",
+    "render_report_html",
+    "report_csp",
+    "report_css",
+    "report_fragment",
+]

@@ -29,6 +29,12 @@ from ml_core.evaluation import PRIMARY, TEACHER_MARGIN, teacher_is_better
 from ml_core.report import DISPLAY, METRICS, format_p
 
 HERE = Path(__file__).resolve().parent
+# Where each input of the page is among a job's stage outputs: (stage folder, file name).
+STAGE_FILES = {
+    "report": ("evaluate", "report.json"),
+    "history": ("distill", "history.json"),
+    "filter_summary": ("filter", "filter.json"),
+}
 # Metrics shown in the headline table, in this order; other numeric ones follow.
 EXTRA_METRICS = ("ndcg@100", "recall@10")
 # Largest per-query changes listed under the chart, each way.
@@ -350,3 +356,16 @@ def render_report_html(
     return template.render(
         title=f"{title} - Tailor", body=body, css=Markup(report_css()), csp=report_csp()
     )
+
+
+def render_report_from_stages(workdir: Path, facts: Sequence[tuple[str, str]] = ()) -> str:
+    """The page of a finished job from its stage folders under `workdir` (the worker's view:
+    evaluate/report.json, and distill/history.json and filter/filter.json when present)."""
+    inputs: dict[str, Any] = {}
+    for name, (stage, file_name) in STAGE_FILES.items():
+        path = Path(workdir) / stage / file_name
+        if path.is_file():
+            inputs[name] = json.loads(path.read_text(encoding="utf-8"))
+        elif name == "report":
+            raise FileNotFoundError(f"{path}: the evaluate stage has not written its report")
+    return render_report_html(**inputs, facts=facts)
