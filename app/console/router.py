@@ -6,7 +6,6 @@ signed-in tenant; every POST checks the session's CSRF token before it does anyt
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated
 
 import numpy as np
@@ -39,8 +38,6 @@ from app.models import service as models
 from app.models.router import download_model
 from app.reports import report_css
 from app.uploads import form_file, form_text, multipart_form, spool, upload_folder
-
-log = logging.getLogger(__name__)
 
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
 
