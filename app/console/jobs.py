@@ -22,6 +22,7 @@ from app.console.web import (
     redirect,
 )
 from app.corpora.service import list_corpora
+from app.db.base import utcnow
 from app.db.models import ACTIVE_JOB_STATUSES, Job, JobEvent, JobStatus
 from app.deps import Page, RegistryDep, SessionDep, StoreDep
 from app.errors import AppError, NotFound
@@ -77,6 +78,7 @@ def _form_choices(session: SessionDep, user: CurrentUser, registry: RegistryDep)
         "corpora": corpora,
         "eval_sets": eval_sets,
         "students": [s.name for s in registry.list("student")],
+        "default_student": JobCreate.model_fields["base_model"].default,
         "teachers": [s.name for s in registry.list("teacher")],
         "generators": [s.name for s in registry.list("generator")],
         "presets": list(PRESETS),
@@ -188,9 +190,22 @@ def _job(session: SessionDep, user: CurrentUser, job_id: str) -> Job:
         raise not_found(exc) from None
 
 
+def _elapsed(job: Job) -> str:
+    """How long the job has run (or ran): "42 s", "7 min", "2 h 05 min"."""
+    if job.started_at is None:
+        return ""
+    seconds = int(((job.finished_at or utcnow()) - job.started_at).total_seconds())
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
 def _job_context(session: SessionDep, job: Job) -> dict[str, Any]:
     events, event_count = _latest_events(session, job)
     return {
+        "elapsed": _elapsed(job),
         "job": job,
         "stages": _stages(job),
         "events": events,
