@@ -116,6 +116,7 @@ def use_the_console(stack: ServiceStack, folder: Path) -> dict[str, Any]:
         page.click("button:has-text('Start job')")
         assert "/console/jobs/job_" in page.url, page.inner_text("main")
         job_id = page.url.rstrip("/").rsplit("/", 1)[1]
+        assert page.inner_text("[data-live] .badge") in ("queued", "running")
 
         # Watch it finish without reloading: the live fragment updates the page.
         page.wait_for_selector(".badge.succeeded", timeout=JOB_TIMEOUT_MS)
