@@ -30,13 +30,16 @@ from typing import IO, Any, Protocol
 import numpy as np
 
 from ml_core.config import CorpusConfig
+from ml_core.errors import MLCoreError
 from ml_core.records import Passage, Query
 
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-class CorpusError(ValueError):
+class CorpusError(MLCoreError, ValueError):
     """A problem in a corpus, queries or qrels file, located by file, line and field."""
+
+    code = "invalid_corpus"
 
     def __init__(self, path: Path | str, line: int | None, field: str | None, message: str):
         self.path = str(path)

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from ml_core.config import LLM_QUERY_TYPES, RecipeConfig
+from ml_core.errors import MLCoreError
 from ml_core.records import (
     Passage,
     ProgressFn,
@@ -78,7 +79,7 @@ MANIFEST = "manifest.json"
 _SELF_CHECKED: dict[str, tuple[str, ...]] = {"distill": ("state", "best", "best.old")}
 
 
-class StageError(RuntimeError):
+class StageError(MLCoreError, RuntimeError):
     """A stage cannot run: missing upstream output, or inputs that leave nothing to do."""
 
     code = "stage_failed"

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ml_core.errors import MLCoreError
 from ml_core.records import ProgressFn
 
 SPEC_FILE = "tailor-model.json"
@@ -26,6 +27,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 Role = Literal["student", "teacher", "generator"]
 Format = Literal["hf", "onnx", "gguf"]
+
+
+class UnknownModel(MLCoreError, KeyError):
+    """No model of that name in the store (a KeyError, as a lookup by name)."""
+
+    code = "unknown_model"
+
+    def __str__(self) -> str:  # KeyError's str() would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class ModelSpec(BaseModel):
@@ -126,13 +136,13 @@ class ModelRegistry:
         return sorted(p.parent.name for p in self.store.glob(f"*/{SPEC_FILE}"))
 
     def get(self, name: str) -> ModelSpec:
-        """The spec of model `name`, bound to its folder; KeyError naming the known models."""
+        """The spec of model `name`, bound to its folder; UnknownModel naming the known models."""
         folder = self.store / name
         if not (folder / SPEC_FILE).is_file():
             known = ", ".join(self.names()) or "none"
             hint = (f"; it is in the catalogue: `python -m ml_core provision {name}` installs it"
                     if name in DEFAULT_MODELS else "")
-            raise KeyError(f"unknown model {name!r} in {self.store}; known: {known}{hint}")
+            raise UnknownModel(f"unknown model {name!r} in {self.store}; known: {known}{hint}")
         return ModelSpec.read(folder)
 
     def folder(self, name: str) -> Path:

@@ -213,14 +213,14 @@ def test_a_cancel_waits_for_the_worker_claiming_the_job(sqlite_api: Api) -> None
     # and the job ran on.
     import threading
 
-    from worker.tasks import _locked_job
+    from app.jobs.lifecycle import locked_job
 
     caller = sqlite_api.tenant()
     job = caller.job(caller.corpus()["id"])
     answers: list = []
     cancel = threading.Thread(target=lambda: answers.append(_cancel(caller, job["id"])))
     with sqlite_api.session() as worker_side:
-        claimed = _locked_job(worker_side, job["id"])
+        claimed = locked_job(worker_side, job["id"])
         assert claimed is not None and claimed.status == JobStatus.QUEUED
         cancel.start()
         cancel.join(timeout=1.0)  # the cancel arrives while the worker decides

@@ -32,7 +32,7 @@ from tests.service_stack import (
     wait_for_event,
     wait_for_job,
 )
-from worker.tasks import partial_prefix, store_for
+from worker.artifacts import partial_prefix, store_for
 
 pytestmark = pytest.mark.slow
 

@@ -9,14 +9,13 @@ import pytest
 
 from app.storage import LocalObjectStore
 from ml_core.pipeline import StageError
-from worker.tasks import (
-    STAGE_WEIGHTS,
+from worker.artifacts import (
     restore_training_state,
-    stage_offset,
     sync_stage_down,
     upload_stage,
     upload_training_state,
 )
+from worker.progress import STAGE_WEIGHTS, stage_offset
 
 
 def _stage_folder(root: Path, stage: str, marker: str) -> Path:

@@ -136,24 +136,26 @@ def test_stale_redelivery_of_an_earlier_stage_is_dropped(service: Path) -> None:
 
 
 def test_progress_reporter_throttles_and_raises_on_cancel(service: Path) -> None:
-    from worker.tasks import JobCancelled, ProgressReporter
+    from app.jobs.lifecycle import JobCancelled
+    from worker.progress import ProgressReporter
 
     job_id = _job(JobStatus.RUNNING, stage="filter")
-    report = ProgressReporter(job_id, "filter")
+    # A minute's throttle: on a loaded machine the first write alone can take over a second.
+    report = ProgressReporter(job_id, "filter", interval_s=60)
     report(0.5, "scoring")  # written: overall = 0.35 + 0.25 * 0.5
-    report(0.9, "scoring")  # within a second: not written
+    report(0.9, "scoring")  # within the interval: not written
     job, events = _state(job_id)
     assert job.progress == pytest.approx(0.475)
     assert [e.message for e in events] == ["scoring"]
     with session_scope() as session:
         session.get(Job, job_id).status = JobStatus.CANCELLING  # type: ignore[union-attr]
-    report._last_write = 0.0  # a second later
+    report._last_write -= 60  # a minute later
     with pytest.raises(JobCancelled):
         report(0.95, "scoring")
 
 
 def test_embedded_worker_resends_jobs_left_running(service: Path) -> None:
-    from worker.tasks import _recover_embedded_jobs
+    from worker.signals import _recover_embedded_jobs
 
     _job(JobStatus.RUNNING, stage="distill")
     _recover_embedded_jobs()
@@ -173,9 +175,10 @@ def test_an_outcome_the_database_refused_is_retried_not_lost(
     from sqlalchemy.exc import OperationalError
 
     import worker.tasks as tasks
+    from app.jobs.lifecycle import JobCancelled
 
     refused: list[str] = []
-    writer = "_mark_failed" if outcome == "failure" else "mark_cancelled"
+    writer = "_record_failure" if outcome == "failure" else "_record_cancel"
     real = getattr(tasks, writer)
 
     def down_once(*args: object, **kwargs: object) -> object:
@@ -192,7 +195,7 @@ def test_an_outcome_the_database_refused_is_retried_not_lost(
         job_id = _job(JobStatus.RUNNING, stage="prepare")
 
         def cancel_mid_stage(self: object) -> str:
-            raise tasks.JobCancelled(job_id)
+            raise JobCancelled(job_id)
 
         monkeypatch.setattr(tasks.StageRun, "run", cancel_mid_stage)
     result = tasks.run_stage.apply(args=(job_id, "prepare"))
@@ -223,7 +226,9 @@ def test_a_second_copy_of_a_running_stage_waits_for_a_live_holder(service: Path)
     import subprocess
     import sys
 
-    from worker.tasks import StageBusy, _claim, _process_alive, lease_owner
+    from app.jobs.lifecycle import StageBusy
+    from worker.leases import _process_alive, lease_owner
+    from worker.stage_run import claim
 
     job_id = _job(JobStatus.RUNNING, stage="distill")
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -231,7 +236,7 @@ def test_a_second_copy_of_a_running_stage_waits_for_a_live_holder(service: Path)
         # A live process on this host holds the stage: the second copy must not start.
         _hold_lease(job_id, f"{socket.gethostname()}:{holder.pid}", 300)
         with pytest.raises(StageBusy):
-            _claim(job_id, "distill", True, lease_owner())
+            claim(job_id, "distill", True, lease_owner())
         job, events = _state(job_id)
         assert job.lease_owner == f"{socket.gethostname()}:{holder.pid}" and not events
         # Killed and not yet reaped (a zombie): gone, the lease is taken over at once.
@@ -240,7 +245,7 @@ def test_a_second_copy_of_a_running_stage_waits_for_a_live_holder(service: Path)
         while _process_alive(holder.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not _process_alive(holder.pid)
-        assert _claim(job_id, "distill", True, lease_owner()) is not None
+        assert claim(job_id, "distill", True, lease_owner()) is not None
         assert _state(job_id)[0].lease_owner == lease_owner()
     finally:
         holder.kill()
@@ -248,14 +253,14 @@ def test_a_second_copy_of_a_running_stage_waits_for_a_live_holder(service: Path)
     # On another host only the heartbeat tells: live until it lapses.
     _hold_lease(job_id, "another-host:1", 300)
     with pytest.raises(StageBusy):
-        _claim(job_id, "distill", True, lease_owner())
+        claim(job_id, "distill", True, lease_owner())
     _hold_lease(job_id, "another-host:1", -1)
-    assert _claim(job_id, "distill", True, lease_owner()) is not None
+    assert claim(job_id, "distill", True, lease_owner()) is not None
     # A copy of a stage the job is not running yet is not held up by the lease.
     _hold_lease(job_id, "another-host:1", 300)
     with session_scope() as session:
         session.get(Job, job_id).stage = "filter"  # type: ignore[union-attr]
-    assert _claim(job_id, "distill", False, lease_owner()) is not None
+    assert claim(job_id, "distill", False, lease_owner()) is not None
 
 
 def test_a_busy_delivery_runs_once_the_holder_is_gone(
@@ -289,7 +294,8 @@ def test_a_busy_delivery_runs_once_the_holder_is_gone(
 
 
 def test_a_stage_that_lost_its_lease_stops_and_the_heartbeat_renews_it(service: Path) -> None:
-    from worker.tasks import LeaseKeeper, LeaseLost, ProgressReporter
+    from worker.leases import LeaseKeeper, LeaseLost
+    from worker.progress import ProgressReporter
 
     job_id = _job(JobStatus.RUNNING, stage="filter")
     _hold_lease(job_id, "host:1", 1)
@@ -311,7 +317,8 @@ def test_a_stage_that_lost_its_lease_stops_and_the_heartbeat_renews_it(service: 
 
 def test_a_stage_whose_lease_lapsed_is_sent_again_once(service: Path) -> None:
     from app.db.base import utcnow
-    from worker.tasks import REQUEUED, _claim, lease_owner, sweep_lapsed_leases
+    from worker.leases import REQUEUED, lease_owner, sweep_lapsed_leases
+    from worker.stage_run import claim
 
     queue = service / "broker" / "queue"
     job_id = _job(JobStatus.RUNNING, stage="filter")
@@ -341,7 +348,7 @@ def test_a_stage_whose_lease_lapsed_is_sent_again_once(service: Path) -> None:
         assert sweep_lapsed_leases(300) == []
     assert len(list(queue.glob("*.msg"))) == 3
     # The re-sent task takes the stage at once: nobody holds a requeued lease.
-    assert _claim(job_id, "filter", False, lease_owner()) is not None
+    assert claim(job_id, "filter", False, lease_owner()) is not None
     assert _state(job_id)[0].lease_owner == lease_owner()
     # Jobs between stages (no lease) and finished jobs are not swept.
     with session_scope() as session:
@@ -357,7 +364,7 @@ def test_a_stage_whose_lease_lapsed_is_sent_again_once(service: Path) -> None:
 
 
 def test_only_the_sweeps_own_markers_count_as_re_sends() -> None:
-    from worker.tasks import requeues
+    from worker.leases import requeues
 
     assert [requeues(h) for h in ("requeued:3", "requeued", None, "requeued-host:5", "h:1")] == [
         3, 1, 0, 0, 0,  # "requeued" alone: written before re-sends were counted
@@ -368,6 +375,7 @@ def test_transient_errors_are_retried_three_times_and_leave_no_lease(
     service: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import worker.tasks as tasks
+    from worker.leases import lease_owner
 
     job_id = _job(JobStatus.RUNNING, stage="filter")
     calls: list[str | None] = []
@@ -378,7 +386,7 @@ def test_transient_errors_are_retried_three_times_and_leave_no_lease(
 
     monkeypatch.setattr(tasks.StageRun, "run", broker_down)
     assert _run(job_id, "filter") == "failed"  # eager mode runs the retries inline
-    assert calls == [tasks.lease_owner()] * (1 + tasks.TRANSIENT_RETRIES)
+    assert calls == [lease_owner()] * (1 + tasks.TRANSIENT_RETRIES)
     job, _ = _state(job_id)
     assert job.status == JobStatus.FAILED and job.error is not None
     # Each attempt gave its lease back on the way out: a retry on another process of this
@@ -419,7 +427,7 @@ def test_a_copy_that_lost_its_lease_publishes_nothing(
     # The stage ran to its end without a progress report after the takeover (a long step, a
     # database outage): the check before uploading still stops it, leaving the row and the
     # object store to the copy that took over.
-    import worker.tasks as tasks
+    import worker.stage_run as stage_run
 
     job_id = _job(JobStatus.RUNNING, stage="prepare")
     uploads: list[str] = []
@@ -428,8 +436,8 @@ def test_a_copy_that_lost_its_lease_publishes_nothing(
         _hold_lease(job_id, "another-host:1", 300)  # the sweep re-sent it; the copy took over
         return None
 
-    monkeypatch.setattr(tasks, "run_pipeline_stage", stage_outlives_its_lease)
-    monkeypatch.setattr(tasks, "upload_stage", lambda *args: uploads.append("uploaded"))
+    monkeypatch.setattr(stage_run, "run_pipeline_stage", stage_outlives_its_lease)
+    monkeypatch.setattr(stage_run, "upload_stage", lambda *args: uploads.append("uploaded"))
     corpus = service / "objects" / "corpora" / "crp_1" / "corpus.jsonl"
     corpus.parent.mkdir(parents=True)
     corpus.write_text('{"_id": "d1", "text": "a passage"}\n')
@@ -443,12 +451,50 @@ def test_a_copy_that_lost_its_lease_publishes_nothing(
 def test_a_stage_stopped_by_a_shutdown_is_swept_up_at_once(service: Path) -> None:
     # A cold shutdown (SystemExit in the pool process) leaves the task unacknowledged for the
     # broker to redeliver, hours later: the lease lapses at once, so the next sweep re-sends.
-    from worker.tasks import LeaseKeeper, _claim, lease_owner, sweep_lapsed_leases
+    from worker.leases import LeaseKeeper, lease_owner, sweep_lapsed_leases
+    from worker.stage_run import claim
 
     job_id = _job(JobStatus.RUNNING, stage="distill")
-    assert _claim(job_id, "distill", False, lease_owner(), 300) is not None
+    assert claim(job_id, "distill", False, lease_owner(), 300) is not None
     with pytest.raises(SystemExit), LeaseKeeper(job_id, lease_owner(), 300):
         raise SystemExit(1)
     job, _ = _state(job_id)
     assert job.lease_owner == lease_owner()  # kept, but lapsed
     assert sweep_lapsed_leases(300) == [job_id]
+
+
+def test_deliberate_errors_fail_the_job_with_their_own_code(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from ml_core.config import RecipeConfig
+    from ml_core.corpus import CorpusError
+    from ml_core.pipeline import StageError
+    from ml_core.registry import ModelRegistry, UnknownModel
+    from worker.tasks import error_code
+
+    with pytest.raises(UnknownModel) as unknown:
+        ModelRegistry(tmp_path).get("no-such-model")
+    assert isinstance(unknown.value, KeyError)  # callers that catch KeyError still do
+    assert str(unknown.value).startswith("unknown model 'no-such-model'")
+    with pytest.raises(ValidationError) as invalid:
+        RecipeConfig.model_validate({"training": {"no_such_knob": 1}})
+    deliberate = [CorpusError("c.jsonl", 3, "text", "empty"), StageError("nothing left"),
+                  unknown.value, invalid.value]
+    assert [error_code(e) for e in deliberate] == [
+        "invalid_corpus", "stage_failed", "unknown_model", "invalid_recipe",
+    ]
+    # A stray KeyError that merely mentions a model is a bug to report as internal.
+    assert error_code(KeyError("model_type")) is None
+    assert error_code(RuntimeError("boom")) is None
+
+
+def test_an_invalid_corpus_fails_the_job_naming_its_line(service: Path) -> None:
+    job_id = _job()
+    corpus = service / "objects" / "corpora" / "crp_1" / "corpus.jsonl"
+    corpus.parent.mkdir(parents=True)
+    corpus.write_text('{"_id": "d1", "text": "a passage"}\n{"_id": "d2"}\n')
+    assert _run(job_id, "prepare") == "failed"
+    job, events = _state(job_id)
+    assert job.error is not None and job.error["error"] == "invalid_corpus"
+    assert "line 2" in job.error["detail"] and "text" in job.error["detail"]
+    assert events[-1].data["exception"] == "CorpusError" and "traceback" not in events[-1].data

@@ -15,7 +15,7 @@ stage, progress, events), so Celery results would only duplicate it;
 TAILOR_RESULT_BACKEND_URL turns one on for operators who want Flower-style task inspection.
 
 This module is imported by the API (to send tasks), so it must stay light: no torch, no
-ml_core stages. The worker imports worker.tasks through `include`.
+ml_core stages. The worker imports the stage task and its signal hooks through `include`.
 """
 
 from __future__ import annotations
@@ -146,8 +146,8 @@ def _route_stage(
 
 
 def create_app(settings: Settings | None = None) -> Celery:
-    """A configured Celery app; the worker entry point includes the stage tasks."""
-    app = Celery("tailor", include=["worker.tasks"])
+    """A configured Celery app; the worker entry point includes the stage task and hooks."""
+    app = Celery("tailor", include=["worker.tasks", "worker.signals"])
     configure(app, settings or get_settings())
     return app
 

@@ -86,7 +86,7 @@ def broker_ok(timeout: float = 2.0) -> bool:
 def revoke(task_id: str, terminate: bool = False) -> bool:
     """Revoke a task: a worker drops it if not started; with terminate, stops it if running.
 
-    Terminating sends SIGTERM to the pool process running the task; worker.tasks turns that
+    Terminating sends SIGTERM to the pool process running the task; the stage task turns that
     into a `cancelled` job. Returns False when the broadcast could not be sent (the worker's
     own cancellation check still stops the job at its next progress report).
     """

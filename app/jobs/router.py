@@ -20,7 +20,7 @@ from app.errors import (
     UnknownModel,
     responses,
 )
-from app.jobs import queue, service
+from app.jobs import lifecycle, queue, service
 from app.jobs.schemas import JobCreate, JobEventList, JobEventRead, JobList, JobRead, JobReport
 from app.reports import render_report_html, report_csp
 
@@ -71,7 +71,7 @@ def create_job(
         job.celery_task_id = queue.enqueue_first_stage(job.id)
     except Exception as exc:
         log.exception("could not enqueue job %s", job.id)
-        service.mark_enqueue_failed(session, job, exc)
+        lifecycle.fail_enqueue(session, job, exc)
     return job
 
 

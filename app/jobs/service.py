@@ -1,4 +1,5 @@
-"""Job rules: create (idempotently), read, list, events, cancel, report."""
+"""Job rules: create (idempotently), read, list, events, cancel, report. Status and events are
+written by app.jobs.lifecycle, shared with the worker."""
 
 from __future__ import annotations
 
@@ -7,18 +8,18 @@ import json
 import logging
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.corpora.service import get_corpus
-from app.db.base import utcnow
-from app.db.models import EventKind, Job, JobEvent, JobStatus, Tenant
+from app.db.models import Job, JobEvent, JobStatus, Tenant
 from app.db.tenant_rows import newest_first, owned
 from app.deps import Page
 from app.errors import IdempotencyConflict, InvalidRequest, InvalidState, NotFound
 from app.eval_sets.service import get_eval_set
 from app.ids import new_id
+from app.jobs import lifecycle
 from app.jobs.recipe import check_models, resolve_recipe
 from app.jobs.schemas import JobCreate
 from app.query_sets.service import get_query_set
@@ -45,18 +46,6 @@ def _replay(job: Job, digest: str) -> Job:
             "this Idempotency-Key was used with a different request body", job_id=job.id
         )
     return job
-
-
-def add_event(
-    session: Session, job: Job, kind: EventKind, message: str, **data: Any
-) -> JobEvent:
-    """Append an event to the job's log."""
-    event = JobEvent(
-        job_id=job.id, kind=kind, stage=job.stage, progress=job.progress, message=message,
-        data=data,
-    )
-    session.add(event)
-    return event
 
 
 def create_job(
@@ -112,10 +101,9 @@ def create_job(
         request_hash=digest,
         spec=request.model_dump(mode="json"),
         recipe=recipe.model_dump(mode="json"),
-        status=JobStatus.QUEUED,
     )
     session.add(job)
-    add_event(session, job, EventKind.STATUS, "queued", status=JobStatus.QUEUED.value)
+    lifecycle.mark_queued(session, job)
     try:
         session.flush()
     except IntegrityError:
@@ -128,19 +116,6 @@ def create_job(
             raise
         return _replay(existing, digest), False
     return job, True
-
-
-def mark_enqueue_failed(session: Session, job: Job, error: Exception) -> None:
-    """Record that the job's first task could not be sent: the job fails with the error."""
-    now = utcnow()
-    job.status = JobStatus.FAILED
-    # The shape of the worker's failures (worker.tasks._mark_failed): one for clients to read.
-    job.error = {"error": "enqueue_failed", "detail": f"{type(error).__name__}: {error}",
-                 "stage": "prepare"}
-    job.finished_at = now
-    add_event(session, job, EventKind.STATUS, "failed: the task could not be queued",
-              status=JobStatus.FAILED.value)
-    session.flush()
 
 
 def get_job(session: Session, tenant: Tenant, job_id: str) -> Job:
@@ -167,43 +142,14 @@ def list_events(
     return list(rows), count
 
 
-def _transition(session: Session, job: Job, source: JobStatus, **values: Any) -> bool:
-    # Compare-and-set on status: the worker updates the same row concurrently.
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.status == source)
-        .values(updated_at=utcnow(), **values)
-        .execution_options(synchronize_session=False)
-    )
-    session.refresh(job)
-    return result.rowcount == 1  # type: ignore[attr-defined]
-
-
 def cancel_job(session: Session, job: Job) -> tuple[Job, str | None]:
     """Cancel a job: queued -> cancelled now, running -> cancelling (the worker stops it).
     Returns (job, task id to revoke after commit)."""
-    if job.status == JobStatus.QUEUED and _transition(
-        session, job, JobStatus.QUEUED, status=JobStatus.CANCELLED, finished_at=utcnow()
-    ):
-        add_event(session, job, EventKind.STATUS, "cancelled before it started",
-                  status=JobStatus.CANCELLED.value)
-        session.flush()
-        return job, job.celery_task_id
-    if job.status == JobStatus.RUNNING and _transition(
-        session, job, JobStatus.RUNNING, status=JobStatus.CANCELLING
-    ):
-        add_event(session, job, EventKind.STATUS, "cancellation requested",
-                  status=JobStatus.CANCELLING.value)
-        session.flush()
-        return job, None
-    if job.status == JobStatus.CANCELLING:
-        return job, None
-    if job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
-        # It moved on between our read and our update; decide again on the new state.
-        return cancel_job(session, job)
-    raise InvalidState(
-        f"job {job.id} has already finished ({job.status.value})", status=job.status.value
-    )
+    if not lifecycle.request_cancel(session, job):
+        raise InvalidState(
+            f"job {job.id} has already finished ({job.status.value})", status=job.status.value
+        )
+    return job, job.celery_task_id if job.status == JobStatus.CANCELLED else None
 
 
 def stage_key(job: Job, stage: str, name: str) -> str:

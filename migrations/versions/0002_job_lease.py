@@ -2,7 +2,7 @@
 
 A second delivery of the stage a job is running (a broker redelivery after the visibility
 timeout, a stage sent twice) waits while the lease is live instead of running a second copy on
-the same work folder; a dead holder's lease is taken over (worker.tasks).
+the same work folder; a dead holder's lease is taken over (worker.leases).
 
 Revision ID: 0002
 Revises: 0001

@@ -1,0 +1,369 @@
+"""A job's life, written once for the API and the worker alike.
+
+    queued -> running (stage by stage) -> succeeded | failed
+    queued -> cancelled             running -> cancelling -> cancelled
+
+Every status write and every event on a job's timeline goes through here. The functions work on
+the caller's session and never commit: the API commits once per request, the worker in short
+transactions (never one held across a stage). This module imports only the database layer, so
+the worker uses it without importing the HTTP layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from app.db.base import utcnow
+from app.db.models import (
+    FINISHED_JOB_STATUSES,
+    EventKind,
+    Job,
+    JobEvent,
+    JobStatus,
+    Recommendation,
+    TunedModel,
+)
+from app.ids import new_id
+
+log = logging.getLogger(__name__)
+
+# The evaluate report's figures that become the job's own metrics.
+REPORT_FIGURES = (
+    "base",
+    "tuned",
+    "gain",
+    "significance",
+    "warnings",
+    "per_query_type",
+    "teacher_check",
+    "judgements",
+    "base_kept",
+)
+
+
+class JobCancelled(Exception):
+    """The job was cancelled (or deleted) under a running stage: stop and publish nothing."""
+
+
+class StageBusy(Exception):
+    """This stage of the job is running in another live process (it holds the job's lease)."""
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    """What a finished (or skipped) stage reports: its manifest's counts, metrics and time."""
+
+    skipped: bool
+    counts: dict[str, Any]
+    metrics: dict[str, Any]
+    seconds: float | None
+
+
+def add_event(
+    session: Session,
+    job_id: str,
+    kind: EventKind,
+    message: str,
+    *,
+    stage: str | None = None,
+    progress: float | None = None,
+    data: dict[str, Any] | None = None,
+) -> JobEvent:
+    """Append one event to a job's timeline."""
+    event = JobEvent(
+        job_id=job_id, kind=kind, stage=stage, progress=progress, message=message, data=data or {}
+    )
+    session.add(event)
+    return event
+
+
+def locked_job(session: Session, job_id: str) -> Job | None:
+    """The job row, locked until the session commits: the worker reads it, decides and writes
+    it back while the cancel endpoint's compare-and-set waits (FOR UPDATE on PostgreSQL; on
+    SQLite the database's write lock, see app.db.session)."""
+    return session.scalars(select(Job).where(Job.id == job_id).with_for_update()).one_or_none()
+
+
+# ---------------------------------------------------------------------------------------------
+# The API's side: creation, a queue that refused the task, the cancel request
+
+
+def mark_queued(session: Session, job: Job) -> None:
+    """A new job starts queued."""
+    job.status = JobStatus.QUEUED
+    _status_event(session, job, "queued")
+
+
+def fail_enqueue(session: Session, job: Job, error: Exception) -> None:
+    """queued -> failed: the job's first task could not be sent."""
+    _fail(job, "prepare", "enqueue_failed", f"{type(error).__name__}: {error}")
+    _status_event(session, job, "failed: the task could not be queued")
+    session.flush()
+
+
+def request_cancel(session: Session, job: Job) -> bool:
+    """Cancel on request: queued -> cancelled now, running -> cancelling (the worker stops the
+    stage at its next check). False when the job had already finished."""
+    if job.status == JobStatus.QUEUED and _compare_and_set(
+        session, job, JobStatus.QUEUED, status=JobStatus.CANCELLED, finished_at=utcnow()
+    ):
+        _status_event(session, job, "cancelled before it started")
+        session.flush()
+        return True
+    if job.status == JobStatus.RUNNING and _compare_and_set(
+        session, job, JobStatus.RUNNING, status=JobStatus.CANCELLING
+    ):
+        _status_event(session, job, "cancellation requested")
+        session.flush()
+        return True
+    if job.status == JobStatus.CANCELLING:
+        return True
+    if job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
+        # It moved on between our read and our update; decide again on the new state.
+        return request_cancel(session, job)
+    return False
+
+
+def _compare_and_set(session: Session, job: Job, source: JobStatus, **values: Any) -> bool:
+    # On status: the worker updates the same row concurrently.
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == source)
+        .values(updated_at=utcnow(), **values)
+        .execution_options(synchronize_session=False)
+    )
+    session.refresh(job)
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def _status_event(session: Session, job: Job, message: str) -> None:
+    add_event(
+        session,
+        job.id,
+        EventKind.STATUS,
+        message,
+        stage=job.stage,
+        progress=job.progress,
+        data={"status": job.status.value},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker's side: claim a stage, record it, advance, finish, fail, cancel
+
+
+def claim_stage(
+    session: Session,
+    job_id: str,
+    stage: str,
+    *,
+    stages: Sequence[str],
+    progress: float,
+    owner: str,
+    lease_ttl_s: float,
+    redelivered: bool,
+    held_elsewhere: Callable[[Job], bool],
+) -> Job | None:
+    """Decide whether this delivery of `stage` runs: mark the job running at `stage` (overall
+    progress at least `progress`) with `owner` holding its lease, and return the locked row.
+
+    None: nothing to do (the job is gone, finished, cancelled now, or past this stage).
+    StageBusy: `held_elsewhere(job)` says another live process runs this stage; try later.
+    """
+    job = locked_job(session, job_id)
+    if job is None:
+        log.warning("job %s not found; dropping its %s task", job_id, stage)
+        return None
+    if job.status in FINISHED_JOB_STATUSES:
+        log.info("job %s is %s; dropping its %s task", job_id, job.status, stage)
+        return None
+    if job.status == JobStatus.CANCELLING:
+        _cancel(session, job, stage, "cancelled before " + stage)
+        return None
+    if job.stage in stages and stages.index(job.stage) > stages.index(stage):
+        # A duplicate delivery of a stage the job has moved past (redelivered after the
+        # visibility timeout while the first copy finished): the first copy already sent
+        # the next stage, so this one must not.
+        log.info("job %s is at %s; dropping stale %s task", job_id, job.stage, stage)
+        return None
+    if job.stage == stage and held_elsewhere(job):
+        # A second copy of the stage that is running (redelivered after the visibility
+        # timeout, or sent twice): running it too would share the work folder. Wait: it
+        # is dropped as stale once the holder advances, and takes over if the holder dies.
+        raise StageBusy(f"job {job_id} {stage} is running in {job.lease_owner}")
+    first_start = job.status == JobStatus.QUEUED
+    started = f"{stage} started"
+    # Deliveries of this stage so far: more than one means a redelivery (crash, lost host).
+    attempt = 1 + (
+        session.scalar(
+            select(func.count())
+            .select_from(JobEvent)
+            .where(
+                JobEvent.job_id == job_id,
+                JobEvent.kind == EventKind.STAGE,
+                JobEvent.stage == stage,
+                JobEvent.message == started,
+            )
+        )
+        or 0
+    )
+    job.status = JobStatus.RUNNING
+    job.started_at = job.started_at or utcnow()
+    job.attempts = (job.attempts or 0) + 1
+    job.stage = stage
+    job.lease_owner = owner or None
+    job.lease_expires_at = utcnow() + timedelta(seconds=lease_ttl_s) if owner else None
+    job.progress = max(job.progress or 0.0, progress)
+    if first_start:
+        add_event(session, job_id, EventKind.STATUS, "running", data={"status": "running"})
+    add_event(
+        session,
+        job_id,
+        EventKind.STAGE,
+        started,
+        stage=stage,
+        progress=job.progress,
+        data={"attempt": attempt, "redelivered": redelivered},
+    )
+    return job
+
+
+def record_stage(
+    session: Session, job_id: str, stage: str, outcome: StageOutcome, progress: float
+) -> None:
+    """A stage finished (or was found finished): its figures, progress and events."""
+    job = locked_job(session, job_id)
+    if job is None:
+        raise JobCancelled(job_id)
+    metrics = dict(job.metrics or {})
+    stages = dict(metrics.get("stages", {}))
+    stages[stage] = {
+        "counts": outcome.counts,
+        "metrics": outcome.metrics,
+        "seconds": outcome.seconds,
+    }
+    metrics["stages"] = stages
+    job.metrics = metrics  # a new dict: JSON columns do not track in-place changes
+    job.progress = max(job.progress or 0.0, progress)
+    verb = "skipped (already finished)" if outcome.skipped else "finished"
+    add_event(
+        session,
+        job_id,
+        EventKind.STAGE,
+        f"{stage} {verb}",
+        stage=stage,
+        progress=job.progress,
+        data={"skipped": outcome.skipped, "seconds": outcome.seconds, "counts": outcome.counts},
+    )
+    if outcome.metrics:
+        add_event(
+            session, job_id, EventKind.METRIC, f"{stage} metrics", stage=stage, data=outcome.metrics
+        )
+
+
+def advance(session: Session, job_id: str, next_stage: str, task_id: str) -> None:
+    """Point a running job at its next stage, whose task `task_id` has been sent."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+        .values(stage=next_stage, celery_task_id=task_id)
+    )
+
+
+def reserve_model_id(session: Session, job_id: str) -> str:
+    """The job's model id, chosen once: a redelivered evaluate reuses it (no orphans)."""
+    job = locked_job(session, job_id)
+    if job is None:
+        raise JobCancelled(job_id)
+    if job.model_id is None:
+        job.model_id = new_id("mdl")
+    return job.model_id
+
+
+def succeed(session: Session, job_id: str, model: TunedModel, report: Mapping[str, Any]) -> None:
+    """running -> succeeded: record the tuned model (once) and the evaluate report's figures,
+    warnings and recommendation. JobCancelled when the job is no longer running."""
+    job = locked_job(session, job_id)
+    if job is None or job.status != JobStatus.RUNNING:
+        raise JobCancelled(job_id)
+    if session.get(TunedModel, model.id) is None:
+        session.add(model)
+    recommended = report.get("recommended", "base")
+    job.metrics = {**(job.metrics or {}), **{k: report[k] for k in REPORT_FIGURES if k in report}}
+    job.recommended = Recommendation(recommended)
+    job.status = JobStatus.SUCCEEDED
+    job.progress = 1.0
+    job.finished_at = utcnow()
+    warnings = [str(w) for w in report.get("warnings", [])]
+    if recommended != "tuned" and not any("base" in w for w in warnings):
+        add_event(
+            session,
+            job_id,
+            EventKind.WARNING,
+            "the tuned model does not beat its base model on evaluation; "
+            "the base model stays the recommendation",
+            stage="evaluate",
+            data={"gain": report.get("gain", {})},
+        )
+    for warning in warnings:
+        add_event(session, job_id, EventKind.WARNING, warning, stage="evaluate")
+    add_event(
+        session,
+        job_id,
+        EventKind.STATUS,
+        "succeeded",
+        progress=1.0,
+        data={"status": "succeeded", "model_id": model.id, "recommended": recommended},
+    )
+
+
+def fail(
+    session: Session, job_id: str, stage: str, code: str, detail: str, data: dict[str, Any]
+) -> None:
+    """-> failed with the error clients read ({"error", "detail", "stage"}); `data` goes to the
+    event only (operators). A job that has already finished is left alone."""
+    job = locked_job(session, job_id)
+    if job is None or job.status in FINISHED_JOB_STATUSES:
+        return
+    _fail(job, stage, code, detail)
+    add_event(
+        session,
+        job_id,
+        EventKind.STATUS,
+        f"{stage} failed: {detail}",
+        stage=stage,
+        data={"status": "failed", "error": code, **data},
+    )
+
+
+def cancel(
+    session: Session, job_id: str, stage: str | None, message: str, *, requested_only: bool = False
+) -> bool:
+    """-> cancelled, once; True when this call made the change. `requested_only`: only a job
+    whose cancel was requested (cancelling), for a stopped task that may be a shutdown instead."""
+    job = locked_job(session, job_id)
+    if job is None or job.status in FINISHED_JOB_STATUSES:
+        return False
+    if requested_only and job.status != JobStatus.CANCELLING:
+        return False
+    _cancel(session, job, stage, message)
+    return True
+
+
+def _cancel(session: Session, job: Job, stage: str | None, message: str) -> None:
+    job.status = JobStatus.CANCELLED
+    job.finished_at = utcnow()
+    add_event(session, job.id, EventKind.STATUS, message, stage=stage, data={"status": "cancelled"})
+
+
+def _fail(job: Job, stage: str, code: str, detail: str) -> None:
+    job.status = JobStatus.FAILED
+    job.error = {"error": code, "detail": detail, "stage": stage}
+    job.finished_at = utcnow()
