@@ -143,7 +143,7 @@ def use_the_console(stack: ServiceStack, folder: Path) -> dict[str, Any]:
         archive = folder / "model.tar.gz"
         download.value.save_as(archive)
         with tarfile.open(archive) as tar:
-            assert f"{model_id}/modules.json" in tar.getnames()
+            assert {f"{model_id}/modules.json", f"{model_id}/report.html"} <= set(tar.getnames())
 
         # Try the tuned model on a query and two passages.
         page.click("nav >> text=Try embeddings")

@@ -384,6 +384,8 @@ def download_and_compare(client: httpx.Client, model_id: str, target: Path) -> N
         tar.extractall(target / "unpacked", filter="data")
     folder = target / "unpacked" / model_id
     assert (folder / "modules.json").is_file(), sorted(p.name for p in folder.iterdir())
+    # The report for people travels with the model (and does not disturb loading it).
+    assert "Evaluation report" in (folder / "report.html").read_text(encoding="utf-8")
     model = SentenceTransformer(str(folder), device="cpu")
 
     queries = ["what is the flow over a wing", "heat transfer in a boundary layer"]
