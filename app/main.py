@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from app.console import install_console
 from app.corpora.router import router as corpora_router
 from app.db.session import make_engine, make_session_factory
+from app.embeddings.router import openai_router
 from app.embeddings.router import router as embeddings_router
 from app.embeddings.service import EmbeddingModels
 from app.errors import install_error_handlers
@@ -19,6 +20,8 @@ from app.health.router import router as health_router
 from app.jobs.router import router as jobs_router
 from app.models.router import router as models_router
 from app.query_sets.router import router as query_sets_router
+from app.rerank.router import router as rerank_router
+from app.rerank.service import Rerankers
 from app.settings import Settings, get_settings
 from app.storage import object_store_from_url
 
@@ -48,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        app.state.embedding_models.close()
         engine.dispose()
 
     app = FastAPI(
@@ -63,6 +67,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.session_factory = make_session_factory(engine)
     app.state.store = object_store_from_url(settings.object_store_url, settings)
     app.state.embedding_models = EmbeddingModels(settings, app.state.store)
+    # Teachers share the embedding models' encoder threads: one pool of compute for both.
+    app.state.rerankers = Rerankers(lambda: app.state.embedding_models.batcher)
     install_error_handlers(app)
     for router in (
         health_router,
@@ -72,6 +78,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         jobs_router,
         models_router,
         embeddings_router,
+        openai_router,
+        rerank_router,
     ):
         app.include_router(router)
     install_console(app)

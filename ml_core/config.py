@@ -1,8 +1,9 @@
 """Recipe configuration: the one typed description of a specialization run.
 
 Shared by ml_core (which runs it), the worker (which stores it with a job) and the app (which
-validates a customer's job spec against it). Defaults follow ../shared/docs/recipe.md, scaled to
-what a CPU machine can do; the paper's GPU-scale values are noted where they differ.
+validates a customer's job spec against it). Defaults follow the recipe (docs/recipe.md),
+scaled to what a CPU machine can do; the paper's GPU-scale values are noted where they differ.
+Each measured default names its entry in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -56,17 +57,16 @@ class CorpusConfig(_Section):
 class GenerationConfig(_Section):
     """Synthetic query generation."""
 
-    # The recipe's mix, cut to the four types that fit a 2-core budget (paper: all six; the two
-    # user-query types can be added per job).
+    # Four of the paper's six types fit a 2-core budget; the two user-query types can be added
+    # per job (docs/benchmarks.md, "Six query types").
     query_types: Annotated[list[QueryType], Field(min_length=1)] = [
         QueryType.QUESTIONS,
         QueryType.CLAIMS,
         QueryType.KEYWORDS,
         QueryType.TITLES,
     ]
-    # Passages sampled for generation (paper: up to 100k). One query per passage per type. The
-    # default is sized so a whole run on a 5,000-passage corpus fits an hour on 2 CPU cores;
-    # raise it on a GPU worker.
+    # Passages sampled for generation, one query per passage per type (paper: up to 100k).
+    # Sized so a whole run fits an hour on 2 CPU cores; raise it on a GPU worker.
     passages: Annotated[int, Field(ge=1, le=1_000_000)] = 160
     # Off: no synthetic queries; the job trains on the queries it is given (the customer's own
     # unlabelled queries, e.g. a search log; StageContext.train_queries) and nothing else.
@@ -75,17 +75,14 @@ class GenerationConfig(_Section):
     # For backend="openai": any OpenAI-compatible completions endpoint (vLLM server, hosted API).
     endpoint: str | None = None
     api_key_env: str = "TAILOR_GENERATOR_API_KEY"
-    # The paper samples Llama-3.1-8B at 0.8. The CPU default generator (SmolLM2-135M) invents
-    # text at 0.8 and stays on topic at 0.3 (measured on Cranfield: source passage in BM25's
-    # top 10 for 58/96 queries at 0.3); raise it for a large generator.
+    # The paper samples Llama-3.1-8B at 0.8; the small default generator drifts off topic there
+    # (docs/benchmarks.md, "Generator temperature"). Raise it for a large generator.
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.3
     max_new_tokens: Annotated[int, Field(ge=4, le=256)] = 32
     few_shot_examples: Annotated[int, Field(ge=0, le=8)] = 3
     batch_size: Annotated[int, Field(ge=1, le=1024)] = 16
-    # The number format of the in-process generator (backend "transformers"; vLLM picks its
-    # own): "auto" is bf16 where the hardware computes it natively (CPUs with AVX512-BF16 or
-    # AMX, CUDA GPUs with bf16), fp32 elsewhere. bf16 changes the sampled text a little; it
-    # generated 1.67x faster here (`python -m bench.generate`, docs/benchmarks.md).
+    # The in-process generator's number format (vLLM picks its own). "auto": bf16 where the
+    # hardware computes it natively, else fp32 (docs/benchmarks.md, "bf16 generation").
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     @model_validator(mode="after")
@@ -98,47 +95,36 @@ class GenerationConfig(_Section):
 class CandidateConfig(_Section):
     """First-stage candidates, teacher scoring and the round-trip filter."""
 
-    # Candidates per query from the fused first stage (paper: 100). The teacher scores these,
-    # so this is the main CPU cost knob. 16 (with lists of 16) since 2026-12-04: see list_size.
+    # Candidates per query from the fused first stage (paper: 100). The teacher scores them
+    # all, so this is the main CPU cost; 16 fills lists of 16 (training.list_size).
     top_k: Annotated[int, Field(ge=2, le=1000)] = 16
     use_bm25: bool = True
     rrf_k: Annotated[int, Field(ge=1, le=1000)] = 60
     # Round-trip filter: the source passage must be the teacher's #1 and in the student's top N.
     round_trip: bool = True
     student_top_n: Annotated[int, Field(ge=1, le=1000)] = 20
-    # What the round trip must find. "passage" (the paper, whose documents are one passage each):
-    # the source passage itself. "document": any chunk of the source's document. In a chunked
-    # corpus the teacher's #1 is often another chunk of the same document (a third of the
-    # generated queries on both development datasets, docs/benchmarks.md), which "passage" drops;
-    # "document" keeps such a query with the teacher's best chunk of the document as its positive,
-    # and the student check passes when any chunk of the document is in the student's top N.
-    # Measured (seed 13, against "passage" on the same queries): Cranfield -0.0031, SciFact dev
-    # -0.0010 nDCG@10, both inside the noise, so "passage" stays the default (docs/benchmarks.md).
+    # What the round trip must find: the source passage itself (the paper), or any chunk of its
+    # document, which keeps queries whose best match is a sibling chunk; that measured no better
+    # (docs/benchmarks.md, "Document round trip").
     round_trip_scope: Literal["passage", "document"] = "passage"
     # Drop queries whose best teacher score is under this percentile of all best scores.
     min_score_percentile: Annotated[float, Field(ge=0.0, le=99.0)] = 25.0
     # Teacher scores are min-max normalised between these percentiles and clipped to [0, 1].
     norm_low_percentile: Annotated[float, Field(ge=0.0, le=50.0)] = 1.0
     norm_high_percentile: Annotated[float, Field(ge=50.0, le=100.0)] = 99.0
-    # "fused": the teacher's normalised scores blended with reciprocal-rank evidence from BM25
-    # and the student, so that where the cross-encoder alone is no better than the student
-    # (Cranfield, see docs/models.md) the first stage's agreement still counts. "cross_encoder":
-    # the teacher's scores as they are (the paper). Fused measured better on both development
-    # datasets: Cranfield +0.0072, SciFact dev +0.0034 nDCG@10 over cross_encoder
-    # (docs/benchmarks.md).
+    # "fused" blends the teacher's scores with the first stage's reciprocal ranks, so that where
+    # the cross-encoder is no better than the student (docs/models.md) their agreement still
+    # counts; "cross_encoder" is the paper's (docs/benchmarks.md, "Teacher signal").
     teacher_signal: Literal["cross_encoder", "fused"] = "fused"
     fused_teacher_weight: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
     teacher_batch_size: Annotated[int, Field(ge=1, le=1024)] = 32
-    # Two-round scoring for long lists: the teacher first scores every query's fused top
-    # filter_depth (plus its source); only the queries the round trip keeps there get the rest
-    # of their top_k scored. The teacher is the CPU bottleneck and most queries are dropped:
-    # lists of 32 at depth 16 filtered in 1.11x (SciFact dev) and 1.29x (Cranfield) the time
-    # of one round over 16 (docs/benchmarks.md, stop 28). None: one round over top_k.
+    # Two rounds for long lists (None: one): the round trip runs on the top filter_depth and only
+    # the queries it keeps get the rest scored, since the teacher is the CPU bottleneck and
+    # drops most queries (docs/benchmarks.md, "Lists of 32").
     filter_depth: Annotated[int | None, Field(ge=2, le=1000)] = None
-    # Helper retrievers: other bi-encoders of the model registry (role student) whose dense
-    # top_k lists join the reciprocal-rank fusion beside the student's and BM25's. They widen
-    # the candidate pool and vote in the fused teacher signal; they are never trained, and the
-    # filter stage encodes the corpus once with each. A helper that is the student is skipped.
+    # Other bi-encoders of the registry whose top_k lists join the fusion: they widen the
+    # candidate pool and vote in the fused signal, never trained (docs/benchmarks.md,
+    # "Helper retriever").
     helpers: list[str] = []
 
     @model_validator(mode="after")
@@ -160,38 +146,28 @@ class TrainingConfig(_Section):
     """Student training: listwise distillation + a small InfoNCE term (or the InfoNCE baseline)."""
 
     loss: Literal["listwise", "infonce"] = "listwise"
-    # Passages per query list: the positive + (list_size - 1) candidates (paper: 20). Lists of
-    # 16 from the fused top 16 beat 8 of 12 under two seeds on both development datasets
-    # (seed 1: SciFact dev +0.0039 nDCG@10, 95% interval [+0.0010, +0.0071]; Cranfield +0.0021,
-    # inside the noise); with bf16 training the whole SciFact dev run takes 35.8 min on 2 cores.
+    # Passages per list: the positive + (list_size - 1) candidates (paper: 20; docs/benchmarks.md,
+    # "List size").
     list_size: Annotated[int, Field(ge=2, le=128)] = 16
-    # Queries per optimizer step, and per gradient-cache chunk (memory is set by the chunk; a
-    # batch that is one chunk skips the cache's extra forward pass). Paper: 4,096 in chunks of 16.
+    # Queries per optimizer step and per gradient-cache chunk (the chunk sets the memory; a
+    # batch of one chunk skips the cache's second forward pass). Paper: 4,096 in chunks of 16.
     batch_size: Annotated[int, Field(ge=1, le=65_536)] = 32
     micro_batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
-    # Paper: 2e-4 at 4,096 queries per step. On a few hundred synthetic queries, 1e-4 fits them
-    # and the checkpoint as trained fell below its base (SciFact dev -0.0146 nDCG@10, p 0.047;
-    # Cranfield -0.0027), level with 2e-5 once averaged with the base (docs/benchmarks.md).
+    # Paper: 2e-4 at 4,096 queries per step. Higher rates overfit a few hundred synthetic
+    # queries (docs/benchmarks.md, "Learning rate").
     learning_rate: Annotated[float, Field(gt=0.0, le=1e-2)] = 2e-5
     weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
     warmup_epochs: Annotated[float, Field(ge=0.0, le=10.0)] = 0.5
     min_lr_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
     grad_clip: Annotated[float, Field(gt=0.0, le=100.0)] = 1.0
-    # A cap: early stopping on the dev loss (patience) ends training before it (paper: up to
-    # 30). At 4 the default stopped at the cap with its dev loss still falling; up to 8 it
-    # stopped after 6 (Cranfield) and 5 (SciFact dev) epochs, best at 4 and 3, and scored
-    # +0.0007 and +0.0008 nDCG@10 over the cap of 4 on the same lists (inside the noise;
-    # the adoption rule asked for a positive difference on both), with 1.2-1.4x the training
-    # time (docs/benchmarks.md).
+    # A cap: early stopping on the dev loss (patience) usually ends training first (paper: up
+    # to 30; docs/benchmarks.md, "Epoch cap").
     max_epochs: Annotated[int, Field(ge=1, le=100)] = 8
     patience: Annotated[int, Field(ge=1, le=100)] = 2
     kl_student_temperature: Annotated[float, Field(gt=0.0, le=10.0)] = 0.05
-    # The paper uses 0.3 on lists drawn from the top 100, where normalised teacher scores spread
-    # over [0, 1]. Our lists are the top few hard candidates, whose scores sit close together:
-    # 0.3 makes the target nearly flat and pulls hard negatives toward the query (measured on
-    # Cranfield -0.0162 -> +0.0006 nDCG@10, SciFact dev -0.0264 -> -0.0097; docs/benchmarks.md).
-    # 0.1 -> 0.05, averaged with the base (base_merge 0.5): Cranfield +0.0003 (level), SciFact
-    # dev +0.0047 (95% interval [+0.0004, +0.0089]), the first setting above its base on both.
+    # The paper's 0.3 suits lists from the top 100; our lists are a few hard candidates with
+    # close scores, where 0.3 flattens the target and pulls hard negatives toward the query
+    # (docs/benchmarks.md, "Teacher temperature").
     kl_teacher_temperature: Annotated[float, Field(gt=0.0, le=10.0)] = 0.05
     infonce_temperature: Annotated[float, Field(gt=0.0, le=10.0)] = 0.01
     infonce_weight: Annotated[float, Field(ge=0.0, le=10.0)] = 0.1
@@ -199,27 +175,17 @@ class TrainingConfig(_Section):
     max_query_length: Annotated[int, Field(ge=8, le=512)] = 64
     max_passage_length: Annotated[int, Field(ge=16, le=8192)] = 128
     dev_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.1
-    # The number format the student's forward and backward passes compute in (bf16 autocast;
-    # the weights, the optimizer and the loss stay float32): "auto" is bf16 where the hardware
-    # computes it natively (CPUs with AVX512-BF16 or AMX, CUDA GPUs with bf16; the recipe
-    # trains in bf16 on GPU), fp32 elsewhere. One epoch on 96 SciFact lists took 84.9 s in bf16
-    # against 151.2 s in fp32, 1.78x, to the same dev loss (`python -m bench.train`, one core).
+    # The number format of the student's forward and backward passes (weights, optimizer and
+    # loss stay float32). "auto": bf16 where the hardware computes it natively, else fp32
+    # (docs/benchmarks.md, "bf16 training").
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    # Also train on queries the round-trip filter dropped only because the teacher signal ranked
-    # another passage first, with that passage as the positive (the recipe drops them). Helps
-    # only where the teacher beats the student: SciFact dev -0.0063 -> -0.0009 nDCG@10 vs base,
-    # Cranfield +0.0078 -> -0.0017 (docs/benchmarks.md), so it is off by default.
+    # Also train on queries the round trip dropped only because the teacher ranked another
+    # passage first, with that passage as the positive. Off: it helps only where the teacher
+    # beats the student (docs/benchmarks.md, "Relabelled disagreements").
     relabel_disagreements: bool = False
-    # Weight-space ensembling with the base (WiSE-FT, arXiv 2109.01903): the exported model is
-    # (1 - base_merge) x the best checkpoint + base_merge x the base model. Fine-tuning on a few
-    # hundred synthetic queries fits them (dev loss falls) while the judged score can slip;
-    # averaging with the starting point keeps part of the gain and gives back less elsewhere.
-    # Half and half (WiSE-FT's midpoint, not tuned) measured side by side against no averaging:
-    # SciFact dev -0.0051 -> +0.0002 nDCG@10 vs base, Cranfield +0.0091 -> +0.0067
-    # (docs/benchmarks.md)
-    #: the only setting measured at or above the base on both, so the default.
-    # A later run (another machine): Cranfield +0.0071, SciFact -0.0012, neither separable from
-    # 0 by its 95% interval. 0 ships the best checkpoint as trained.
+    # Export (1 - base_merge) x the best checkpoint + base_merge x the base (WiSE-FT, arXiv
+    # 2109.01903; 0: as trained): training overfits a few hundred synthetic queries, and the
+    # average gives back less elsewhere (docs/benchmarks.md, "Averaging with the base").
     base_merge: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
 
     @model_validator(mode="after")
@@ -248,13 +214,9 @@ class RecipeConfig(_Section):
     student: str = "minilm-l6"
     teacher: str = "ms-marco-minilm-l12"
     generator: str = "smollm2-135m"
-    # The number format of whole-corpus encoding (filter's candidates, evaluate's retrieval):
-    # "auto" is bf16 where the hardware computes it natively (CPUs with AVX512-BF16 or AMX,
-    # CUDA GPUs with bf16) and fp32 elsewhere, where bf16 would be emulated and slower.
-    # Measured on 4,096 SciFact dev chunks, 2 cores (`python -m bench.encode`): bf16 encodes
-    # 2.09x faster than fp32 at a cosine of at least 0.99997 to the fp32 vectors
-    # (docs/benchmarks.md)
-    #. Training, exported models and the /embed endpoint always compute in fp32.
+    # The number format of whole-corpus encoding (filter and evaluate): "auto" is bf16 where
+    # the hardware computes it natively, else fp32, where bf16 would be emulated and slower
+    # (docs/benchmarks.md, "bf16 corpus encoding"). Exported models and /embed use fp32.
     encode_precision: Literal["auto", "fp32", "bf16"] = "auto"
     corpus: CorpusConfig = CorpusConfig()
     generation: GenerationConfig = GenerationConfig()
@@ -263,7 +225,7 @@ class RecipeConfig(_Section):
     evaluation: EvaluationConfig = EvaluationConfig()
 
     def fingerprint(self, *sections: str) -> str:
-        """sha256 of the named sections (all when none): a stage's config hash in its manifest."""
+        """sha256 of the named sections (all when none): tells two recipes' sections apart."""
         data = self.model_dump(mode="json")
         if sections:
             data = {name: data[name] for name in sections}
@@ -274,7 +236,7 @@ class RecipeConfig(_Section):
 # Presets are partial overrides applied on top of the defaults.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
-    # The embedded demo on a 2-core machine: a few hundred queries, short lists, few epochs.
+    # The demo on a 2-core machine: a few hundred queries, short lists, few epochs.
     "quick": {
         "generation": {"passages": 72, "query_types": ["claims", "keywords", "titles"],
                        "max_new_tokens": 24},

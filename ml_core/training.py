@@ -1,7 +1,7 @@
 """Student training: listwise distillation with gradient caching, early stopping and resume.
 
-The method is Tamber et al. 2025 (arXiv 2502.19712; numbers in ../shared/docs/recipe.md): lists of
-`list_size` passages per query scored by a cross-encoder teacher, loss KL + 0.1 x InfoNCE
+The method is Tamber et al. 2025 (arXiv 2502.19712; docs/recipe.md): lists of `list_size`
+passages per query scored by a cross-encoder teacher, loss KL + 0.1 x InfoNCE
 (ml_core/losses.py), large batches through GradCache (ml_core/gradcache.py), AdamW with warmup
 and linear decay, dropout 0, dev loss before every epoch, keep the best checkpoint, stop after
 `patience` epochs without improvement.
@@ -14,6 +14,7 @@ the gradient shares are summed, and rank 0 alone writes checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -72,6 +73,191 @@ class TrainingResult:
 
     def __post_init__(self) -> None:
         self.base_is_best = self.best_epoch == 0
+
+
+@dataclass
+class TrainingState:
+    """Where a run stands. Saved with the weights, the optimizer and torch's RNG after every
+    epoch (`save`), and restored from there (`restore`) when the same run is called again."""
+
+    epoch: int = 0  # epochs trained; 0 is the base model
+    step: int = 0  # optimizer steps taken
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0  # dev evaluations since the dev loss last improved
+    finished: bool = False
+    stopped_early: bool = False
+
+    def save(
+        self,
+        path: Path,
+        run_id: str,
+        cfg: TrainingConfig,
+        seed: int,
+        student: nn.Module,
+        optimizer: torch.optim.Optimizer,
+    ) -> None:
+        """Write everything needed to resume, atomically: a crash leaves the previous state."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint = {
+            "format": _STATE_FORMAT,
+            "fingerprint": run_id,
+            "config": cfg.model_dump(mode="json"),
+            "seed": seed,
+            "model": student.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            **dataclasses.asdict(self),
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def restore(
+        cls, path: Path, run_id: str, student: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> TrainingState | None:
+        """The state that the run `run_id` saved at `path`, with the student's weights, the
+        optimizer and torch's RNG set back to it; None when there is none, or it is another
+        run's (other starting weights, settings, seed or data: see `_run_id`)."""
+        if not path.exists():
+            return None
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if checkpoint["format"] != _STATE_FORMAT or checkpoint["fingerprint"] != run_id:
+            return None
+        student.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+        return cls(**{f.name: checkpoint[f.name] for f in dataclasses.fields(cls)})
+
+
+def train_student(
+    student: Student,
+    train_lists: list[ScoredList],
+    dev_lists: list[ScoredList],
+    passages: dict[str, Passage],
+    queries: dict[str, Query],
+    cfg: TrainingConfig,
+    out_dir: Path,
+    seed: int,
+    progress: ProgressFn = no_progress,
+) -> TrainingResult:
+    """Distil the teacher's list scores into `student`; resumes from out_dir/"state" if present.
+
+    Writes out_dir/"best" (the exported student with the lowest dev loss plus
+    training_config.json) and out_dir/"state"/checkpoint.pt (a TrainingState, saved at the end
+    of every epoch; a state from another starting model, config, seed or data is ignored).
+    Returns a TrainingResult whose history has one entry per dev evaluation: epoch (0 = base
+    model), step, dev_loss, dev_kl, dev_infonce, best, and for trained epochs train_loss and
+    learning_rate. `progress` gets (fraction of planned steps, message) every step and may raise
+    to stop the run, which then resumes from the last finished epoch when called again.
+    """
+    out_dir = Path(out_dir)
+    state_path = out_dir / "state" / STATE_FILE
+    best_dir = out_dir / "best"
+    run = _Run(student, cfg)
+    train = build_examples(train_lists, passages, queries, cfg.list_size, seed)
+    dev = build_examples(dev_lists, passages, queries, cfg.list_size, seed)
+    if len(train) < run.world or len(dev) < run.world:
+        raise ValueError(f"need at least {run.world} training and dev lists (one per rank)")
+    run_id = _run_id(cfg, seed, train, dev, student)
+    disable_dropout(student)
+    params = [p for p in student.parameters() if p.requires_grad]
+    # Weight decay on weight matrices only: decaying biases and LayerNorm gains just shrinks them.
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=cfg.learning_rate,
+    )
+    steps_per_epoch = len(batch_order(len(train), cfg.batch_size, run.world, None))
+    total_steps = steps_per_epoch * cfg.max_epochs
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+
+    torch.manual_seed(seed)
+    state = TrainingState.restore(state_path, run_id, student, optimizer)
+    if state is not None:
+        progress(state.step / total_steps, f"resuming after epoch {state.epoch}")
+    elif state_path.exists():
+        progress(0.0, "ignoring a training state left by a different run")
+    state = state or TrainingState()
+    if run.rank == 0:
+        _recover_best(best_dir)
+    _broadcast_parameters(student)
+
+    def save_state() -> None:
+        if run.rank == 0:
+            state.save(state_path, run_id, cfg, seed, student, optimizer)
+        _barrier()
+
+    while not state.finished:
+        # Dev loss before every epoch (epoch 0 = the base model) and after the last one.
+        progress(state.step / total_steps, f"dev loss after {state.epoch} epochs")
+        # The entry of the epoch just trained (train loss, lr) is completed with its dev loss.
+        history = state.history
+        if history and history[-1]["epoch"] == state.epoch:
+            record = history.pop()
+        else:
+            record = {"epoch": state.epoch}
+        record.update(step=state.step, **run.dev_loss(dev))
+        if record["dev_loss"] < state.best_loss:
+            state.best_loss, state.best_epoch = record["dev_loss"], state.epoch
+            state.bad_epochs = 0
+            if run.rank == 0:
+                meta = {"training": cfg.model_dump(mode="json"), "seed": seed, **record}
+                _save_best(student, best_dir, meta)
+            _barrier()
+        else:
+            state.bad_epochs += 1
+        record["best"] = state.best_epoch == state.epoch
+        history.append(record)
+        if state.epoch == cfg.max_epochs or state.bad_epochs >= cfg.patience:
+            state.finished, state.stopped_early = True, state.epoch < cfg.max_epochs
+            save_state()
+            break
+
+        # One epoch: seeded shuffle (a function of seed and epoch, so a resumed run sees the same
+        # order), one optimizer step per global batch.
+        student.train()
+        state.epoch += 1
+        epoch_loss = 0.0
+        batches = batch_order(len(train), cfg.batch_size, run.world, f"{seed}:epoch:{state.epoch}")
+        for indices in batches:
+            batch = [train[i] for i in indices]
+            lr = learning_rate(state.step, warmup_steps, total_steps, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            terms = run.cache.step(run.streams(batch), **run.loss_inputs(batch))
+            all_reduce_gradients(params)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            state.step += 1
+            epoch_loss += terms["loss"]
+            progress(
+                state.step / total_steps,
+                f"epoch {state.epoch} step {state.step}/{total_steps} loss {terms['loss']:.4f} "
+                f"grad norm {float(grad_norm):.3f} lr {lr:.2e}",
+            )
+        history.append(
+            {"epoch": state.epoch, "train_loss": epoch_loss / len(batches), "learning_rate": lr}
+        )
+        save_state()
+
+    if state.best_epoch == 0:
+        progress(1.0, "training never beat the base model on dev loss: keeping the base model")
+    else:
+        progress(1.0, f"training done: best epoch {state.best_epoch} of {state.epoch}")
+    return TrainingResult(
+        best_dir=best_dir,
+        best_epoch=state.best_epoch,
+        history=state.history,
+        steps=state.step,
+        stopped_early=state.stopped_early,
+        precision=run.precision,
+    )
 
 
 def build_examples(
@@ -253,7 +439,7 @@ def training_run_settings(cfg: TrainingConfig) -> dict[str, Any]:
     return cfg.model_dump(mode="json", exclude=set(AFTER_TRAINING))
 
 
-def _fingerprint(
+def _run_id(
     cfg: TrainingConfig,
     seed: int,
     train: list[TrainingExample],
@@ -273,14 +459,6 @@ def _fingerprint(
     for example in (*train, None, *dev):
         digest.update(repr(example).encode())
     return digest.hexdigest()
-
-
-def _save_state(path: Path, state: dict[str, Any]) -> None:
-    """Write the training state atomically: a crash leaves the previous state intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def _save_best(student: Student, best_dir: Path, record: dict[str, Any]) -> None:
@@ -317,163 +495,3 @@ def _broadcast_parameters(model: nn.Module) -> None:
             dist.broadcast(tensor, src=0)
 
 
-def train_student(
-    student: Student,
-    train_lists: list[ScoredList],
-    dev_lists: list[ScoredList],
-    passages: dict[str, Passage],
-    queries: dict[str, Query],
-    cfg: TrainingConfig,
-    out_dir: Path,
-    seed: int,
-    progress: ProgressFn = no_progress,
-) -> TrainingResult:
-    """Distil the teacher's list scores into `student`; resumes from out_dir/"state" if present.
-
-    Writes out_dir/"best" (the exported student with the lowest dev loss plus
-    training_config.json) and out_dir/"state"/checkpoint.pt (everything needed to resume, saved
-    at the end of every epoch; a state from another starting model, config, seed or data is
-    ignored). Returns a
-    TrainingResult whose history has one entry per dev evaluation: epoch (0 = base model), step,
-    dev_loss, dev_kl, dev_infonce, best, and for trained epochs train_loss and learning_rate.
-    `progress` gets (fraction of planned steps, message) every step and may raise to stop the
-    run, which then resumes from the last finished epoch when called again.
-    """
-    out_dir = Path(out_dir)
-    run = _Run(student, cfg)
-    train = build_examples(train_lists, passages, queries, cfg.list_size, seed)
-    dev = build_examples(dev_lists, passages, queries, cfg.list_size, seed)
-    if len(train) < run.world or len(dev) < run.world:
-        raise ValueError(f"need at least {run.world} training and dev lists (one per rank)")
-    disable_dropout(student)
-    params = [p for p in student.parameters() if p.requires_grad]
-    # Weight decay on weight matrices only: decaying biases and LayerNorm gains just shrinks them.
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ],
-        lr=cfg.learning_rate,
-    )
-    steps_per_epoch = len(batch_order(len(train), cfg.batch_size, run.world, None))
-    total_steps = steps_per_epoch * cfg.max_epochs
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    state_path = out_dir / "state" / STATE_FILE
-    best_dir = out_dir / "best"
-    fingerprint = _fingerprint(cfg, seed, train, dev, student)
-
-    # Progress of the run; everything here goes into the state checkpoint.
-    epoch, step, history = 0, 0, []
-    best_loss, best_epoch, bad_epochs = math.inf, 0, 0
-    finished, stopped_early = False, False
-    torch.manual_seed(seed)
-    state = None
-    if state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-    if (
-        state is not None
-        and state["format"] == _STATE_FORMAT
-        and state["fingerprint"] == fingerprint
-    ):
-        student.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        epoch, step, history = state["epoch"], state["step"], state["history"]
-        best_loss, best_epoch, bad_epochs = (
-            state["best_loss"],
-            state["best_epoch"],
-            state["bad_epochs"],
-        )
-        finished, stopped_early = state["finished"], state["stopped_early"]
-        progress(step / total_steps, f"resuming after epoch {epoch}")
-    elif state is not None:
-        progress(0.0, "ignoring a training state left by a different run")
-    if run.rank == 0:
-        _recover_best(best_dir)
-    _broadcast_parameters(student)
-
-    def checkpoint() -> None:
-        if run.rank == 0:
-            _save_state(
-                state_path,
-                {
-                    "format": _STATE_FORMAT,
-                    "fingerprint": fingerprint,
-                    "config": cfg.model_dump(mode="json"),
-                    "seed": seed,
-                    "model": student.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "epoch": epoch,
-                    "step": step,
-                    "history": history,
-                    "best_loss": best_loss,
-                    "best_epoch": best_epoch,
-                    "bad_epochs": bad_epochs,
-                    "finished": finished,
-                    "stopped_early": stopped_early,
-                },
-            )
-        _barrier()
-
-    while not finished:
-        # Dev loss before every epoch (epoch 0 = the base model) and after the last one.
-        progress(step / total_steps, f"dev loss after {epoch} epochs")
-        # The entry of the epoch just trained (train loss, lr) is completed with its dev loss.
-        record = history.pop() if history and history[-1]["epoch"] == epoch else {"epoch": epoch}
-        record.update(step=step, **run.dev_loss(dev))
-        if record["dev_loss"] < best_loss:
-            best_loss, best_epoch, bad_epochs = record["dev_loss"], epoch, 0
-            if run.rank == 0:
-                meta = {"training": cfg.model_dump(mode="json"), "seed": seed, **record}
-                _save_best(student, best_dir, meta)
-            _barrier()
-        else:
-            bad_epochs += 1
-        record["best"] = best_epoch == epoch
-        history.append(record)
-        if epoch == cfg.max_epochs or bad_epochs >= cfg.patience:
-            finished, stopped_early = True, epoch < cfg.max_epochs
-            checkpoint()
-            break
-
-        # One epoch: seeded shuffle (a function of seed and epoch, so a resumed run sees the same
-        # order), one optimizer step per global batch.
-        student.train()
-        epoch += 1
-        epoch_loss = 0.0
-        batches = batch_order(len(train), cfg.batch_size, run.world, f"{seed}:epoch:{epoch}")
-        for indices in batches:
-            batch = [train[i] for i in indices]
-            lr = learning_rate(step, warmup_steps, total_steps, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            terms = run.cache.step(run.streams(batch), **run.loss_inputs(batch))
-            all_reduce_gradients(params)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            step += 1
-            epoch_loss += terms["loss"]
-            progress(
-                step / total_steps,
-                f"epoch {epoch} step {step}/{total_steps} loss {terms['loss']:.4f} "
-                f"grad norm {float(grad_norm):.3f} lr {lr:.2e}",
-            )
-        history.append(
-            {"epoch": epoch, "train_loss": epoch_loss / len(batches), "learning_rate": lr}
-        )
-        checkpoint()
-
-    if best_epoch == 0:
-        progress(1.0, "training never beat the base model on dev loss: keeping the base model")
-    else:
-        progress(1.0, f"training done: best epoch {best_epoch} of {epoch}")
-    return TrainingResult(
-        best_dir=best_dir,
-        best_epoch=best_epoch,
-        history=history,
-        steps=step,
-        stopped_early=stopped_early,
-        precision=run.precision,
-    )

@@ -103,3 +103,27 @@ def pg_api(
 ) -> Iterator[Api]:
     """The API on PostgreSQL only."""
     yield from start_api(tmp_path, postgresql_url, model_store)
+
+
+@pytest.fixture
+def served(sqlite_api: Api) -> Iterator[str]:
+    """The same app behind a real uvicorn server on a free port; yields its base URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from tests.processes import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(sqlite_api.app, host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)

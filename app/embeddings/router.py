@@ -1,28 +1,49 @@
-"""Embedding routes: Tailor's /v1/embed and the OpenAI-compatible /v1/embeddings."""
+"""Embedding routes: Tailor's /v1/embed and the OpenAI-compatible /v1/embeddings.
+
+Both are async: a request is validated and tokenized on the event loop (larger ones on a worker
+thread), its rows wait for a micro-batch on the model's queue (app.embeddings.batching), and the
+answer is serialised straight from the float32 rows.
+"""
 
 from __future__ import annotations
 
 import base64
-from typing import Annotated
+from collections.abc import Sequence
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+import numpy as np
+import orjson
+from fastapi import APIRouter, Depends, Request, Response
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from app.deps import CurrentTenant, RegistryDep, SessionDep
+from app.db.models import Tenant
+from app.deps import CurrentTenant, RegistryDep, SessionDep, SettingsDep
+from app.embeddings.openai_compat import OpenAIRoute, decode_token_ids
 from app.embeddings.schemas import (
-    Embedding,
     EmbedRequest,
     EmbedResponse,
-    OpenAIEmbedding,
     OpenAIEmbeddingRequest,
     OpenAIEmbeddingResponse,
-    OpenAIUsage,
+    OpenAIError,
 )
-from app.embeddings.service import EmbeddingModels, resolve_source
+from app.embeddings.service import (
+    EmbeddingModels,
+    ModelSource,
+    ServedStudent,
+    Tokenized,
+    resolve_source,
+)
 from app.errors import InvalidRequest, NotFound, Unauthorized, Unavailable, responses
+from app.settings import Settings
+from ml_core.registry import ModelRegistry
 
 router = APIRouter(prefix="/v1", tags=["embeddings"])
+openai_router = APIRouter(prefix="/v1", tags=["embeddings"], route_class=OpenAIRoute)
 
 QUERY_SUFFIXES = {":query": "query", ":passage": "passage"}
+# Requests with more characters than this are tokenized on a worker thread, not the event loop.
+INLINE_TOKENIZE_CHARS = 4_096
 
 
 def _models(request: Request) -> EmbeddingModels:
@@ -31,57 +52,144 @@ def _models(request: Request) -> EmbeddingModels:
 
 ModelsDep = Annotated[EmbeddingModels, Depends(_models)]
 ERRORS = responses(Unauthorized, NotFound, InvalidRequest, Unavailable)
+OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {**entry, "model": OpenAIError} for status, entry in ERRORS.items()
+}
+
+
+def _json(payload: dict[str, Any]) -> Response:
+    return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY),
+                    media_type="application/json")
+
+
+def check_count(count: int, settings: Settings, field: str) -> None:
+    """422 when a request holds more inputs than `embed_max_inputs`."""
+    if count > settings.embed_max_inputs:
+        raise InvalidRequest(f"{field}: {count} inputs; at most {settings.embed_max_inputs} per "
+                             "request (embed_max_inputs)", field=field)
+
+
+async def source_for(session: Session, tenant: Tenant, registry: ModelRegistry,
+                     model: str) -> ModelSource:
+    """The model's source, with the request's database connection released: nothing holds a
+    connection while the request waits for its batch."""
+    if model.startswith("mdl_") or session.in_transaction():
+        def resolve() -> ModelSource:
+            source = resolve_source(session, tenant, registry, model)
+            session.commit()
+            return source
+
+        return await run_in_threadpool(resolve)
+    return resolve_source(session, tenant, registry, model)
+
+
+async def embed_texts(
+    models: EmbeddingModels, source: ModelSource, texts: Sequence[str], input_type: str,
+    truncate: bool, dimensions: int | None, field: str,
+) -> tuple[np.ndarray, Tokenized]:
+    """Vectors of `texts` (float32 rows, `dimensions` applied) and their tokenization."""
+    served = await models.served(source)
+    if sum(len(t) for t in texts) <= INLINE_TOKENIZE_CHARS:
+        tokenized = served.tokenize(list(texts), input_type)
+    else:
+        tokenized = await run_in_threadpool(served.tokenize, list(texts), input_type)
+    if tokenized.truncated and not truncate:
+        index = tokenized.truncated[0]
+        raise InvalidRequest(
+            f"{field}[{index}] is longer than the model's limit of {served.max_tokens} tokens "
+            f"({len(tokenized.truncated)} input(s) are); send truncate=true to cut it",
+            field=f"{field}.{index}")
+    vectors = await models.embed(served, source, tokenized)
+    return shorten(vectors, served, dimensions, field="dimensions"), tokenized
+
+
+def shorten(vectors: np.ndarray, served: ServedStudent, dimensions: int | None,
+            field: str) -> np.ndarray:
+    """The first `dimensions` components, re-normalised for a normalising model; 422 unless
+    the model was trained to be truncated (Matryoshka) or `dimensions` is its own."""
+    dim = int(vectors.shape[1])
+    if dimensions is None or dimensions == dim:
+        return vectors
+    spec = served.student.spec
+    if not spec.matryoshka_dims:
+        raise InvalidRequest(
+            f"{field}: model {spec.name} embeds in {dim} dimensions and was not trained to be "
+            "truncated (no matryoshka_dims in its spec)", field=field)
+    if dimensions > dim:
+        raise InvalidRequest(f"{field}: at most {dim} for model {spec.name}", field=field)
+    cut = vectors[:, :dimensions]
+    if spec.normalize:
+        cut = cut / np.maximum(np.linalg.norm(cut, axis=1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(cut, dtype=np.float32)
 
 
 @router.post("/embed", response_model=EmbedResponse, responses=ERRORS)
-def embed(
+async def embed(
     body: EmbedRequest,
     session: SessionDep,
     tenant: CurrentTenant,
     registry: RegistryDep,
     models: ModelsDep,
-) -> EmbedResponse:
+    settings: SettingsDep,
+) -> Response:
     """Embed queries or passages with a base or tuned model."""
-    source = resolve_source(session, tenant, registry, body.model)
-    session.commit()  # release the connection before the (slow) encoding
-    encoded = models.encode(source, body.inputs, body.input_type)
-    return EmbedResponse(
-        model=body.model,
-        dim=int(encoded.vectors.shape[1]),
-        data=[Embedding(index=i, embedding=row.tolist()) for i, row in enumerate(encoded.vectors)],
-    )
+    check_count(len(body.inputs), settings, "inputs")
+    source = await source_for(session, tenant, registry, body.model)
+    vectors, tokenized = await embed_texts(models, source, body.inputs, body.input_type,
+                                           body.truncate, body.dimensions, "inputs")
+    return _json({
+        "model": body.model,
+        "data": [{"index": i, "embedding": row} for i, row in enumerate(vectors)],
+        "dim": int(vectors.shape[1]),
+        "tokens": tokenized.tokens,
+        "truncated": len(tokenized.truncated),
+    })
 
 
-@router.post("/embeddings", response_model=OpenAIEmbeddingResponse, responses=ERRORS)
-def create_embeddings(
+@openai_router.post(
+    "/embeddings", response_model=OpenAIEmbeddingResponse, responses=OPENAI_ERRORS
+)
+async def create_embeddings(
     body: OpenAIEmbeddingRequest,
     session: SessionDep,
     tenant: CurrentTenant,
     registry: RegistryDep,
     models: ModelsDep,
-) -> OpenAIEmbeddingResponse:
-    """OpenAI-compatible embeddings; passages by default, queries with `input_type` or `:query`."""
+    settings: SettingsDep,
+) -> Response:
+    """OpenAI-compatible embeddings; passages by default, queries with `input_type` or `:query`.
+    Errors have OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`."""
     name, input_type = body.model, body.input_type
     for suffix, kind in QUERY_SUFFIXES.items():
         if name.endswith(suffix):
             name, input_type = name[: -len(suffix)], input_type or kind
-    texts = [body.input] if isinstance(body.input, str) else body.input
-    source = resolve_source(session, tenant, registry, name)
-    session.commit()
-    encoded = models.encode(source, texts, input_type or "passage")
-    dim = int(encoded.vectors.shape[1])
-    if body.dimensions is not None and body.dimensions != dim:
-        raise InvalidRequest(
-            f"dimensions: model {name} embeds in {dim} dimensions", field="dimensions"
-        )
-    data = [
-        OpenAIEmbedding(
-            index=i,
-            embedding=base64.b64encode(row.astype("<f4").tobytes()).decode("ascii")
-            if body.encoding_format == "base64"
-            else row.tolist(),
-        )
-        for i, row in enumerate(encoded.vectors)
-    ]
-    usage = OpenAIUsage(prompt_tokens=encoded.tokens, total_tokens=encoded.tokens)
-    return OpenAIEmbeddingResponse(data=data, model=body.model, usage=usage)
+    raw = body.input
+    if isinstance(raw, str):
+        texts: list[str] = [raw]
+    elif raw and isinstance(raw[0], int):
+        texts = decode_token_ids([raw])  # type: ignore[list-item]
+    elif raw and isinstance(raw[0], list):
+        check_count(len(raw), settings, "input")
+        texts = await run_in_threadpool(decode_token_ids, raw)
+    else:
+        texts = raw  # type: ignore[assignment]
+    check_count(len(texts), settings, "input")
+    source = await source_for(session, tenant, registry, name)
+    vectors, tokenized = await embed_texts(models, source, texts, input_type or "passage",
+                                           body.truncate, body.dimensions, "input")
+    if body.encoding_format == "base64":
+        data: list[dict[str, Any]] = [
+            {"object": "embedding", "index": i,
+             "embedding": base64.b64encode(row.astype("<f4").tobytes()).decode("ascii")}
+            for i, row in enumerate(vectors)
+        ]
+    else:
+        data = [{"object": "embedding", "index": i, "embedding": row}
+                for i, row in enumerate(vectors)]
+    return _json({
+        "object": "list",
+        "data": data,
+        "model": body.model,
+        "usage": {"prompt_tokens": tokenized.tokens, "total_tokens": tokenized.tokens},
+        "truncated": len(tokenized.truncated),
+    })

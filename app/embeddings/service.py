@@ -16,13 +16,15 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.db.models import Tenant
+from app.embeddings.batching import Batcher, Overloaded
 from app.errors import Unavailable
 from app.models.service import TUNED_PREFIX, get_base_spec, get_tuned
 from app.settings import Settings
 from app.storage import ObjectStore
-from ml_core.registry import SPEC_FILE, ModelRegistry
+from ml_core.registry import SPEC_FILE, ModelRegistry, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +41,6 @@ class ModelSource:
     archive_key: str | None = None
 
 
-@dataclass(frozen=True)
-class Encoded:
-    """Vectors (float32, one row per input) and the tokens they cost."""
-
-    vectors: np.ndarray
-    tokens: int
-
-
 def resolve_source(
     session: Session, tenant: Tenant, registry: ModelRegistry, model: str
 ) -> ModelSource:
@@ -54,8 +48,27 @@ def resolve_source(
     if model.startswith(TUNED_PREFIX):
         tuned = get_tuned(session, tenant, model)
         return ModelSource(cache_key=tuned.id, archive_key=tuned.object_key)
-    spec = get_base_spec(registry, model)
+    spec = _base_spec(registry, model)
     return ModelSource(cache_key=f"base:{spec.name}", folder=spec.folder)
+
+
+# Base specs read from the store, by spec file: (its mtime, the spec). Reading and validating
+# the JSON on every request cost more than the rest of a request's lookup.
+_BASE_SPECS: dict[Path, tuple[int, ModelSpec]] = {}
+
+
+def _base_spec(registry: ModelRegistry, name: str) -> ModelSpec:
+    path = registry.store / name / SPEC_FILE
+    try:
+        mtime = path.stat().st_mtime_ns
+    except OSError:
+        mtime = -1
+    cached = _BASE_SPECS.get(path)
+    if cached is not None and cached[0] == mtime:
+        return cached[1]
+    spec = get_base_spec(registry, name)
+    _BASE_SPECS[path] = (mtime, spec)
+    return spec
 
 
 def _folder_root(folder: Path) -> Path:
@@ -85,30 +98,77 @@ def unpack_tuned(store: ObjectStore, archive_key: str, target: Path) -> Path:
     return _folder_root(target)
 
 
-def _count_tokens(student: Any, texts: list[str]) -> int:
-    tokenizer = getattr(student, "tokenizer", None)
-    if callable(tokenizer):
-        try:
-            encoded = tokenizer(texts, add_special_tokens=True, truncation=True)
-            return sum(len(ids) for ids in encoded["input_ids"])
-        except Exception:  # usage is informative only
-            log.debug("token count failed", exc_info=True)
-    return sum(len(text.split()) for text in texts)
+@dataclass(frozen=True)
+class Tokenized:
+    """Inputs tokenized as the model encodes them: ids, and which inputs were cut."""
+
+    ids: list[list[int]]
+    truncated: list[int]  # indices of the inputs longer than the model's limit
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(row) for row in self.ids)
+
+
+class ServedStudent:
+    """A loaded student and its private serving tokenizer (tokenize once, encode the ids)."""
+
+    def __init__(self, student: Any) -> None:
+        self.student = student
+        self.tokenizer = student.serving_tokenizer()
+        self.max_tokens = int(student.max_seq_length)
+
+    def tokenize(self, texts: list[str], input_type: str) -> Tokenized:
+        """Ids with the kind's prefix and special tokens, cut at the model's length."""
+        encodings = self.tokenizer.encode_batch(self.student.encoding_texts(texts, input_type))
+        return Tokenized(ids=[e.ids for e in encodings],
+                         truncated=[i for i, e in enumerate(encodings) if e.overflowing])
+
+    def encode_ids(self, ids: list[list[int]]) -> np.ndarray:
+        """One batch of token ids to float32 vectors (runs on an encoder thread)."""
+        return self.student.encode_token_ids(ids)
+
+
+def default_batch_tokens() -> int:
+    """The token budget of a micro-batch when the settings leave it to the hardware: 8,192 on a
+    CPU (32 passages of 256 tokens, or hundreds of short queries), 65,536 on a GPU."""
+    import torch
+
+    return 65_536 if torch.cuda.is_available() else 8_192
 
 
 class EmbeddingModels:
-    """Loaded students, least recently used evicted past `capacity`; safe across threads."""
+    """Loaded students, least recently used evicted past `capacity`; safe across threads.
+
+    `embed` batches the inputs of concurrent requests per model (app.embeddings.batching).
+    """
 
     def __init__(self, settings: Settings, store: ObjectStore) -> None:
         self.capacity = settings.embed_model_cache_size
         self.cache_dir = Path(settings.embed_cache_dir)
-        self.batch_size = settings.embed_batch_size
+        self.settings = settings
         self.store = store
-        self._loaded: OrderedDict[str, Any] = OrderedDict()
+        self._loaded: OrderedDict[str, ServedStudent] = OrderedDict()
         self._loading: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
+        self._batcher: Batcher | None = None
 
-    def _get(self, key: str, load: Callable[[], Any]) -> Any:
+    @property
+    def batcher(self) -> Batcher:
+        """The micro-batcher shared by every loaded model (created with the first model)."""
+        with self._lock:
+            if self._batcher is None:
+                settings = self.settings
+                self._batcher = Batcher(
+                    token_budget=settings.embed_batch_tokens or default_batch_tokens(),
+                    max_wait_s=settings.embed_batch_wait_ms / 1000,
+                    encoders=settings.embed_encoders,
+                    max_queued_rows=settings.embed_max_queued_inputs,
+                    name="embed-encoder",
+                )
+            return self._batcher
+
+    def _get(self, key: str, load: Callable[[], ServedStudent]) -> ServedStudent:
         with self._lock:
             if key in self._loaded:
                 self._loaded.move_to_end(key)
@@ -119,48 +179,66 @@ class EmbeddingModels:
             with self._lock:
                 if key in self._loaded:
                     return self._loaded[key]
-            student = load()
+            served = load()
             with self._lock:
-                self._loaded[key] = student
+                self._loaded[key] = served
                 while len(self._loaded) > self.capacity:
                     evicted, _ = self._loaded.popitem(last=False)
                     log.info("evicted model %s from the embedding cache", evicted)
                 self._loading.pop(key, None)
-            return student
+            return served
 
-    def _load(self, source: ModelSource) -> Any:
+    def _load(self, source: ModelSource) -> ServedStudent:
         from ml_core.student import Student  # torch: only when a model is first needed
 
         try:
             if source.folder is not None:
-                return Student.load(source.folder)
+                return ServedStudent(Student.load(source.folder))
             assert source.archive_key is not None
             folder = unpack_tuned(self.store, source.archive_key, self.cache_dir / source.cache_key)
-            return Student.load(folder)
+            return ServedStudent(Student.load(folder))
         except Unavailable:
             raise
         except Exception as exc:
             log.exception("could not load model %s", source.cache_key)
             raise Unavailable(f"model {source.cache_key} could not be loaded: {exc}") from exc
 
-    def student(self, source: ModelSource) -> Any:
-        """The loaded student for `source` (loading it on first use)."""
+    def loaded(self, source: ModelSource) -> ServedStudent:
+        """The loaded model for `source` (loading it on first use: call off the event loop)."""
         return self._get(source.cache_key, lambda: self._load(source))
 
-    def encode(self, source: ModelSource, texts: list[str], input_type: str) -> Encoded:
-        """Embed `texts` as queries or passages with the model's prefixes and pooling."""
-        student = self.student(source)
-        if input_type == "query":
-            vectors = student.encode_queries(texts, batch_size=self.batch_size)
-        else:
-            vectors = student.encode_passages(texts, batch_size=self.batch_size)
-        vectors = np.asarray(vectors, dtype=np.float32)
-        return Encoded(vectors=vectors, tokens=_count_tokens(student, texts))
+    def student(self, source: ModelSource) -> Any:
+        """The loaded ml_core Student for `source`."""
+        return self.loaded(source).student
+
+    async def served(self, source: ModelSource) -> ServedStudent:
+        """The loaded model for `source`; a first load runs on a worker thread."""
+        with self._lock:
+            served = self._loaded.get(source.cache_key)
+            if served is not None:
+                self._loaded.move_to_end(source.cache_key)
+                return served
+        return await run_in_threadpool(self.loaded, source)
+
+    async def embed(self, served: ServedStudent, source: ModelSource,
+                    tokenized: Tokenized) -> np.ndarray:
+        """float32 [n, dim] vectors of the tokenized inputs, batched with concurrent requests."""
+        try:
+            return await self.batcher.run(source.cache_key, served.encode_ids, tokenized.ids,
+                                          [len(row) for row in tokenized.ids])
+        except Overloaded as exc:
+            raise Unavailable(f"the embedding queue is full ({exc}); retry shortly",
+                              headers={"Retry-After": "1"}) from exc
 
     def clear(self) -> None:
         """Forget every loaded model (tests; memory pressure)."""
         with self._lock:
             self._loaded.clear()
+
+    def close(self) -> None:
+        """Stop the encoder threads (application shutdown)."""
+        if self._batcher is not None:
+            self._batcher.close()
 
 
 def remove_cached(cache_dir: Path, model_id: str) -> None:

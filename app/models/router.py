@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, Query, Response, status
 from fastapi.responses import RedirectResponse, StreamingResponse
 
 from app.deps import CurrentTenant, PageDep, RegistryDep, SessionDep, SettingsDep, StoreDep
 from app.errors import InvalidRequest, NotFound, Unauthorized, responses
 from app.models import service
+from app.models.onnx_archive import ensure_onnx_archive
 from app.models.schemas import ModelList, ModelRead
 from app.storage import ObjectStore
 
@@ -64,24 +67,34 @@ def download_model(
     tenant: CurrentTenant,
     store: StoreDep,
     settings: SettingsDep,
+    onnx: Annotated[bool, Query(description="Add `onnx/model.onnx`, an ONNX export with the "
+                                "same vectors (built on the first request: seconds).")] = False,
 ) -> Response:
-    """Download a tuned model as a .tar.gz sentence-transformers folder."""
+    """Download a tuned model as a .tar.gz sentence-transformers folder (with `?onnx=true`, an
+    ONNX export of it inside too)."""
     if not model_id.startswith(service.TUNED_PREFIX):
         raise NotFound(
             f"model {model_id} is a base model: only tuned models can be downloaded",
             resource="model", id=model_id,
         )
     model = service.get_tuned(session, tenant, model_id)
-    url = store.presigned_url(model.object_key, settings.presigned_url_expires)
+    key = model.object_key
+    if onnx:
+        session.commit()  # no connection held while the export runs
+        if not store.exists(model.object_key):
+            raise NotFound(f"model {model_id} has no archive", resource="model", id=model_id)
+        key = ensure_onnx_archive(store, model, Path(settings.embed_cache_dir) / "onnx")
+    url = store.presigned_url(key, settings.presigned_url_expires)
     if url is not None:
         return RedirectResponse(url, status_code=status.HTTP_307_TEMPORARY_REDIRECT)
-    if not store.exists(model.object_key):
+    if not store.exists(key):
         raise NotFound(f"model {model_id} has no archive", resource="model", id=model_id)
+    filename = f"{model.id}-onnx.tar.gz" if onnx else f"{model.id}.tar.gz"
     return StreamingResponse(
-        _stream(store, model.object_key),
+        _stream(store, key),
         media_type="application/gzip",
         headers={
-            "Content-Disposition": f'attachment; filename="{model.id}.tar.gz"',
-            "Content-Length": str(store.size(model.object_key)),
+            "Content-Disposition": f'attachment; filename="{filename}"',
+            "Content-Length": str(store.size(key)),
         },
     )

@@ -31,13 +31,13 @@ def tuned_read(model: TunedModel) -> ModelRead:
     )
 
 
-def get_base_spec(registry: ModelRegistry, name: str) -> ModelSpec:
-    """The registry spec of base student `name` (404 for unknown names and non-students)."""
+def get_base_spec(registry: ModelRegistry, name: str, role: str = "student") -> ModelSpec:
+    """The registry spec of model `name` in `role` (404 for unknown names and other roles)."""
     try:
         spec = registry.get(name)
     except KeyError:
         spec = None
-    if spec is None or spec.role != "student":
+    if spec is None or spec.role != role:
         raise NotFound(f"model {name} not found", resource="model", id=name)
     return spec
 

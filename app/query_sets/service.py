@@ -13,7 +13,7 @@ from app.ids import new_id
 from app.storage import ObjectStore, stored_until_committed
 from app.uploads import SpooledFile
 from ml_core.corpus import CorpusError
-from ml_core.pipeline import read_supplied_queries
+from ml_core.stages.generate import read_supplied_queries
 
 
 def create_query_set(

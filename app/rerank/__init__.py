@@ -1,0 +1,1 @@
+"""Reranking: POST /v1/rerank scores documents against a query with a catalogued teacher."""

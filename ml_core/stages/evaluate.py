@@ -1,0 +1,132 @@
+"""Evaluate: the tuned model + test queries -> report.json (base vs tuned nDCG@10, the teacher
+check, and whether to use the tuned model)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ml_core.manifest import read_manifest
+from ml_core.records import Passage, Query
+from ml_core.stages.context import (
+    StageContext,
+    StageError,
+    StageOutput,
+    load_passages,
+    load_queries,
+)
+from ml_core.stages.generate import query_key
+
+Qrels = dict[str, dict[str, int]]
+
+
+def run(ctx: StageContext, out: Path) -> StageOutput:
+    """Score the base and the tuned model on the customer's judgements (else the held-out
+    synthetic queries) and write the report; returns ({queries}, the headline figures)."""
+    from ml_core.evaluation import build_report, evaluate_retriever, teacher_check
+    from ml_core.student import Student, resolve_precision
+    from ml_core.teacher import load_teacher
+
+    cfg = ctx.config
+    passages = load_passages(ctx)
+    if ctx.eval_queries and ctx.eval_qrels:
+        judgements = "customer"
+        queries, qrels, excluded = _customer_judgements(ctx, ctx.eval_queries, ctx.eval_qrels)
+        check_queries = queries
+    else:
+        judgements = "synthetic"
+        excluded = 0
+        queries, check_queries, qrels = _synthetic_judgements(ctx, passages)
+    if not queries:
+        if excluded:
+            reason = "every judged query was also a training query"
+        elif not cfg.generation.synthetic:
+            reason = "a job without synthetic queries (generation.synthetic off) needs judgements"
+        else:
+            reason = "supply judgements or a larger passage sample"
+        raise StageError(f"no evaluation queries: {reason}")
+
+    history = json.loads((ctx.stage_dir("distill") / "history.json").read_text())
+    # Training that never beat the base on dev loss exports the base's own weights (no
+    # averaging), so the tuned model's scores are the base's: encoding the corpus again would
+    # only cost time and add bf16 batch noise between two identical models.
+    base_kept = history["best_epoch"] == 0
+    base = Student.load(ctx.registry.path(cfg.student))
+    precision = resolve_precision(cfg.encode_precision, base.device)
+    base.encode_precision = precision
+    base_vectors = np.load(ctx.stage_dir("filter") / "base_passage_vectors.npy")
+    ctx.progress(0.05, f"evaluating base model on {len(queries)} queries")
+    base_metrics = evaluate_retriever(base, passages, queries, qrels, passage_vectors=base_vectors)
+    if base_kept:
+        ctx.progress(0.35, "training kept the base model: its scores are the tuned model's")
+        tuned_metrics = copy.deepcopy(base_metrics)
+    else:
+        ctx.progress(0.35, "evaluating tuned model")
+        tuned = Student.load(ctx.stage_dir("distill") / "model")
+        tuned.encode_precision = precision
+        tuned_metrics = evaluate_retriever(tuned, passages, queries, qrels)
+    ctx.progress(0.75, "checking the teacher against the student")
+    teacher = load_teacher(ctx.registry.get(cfg.teacher), ctx.registry)
+    check = teacher_check(
+        base,
+        teacher,
+        passages,
+        check_queries,
+        qrels,
+        passage_vectors=base_vectors,
+        depth=cfg.evaluation.teacher_check_depth,
+        max_queries=cfg.evaluation.teacher_check_queries,
+        seed=cfg.seed,
+    )
+    distill_counts = (read_manifest(ctx.stage_dir("distill")) or {}).get("counts", {})
+    report = build_report(base_metrics, tuned_metrics, check, cfg.evaluation, judgements,
+                          base_kept=base_kept, dev_queries=distill_counts.get("dev_queries"))
+    report["models"] = {"student": cfg.student, "teacher": cfg.teacher, "generator": cfg.generator}
+    report["encode_precision"] = precision
+    if excluded:
+        report["excluded_trained_queries"] = excluded
+    report["recipe"] = cfg.model_dump(mode="json")
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return {"queries": len(queries)}, {
+        "base_ndcg@10": report["base"]["ndcg@10"],
+        "tuned_ndcg@10": report["tuned"]["ndcg@10"],
+        "recommended": report["recommended"],
+    }
+
+
+def _customer_judgements(
+    ctx: StageContext, queries_path: Path, qrels_path: Path
+) -> tuple[list[Query], Qrels, int]:
+    """The customer's judged queries, less those also given as training queries (which would
+    grade the model on its own homework); returns (queries, qrels, how many were left out)."""
+    from ml_core.corpus import read_qrels, read_queries
+
+    queries = list(read_queries(queries_path))
+    qrels = read_qrels(qrels_path)
+    queries = [q for q in queries if q.id in qrels]
+    trained = {
+        query_key(q.text)
+        for q in load_queries(ctx.stage_dir("generate") / "queries.jsonl")
+        if not q.source_id
+    }
+    kept = [q for q in queries if query_key(q.text) not in trained]
+    return kept, qrels, len(queries) - len(kept)
+
+
+def _synthetic_judgements(
+    ctx: StageContext, passages: list[Passage]
+) -> tuple[list[Query], list[Query], Qrels]:
+    """(held-out queries the teacher confirmed, every held-out query, their source documents).
+
+    Base vs tuned is scored on the confirmed ones, which drops the generator's misses; the
+    teacher check uses all of them, since on the confirmed ones the teacher wins by construction.
+    """
+    generated = load_queries(ctx.stage_dir("generate") / "queries.jsonl")
+    kept = {q.id for q in load_queries(ctx.stage_dir("filter") / "queries.jsonl")}
+    by_id = {p.id: p for p in passages}
+    held_out = [q for q in generated if q.split == "test"]
+    qrels = {q.id: {by_id[q.source_id].document_id: 1} for q in held_out}
+    return [q for q in held_out if q.id in kept], held_out, qrels

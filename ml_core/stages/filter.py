@@ -1,0 +1,96 @@
+"""Filter: queries + passages -> candidates.jsonl (teacher-scored lists) and queries.jsonl (the
+queries the round trip kept)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ml_core.records import write_jsonl
+from ml_core.stages.context import (
+    StageContext,
+    StageError,
+    StageOutput,
+    load_passages,
+    load_queries,
+)
+
+if TYPE_CHECKING:
+    from ml_core.student import Student
+
+
+def run(ctx: StageContext, out: Path) -> StageOutput:
+    """Mine candidates (student + BM25 + helpers, fused), score them with the teacher and keep
+    the queries that pass the round trip; returns ({kept, generated}, the filter's summary)."""
+    from ml_core.candidates import mine_candidates, score_and_filter
+    from ml_core.student import Student, resolve_precision
+    from ml_core.teacher import load_teacher
+
+    cfg = ctx.config
+    passages = load_passages(ctx)
+    queries = load_queries(ctx.stage_dir("generate") / "queries.jsonl")
+    student = Student.load(ctx.registry.path(cfg.student))
+    student.encode_precision = resolve_precision(cfg.encode_precision, student.device)
+    teacher = load_teacher(ctx.registry.get(cfg.teacher), ctx.registry)
+
+    helper_names = [name for name in cfg.candidates.helpers if name != cfg.student]
+    helpers = [_load_helper(ctx, name) for name in helper_names]
+
+    ctx.progress(0.0, f"encoding {len(passages)} passages with the student "
+                      f"({student.encode_precision})")
+    vectors = student.encode_passages(passages)
+    np.save(out / "base_passage_vectors.npy", vectors)  # reused by evaluate for the base model
+    helper_vectors = []
+    for n, (name, helper) in enumerate(zip(helper_names, helpers, strict=True)):
+        ctx.progress(0.1 + 0.1 * n / len(helpers),
+                     f"encoding {len(passages)} passages with helper {name!r}")
+        helper_vectors.append(helper.encode_passages(passages))
+    ctx.progress(0.2, "retrieving candidates (student + BM25"
+                      + "".join(f" + {name}" for name in helper_names) + ", fused)")
+    candidates = mine_candidates(
+        queries, passages, student, cfg.candidates, passage_vectors=vectors,
+        helpers=list(zip(helpers, helper_vectors, strict=True)),
+    )
+    result = score_and_filter(
+        queries,
+        candidates,
+        passages,
+        teacher,
+        cfg.candidates,
+        progress=lambda f, m: ctx.progress(0.3 + 0.7 * f, m),
+    )
+    if not result.lists:
+        raise StageError("no synthetic query survived the teacher's round-trip filter")
+    kept = {sl.query_id for sl in result.lists}
+    write_jsonl(out / "candidates.jsonl", result.lists)
+    write_jsonl(out / "relabeled.jsonl", result.relabeled)
+    write_jsonl(
+        out / "teacher_scores.jsonl",
+        (
+            {"query_id": qid, "passage_ids": list(scores), "raw_scores": list(scores.values())}
+            for qid, scores in result.raw_scores.items()
+        ),
+    )
+    write_jsonl(out / "queries.jsonl", (q for q in queries if q.id in kept))
+    summary = {**result.summary, "helpers": helper_names}
+    (out / "filter.json").write_text(json.dumps(summary, indent=2))
+    return {"kept": len(kept), "generated": len(queries)}, summary
+
+
+def _load_helper(ctx: StageContext, name: str) -> Student:
+    """A helper retriever (candidates.helpers) from the registry: a bi-encoder, not trained."""
+    from ml_core.student import Student, resolve_precision
+
+    try:
+        spec = ctx.registry.get(name)
+    except KeyError as exc:
+        raise StageError(f"candidates.helpers: {exc.args[0]}") from None
+    if spec.role != "student":
+        raise StageError(f"candidates.helpers: model {name!r} is a {spec.role}, not a bi-encoder "
+                         "(role student)")
+    helper = Student.load(spec)
+    helper.encode_precision = resolve_precision(ctx.config.encode_precision, helper.device)
+    return helper

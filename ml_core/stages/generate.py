@@ -1,0 +1,82 @@
+"""Generate: the sampled passages -> queries.jsonl (synthetic queries, one per passage per query
+type, plus any the customer supplied as training queries)."""
+
+from __future__ import annotations
+
+import dataclasses
+import unicodedata
+from pathlib import Path
+from typing import Any
+
+from ml_core.config import LLM_QUERY_TYPES
+from ml_core.records import Query, write_jsonl
+from ml_core.stages.context import (
+    StageContext,
+    StageError,
+    StageOutput,
+    load_passages,
+    load_splits,
+)
+
+# The query type of the customer's own queries (no source passage; see read_supplied_queries).
+SUPPLIED = "supplied"
+
+
+def run(ctx: StageContext, out: Path) -> StageOutput:
+    """Write the synthetic and supplied training queries; returns ({queries, per_type}, {})."""
+    from ml_core.generation import TransformersGenerator, generate_queries, load_generator
+
+    cfg = ctx.config
+    supplied = read_supplied_queries(ctx.train_queries) if ctx.train_queries else []
+    if not cfg.generation.synthetic:
+        if not supplied:
+            raise StageError("generation.synthetic is off and no training queries were given: "
+                             "supply the customer's queries or turn synthetic generation on")
+        write_jsonl(out / "queries.jsonl", supplied)
+        return {"queries": len(supplied), "per_type": {SUPPLIED: len(supplied)}}, {}
+    splits = load_splits(ctx)
+    by_id = {p.id: p for p in load_passages(ctx)}
+    sample = [by_id[pid] for pid in splits]
+    generator = None  # extractive query types only: no model to load
+    if any(t in LLM_QUERY_TYPES for t in cfg.generation.query_types):
+        # A hosted model behind an OpenAI-compatible endpoint is named, not stored locally.
+        source = (
+            cfg.generator if cfg.generation.backend == "openai"
+            else ctx.registry.get(cfg.generator)
+        )
+        generator = load_generator(cfg.generation, source, ctx.registry)
+    queries = generate_queries(sample, cfg.generation, generator, cfg.seed, ctx.progress)
+    queries = [dataclasses.replace(q, split=splits[q.source_id]) for q in queries]
+    if not queries:
+        raise StageError("the generator produced no usable queries")
+    queries += supplied
+    write_jsonl(out / "queries.jsonl", queries)
+    per_type: dict[str, int] = {}
+    for q in queries:
+        per_type[q.query_type] = per_type.get(q.query_type, 0) + 1
+    stats: dict[str, Any] = {"queries": len(queries), "per_type": per_type}
+    if isinstance(generator, TransformersGenerator):
+        stats["precision"] = generator.precision
+    return stats, {}
+
+
+def read_supplied_queries(path: Path) -> list[Query]:
+    """The customer's unlabelled queries (BEIR queries.jsonl; CorpusError names a bad line) as
+    training queries without a source passage: ids prefixed "supplied:" so they never meet a
+    synthetic id, repeats (same normalised text) kept once so none sits in train and dev both.
+    The split (train/dev) is drawn at training time."""
+    from ml_core.corpus import read_queries
+
+    seen: set[str] = set()
+    queries = []
+    for query in read_queries(path):
+        key = query_key(query.text)
+        if key and key not in seen:
+            seen.add(key)
+            queries.append(Query(f"{SUPPLIED}:{query.id}", query.text, SUPPLIED))
+    return queries
+
+
+def query_key(text: str) -> str:
+    """When two queries are the same query: NFKC, case and spacing aside (digits count)."""
+    return " ".join(unicodedata.normalize("NFKC", text).lower().split())

@@ -1,0 +1,61 @@
+"""Prepare: the corpus file -> passages.jsonl (hygiene, chunks) and sample.jsonl (the splits)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from ml_core.records import write_jsonl
+from ml_core.stages.context import StageContext, StageError, StageOutput
+
+
+def run(ctx: StageContext, out: Path) -> StageOutput:
+    """Clean and chunk the corpus, sample passages for generation and split them by passage;
+    returns (document, passage and split counts, {"hygiene": what hygiene dropped})."""
+    from ml_core.candidates import split_by_passage
+    from ml_core.corpus import chunk_passages, clean_passages, iter_corpus, sample_passages
+    from ml_core.student import Student
+
+    cfg = ctx.config
+    ctx.progress(0.0, "reading corpus")
+    documents = list(iter_corpus(ctx.corpus_path))
+    cleaned, hygiene = clean_passages(documents, cfg.corpus)
+    ctx.progress(0.3, "chunking long passages")
+    student = Student.load(ctx.registry.path(cfg.student))
+    max_tokens = min(cfg.training.max_passage_length, student.max_passage_length)
+    passages = chunk_passages(
+        cleaned,
+        student.tokenizer,
+        max_tokens,
+        cfg.corpus.chunk_overlap_tokens,
+        reserved_tokens=student.prefix_tokens("passage"),
+    )
+    if not passages:
+        raise StageError("the corpus has no passages left after hygiene")
+    write_jsonl(out / "passages.jsonl", passages)
+
+    # Split by passage: test passages are held out of training entirely; the rest is 90/10.
+    sample = sample_passages(passages, cfg.generation.passages, cfg.seed)
+    ids = [p.id for p in sample]
+    test_share = cfg.evaluation.test_fraction
+    dev_share = cfg.training.dev_fraction * (1 - test_share)
+    splits = split_by_passage(
+        ids,
+        {"test": test_share, "dev": dev_share, "train": 1 - test_share - dev_share},
+        cfg.seed,
+        groups={p.id: p.document_id for p in sample},
+    )
+    write_jsonl(out / "sample.jsonl", ({"id": pid, "split": splits[pid]} for pid in ids))
+    report = dataclasses.asdict(hygiene)
+    (out / "hygiene.json").write_text(json.dumps(report, indent=2))
+    split_counts = {
+        name: sum(1 for s in splits.values() if s == name) for name in ("train", "dev", "test")
+    }
+    counts = {
+        "documents": len(documents),
+        "passages": len(passages),
+        "sampled": len(ids),
+        **split_counts,
+    }
+    return counts, {"hygiene": report}

@@ -1,0 +1,118 @@
+"""The micro-batcher: concurrent requests share batches, each gets its own rows back."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from app.embeddings.batching import Batcher, Overloaded
+
+
+class Recorder:
+    """A runner that remembers every batch it ran; row = [payload, batch number]."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.batches: list[list[int]] = []
+        self.delay = delay
+        self.threads: set[str] = set()
+
+    def __call__(self, payloads: list[int]) -> np.ndarray:
+        self.threads.add(threading.current_thread().name)
+        time.sleep(self.delay)
+        self.batches.append(list(payloads))
+        return np.array([[p, len(self.batches)] for p in payloads], dtype=np.float32)
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_rows() -> None:
+    batcher = Batcher(token_budget=10_000, max_wait_s=0.05)
+    runner = Recorder()
+
+    async def main() -> list[np.ndarray]:
+        requests = [batcher.run("m", runner, [i * 10 + j for j in range(i % 3 + 1)],
+                                [5] * (i % 3 + 1)) for i in range(32)]
+        return await asyncio.gather(*requests)
+
+    results = asyncio.run(main())
+    batcher.close()
+    for i, rows in enumerate(results):
+        assert rows[:, 0].tolist() == [i * 10 + j for j in range(i % 3 + 1)]
+    assert len(runner.batches) < 32 / 4  # shared batches, not one per request
+    assert runner.threads == {"encoder-0"}  # never on the event loop
+
+
+def test_a_window_is_length_sorted_and_cut_at_the_token_budget() -> None:
+    batcher = Batcher(token_budget=100, max_wait_s=0.0)
+    from app.embeddings.batching import _Row
+
+    rows = [_Row(None, i, cost) for i, cost in enumerate([5, 40, 10, 30, 45, 5])]  # type: ignore[arg-type]
+    batches = batcher.split(rows)
+    costs = [[row.cost for row in batch] for batch in batches]
+    assert costs == [[45, 40], [30, 10, 5], [5]]
+    assert all(len(b) * b[0].cost <= 100 for b in batches)
+
+
+def test_a_large_request_does_not_hold_back_small_ones_behind_it() -> None:
+    batcher = Batcher(token_budget=40, max_wait_s=0.02)
+    runner = Recorder(delay=0.01)
+    order: list[str] = []
+
+    async def main() -> None:
+        async def tagged(name: str, payloads: list[int]) -> None:
+            await batcher.run("m", runner, payloads, [10] * len(payloads))
+            order.append(name)
+
+        big = asyncio.create_task(tagged("big", list(range(100, 140))))
+        await asyncio.sleep(0)  # the big request is queued first
+        await asyncio.gather(big, tagged("small", [1]))
+
+    asyncio.run(main())
+    batcher.close()
+    assert order == ["small", "big"]
+    # It rode in the first window or, had the encoder started before it was queued, the next.
+    assert 1 in runner.batches[0] + runner.batches[1]
+
+
+def test_a_failing_batch_fails_its_requests_and_the_encoder_goes_on() -> None:
+    batcher = Batcher(token_budget=1_000, max_wait_s=0.0)
+
+    def runner(payloads: list[int]) -> np.ndarray:
+        if -1 in payloads:
+            raise RuntimeError("bad input")
+        return np.array([[p] for p in payloads], dtype=np.float32)
+
+    async def main() -> None:
+        with pytest.raises(RuntimeError, match="bad input"):
+            await batcher.run("m", runner, [-1], [1])
+        assert (await batcher.run("m", runner, [7], [1]))[0, 0] == 7
+
+    asyncio.run(main())
+    batcher.close()
+
+
+def test_a_full_queue_refuses_new_requests() -> None:
+    batcher = Batcher(token_budget=10, max_wait_s=0.0, max_queued_rows=4)
+    started = threading.Event()
+    release = threading.Event()
+
+    def runner(payloads: list[int]) -> np.ndarray:
+        started.set()
+        release.wait(5)
+        return np.zeros((len(payloads), 1), dtype=np.float32)
+
+    async def main() -> None:
+        first = asyncio.create_task(batcher.run("m", runner, [1], [10]))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        queued = asyncio.create_task(batcher.run("m", runner, [1, 2, 3], [10, 10, 10]))
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded):
+            await batcher.run("m", runner, [1, 2], [10, 10])
+        release.set()
+        await asyncio.gather(first, queued)
+
+    asyncio.run(main())
+    batcher.close()
