@@ -31,8 +31,9 @@ from app.console.web import (
 )
 from app.corpora import service as corpora
 from app.deps import Page, RegistryDep, SessionDep, SettingsDep, StoreDep
+from app.embeddings.router import embed_texts, source_for
 from app.embeddings.schemas import EmbedRequest
-from app.embeddings.service import EmbeddingModels, resolve_source
+from app.embeddings.service import EmbeddingModels
 from app.errors import AppError, NotFound
 from app.models import service as models
 from app.models.router import download_model
@@ -216,7 +217,7 @@ def embed_page(
 
 
 @router.post("/embed")
-def embed_try(
+async def embed_try(
     request: Request,
     session: SessionDep,
     user: CurrentUser,
@@ -229,32 +230,35 @@ def embed_try(
     check_csrf(user, csrf)
     form = {"model": model, "query": query, "passages": passages}
     texts = [line.strip() for line in passages.splitlines() if line.strip()]
+    encoder: EmbeddingModels = request.app.state.embedding_models
     try:
         if not query.strip():
             raise ValueError("write a query")
         if len(texts) > MAX_PASSAGES:
             raise ValueError(f"at most {MAX_PASSAGES} passages, one per line")
-        query_request = EmbedRequest(model=model, inputs=[query.strip()], input_type="query")
-        source = resolve_source(session, user.tenant, registry, query_request.model)
-        session.commit()  # release the connection before the (slow) encoding
-        encoder: EmbeddingModels = request.app.state.embedding_models
-        query_vector = encoder.encode(source, query_request.inputs, "query").vectors[0]
+        body = EmbedRequest(model=model, inputs=[query.strip()], input_type="query")
+        # The /v1/embed path itself: the same model lookup, tokenization and batching.
+        source = await source_for(session, user.tenant, registry, body.model)
+        vectors, _ = await embed_texts(encoder, source, body.inputs, "query", True, None,
+                                       "query")
+        query_vector = vectors[0]
         ranked = []
         if texts:
-            EmbedRequest(model=model, inputs=texts, input_type="passage")
-            vectors = encoder.encode(source, texts, "passage").vectors
-            scores = vectors @ query_vector / (
-                np.linalg.norm(vectors, axis=1) * np.linalg.norm(query_vector) + 1e-12
+            passage_vectors, _ = await embed_texts(encoder, source, texts, "passage", True,
+                                                   None, "passages")
+            scores = passage_vectors @ query_vector / (
+                np.linalg.norm(passage_vectors, axis=1) * np.linalg.norm(query_vector) + 1e-12
             )
             ranked = sorted(zip(texts, scores.tolist(), strict=True), key=lambda r: -r[1])
     except (ValueError, ValidationError, AppError) as exc:
         message, status = explain_error(exc)
-        return _embed_page(request, session, user, registry, status, form=form, error=message)
+        return await run_in_threadpool(_embed_page, request, session, user, registry, status,
+                                       form=form, error=message)
     result = {
         "dim": int(query_vector.shape[0]),
         "norm": float(np.linalg.norm(query_vector)),
         "head": [float(v) for v in query_vector[:8]],
         "ranked": ranked,
     }
-    return _embed_page(request, session, user, registry, form=form, result=result)
-
+    return await run_in_threadpool(_embed_page, request, session, user, registry, form=form,
+                                   result=result)
