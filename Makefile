@@ -6,11 +6,13 @@ STORE  ?= var/models
 
 .PHONY: setup browser models demo test lint openapi bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch==2.13.0 resolves to the CPU build on these machines; see README "The two commands".
+	# torch is pinned to the exact CPU build (pyproject.toml); see README "The two commands".
 	$(PY) -m pip install -q -e '.[dev]'
+	# The customer's client and CLI (its own package, httpx + rich only); the tests drive it.
+	$(PY) -m pip install -q -e clients/python
 	touch $@
 
 setup: $(VENV)/.installed
@@ -39,7 +41,7 @@ test: setup browser
 	$(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check app worker ml_core tests bench
+	$(VENV)/bin/ruff check app worker ml_core tests bench clients
 
 openapi: setup
 	$(PY) -m app.cli openapi > openapi.yaml

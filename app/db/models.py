@@ -1,4 +1,4 @@
-"""ORM models: the service's tables (docs/contracts.md, "Service data model")."""
+"""ORM models: the service's tables (docs/architecture.md, "Contract: service data model")."""
 
 from __future__ import annotations
 
