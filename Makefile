@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STORE  ?= var/models
 
-.PHONY: setup models demo test lint openapi bench clean
+.PHONY: setup browser models demo test lint openapi bench clean
 
 $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,18 @@ models: $(STORE)/.provisioned
 demo: setup models
 	$(PY) -m app.demo
 
-test: setup
+# The console's browser tests drive Debian's Chromium. Best effort: installed with apt-get where
+# this user may (root, or password-less sudo); elsewhere those tests skip and say why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null 2>&1 && \
+	    $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } || \
+	  echo "chromium not installed: the console's browser tests will skip"; }
+
+test: setup browser
 	$(PY) -m pytest -q
 
 lint: setup

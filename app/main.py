@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from app.api_docs import document_common_responses
 from app.api_keys.router import router as api_keys_router
 from app.auth import limiter_for
+from app.console import install_console
 from app.corpora.router import router as corpora_router
 from app.db.session import make_engine, make_session_factory
 from app.embeddings.router import openai_router
@@ -93,6 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         api_keys_router,
     ):
         app.include_router(router)
+    install_console(app)
     document_common_responses(app)
     return app
 

@@ -404,6 +404,8 @@ def download_and_compare(client: httpx.Client, model_id: str, target: Path) -> N
     with tarfile.open(archive, "r:gz") as tar:
         tar.extractall(target / "unpacked", filter="data")
     folder = target / "unpacked" / model_id
+    # The report for people travels with the model (and does not disturb loading it).
+    assert "Evaluation report" in (folder / "report.html").read_text(encoding="utf-8")
 
     def served(texts: list[str], kind: str) -> list[list[float]]:
         response = client.post(

@@ -1,4 +1,4 @@
-"""Migration 0004_api_keys on both databases: a key made before it keeps working as a `train`
+"""Migration 0005 (API keys) on both databases: a key made before it keeps working as a `train`
 key without expiry, and the migration goes down and up again."""
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 
 def test_a_key_from_before_the_migration_becomes_a_train_key(fresh_url: str) -> None:
-    upgrade(fresh_url, "0003")
+    upgrade(fresh_url, "0004")
     key = new_api_key()
     engine = make_engine(fresh_url)
     try:
@@ -58,7 +58,7 @@ def test_a_key_from_before_the_migration_becomes_a_train_key(fresh_url: str) -> 
                 {"prefix": api_key_lookup_prefix(key), "hash": hash_api_key(key),
                  "now": utcnow()},
             )
-        upgrade(fresh_url, "0004_api_keys")
+        upgrade(fresh_url, "0005")
         with Session(engine) as session:
             verified = verify_key(session, key)
             assert verified is not None
@@ -68,7 +68,7 @@ def test_a_key_from_before_the_migration_becomes_a_train_key(fresh_url: str) -> 
         # The scope is checked by the database too.
         with pytest.raises(Exception, match="(?i)check|constraint"), engine.begin() as connection:
             connection.execute(text("UPDATE api_keys SET scope = 'admin'"))
-        command.downgrade(alembic_config(fresh_url), "0003")
+        command.downgrade(alembic_config(fresh_url), "0004")
         with engine.connect() as connection:
             columns = connection.execute(text("SELECT * FROM api_keys")).keys()
             assert "scope" not in columns

@@ -8,9 +8,12 @@ presence marks the stage done), so any worker on any host can fetch what earlier
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 import tarfile
+import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from app.settings import Settings
@@ -93,18 +96,31 @@ def upload_stage(store: ObjectStore, job_id: str, stage: str, folder: Path) -> i
 
 
 def publish_model(
-    store: ObjectStore, model_dir: Path, model_id: str, archive: Path
+    store: ObjectStore,
+    model_dir: Path,
+    model_id: str,
+    archive: Path,
+    extras: Mapping[str, str] | None = None,
 ) -> tuple[str, str]:
     """Store the tuned model as a folder and as a tar.gz (built at `archive`); returns the
-    archive's key and the folder's key prefix."""
+    archive's key and the folder's key prefix. `extras` are text files for people added to the
+    published folder beside the model's own (name -> content, e.g. the report.html page); the
+    stage's model folder itself is left as distill wrote it."""
     object_key = f"models/{model_id}/model.tar.gz"
     folder_key = f"models/{model_id}/model/"
+    added = {name: text.encode("utf-8") for name, text in (extras or {}).items()}
     archive.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive, "w:gz") as tar:
         # One top-level folder named after the model, so extracting never spills files.
         tar.add(model_dir, arcname=model_id)
+        for name, data in added.items():
+            info = tarfile.TarInfo(f"{model_id}/{name}")
+            info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
+            tar.addfile(info, io.BytesIO(data))
     for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
         store.put_file(folder_key + path.relative_to(model_dir).as_posix(), path)
+    for name, data in added.items():
+        store.put_bytes(folder_key + name, data)
     store.put_file(object_key, archive)
     return object_key, folder_key
 

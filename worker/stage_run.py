@@ -21,6 +21,7 @@ from app.db.models import Corpus, EvalSet, Job, QuerySet, TunedModel
 from app.db.session import session_scope
 from app.jobs import lifecycle
 from app.jobs.lifecycle import StageOutcome
+from app.reports import render_report_from_stages
 from app.settings import Settings
 from app.storage import ObjectNotFound
 from ml_core.config import RecipeConfig
@@ -221,6 +222,18 @@ class StageRun:
         with session_scope() as session:
             lifecycle.advance(session, self.job_id, next_stage, task_id)
 
+    def _pages_for_people(self, model_id: str) -> dict[str, str]:
+        """report.html for the published model folder. A page that cannot be drawn is logged
+        and left out: it must never fail a job whose model is ready."""
+        try:
+            page = render_report_from_stages(
+                self.workdir, facts=[("job", self.job_id), ("model", model_id)]
+            )
+        except Exception:
+            log.exception("job %s: the report page could not be rendered", self.job_id)
+            return {}
+        return {"report.html": page}
+
     def _finish(self) -> None:
         """Publish the tuned model, create its row and mark the job succeeded."""
         self._raise_if_stopped()
@@ -229,7 +242,9 @@ class StageRun:
         with session_scope() as session:
             model_id = lifecycle.reserve_model_id(session, self.job_id)
         archive = self.workdir / "export" / "model.tar.gz"
-        object_key, folder_key = publish_model(self.store, model_dir, model_id, archive)
+        object_key, folder_key = publish_model(
+            self.store, model_dir, model_id, archive, extras=self._pages_for_people(model_id)
+        )
         model = TunedModel(
             id=model_id,
             tenant_id=self.inputs.tenant_id,

@@ -3,8 +3,8 @@
 Existing keys become `train` keys without an expiry (what they could do before); existing eval
 and query sets count 0 stored bytes until re-uploaded (their size was not recorded).
 
-Revision ID: 0004_api_keys
-Revises: 0003
+Revision ID: 0005
+Revises: 0004
 Create Date: 2026-12-05
 """
 
@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0004_api_keys"
-down_revision: str | Sequence[str] | None = "0003"
+revision: str = "0005"
+down_revision: str | Sequence[str] | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
