@@ -11,12 +11,16 @@ import hashlib
 import json
 import shutil
 import tarfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from app.settings import Settings
 from app.storage import ObjectNotFound, ObjectStore, copy_store_to_tree, object_store_from_url
+from ml_core.export import write_model_card
 from ml_core.pipeline import MANIFEST, StageError
 from ml_core.records import ProgressFn
+from ml_core.registry import ModelSpec
 
 # Files a stage writes for its own resume or bookkeeping that other hosts never need:
 # distill's training state and best-checkpoint copy (model/ holds the same weights).
@@ -93,12 +97,24 @@ def upload_stage(store: ObjectStore, job_id: str, stage: str, folder: Path) -> i
 
 
 def publish_model(
-    store: ObjectStore, model_dir: Path, model_id: str, archive: Path
+    store: ObjectStore,
+    model_dir: Path,
+    model_id: str,
+    archive: Path,
+    *,
+    report: Mapping[str, Any] | None = None,
+    base: ModelSpec | None = None,
+    recipe: Mapping[str, Any] | None = None,
 ) -> tuple[str, str]:
     """Store the tuned model as a folder and as a tar.gz (built at `archive`); returns the
-    archive's key and the folder's key prefix."""
+    archive's key and the folder's key prefix. Given the evaluate report and the base model's
+    spec, the folder first gets its model card (README.md: base model, recipe, figures,
+    licence), so every download carries it."""
     object_key = f"models/{model_id}/model.tar.gz"
     folder_key = f"models/{model_id}/model/"
+    if report is not None and base is not None:
+        write_model_card(model_dir, dict(report), base, name=model_id,
+                         recipe=dict(recipe) if recipe is not None else None)
     archive.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive, "w:gz") as tar:
         # One top-level folder named after the model, so extracting never spills files.

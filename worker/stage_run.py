@@ -42,6 +42,21 @@ from worker.artifacts import (
 from worker.dispatch import send_stage
 from worker.leases import lease_held_by_another, raise_if_stopped
 from worker.progress import ProgressReporter, stage_end, stage_offset
+from worker.tenant_models import job_registry
+
+# What a model card says of the recipe besides its base model: the choices that shaped it.
+CARD_RECIPE = {
+    "teacher": ("teacher",),
+    "generator": ("generator",),
+    "query_types": ("generation", "query_types"),
+    "passages": ("generation", "passages"),
+    "loss": ("training", "loss"),
+    "list_size": ("training", "list_size"),
+    "learning_rate": ("training", "learning_rate"),
+    "max_epochs": ("training", "max_epochs"),
+    "base_merge": ("training", "base_merge"),
+    "seed": ("seed",),
+}
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +201,7 @@ class StageRun:
             workdir=self.workdir,
             corpus_path=corpus_path,
             config=self.config,
-            registry=ModelRegistry(Path(self.settings.model_store)),
+            registry=self._registry(),
             eval_queries=eval_queries,
             eval_qrels=eval_qrels,
             train_queries=train_queries,
@@ -194,6 +209,21 @@ class StageRun:
                 self.job_id, self.stage, self.settings.progress_interval_s, self.owner
             ),
         )
+
+    def _registry(self) -> ModelRegistry:
+        """The model store, plus the tenant's own model when the job tunes one (`mdl_...`)."""
+        return job_registry(self.settings, self.store, self.inputs.tenant_id,
+                            [self.config.student])
+
+    def _card_recipe(self) -> dict[str, Any]:
+        recipe = self.config.model_dump(mode="json")
+        card = {}
+        for name, path in CARD_RECIPE.items():
+            value: Any = recipe
+            for part in path:
+                value = value[part]
+            card[name] = value
+        return card
 
     def _stored_manifest(self) -> dict[str, Any] | None:
         try:
@@ -229,7 +259,11 @@ class StageRun:
         with session_scope() as session:
             model_id = lifecycle.reserve_model_id(session, self.job_id)
         archive = self.workdir / "export" / "model.tar.gz"
-        object_key, folder_key = publish_model(self.store, model_dir, model_id, archive)
+        base = self._registry().get(self.config.student)
+        object_key, folder_key = publish_model(
+            self.store, model_dir, model_id, archive,
+            report=report, base=base, recipe=self._card_recipe(),
+        )
         model = TunedModel(
             id=model_id,
             tenant_id=self.inputs.tenant_id,
