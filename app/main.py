@@ -8,6 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI
 
+from app.console import install_console
 from app.corpora.router import router as corpora_router
 from app.db.session import make_engine, make_session_factory
 from app.embedding_jobs.router import router as embedding_jobs_router
@@ -83,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         rerank_router,
     ):
         app.include_router(router)
+    install_console(app)
     return app
 
 

@@ -1,8 +1,9 @@
 """Object storage behind one interface: a local folder (embedded default) or S3 (production).
 
 Keys are '/'-separated relative names (`corpora/<id>/corpus.jsonl`, `jobs/<id>/<stage>/...`,
-see docs/contracts.md). Both stores stream: nothing reads a whole object into memory except the
-small-object helpers `get_bytes` / `put_bytes` (manifests, reports).
+see docs/architecture.md, "Contract: object store layout"). Both stores stream: nothing reads a
+whole object into memory except the small-object helpers `get_bytes` / `put_bytes` (manifests,
+reports).
 """
 
 from __future__ import annotations

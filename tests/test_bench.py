@@ -12,9 +12,9 @@ from bench.quality import main, merge_results
 
 def _run(name: str, base: float, tuned: float, threads: str) -> dict:
     rows = {"base": {"ndcg@10": base, "recall@100": 0.9},
-            "listwise": {"ndcg@10": tuned, "recall@100": 0.91}}
+            "infonce-e8": {"ndcg@10": tuned, "recall@100": 0.91}}
     return {"preset": "default", "torch_threads": threads,
-            "datasets": {name: {"rows": rows, "seconds": {"listwise": {"distill": 10.0}}}}}
+            "datasets": {name: {"rows": rows, "seconds": {"infonce-e8": {"distill": 10.0}}}}}
 
 
 def test_merge_keeps_each_dataset_and_each_runs_settings(tmp_path, capsys):
@@ -25,35 +25,36 @@ def test_merge_keeps_each_dataset_and_each_runs_settings(tmp_path, capsys):
     assert main(["--merge", str(first), str(second), "--out", str(out)]) == 0
     merged = json.loads(out.read_text())
     assert list(merged["datasets"]) == ["cranfield", "scifact-dev"]
-    assert merged["datasets"]["scifact-dev"]["rows"]["listwise"]["ndcg@10"] == 0.71
+    assert merged["datasets"]["scifact-dev"]["rows"]["infonce-e8"]["ndcg@10"] == 0.71
     assert [run["torch_threads"] for run in merged["runs"]] == ["1", "2"]
     printed = capsys.readouterr().out
     assert "+0.0200" in printed and "+0.0100" in printed
 
 
 def test_merge_refuses_a_variant_measured_twice():
-    with pytest.raises(SystemExit, match="'cranfield' listwise appears in more than one"):
+    with pytest.raises(SystemExit, match="'cranfield' infonce-e8 appears in more than one"):
         merge_results([_run("cranfield", 0.38, 0.39, "1"), _run("cranfield", 0.38, 0.4, "1")])
 
 
 def test_merge_joins_variants_of_one_dataset_run_in_parallel():
     other = _run("cranfield", 0.38, 0.41, "1")
-    other["datasets"]["cranfield"]["rows"]["merged"] = (
-        other["datasets"]["cranfield"]["rows"].pop("listwise"))
-    other["datasets"]["cranfield"]["seconds"] = {"merged": {"distill": 2.0}}
+    other["datasets"]["cranfield"]["rows"]["l16-e8"] = (
+        other["datasets"]["cranfield"]["rows"].pop("infonce-e8"))
+    other["datasets"]["cranfield"]["seconds"] = {"l16-e8": {"distill": 2.0}}
     merged = merge_results([_run("cranfield", 0.38, 0.39, "1"), other])
     result = merged["datasets"]["cranfield"]
     assert {row: v["ndcg@10"] for row, v in result["rows"].items()} == {
-        "base": 0.38, "listwise": 0.39, "merged": 0.41}
-    assert result["seconds"] == {"listwise": {"distill": 10.0}, "merged": {"distill": 2.0}}
+        "base": 0.38, "infonce-e8": 0.39, "l16-e8": 0.41}
+    assert result["seconds"] == {"infonce-e8": {"distill": 10.0}, "l16-e8": {"distill": 2.0}}
     other["datasets"]["cranfield"]["rows"]["base"]["ndcg@10"] = 0.37
     with pytest.raises(SystemExit, match="disagree on the base row"):
         merge_results([_run("cranfield", 0.38, 0.39, "1"), other])
 
 
 def test_variants_reuse_the_shared_stages_they_agree_on(tmp_path, capsys, model_store, monkeypatch):
-    """infonce reuses prepare/generate/filter; fused (other candidate settings) re-filters only;
-    merged (fused + base_merge) reuses fused's training and only re-exports."""
+    """infonce-e8 reuses the default's prepare/generate/filter; a variant with other candidate
+    settings re-filters only; one that differs only in the averaging with the base reuses the
+    training and only re-exports."""
     from bench import quality
     from ml_core.registry import ModelRegistry
     from tests.test_pipeline import DEMO, TINY_RECIPE
@@ -70,209 +71,106 @@ def test_variants_reuse_the_shared_stages_they_agree_on(tmp_path, capsys, model_
     (data / "qrels" / "test.tsv").write_text(
         "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\t{d}\t1\n" for i, d in enumerate(ids))
     )
-    recipe = {**TINY_RECIPE, "generation": {**TINY_RECIPE["generation"], "passages": 20}}
-    # These variants pin the lists they were measured with (8 from the top 12) and the
-    # 4-epoch cap.
+    default = quality.VARIANTS[quality.DEFAULT_VARIANT]
+    monkeypatch.setitem(quality.VARIANTS, "cross-encoder", {
+        **default, "candidates": {**default["candidates"], "teacher_signal": "cross_encoder"}})
+    monkeypatch.setitem(quality.VARIANTS, "as-trained", {
+        **default, "training": {**default["training"], "base_merge": 0.0}})
+    recipe = {**TINY_RECIPE, "generation": {**TINY_RECIPE["generation"], "passages": 12}}
+    # The variants pin the default's lists and epoch cap; a short patience keeps the test fast.
     recipe["candidates"] = {k: v for k, v in recipe["candidates"].items() if k != "top_k"}
-    recipe["training"] = {k: v for k, v in recipe["training"].items()
-                          if k not in ("list_size", "max_epochs")}
+    recipe["training"] = {**{k: v for k, v in recipe["training"].items()
+                             if k not in ("list_size", "max_epochs")}, "patience": 1}
     monkeypatch.setattr(quality, "DATASETS_ROOT", tmp_path / "data")
+    variants = [quality.DEFAULT_VARIANT, "infonce-e8", "cross-encoder", "as-trained"]
     saved: list[list[str]] = []
     result = quality.run_dataset(
-        "cranfield", "default", ["listwise", "infonce", "fused", "merged"], tmp_path / "work",
+        "cranfield", "default", variants, tmp_path / "work",
         ModelRegistry(model_store), recipe, lambda so_far: saved.append(list(so_far["rows"])),
     )
     # The result so far is handed over after every variant (a stopped run keeps those rows).
-    variants = ["listwise", "infonce", "fused", "merged"]
     assert [[v for v in variants if v in rows] for rows in saved] == [
         variants[:n] for n in range(1, 5)]
     printed = capsys.readouterr().out
     blocks = {block.split()[0]: block for block in printed.split("[cranfield] ")[1:]}
     reused = {variant: {line.split()[0] for line in block.splitlines()[1:] if "(reused)" in line}
               for variant, block in blocks.items()}
-    assert reused == {"listwise": set(), "infonce": {"prepare", "generate", "filter"},
-                      "fused": {"prepare", "generate"}, "merged": {"prepare", "generate", "filter"}}
-    assert set(result["rows"]) >= {"base", "listwise", "infonce", "fused", "merged"}
-    assert blocks["merged"].startswith("merged (training of fused)")
-    assert result["rows"]["merged"]["training_of"] == "fused"
+    assert reused == {quality.DEFAULT_VARIANT: set(),
+                      "infonce-e8": {"prepare", "generate", "filter"},
+                      "cross-encoder": {"prepare", "generate"},
+                      "as-trained": {"prepare", "generate", "filter"}}
+    assert set(result["rows"]) >= {"base", *variants}
+    assert blocks["as-trained"].startswith(f"as-trained (training of {quality.DEFAULT_VARIANT})")
+    row = result["rows"]["as-trained"]
+    assert (row["training_of"], row["base_merge"]) == (quality.DEFAULT_VARIANT, 0.0)
     # Every row carries its per-query nDCG@10 (pairwise comparisons) and its gain's interval.
-    assert set(result["rows"]["merged"]["per_query"]) == {"q0", "q1", "q2"}
-    assert result["rows"]["merged"]["significance"]["queries"] == 3
+    assert set(row["per_query"]) == {"q0", "q1", "q2"}
+    assert row["significance"]["queries"] == 3
     assert set(result["rows"]["base"]["per_query"]) == {"q0", "q1", "q2"}
-    assert "training_of" not in result["rows"]["fused"]
+    assert "training_of" not in result["rows"]["infonce-e8"]
     work = tmp_path / "work" / "cranfield"
-    history = json.loads((work / "merged" / "distill" / "history.json").read_text())
-    fused_history = json.loads((work / "fused" / "distill" / "history.json").read_text())
-    assert history["epochs"] == fused_history["epochs"]
+    history = json.loads((work / "as-trained" / "distill" / "history.json").read_text())
+    trained = json.loads((work / quality.DEFAULT_VARIANT / "distill" / "history.json").read_text())
+    assert history["epochs"] == trained["epochs"]
     # Not trained again: the copied training state (copytree keeps mtimes) was never rewritten.
     state = Path("distill") / "state" / "checkpoint.pt"
-    assert (work / "merged" / state).stat().st_mtime == (work / "fused" / state).stat().st_mtime
-    assert history["base_merge"] in (0.0, quality.MERGE_SHARE)
+    assert (work / "as-trained" / state).stat().st_mtime == (
+        work / quality.DEFAULT_VARIANT / state).stat().st_mtime
 
 
-def test_infonce_on_the_default_data_differs_from_the_default_only_in_its_loss():
-    """infonce-merged is the old default (sharp-merged) with the loss swapped and reuses
-    infonce-fused's training, as merged reuses fused's; l16-infonce is plain InfoNCE on the
-    default's queries and lists. The bench's default variant is the product's default."""
+def test_the_bench_default_is_the_product_default_and_infonce_differs_only_in_its_loss():
+    """The baseline `make bench` runs: the default's queries, lists and epoch budget, with only
+    the loss (and no averaging with the base, as other tools ship it) changed."""
     from bench.quality import DEFAULT_VARIANT, _config, _training_run_hash
     from ml_core.config import build_config
 
     default = _config("default", DEFAULT_VARIANT, {})
     assert default == build_config("default", {})
-    sharp, plain, averaged = (_config("default", v, {})
-                              for v in ("sharp-merged", "infonce-fused", "infonce-merged"))
-    assert averaged.training.loss == plain.training.loss == "infonce"
-    assert averaged.model_dump(exclude={"training": {"loss"}}) == sharp.model_dump(
-        exclude={"training": {"loss"}})
-    assert plain.training.base_merge == 0.0 < averaged.training.base_merge
-    assert _training_run_hash(plain) == _training_run_hash(averaged) != _training_run_hash(sharp)
-    # The old default pins what it was measured with: lists of 8 from the top 12.
-    assert (sharp.candidates.top_k, sharp.training.list_size) == (12, 8)
-    assert (default.candidates.top_k, default.training.list_size) == (16, 16)
-    contrastive = _config("default", "l16-infonce", {})
-    assert contrastive.training.loss == "infonce" and contrastive.training.base_merge == 0.0
-    # Measured with training capped at 4 epochs, the cap of its day; the default now stops on
-    # the dev loss alone within 8.
-    assert (contrastive.training.max_epochs, default.training.max_epochs) == (4, 8)
-    changed = {"training": {"loss", "base_merge", "max_epochs"}}
-    assert contrastive.model_dump(exclude=changed) == default.model_dump(exclude=changed)
-    # The baseline `make bench` runs: the same budget as the default, only the loss (and no
-    # averaging with the base) differ.
-    same_budget = _config("default", "infonce-e8", {})
-    assert (same_budget.training.loss, same_budget.training.base_merge) == ("infonce", 0.0)
+    plain = _config("default", "infonce-e8", {})
+    assert (plain.training.loss, plain.training.base_merge) == ("infonce", 0.0)
     swapped = {"training": {"loss", "base_merge"}}
-    assert same_budget.model_dump(exclude=swapped) == default.model_dump(exclude=swapped)
-
-
-def test_the_more_data_variant_is_sharp_merged_on_a_larger_passage_sample():
-    """p240-merged changes only the passage sample; p240 is its training as trained; the
-    other variants take the default's sample (what they were measured on), so tests shrink it."""
-    from bench.quality import VARIANTS, _config, _training_run_hash
-
-    sharp, larger, as_trained = (_config("default", v, {})
-                                 for v in ("sharp-merged", "p240-merged", "p240"))
-    assert larger.generation.passages == 240 > sharp.generation.passages == 160
-    assert larger.model_dump(exclude={"generation": {"passages"}}) == sharp.model_dump(
-        exclude={"generation": {"passages"}})
-    assert _training_run_hash(larger) == _training_run_hash(as_trained)
-    assert as_trained.training.base_merge == 0.0 < larger.training.base_merge
-    assert all("generation" not in VARIANTS[v] for v in VARIANTS
-               if not v.startswith("p240") and v not in ("l16-six", "l16-titles", "supplied-e8"))
-
-
-def test_the_six_types_variant_changes_only_the_query_types():
-    from bench.quality import _config
-
-    default, six = (_config("default", v, {}) for v in ("l16-merged", "l16-six"))
-    assert len(six.generation.query_types) == 6 > len(default.generation.query_types) == 4
-    assert set(default.generation.query_types) < set(six.generation.query_types)
-    assert six.model_dump(exclude={"generation": {"query_types"}}) == default.model_dump(
-        exclude={"generation": {"query_types"}})
-
-
-def test_the_titles_variant_is_the_default_plus_source_titles():
-    from bench.quality import _config
-
-    default, titled = (_config("default", v, {}) for v in ("l16-merged", "l16-titles"))
-    assert titled.generation.query_types == [*default.generation.query_types, "source_titles"]
-    assert titled.model_dump(exclude={"generation": {"query_types"}}) == default.model_dump(
-        exclude={"generation": {"query_types"}})
-
-
-def test_the_document_round_trip_variant_changes_only_the_round_trip_scope():
-    from bench.quality import _config
-
-    default, doc = (_config("default", v, {}) for v in ("l16-merged", "l16-doc"))
-    assert (default.candidates.round_trip_scope, doc.candidates.round_trip_scope) == (
-        "passage", "document")
-    assert doc.model_dump(exclude={"candidates": {"round_trip_scope"}}) == default.model_dump(
-        exclude={"candidates": {"round_trip_scope"}})
-
-
-def test_the_relabel_variant_changes_only_relabel_disagreements():
-    from bench.quality import _config, _training_run_hash
-
-    default, relabel = (_config("default", v, {}) for v in ("l16-merged", "l16-relabel"))
-    assert relabel.training.relabel_disagreements and not default.training.relabel_disagreements
-    assert relabel.model_dump(exclude={"training": {"relabel_disagreements"}}) == \
-        default.model_dump(exclude={"training": {"relabel_disagreements"}})
-    assert _training_run_hash(relabel) != _training_run_hash(default)
-
-
-@pytest.mark.parametrize(("variant", "field", "value"), [
-    ("l16-e8", "max_epochs", 8), ("l16-nce03", "infonce_weight", 0.3)])
-def test_the_training_only_variants_change_one_training_setting(variant, field, value):
-    from bench.quality import _config, _training_run_hash
-
-    default, other = (_config("default", v, {}) for v in ("l16-merged", variant))
-    assert getattr(other.training, field) == value != getattr(default.training, field)
-    assert other.model_dump(exclude={"training": {field}}) == \
-        default.model_dump(exclude={"training": {field}})
-    assert other.fingerprint("candidates") == default.fingerprint("candidates")
-    assert _training_run_hash(other) != _training_run_hash(default)
-
-
-def test_the_long_list_variant_changes_only_the_list_length_and_the_cache_chunk():
-    from bench.quality import _config
-
-    default, long = (_config("default", v, {}) for v in ("l16-merged", "l32-merged"))
-    assert (long.candidates.top_k, long.training.list_size, long.training.micro_batch_size) == (
-        32, 32, 16)
-    assert long.training.batch_size == default.training.batch_size
-    changed = {"candidates": {"top_k"}, "training": {"list_size", "micro_batch_size"}}
-    assert long.model_dump(exclude=changed) == default.model_dump(exclude=changed)
-
-
-def test_the_long_list_variant_at_eight_epochs_differs_from_the_default_only_in_its_lists():
-    from bench.quality import DEFAULT_VARIANT, _config
-
-    default, long = (_config("default", v, {}) for v in (DEFAULT_VARIANT, "l32-e8"))
-    assert (long.candidates.top_k, long.candidates.filter_depth, long.training.list_size,
-            long.training.micro_batch_size) == (32, 16, 32, 16)
-    assert long.training.max_epochs == default.training.max_epochs == 8
-    changed = {"candidates": {"top_k", "filter_depth"},
-               "training": {"list_size", "micro_batch_size"}}
-    assert long.model_dump(exclude=changed) == default.model_dump(exclude=changed)
-    assert long.fingerprint("generation") == default.fingerprint("generation")
-
-
-def test_the_helped_variants_differ_from_the_default_only_in_the_helper_retriever():
-    """l16-helped adds bge-small to the default's fusion and nothing else; l16 and helped are
-    the two as trained, each reusing its averaged twin's training."""
-    from bench.quality import VARIANTS, _config, _training_run_hash
-
-    default, helped_merged, default_raw, helped_raw = (
-        _config("default", v, {}) for v in ("l16-merged", "l16-helped", "l16", "helped"))
-    assert helped_merged.candidates.helpers == ["bge-small"] and default.candidates.helpers == []
-    assert helped_merged.model_dump(exclude={"candidates": {"helpers"}}) == default.model_dump(
-        exclude={"candidates": {"helpers"}})
-    assert default_raw.training.base_merge == helped_raw.training.base_merge == 0.0
-    assert _training_run_hash(default_raw) == _training_run_hash(default)
-    assert _training_run_hash(helped_raw) == _training_run_hash(helped_merged)
-    assert [v for v in VARIANTS if _config("default", v, {}).candidates.helpers] == [
-        "l16-helped", "helped", "helped-e8"]
-    # helped-e8 is the default recipe today (l16-e8) plus the helper, and nothing else.
-    default_now, helped_now = (_config("default", v, {}) for v in ("l16-e8", "helped-e8"))
-    assert helped_now.candidates.helpers == ["bge-small"]
-    assert helped_now.model_dump(exclude={"candidates": {"helpers"}}) == default_now.model_dump(
-        exclude={"candidates": {"helpers"}})
+    assert plain.model_dump(exclude=swapped) == default.model_dump(exclude=swapped)
+    assert _training_run_hash(plain) != _training_run_hash(default)
 
 
 def test_set_overrides_reach_sections_and_the_seed():
     """A replication under another seed is `--set seed=1`; section settings keep working."""
-    from bench.quality import _config, parse_overrides
+    from bench.quality import DEFAULT_VARIANT, _config, parse_overrides
 
     overrides = parse_overrides(["seed=1", "training.patience=3"])
     assert overrides == {"seed": 1, "training": {"patience": 3}}
-    config = _config("default", "p240", overrides)
-    assert (config.seed, config.generation.passages, config.training.patience) == (1, 240, 3)
+    config = _config("default", DEFAULT_VARIANT, overrides)
+    assert (config.seed, config.training.max_epochs, config.training.patience) == (1, 8, 3)
     # A setting the variant pins is refused, not silently overridden either way.
-    with pytest.raises(ValueError, match="generation.passages conflicts with variant 'p240'"):
-        _config("default", "p240", parse_overrides(["generation.passages=300"]))
-    assert _config("default", "p240", parse_overrides(["generation.passages=240"]))
+    with pytest.raises(ValueError,
+                       match=f"training.max_epochs conflicts with variant '{DEFAULT_VARIANT}'"):
+        _config("default", DEFAULT_VARIANT, parse_overrides(["training.max_epochs=4"]))
+    assert _config("default", DEFAULT_VARIANT, parse_overrides(["training.max_epochs=8"]))
+    # A lever the variant does not pin is measured as an override of it.
+    helped = _config("default", DEFAULT_VARIANT,
+                     parse_overrides(['candidates.helpers=["bge-small"]']))
+    assert helped.candidates.helpers == ["bge-small"]
     for bad in ("seed", "generation.backend=openai"):  # no value; a string not in JSON quotes
         with pytest.raises(ValueError, match=f"--set '{bad}'"):
             parse_overrides([bad])
+
+
+def test_a_variant_pinning_a_top_level_setting_refuses_a_contradicting_set(monkeypatch):
+    """A variant may pin a top-level setting (the generator); a --set that contradicts it is
+    refused rather than silently measuring something else."""
+    from bench import quality
+    from ml_core.pipeline import section_hash
+
+    monkeypatch.setitem(quality.VARIANTS, "other-generator",
+                        {**quality.VARIANTS["l16-e8"], "generator": "gemma3-270m"})
+    default, other = (quality._config("default", v, {}) for v in ("l16-e8", "other-generator"))
+    assert (default.generator, other.generator) == ("smollm2-135m", "gemma3-270m")
+    assert other.model_dump(exclude={"generator"}) == default.model_dump(exclude={"generator"})
+    assert section_hash(other, "prepare") == section_hash(default, "prepare")
+    assert section_hash(other, "generate") != section_hash(default, "generate")
+    with pytest.raises(ValueError, match="generator conflicts with variant 'other-generator'"):
+        quality._config("default", "other-generator", {"generator": "smollm2-135m"})
+    assert quality._config("default", "other-generator", {"generator": "gemma3-270m"}) == other
 
 
 def test_merged_runs_compare_the_default_with_each_variant_pairwise(tmp_path, capsys):
@@ -281,65 +179,72 @@ def test_merged_runs_compare_the_default_with_each_variant_pairwise(tmp_path, ca
     default = _run("cranfield", 0.38, 0.0, "1")
     rows = default["datasets"]["cranfield"]["rows"]
     rows[DEFAULT_VARIANT] = {"ndcg@10": 0.42, "per_query": {"a": 0.5, "b": 0.5, "c": 0.26}}
-    del rows["listwise"]
+    del rows["infonce-e8"]
     default["datasets"]["cranfield"]["seconds"] = {DEFAULT_VARIANT: {"distill": 2.0}}
     other = _run("cranfield", 0.38, 0.0, "1")
     rows = other["datasets"]["cranfield"]["rows"]
-    rows["infonce-merged"] = {"ndcg@10": 0.41, "per_query": {"a": 0.4, "b": 0.4, "c": 0.43}}
-    del rows["listwise"]
+    rows["infonce-e8"] = {"ndcg@10": 0.41, "per_query": {"a": 0.4, "b": 0.4, "c": 0.43}}
     first, second, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "m.json"
     first.write_text(json.dumps(default))
     second.write_text(json.dumps(other))
     assert main(["--merge", str(first), str(second), "--out", str(out)]) == 0
     comparisons = json.loads(out.read_text())["datasets"]["cranfield"]["comparisons"]
-    result = comparisons[f"{DEFAULT_VARIANT} - infonce-merged"]
+    result = comparisons[f"{DEFAULT_VARIANT} - infonce-e8"]
     assert result["difference"] == pytest.approx(0.01)
     assert (result["better"], result["worse"], result["queries"]) == (2, 1, 3)
     # A run from before per-query scores still joins one that has them.
     older = _run("cranfield", 0.38, 0.40, "1")
+    older["datasets"]["cranfield"]["rows"]["p240"] = (
+        older["datasets"]["cranfield"]["rows"].pop("infonce-e8"))
     default["datasets"]["cranfield"]["rows"]["base"]["per_query"] = {"a": 0.4}
     joined = merge_results([older, default])["datasets"]["cranfield"]["rows"]
-    assert joined["base"]["per_query"] == {"a": 0.4} and "listwise" in joined
-    assert f"{DEFAULT_VARIANT} - infonce-merged: +0.0100 nDCG@10" in capsys.readouterr().out
+    assert joined["base"]["per_query"] == {"a": 0.4} and "p240" in joined
+    assert f"{DEFAULT_VARIANT} - infonce-e8: +0.0100 nDCG@10" in capsys.readouterr().out
 
 
-def test_merge_adds_the_pairs_asked_for_with_compare(tmp_path, capsys):
-    """--compare A B adds A - B where both were measured; an unknown name is a usage error."""
+def test_merge_compares_retired_variants_its_files_hold(tmp_path, capsys):
+    """--compare A B adds A - B where both were measured, including variants retired from
+    VARIANTS that an older result file holds; a name in no file and no variant is an error."""
     run = _run("cranfield", 0.38, 0.0, "1")
     rows = run["datasets"]["cranfield"]["rows"]
-    del rows["listwise"]
+    del rows["infonce-e8"]
     rows["p240"] = {"ndcg@10": 0.45, "per_query": {"a": 0.6, "b": 0.5, "c": 0.25}}
     rows["p240-infonce"] = {"ndcg@10": 0.40, "per_query": {"a": 0.4, "b": 0.5, "c": 0.30}}
     run["datasets"]["cranfield"]["seconds"] = {"p240": {"distill": 2.0}}
     first, out = tmp_path / "a.json", tmp_path / "m.json"
     first.write_text(json.dumps(run))
     assert main(["--merge", str(first), "--out", str(out), "--compare", "p240", "p240-infonce",
-                 "--compare", "sharp", "p240"]) == 0
+                 "--compare", "infonce-e8", "p240"]) == 0
     comparisons = json.loads(out.read_text())["datasets"]["cranfield"]["comparisons"]
-    assert list(comparisons) == ["p240 - p240-infonce"]  # sharp was not measured here
+    assert list(comparisons) == ["p240 - p240-infonce"]  # infonce-e8 was not measured here
     assert comparisons["p240 - p240-infonce"]["difference"] == pytest.approx(0.05)
     assert (comparisons["p240 - p240-infonce"]["better"],
             comparisons["p240 - p240-infonce"]["worse"]) == (1, 1)
-    assert "p240 - p240-infonce: +0.0500 nDCG@10" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "p240 - p240-infonce: +0.0500 nDCG@10" in printed
+    assert "\np240-infonce " in printed and "\np240 " in printed  # their rows are printed too
     with pytest.raises(SystemExit):
         main(["--merge", str(first), "--out", str(out), "--compare", "p240", "nope"])
     assert "unknown variant(s) ['nope']" in capsys.readouterr().err
 
 
 def test_the_table_says_which_side_of_a_shared_training_was_averaged(capsys):
-    """sharp reuses sharp-merged's training (or the other way round): one is as trained, the
-    other averaged, and the note under the table must not call both averaged."""
+    """A variant that reuses another's training records its own averaging share: the note
+    under the table must not call both sides averaged (and says nothing where a file from
+    before the share was recorded does not know it)."""
     from bench.quality import print_table
 
     rows = {"base": {"ndcg@10": 0.38},
-            "sharp-merged": {"ndcg@10": 0.39},
-            "sharp": {"ndcg@10": 0.37, "training_of": "sharp-merged"},
-            "merged": {"ndcg@10": 0.40, "training_of": "fused"}}
+            "l16-e8": {"ndcg@10": 0.39},
+            "as-trained": {"ndcg@10": 0.37, "training_of": "l16-e8", "base_merge": 0.0},
+            "merged": {"ndcg@10": 0.40, "training_of": "fused", "base_merge": 0.5},
+            "older": {"ndcg@10": 0.40, "training_of": "fused"}}
     print_table({"datasets": {"cranfield": {"rows": rows, "seconds": {}}}})
     out = capsys.readouterr().out
-    assert "sharp: reuses the training of sharp-merged; its checkpoint as trained" in out
+    assert "as-trained: reuses the training of l16-e8; its checkpoint as trained" in out
     assert "merged: reuses the training of fused; its checkpoint averaged with the base (0.5)" \
         in out
+    assert "  older: reuses the training of fused\n" in out
 
 
 def test_encode_bench_times_both_formats_and_scores_the_whole_corpus(tmp_path, registry):
@@ -446,24 +351,8 @@ def test_teacher_signal_bench_orders_both_candidate_lists_by_every_signal(tmp_pa
     assert sample["queries"] == 20 and sample["list_overlap"] == 1.0  # no helper, same lists
 
 
-def test_the_larger_generator_variant_changes_only_the_generator():
-    """gemma-e8 pins a top-level setting (the generator) and nothing but it; a --set that
-    contradicts it is refused rather than silently measuring something else."""
-    from bench.quality import _config
-    from ml_core.pipeline import section_hash
-
-    default, larger = (_config("default", v, {}) for v in ("l16-e8", "gemma-e8"))
-    assert (default.generator, larger.generator) == ("smollm2-135m", "gemma3-270m")
-    assert larger.model_dump(exclude={"generator"}) == default.model_dump(exclude={"generator"})
-    assert section_hash(larger, "prepare") == section_hash(default, "prepare")
-    assert section_hash(larger, "generate") != section_hash(default, "generate")
-    with pytest.raises(ValueError, match="generator conflicts with variant 'gemma-e8'"):
-        _config("default", "gemma-e8", {"generator": "smollm2-135m"})
-    assert _config("default", "gemma-e8", {"generator": "gemma3-270m"}) == larger
-
-
 def test_cross_fit_folds_are_seeded_disjoint_and_cover_every_query():
-    from bench.quality import cross_fit_folds
+    from bench.cross_fit import cross_fit_folds
 
     ids = [f"q{i}" for i in range(11)]
     folds = cross_fit_folds(ids, 2, seed=13)
@@ -473,7 +362,8 @@ def test_cross_fit_folds_are_seeded_disjoint_and_cover_every_query():
 
 
 def test_joined_folds_weigh_each_fold_by_its_queries_and_pair_every_query():
-    from bench.quality import _same_row, join_folds
+    from bench.cross_fit import join_folds
+    from bench.quality import _same_row
 
     def fold(scores: dict[str, tuple[float, float]], recommended: str) -> dict:
         rows = {side: {"ndcg@10": sum(s[n] for s in scores.values()) / len(scores),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.console_browser import use_the_console
 from tests.service_stack import (
     LONG_TRAINING,
     ServiceStack,
@@ -73,3 +74,9 @@ def test_killed_embedded_worker_resumes_the_job_when_restarted(
     assert started.count("distill") >= 2
     for stage in ("prepare", "generate", "filter"):
         assert started.count(stage) == 1, stage
+
+
+def test_a_person_uses_the_console_in_a_browser(stack: ServiceStack, tmp_path: Path) -> None:
+    """Chromium signs in, uploads, starts a job, watches it finish, reads the report, downloads
+    the model and tries it; screenshots land in tmp_path."""
+    use_the_console(stack, tmp_path)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from app.storage import ObjectStore
+from tests.console_browser import use_the_console
 from tests.processes import NanioServer, nanio_server
 from tests.service_stack import (
     LONG_TRAINING,
@@ -258,3 +259,9 @@ def test_a_lost_host_is_resumed_by_the_lease_sweep_before_the_broker_redelivers(
     assert len(starts) == 2
     stack.workers[-1].stop(timeout=3)
     stack.start_worker("worker-after-lease")
+
+
+def test_a_person_uses_the_console_in_a_browser(stack: ServiceStack, tmp_path: Path) -> None:
+    """Chromium signs in, uploads, starts a job, watches it finish, reads the report, downloads
+    the model and tries it; screenshots land in tmp_path."""
+    use_the_console(stack, tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from app.storage import LocalObjectStore
 from ml_core.pipeline import StageError
 from worker.artifacts import (
+    publish_model,
     restore_training_state,
     sync_stage_down,
     upload_stage,
@@ -112,3 +114,21 @@ def test_training_state_of_other_inputs_or_none_is_not_restored(
     upload_training_state(store, "job_1", _training_folder(tmp_path / "b", "fp-old", "3"))
     assert not restore_training_state(store, "job_1", local, "fp-new")
     assert (local / "state" / "checkpoint.pt").read_text() == "epoch 1"
+
+
+def test_a_published_model_carries_its_pages_for_people_and_leaves_the_stage_as_it_was(
+    store: LocalObjectStore, tmp_path: Path
+) -> None:
+    model_dir = _stage_folder(tmp_path / "work", "distill", "run-1") / "model"
+    before = sorted(p.relative_to(model_dir) for p in model_dir.rglob("*"))
+    archive_key, folder_key = publish_model(
+        store, model_dir, "mdl_1", tmp_path / "export" / "model.tar.gz",
+        extras={"report.html": "<!doctype html><p>report</p>"},
+    )
+    with tarfile.open(store.get_file(archive_key, tmp_path / "got.tar.gz")) as tar:
+        names = tar.getnames()
+        page = tar.extractfile("mdl_1/report.html")
+        assert page is not None and page.read() == b"<!doctype html><p>report</p>"
+    assert "mdl_1/1_Pooling/config.json" in names
+    assert store.get_bytes(folder_key + "report.html") == b"<!doctype html><p>report</p>"
+    assert sorted(p.relative_to(model_dir) for p in model_dir.rglob("*")) == before

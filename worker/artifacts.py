@@ -8,19 +8,18 @@ presence marks the stage done), so any worker on any host can fetch what earlier
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 import tarfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from app.settings import Settings
 from app.storage import ObjectNotFound, ObjectStore, copy_store_to_tree, object_store_from_url
-from ml_core.export import write_model_card
 from ml_core.pipeline import MANIFEST, StageError
 from ml_core.records import ProgressFn
-from ml_core.registry import ModelSpec
 
 # Files a stage writes for its own resume or bookkeeping that other hosts never need:
 # distill's training state and best-checkpoint copy (model/ holds the same weights).
@@ -101,26 +100,27 @@ def publish_model(
     model_dir: Path,
     model_id: str,
     archive: Path,
-    *,
-    report: Mapping[str, Any] | None = None,
-    base: ModelSpec | None = None,
-    recipe: Mapping[str, Any] | None = None,
+    extras: Mapping[str, str] | None = None,
 ) -> tuple[str, str]:
     """Store the tuned model as a folder and as a tar.gz (built at `archive`); returns the
-    archive's key and the folder's key prefix. Given the evaluate report and the base model's
-    spec, the folder first gets its model card (README.md: base model, recipe, figures,
-    licence), so every download carries it."""
+    archive's key and the folder's key prefix. `extras` are text files for people added to the
+    published folder beside the model's own (name -> content, e.g. the report.html page); the
+    stage's model folder itself is left as distill wrote it."""
     object_key = f"models/{model_id}/model.tar.gz"
     folder_key = f"models/{model_id}/model/"
-    if report is not None and base is not None:
-        write_model_card(model_dir, dict(report), base, name=model_id,
-                         recipe=dict(recipe) if recipe is not None else None)
+    added = {name: text.encode("utf-8") for name, text in (extras or {}).items()}
     archive.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive, "w:gz") as tar:
         # One top-level folder named after the model, so extracting never spills files.
         tar.add(model_dir, arcname=model_id)
+        for name, data in added.items():
+            info = tarfile.TarInfo(f"{model_id}/{name}")
+            info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
+            tar.addfile(info, io.BytesIO(data))
     for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
         store.put_file(folder_key + path.relative_to(model_dir).as_posix(), path)
+    for name, data in added.items():
+        store.put_bytes(folder_key + name, data)
     store.put_file(object_key, archive)
     return object_key, folder_key
 

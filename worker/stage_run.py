@@ -21,9 +21,11 @@ from app.db.models import Corpus, EvalSet, Job, QuerySet, TunedModel
 from app.db.session import session_scope
 from app.jobs import lifecycle
 from app.jobs.lifecycle import StageOutcome
+from app.reports import render_report_from_stages
 from app.settings import Settings
 from app.storage import ObjectNotFound
 from ml_core.config import RecipeConfig
+from ml_core.export import render_model_card
 from ml_core.pipeline import MANIFEST, STAGES, StageContext, StageError, stage_fingerprint
 from ml_core.pipeline import run_stage as run_pipeline_stage
 from ml_core.registry import ModelRegistry
@@ -215,15 +217,18 @@ class StageRun:
         return job_registry(self.settings, self.store, self.inputs.tenant_id,
                             [self.config.student])
 
-    def _card_recipe(self) -> dict[str, Any]:
+    def _model_card(self, model_id: str, report: dict[str, Any]) -> str:
+        """README.md of the published folder: base model, recipe choices, the evaluate
+        report's figures, licence."""
         recipe = self.config.model_dump(mode="json")
-        card = {}
+        card: dict[str, Any] = {}
         for name, path in CARD_RECIPE.items():
             value: Any = recipe
             for part in path:
                 value = value[part]
             card[name] = value
-        return card
+        base = self._registry().get(self.config.student)
+        return render_model_card(report, base, name=model_id, recipe=card)
 
     def _stored_manifest(self) -> dict[str, Any] | None:
         try:
@@ -251,6 +256,18 @@ class StageRun:
         with session_scope() as session:
             lifecycle.advance(session, self.job_id, next_stage, task_id)
 
+    def _pages_for_people(self, model_id: str) -> dict[str, str]:
+        """report.html for the published model folder. A page that cannot be drawn is logged
+        and left out: it must never fail a job whose model is ready."""
+        try:
+            page = render_report_from_stages(
+                self.workdir, facts=[("job", self.job_id), ("model", model_id)]
+            )
+        except Exception:
+            log.exception("job %s: the report page could not be rendered", self.job_id)
+            return {}
+        return {"report.html": page}
+
     def _finish(self) -> None:
         """Publish the tuned model, create its row and mark the job succeeded."""
         self._raise_if_stopped()
@@ -259,10 +276,10 @@ class StageRun:
         with session_scope() as session:
             model_id = lifecycle.reserve_model_id(session, self.job_id)
         archive = self.workdir / "export" / "model.tar.gz"
-        base = self._registry().get(self.config.student)
         object_key, folder_key = publish_model(
             self.store, model_dir, model_id, archive,
-            report=report, base=base, recipe=self._card_recipe(),
+            extras={**self._pages_for_people(model_id),
+                    "README.md": self._model_card(model_id, report)},
         )
         model = TunedModel(
             id=model_id,

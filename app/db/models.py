@@ -1,4 +1,4 @@
-"""ORM models: the service's tables (docs/contracts.md, "Service data model")."""
+"""ORM models: the service's tables (docs/architecture.md, "Contract: service data model")."""
 
 from __future__ import annotations
 
@@ -258,6 +258,23 @@ class TunedModel(Base):
 
     tenant: Mapped[Tenant] = relationship()
     job: Mapped[Job] = relationship()
+
+
+class ConsoleSession(Base):
+    """A browser signed in to the console with an API key. Its cookie holds a random token;
+    only the token's sha256 is stored, with the key it was opened with (revoking that key
+    ends the session, and the key itself is never stored)."""
+
+    __tablename__ = "console_sessions"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    api_key_id: Mapped[str] = mapped_column(
+        ForeignKey("api_keys.id", ondelete="CASCADE"), index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+    api_key: Mapped[ApiKey] = relationship(lazy="joined")
 
 
 class UploadedModel(Base):

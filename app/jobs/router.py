@@ -1,4 +1,4 @@
-"""Job routes: create, list, read, events, cancel, report."""
+"""Job routes: create, list, read, events, cancel, report (JSON and page)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Response, status
+from fastapi.responses import HTMLResponse
 
 from app.db.models import Job
 from app.deps import CurrentTenant, PageDep, RegistryDep, SessionDep, StoreDep
@@ -21,6 +22,7 @@ from app.errors import (
 )
 from app.jobs import lifecycle, queue, service
 from app.jobs.schemas import JobCreate, JobEventList, JobEventRead, JobList, JobRead, JobReport
+from app.reports import render_report_html, report_csp
 
 log = logging.getLogger(__name__)
 
@@ -130,3 +132,32 @@ def get_job_report(
 ) -> dict[str, Any]:
     """Read the evaluation report (base vs tuned, per query type) of a succeeded job."""
     return service.load_report(store, service.get_job(session, tenant, job_id))
+
+
+# The page loads nothing (inline SVG, its own stylesheet pinned by hash) and may not be framed.
+REPORT_PAGE_HEADERS = {
+    "Content-Security-Policy": report_csp() + "; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+@router.get(
+    "/{job_id}/report.html",
+    # A plain Response class keeps the error responses documented as JSON (their real type).
+    response_class=Response,
+    response_model=None,
+    responses={
+        200: {"content": {"text/html": {"schema": {"type": "string"}}},
+              "description": "A self-contained HTML page: no scripts, nothing fetched."},
+        **responses(Unauthorized, NotFound, InvalidState, InvalidRequest),
+    },
+)
+def get_job_report_page(
+    job_id: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep
+) -> HTMLResponse:
+    """The evaluation report as a page: recommendation, base vs tuned with its interval,
+    per-query gains, per query type, dev loss per epoch, teacher check, warnings, recipe."""
+    inputs = service.report_page_inputs(store, service.get_job(session, tenant, job_id))
+    return HTMLResponse(render_report_html(**inputs), headers=REPORT_PAGE_HEADERS)

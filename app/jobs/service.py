@@ -24,6 +24,7 @@ from app.jobs.recipe import check_models, resolve_recipe
 from app.jobs.schemas import JobCreate
 from app.models.tenant_models import find_tenant_model, is_tenant_model
 from app.query_sets.service import get_query_set
+from app.reports import STAGE_FILES
 from app.storage import ObjectNotFound, ObjectStore
 from ml_core.registry import ModelRegistry
 
@@ -156,9 +157,14 @@ def cancel_job(session: Session, job: AnyJob) -> tuple[AnyJob, str | None]:
     return job, job.celery_task_id if job.status == JobStatus.CANCELLED else None
 
 
+def stage_key(job: Job, stage: str, name: str) -> str:
+    """Where the worker leaves file `name` of a finished stage of the job."""
+    return f"jobs/{job.id}/{stage}/{name}"
+
+
 def report_key(job: Job) -> str:
     """Where the evaluate stage leaves the job's report."""
-    return f"jobs/{job.id}/evaluate/report.json"
+    return stage_key(job, "evaluate", "report.json")
 
 
 def load_report(store: ObjectStore, job: Job) -> dict[str, Any]:
@@ -172,3 +178,32 @@ def load_report(store: ObjectStore, job: Job) -> dict[str, Any]:
         return json.loads(store.get_bytes(report_key(job)))
     except ObjectNotFound:
         raise NotFound(f"job {job.id} has no report", resource="report", id=job.id) from None
+
+
+def _stage_json(store: ObjectStore, job: Job, stage: str, name: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(store.get_bytes(stage_key(job, stage, name)))
+    except (ObjectNotFound, ValueError):
+        # The page is drawn without that section rather than not at all.
+        log.warning("job %s: no readable %s/%s for the report page", job.id, stage, name)
+        return None
+
+
+def report_page_inputs(store: ObjectStore, job: Job) -> dict[str, Any]:
+    """Keyword arguments of app.reports.render_report_html for the job: the report (409 until
+    the job has succeeded), the distill stage's history and the filter stage's summary (None
+    when missing), and the header's facts."""
+    report = load_report(store, job)
+    facts = [("job", job.id)]
+    if job.model_id:
+        facts.append(("model", job.model_id))
+    facts.append(("corpus", job.corpus_id))
+    if job.eval_set_id:
+        facts.append(("judgements", job.eval_set_id))
+    if job.finished_at:
+        facts.append(("finished", job.finished_at.strftime("%Y-%m-%d %H:%M UTC")))
+    extras = {
+        name: _stage_json(store, job, stage, file_name)
+        for name, (stage, file_name) in STAGE_FILES.items() if name != "report"
+    }
+    return {"report": report, **extras, "facts": facts}

@@ -1,0 +1,164 @@
+"""The API's resources as TypedDicts: plain dicts at run time (the JSON as sent), typed for
+editors and type checkers. Timestamps stay ISO 8601 strings, as the API sends them.
+
+The server's OpenAPI document (openapi.yaml, or GET /openapi.json) is the reference; these
+mirror its response schemas. Fields the server adds later still arrive in the dicts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Generic, Literal, NotRequired, TypedDict, TypeVar
+
+T = TypeVar("T")
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelling", "cancelled"]
+FINISHED_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+EventKind = Literal["status", "stage", "progress", "metric", "warning"]
+InputType = Literal["query", "passage"]
+Recommendation = Literal["tuned", "base"]
+
+
+class Page(TypedDict, Generic[T]):
+    """One page of a list and how many items there are in all."""
+
+    data: list[T]
+    count: int
+
+
+class Corpus(TypedDict):
+    id: str
+    name: str
+    filename: str
+    size_bytes: int
+    sha256: str
+    documents: int
+    created_at: str
+
+
+class EvalSet(TypedDict):
+    id: str
+    corpus_id: str
+    name: str
+    queries: int
+    judgements: int
+    created_at: str
+
+
+class QuerySet(TypedDict):
+    id: str
+    corpus_id: str
+    name: str
+    queries: int
+    created_at: str
+
+
+class Job(TypedDict):
+    id: str
+    corpus_id: str
+    eval_set_id: str | None
+    query_set_id: str | None
+    status: JobStatus
+    stage: str | None
+    progress: float
+    metrics: dict[str, Any]
+    error: dict[str, Any] | None
+    model_id: str | None
+    recommended: Recommendation | None
+    spec: dict[str, Any]
+    recipe: dict[str, Any]
+    attempts: int
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    updated_at: str
+
+
+class JobEvent(TypedDict):
+    id: int
+    created_at: str
+    kind: EventKind
+    stage: str | None
+    progress: float | None
+    message: str
+    data: dict[str, Any]
+
+
+class Significance(TypedDict):
+    """How sure the nDCG@10 gain is: paired bootstrap interval and sign-flip p-value."""
+
+    metric: str
+    queries: int
+    difference: float
+    ci95: list[float]
+    p_value: float
+    better: int
+    worse: int
+    same: int
+
+
+class Report(TypedDict):
+    """A succeeded job's evaluation: base vs tuned, per query type, the teacher check."""
+
+    base: dict[str, Any]
+    tuned: dict[str, Any]
+    gain: dict[str, float]
+    recommended: Recommendation | None
+    warnings: list[str]
+    per_query_type: dict[str, dict[str, Any]]
+    teacher_check: dict[str, Any] | None
+    judgements: Literal["customer", "synthetic"] | None
+    base_kept: bool | None
+    significance: NotRequired[Significance]
+    per_query: NotRequired[dict[str, dict[str, float]]]
+    excluded_trained_queries: NotRequired[int]
+
+
+class Model(TypedDict):
+    id: str
+    kind: Literal["base", "tuned"]
+    name: str
+    base_model: str | None
+    dim: int | None
+    job_id: str | None
+    metrics: dict[str, Any]
+    recommended: bool | None
+    licence: str | None
+    created_at: str | None
+
+
+class Embedding(TypedDict):
+    index: int
+    embedding: list[float]
+
+
+class EmbedResponse(TypedDict):
+    model: str
+    data: list[Embedding]
+    dim: int
+
+
+class OpenAIEmbedding(TypedDict):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str
+
+
+class OpenAIUsage(TypedDict):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class OpenAIEmbeddingResponse(TypedDict):
+    object: Literal["list"]
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: OpenAIUsage
+
+
+class Health(TypedDict):
+    status: str
+
+
+class Readiness(TypedDict):
+    status: str
+    checks: dict[str, str]
