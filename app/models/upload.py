@@ -21,34 +21,13 @@ from app.ids import new_id
 from app.models.tenant_models import model_keys
 from app.settings import Settings
 from app.storage import ObjectStore, copy_tree_to_store, stored_until_committed
-from app.uploads import SpooledFile
+from app.uploads import SpooledFile, file_upload_body
 
-MODEL_UPLOAD_BODY = {
-    "required": True,
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "required": ["file"],
-                "properties": {
-                    "file": {
-                        "type": "string",
-                        "format": "binary",
-                        "description": "A sentence-transformers folder as .tar.gz (the folder "
-                        "itself or its files at the top): modules.json, a Transformer with "
-                        "config.json, safetensors weights and its tokenizer, 1_Pooling (mean "
-                        "or CLS), optionally 2_Normalize and prompts.",
-                    },
-                    "name": {
-                        "type": "string",
-                        "maxLength": 200,
-                        "description": "Display name (default: the file name).",
-                    },
-                },
-            }
-        }
-    },
-}
+MODEL_UPLOAD_BODY = file_upload_body(
+    "A sentence-transformers folder as .tar.gz (the folder itself or its files at the top): "
+    "modules.json, a Transformer with config.json, safetensors weights and its tokenizer, "
+    "1_Pooling (mean or CLS), optionally 2_Normalize and prompts."
+)
 
 
 def create_uploaded_model(
