@@ -14,7 +14,8 @@ Vectors equal /v1/embed's for the same texts: the same prefixes and tokenization
 
 Files per shard k: `vectors-<k>.npy` (float32 [rows, dim], NumPy's format) and `ids-<k>.jsonl`
 (one JSON object per row, in row order: id, document_id, and start/end for a chunk; `truncated`
-on a row that was cut). `manifest.json` lists the finished shards; it is written after each one.
+on a row that was cut). `manifest.json` lists the finished shards (counts, each file's bytes and
+sha256); it is written after each one.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ml_core.records import Passage, ProgressFn, no_progress
+from ml_core.registry import file_sha256
 
 InputType = Literal["query", "passage"]
 LongDocuments = Literal["chunk", "truncate"]
@@ -58,7 +60,8 @@ class BulkSettings:
 
 @dataclass(frozen=True)
 class Shard:
-    """One finished shard: its files (names relative to the output folder) and counts."""
+    """One finished shard: its files (names relative to the output folder, with their sizes
+    and sha256, so a listing or a check needs only the manifest) and counts."""
 
     index: int
     vectors: str
@@ -67,8 +70,10 @@ class Shard:
     documents: int
     first_document: int
     truncated: int
+    bytes: dict[str, int]
+    sha256: dict[str, str]
 
-    def files(self) -> tuple[str, str]:
+    def names(self) -> tuple[str, str]:
         return self.vectors, self.ids
 
 
@@ -157,8 +162,11 @@ def write_shard(folder: Path, index: int, first_document: int, documents: int,
                    encoding="utf-8")
     tmp.replace(folder / ids_name)
     truncated = sum(1 for r in records if r.get("truncated"))
+    names = (vectors_name, ids_name)
     return Shard(index=index, vectors=vectors_name, ids=ids_name, rows=len(records),
-                 documents=documents, first_document=first_document, truncated=truncated)
+                 documents=documents, first_document=first_document, truncated=truncated,
+                 bytes={name: (folder / name).stat().st_size for name in names},
+                 sha256={name: file_sha256(folder / name) for name in names})
 
 
 def manifest(settings: BulkSettings, dim: int, normalized: bool, shards: Sequence[Shard],

@@ -5,6 +5,7 @@ folder, the filesystem broker). One stack per configuration for the whole module
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -38,9 +39,11 @@ pytestmark = pytest.mark.slow
 VISIBILITY_TIMEOUT_S = 6
 # Small enough that the tiny model with a stray file passes and the bomb does not.
 UNPACKED_LIMIT = {"TAILOR_MODEL_UNPACKED_MAX_BYTES": "2000000"}
-# Documents of the corpus a run is interrupted in: enough shards of two that it is still
-# running when the test acts, few enough to finish in seconds.
+# The corpus a run is interrupted in: enough shards that it is still running when the test
+# acts, few enough to finish in seconds.
 MANY_DOCUMENTS = 240
+SHARD = 4
+SHARDS = MANY_DOCUMENTS // SHARD
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +161,8 @@ def downloaded_rows(client: httpx.Client, job_id: str) -> tuple[np.ndarray, list
     manifest = json.loads(files["manifest.json"])
     vectors, rows = [], []
     for shard in manifest["shards"]:
+        for name in (shard["vectors"], shard["ids"]):  # as the worker wrote them
+            assert hashlib.sha256(files[name]).hexdigest() == shard["sha256"][name]
         vectors.append(np.load(io.BytesIO(files[shard["vectors"]])))
         rows += [json.loads(line) for line in files[shard["ids"]].decode().splitlines()]
     return np.concatenate(vectors), rows, manifest
@@ -300,7 +305,7 @@ def test_models_of_others_and_unknown_ones_are_refused(production: ServiceStack)
 def start_bulk(client: httpx.Client, corpus_id: str, **fields: Any) -> dict[str, Any]:
     response = client.post("/v1/embedding-jobs", json={"model": "tiny-student",
                                                        "corpus_id": corpus_id,
-                                                       "shard_documents": 2, **fields})
+                                                       "shard_documents": SHARD, **fields})
     assert response.status_code == 201, response.text
     return response.json()
 
@@ -317,7 +322,7 @@ def test_cancel_stops_a_running_bulk_job(production: ServiceStack, big_corpus: P
         assert done["finished_at"] is not None and done["metrics"] == {}
         files = client.get(f"/v1/embedding-jobs/{job['id']}/files").json()
         assert not files["complete"] and files["data"][0]["name"] == "manifest.json"
-        assert 0 < len(files["data"]) < 1 + 2 * MANY_DOCUMENTS // 2
+        assert 0 < len(files["data"]) < 1 + 2 * SHARDS
         assert client.get(f"/v1/embedding-jobs/{job['id']}/download").status_code == 409
         again = client.post(f"/v1/embedding-jobs/{job['id']}/cancel")
         assert again.status_code == 409
@@ -333,7 +338,7 @@ def _resumes_after_a_kill(stack: ServiceStack, corpus: Path, tmp_path: Path,
             if worker.alive():
                 worker.kill()
         killed_at = stored_shards(stack, job["id"])
-        assert killed_at < MANY_DOCUMENTS // 2, "the run finished before the kill"
+        assert killed_at < SHARDS, "the run finished before the kill"
         stack.start_worker(f"worker-after-kill-{tmp_path.name[-6:]}",
                            work_dir=tmp_path / "host-2" if new_host else None)
         url = f"/v1/embedding-jobs/{job['id']}"
@@ -348,10 +353,10 @@ def _resumes_after_a_kill(stack: ServiceStack, corpus: Path, tmp_path: Path,
     starts = [e for e in timeline if e["kind"] == "stage" and e["message"] == "embed started"]
     assert len(starts) >= 2 and starts[-1]["data"]["attempt"] >= 2
     assert manifest["complete"] and [s["index"] for s in manifest["shards"]] == list(
-        range(MANY_DOCUMENTS // 2))
+        range(SHARDS))
     assert [r["id"] for r in rows] == [json.loads(line)["_id"]
                                        for line in corpus.read_text().splitlines()]
-    assert listed["complete"] and listed["count"] == 1 + MANY_DOCUMENTS
+    assert listed["complete"] and listed["count"] == 1 + 2 * SHARDS
     with stack.client() as client:
         sample = list(range(0, len(rows), 17))
         expected = embed(client, "tiny-student", [row_texts(corpus, rows)[i] for i in sample],

@@ -173,7 +173,7 @@ class EmbeddingRun:
         for the files)."""
         self._raise_if_stopped()
         folder = self.workdir / "shards"
-        for name in shard.files():
+        for name in shard.names():
             self.store.put_file(embeddings_key(self.job_id, name), folder / name)
             (folder / name).unlink()
         self.store.put_bytes(embeddings_key(self.job_id, MANIFEST), _json(manifest))

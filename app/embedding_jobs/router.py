@@ -110,8 +110,8 @@ def list_embedding_files(
     job = service.get_embedding_job(session, tenant, job_id)
     files, complete = service.stored_files(store, job)
     data = [
-        EmbeddingFile(name=f.name, kind=f.kind, shard=f.shard, rows=f.rows,  # type: ignore[arg-type]
-                      size=f.size, url=f"/v1/embedding-jobs/{job.id}/files/{f.name}")
+        EmbeddingFile(name=f.name, kind=f.kind, shard=f.shard, rows=f.rows, size=f.size,
+                      sha256=f.sha256, url=f"/v1/embedding-jobs/{job.id}/files/{f.name}")
         for f in files
     ]
     return EmbeddingFileList(data=data, count=len(data), complete=complete)

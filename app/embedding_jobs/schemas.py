@@ -67,6 +67,7 @@ class EmbeddingFile(BaseModel):
     shard: int | None = Field(description="The shard's index (None for the manifest).")
     rows: int | None = Field(description="Rows in the shard (None for the manifest).")
     size: int = Field(description="Bytes.")
+    sha256: str | None = Field(description="sha256 of the file (None for the manifest).")
     url: str = Field(description="Where to GET it (with your API key).")
 
 

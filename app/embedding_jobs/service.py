@@ -8,6 +8,7 @@ import tarfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 from sqlalchemy.orm import Session
 
@@ -94,26 +95,26 @@ class StoredFile:
     """One of a job's stored files."""
 
     name: str
-    kind: str
+    kind: Literal["manifest", "vectors", "ids"]
     shard: int | None
     rows: int | None
     size: int
+    sha256: str | None = None
 
 
 def stored_files(store: ObjectStore, job: EmbeddingJob) -> tuple[list[StoredFile], bool]:
     """The files the stored manifest lists (manifest first), and whether the run is complete.
     A job that has stored nothing yet has none."""
     try:
-        manifest = json.loads(store.get_bytes(embeddings_key(job.id, MANIFEST)))
+        raw = store.get_bytes(embeddings_key(job.id, MANIFEST))
     except ObjectNotFound:
         return [], False
-    size = store.size(embeddings_key(job.id, MANIFEST))
-    files = [StoredFile(MANIFEST, "manifest", None, None, size)]
+    manifest = json.loads(raw)
+    files = [StoredFile(MANIFEST, "manifest", None, None, len(raw))]
     for shard in manifest.get("shards", []):
-        for kind in ("vectors", "ids"):
-            name = shard[kind]
-            files.append(StoredFile(name, kind, shard["index"], shard["rows"],
-                                    store.size(embeddings_key(job.id, name))))
+        files += [StoredFile(shard[kind], kind, shard["index"], shard["rows"],
+                             shard["bytes"][shard[kind]], shard["sha256"][shard[kind]])
+                  for kind in ("vectors", "ids")]
     complete = bool(manifest.get("complete")) and job.status == JobStatus.SUCCEEDED
     return files, complete
 
