@@ -13,11 +13,14 @@ file (`InvalidModelArchive.file`).
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import posixpath
 import tarfile
+import zlib
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any
 
 from ml_core.errors import MLCoreError
 from ml_core.registry import SPEC_FILE, ModelSpec, folder_sha256
@@ -83,20 +86,60 @@ def _check_member(member: tarfile.TarInfo) -> PurePosixPath | None:
     return path
 
 
+class _Bounded(io.RawIOBase):
+    """The decompressed archive, refusing to be read past `limit` bytes: tarfile reads some
+    headers (pax, GNU long names) whole, so a member size check alone would let a header the
+    size of the disk through."""
+
+    def __init__(self, raw: IO[bytes], limit: int, name: str) -> None:
+        self.raw, self.limit, self.name = raw, limit, name
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def read(self, size: int | None = -1) -> bytes:
+        room = self.limit - self.raw.tell()
+        if size is not None and 0 <= size <= room:
+            return self.raw.read(size)
+        data = self.raw.read(max(room, 0) + 1)
+        if len(data) > room:
+            raise ModelArchiveTooLarge(self.name, f"the archive unpacks to more than "
+                                       f"{self.limit} bytes")
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
 def unpack_model_archive(archive: Path, target: Path, *, max_bytes: int,
-                         max_files: int = 1000) -> Path:
+                         max_files: int = 1000, name: str | None = None) -> Path:
     """Unpack a .tar.gz model archive into the empty or missing folder `target` after checking
     every member (see the module docstring); returns the folder holding modules.json.
 
-    InvalidModelArchive naming the offending member (ModelArchiveTooLarge past `max_bytes`
+    InvalidModelArchive naming the offending member, or the archive itself (as `name`, default
+    its file name) when it is no .tar.gz at all (ModelArchiveTooLarge past `max_bytes`
     decompressed or `max_files` files)."""
     archive, target = Path(archive), Path(target)
-    name = archive.name
+    name = name or archive.name
+    # Headers take a block or three per member beyond the members' own bytes.
+    stream = _Bounded(gzip.GzipFile(archive, "rb"), max_bytes + 2048 * (max_files + 2), name)
     try:
-        tar = tarfile.open(archive, "r:gz")
+        tar = tarfile.open(fileobj=stream, mode="r:")  # type: ignore[call-overload]
     except (tarfile.TarError, OSError, EOFError) as exc:
+        stream.raw.close()
         raise InvalidModelArchive(name, f"not a .tar.gz archive ({exc})") from None
-    with tar:
+    with stream.raw, tar:
         files: dict[PurePosixPath, tarfile.TarInfo] = {}
         total = 0
         try:
@@ -122,16 +165,14 @@ def unpack_model_archive(archive: Path, target: Path, *, max_bytes: int,
         for path, member in files.items():
             dest = target.joinpath(*path.parts)
             dest.parent.mkdir(parents=True, exist_ok=True)
-            source = tar.extractfile(member)
-            if source is None:  # pragma: no cover - regular files always have data
-                raise InvalidModelArchive(member.name, "has no data")
-            with source, dest.open("wb") as out:
-                written = 0
-                while chunk := source.read(1024 * 1024):
-                    written += len(chunk)
-                    if written > member.size:  # pragma: no cover - tarfile reads size bytes
-                        raise InvalidModelArchive(member.name, "is longer than its header says")
-                    out.write(chunk)
+            try:
+                source = tar.extractfile(member)
+                assert source is not None  # a regular file always has data
+                with source, dest.open("wb") as out:
+                    while chunk := source.read(1024 * 1024):
+                        out.write(chunk)
+            except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+                raise InvalidModelArchive(member.name, f"is damaged ({exc})") from None
     return model_root(target)
 
 

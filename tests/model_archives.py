@@ -53,6 +53,20 @@ def _member(name: str, data: bytes = b"{}", kind: bytes = tarfile.REGTYPE,
     return add
 
 
+def _pax_bomb(tar: tarfile.TarFile) -> None:
+    """A member whose pax header alone is larger than the unpacked limit (its data is empty)."""
+    info = tarfile.TarInfo("my-model/notes.txt")
+    info.pax_headers = {"comment": "x" * 6_000_000}
+    tar.format = tarfile.PAX_FORMAT
+    tar.addfile(info, io.BytesIO(b""))
+
+
+def _truncated(archive: Path) -> None:
+    """Cut the archive short in its last member's data (a download broken off)."""
+    data = archive.read_bytes()
+    archive.write_bytes(data[: len(data) * 3 // 4])
+
+
 def _edit(rel: str, edit: Callable[[Path], None]) -> Callable[[Path], None]:
     def change(folder: Path) -> None:
         edit(folder / rel)
@@ -94,6 +108,8 @@ BAD_ARCHIVES: dict[str, tuple[Callable[[Path], None] | None,
                     "my-model/modeling_custom.py", 422),
     "decompression bomb": (None, _member("my-model/notes.txt", b"\0" * 3_000_000),
                            "my-model/notes.txt", 413),
+    "header bomb": (None, _pax_bomb, "model.tar.gz", 413),
+    "cut short": (None, None, "model.tar.gz", 422),
     "no modules.json": (lambda f: (f / "modules.json").unlink(), None, "modules.json", 422),
     "max pooling": (_edit("1_Pooling/config.json", lambda p: _write_json(
         p, {"pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": True})), None,
@@ -123,4 +139,7 @@ def bad_archive(good: Path, case: str, target: Path) -> Path:
     shutil.copytree(good, folder)
     if change is not None:
         change(folder)
-    return pack(folder, target / "model.tar.gz", extra=extra)
+    archive = pack(folder, target / "model.tar.gz", extra=extra)
+    if case == "cut short":
+        _truncated(archive)
+    return archive

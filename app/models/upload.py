@@ -55,12 +55,14 @@ def create_uploaded_model(
         try:
             root = unpack_model_archive(upload.path, Path(tmp) / "model",
                                         max_bytes=settings.model_unpacked_max_bytes,
-                                        max_files=settings.model_upload_max_files)
+                                        max_files=settings.model_upload_max_files,
+                                        name=upload.filename)
             spec = accept_student_folder(root, model_id, source=f"uploaded as {upload.filename}")
-        except ModelArchiveTooLarge as exc:
-            raise PayloadTooLarge(f"{upload.filename}: {exc}", file=exc.file) from None
         except InvalidModelArchive as exc:
-            raise InvalidModel(f"{upload.filename}: {exc}", file=exc.file) from None
+            # "model.tar.gz: my-model/pytorch_model.bin: pickled weights are refused ..."
+            detail = str(exc) if exc.file == upload.filename else f"{upload.filename}: {exc}"
+            error = PayloadTooLarge if isinstance(exc, ModelArchiveTooLarge) else InvalidModel
+            raise error(detail, file=exc.file) from None
         archive = Path(tmp) / "model.tar.gz"
         with tarfile.open(archive, "w:gz") as tar:
             tar.add(root, arcname=model_id)
