@@ -227,8 +227,8 @@ def test_an_uploaded_model_embeds_everywhere_and_is_tuned_again(
     production: ServiceStack, good_folder: Path, corpus: Path, tmp_path: Path
 ) -> None:
     """Upload, embed on both routes (the vectors sentence-transformers gives the folder), tune
-    it as a job's base model, download the tuned folder (its model card names the upload), and
-    re-index the corpus with the tuned model in one call."""
+    it as a job's base model, download the tuned folder (its model card names the upload), start
+    tuning the tuned model again, and re-index the corpus with the tuned model in one call."""
     from sentence_transformers import SentenceTransformer
 
     texts = ["drag on a swept wing", "heat transfer in a boundary layer"]
@@ -270,6 +270,14 @@ def test_an_uploaded_model_embeds_everywhere_and_is_tuned_again(
         assert text.startswith("---\nlibrary_name: sentence-transformers")
         assert f"# {tuned['id']}" in text and f"**{uploaded['id']}**" in text
         assert "## Evaluation" in text and "tiny-teacher" in text
+
+        # A model Tailor tuned is a base model too: the worker loads it to prepare the corpus.
+        again = client.post("/v1/jobs", json={"corpus_id": corpus_id, **TINY_JOB,
+                                              "base_model": tuned["id"]})
+        assert again.status_code == 201 and again.json()["recipe"]["student"] == tuned["id"]
+        url = f"/v1/jobs/{again.json()['id']}"
+        wait_for(client, url, lambda j: j["stage"] not in (None, "prepare"), 120, production)
+        assert client.post(url + "/cancel").status_code == 200
 
         # Re-index after tuning: one call, the corpus is the one the model was tuned on.
         created = client.post("/v1/embedding-jobs", json={"model": tuned["id"]})
