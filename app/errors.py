@@ -111,6 +111,11 @@ class UnknownModel(InvalidRequest):
     code = "unknown_model"
 
 
+class InvalidModel(InvalidRequest):
+    code = "invalid_model"
+    description = "The uploaded model archive is refused (see `file`)."
+
+
 class NotReady(AppError):
     status_code = 503
     code = "not_ready"

@@ -146,3 +146,25 @@ async def upload_folder(base: Path | None) -> AsyncIterator[Path]:
         yield folder
     finally:
         await run_in_threadpool(shutil.rmtree, folder, True)
+
+
+def file_upload_body(description: str) -> dict[str, Any]:
+    """The OpenAPI requestBody of a route that takes one multipart `file` (described by
+    `description`) and an optional `name` (the body is parsed here, not by FastAPI)."""
+    return {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary",
+                                 "description": description},
+                        "name": {"type": "string", "maxLength": NAME_MAX,
+                                 "description": "Display name (default: the file name)."},
+                    },
+                }
+            }
+        },
+    }
