@@ -153,6 +153,11 @@ class StorageQuotaExceeded(Forbidden):
     code = "quota_exceeded"
 
 
+class InvalidModel(InvalidRequest):
+    code = "invalid_model"
+    description = "The uploaded model archive is refused (see `file`)."
+
+
 class NotReady(AppError):
     status_code = 503
     code = "not_ready"

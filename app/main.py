@@ -14,6 +14,7 @@ from app.auth import limiter_for
 from app.console import install_console
 from app.corpora.router import router as corpora_router
 from app.db.session import make_engine, make_session_factory
+from app.embedding_jobs.router import router as embedding_jobs_router
 from app.embeddings.router import openai_router
 from app.embeddings.router import router as embeddings_router
 from app.embeddings.service import EmbeddingModels
@@ -90,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         models_router,
         embeddings_router,
         openai_router,
+        embedding_jobs_router,
         rerank_router,
         api_keys_router,
     ):

@@ -1,5 +1,6 @@
-"""Per-tenant quotas: jobs queued or running at once (429: it frees up as jobs finish), and bytes
-stored from uploads (403: only the tenant's deletions, or the operator, free it). Each limit is
+"""Per-tenant quotas: jobs queued or running at once, training and bulk embedding alike (429: it
+frees up as jobs finish), and bytes stored from uploads (403: only the tenant's deletions, or the
+operator, free it). Each limit is
 the tenant's own (`tenants.max_*`, set with `tailor set-quota`) or else the deployment's setting.
 """
 
@@ -9,7 +10,16 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.corpora.service import on_live_corpus
-from app.db.models import ACTIVE_JOB_STATUSES, Corpus, EvalSet, Job, QuerySet, Tenant
+from app.db.models import (
+    ACTIVE_JOB_STATUSES,
+    Corpus,
+    EmbeddingJob,
+    EvalSet,
+    Job,
+    QuerySet,
+    Tenant,
+    UploadedModel,
+)
 from app.errors import QuotaExceeded, StorageQuotaExceeded
 from app.settings import Settings
 
@@ -20,25 +30,31 @@ def check_concurrent_jobs(session: Session, tenant: Tenant, default_limit: int) 
     cannot both pass."""
     limit = tenant.max_concurrent_jobs or default_limit
     session.execute(select(Tenant.id).where(Tenant.id == tenant.id).with_for_update())
-    active = session.scalar(
-        select(func.count()).select_from(Job)
-        .where(Job.tenant_id == tenant.id, Job.status.in_(ACTIVE_JOB_STATUSES))
-    ) or 0
+    active = sum(
+        session.scalar(
+            select(func.count()).select_from(kind)
+            .where(kind.tenant_id == tenant.id, kind.status.in_(ACTIVE_JOB_STATUSES))
+        ) or 0
+        for kind in (Job, EmbeddingJob)
+    )
     if active >= limit:
         raise QuotaExceeded(
-            f"quota concurrent_jobs: {active} of this tenant's jobs are queued or running, the "
+            f"quota concurrent_jobs: {active} of this tenant's jobs (training and bulk "
+            f"embedding) are queued or running, the "
             f"most allowed at once is {limit}; retry when one has finished (or cancel one)",
             quota="concurrent_jobs", limit=limit, used=active,
         )
 
 
 def stored_bytes(session: Session, tenant_id: str) -> int:
-    """Bytes the tenant's live uploads take in the object store (corpora, eval and query sets)."""
+    """Bytes the tenant's live uploads take in the object store (corpora, eval and query sets,
+    uploaded models)."""
     total = 0
     for table, live in (
         (Corpus, Corpus.deleted_at.is_(None)),
         (EvalSet, on_live_corpus(EvalSet.corpus_id)),
         (QuerySet, on_live_corpus(QuerySet.corpus_id)),
+        (UploadedModel, UploadedModel.id.is_not(None)),
     ):
         total += session.scalar(
             select(func.coalesce(func.sum(table.size_bytes), 0))

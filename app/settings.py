@@ -97,6 +97,16 @@ class Settings(BaseSettings):
     embed_max_inputs: int = Field(default=2048, ge=1)
     embed_max_queued_inputs: int = Field(default=65_536, ge=1)
 
+    # Bulk embedding jobs: documents per shard file when the request names none (a worker
+    # killed mid-run loses at most the shard it was writing).
+    embed_job_shard_documents: int = Field(default=4096, ge=1, le=1_000_000)
+
+    # Uploaded models (POST /v1/models): the .tar.gz as sent, what it may unpack to, and how
+    # many files it may hold.
+    model_upload_max_bytes: int = Field(default=4 * GiB, ge=1)
+    model_unpacked_max_bytes: int = Field(default=8 * GiB, ge=1)
+    model_upload_max_files: int = Field(default=1000, ge=1)
+
     # Worker / queue. Seconds a delivered but unacknowledged stage task may run before the
     # broker redelivers it (acks_late): longer than the slowest stage (tests use a few seconds).
     visibility_timeout: int = Field(default=6 * 3600, ge=1)

@@ -52,11 +52,19 @@ class UploadRules:
     max_decompressed_bytes: int
     max_line_bytes: int
     invalid: type[InvalidRequest]
+    # False for an archive (a model upload): its own reader bounds what it decompresses.
+    text: bool = True
 
     @classmethod
     def of(cls, settings: Settings, invalid: type[InvalidRequest]) -> UploadRules:
+        """A text upload (JSON lines, TSV) within the settings' limits."""
         return cls(settings.max_upload_bytes, settings.max_decompressed_bytes,
                    settings.max_line_bytes, invalid)
+
+    @classmethod
+    def archive(cls, max_bytes: int, invalid: type[InvalidRequest]) -> UploadRules:
+        """A binary archive of at most `max_bytes` as sent, not read as text here."""
+        return cls(max_bytes, max_bytes, max_bytes, invalid, text=False)
 
 
 @dataclass(frozen=True)
@@ -192,7 +200,7 @@ async def spool(
     form: FormData, field: str, folder: Path, stem: str, rules: UploadRules
 ) -> SpooledFile:
     """Copy the form's file `field` to `folder` as `<stem>` (+ `.gz` for gzip data), counting
-    bytes, then read it through once as text within the rules' limits."""
+    bytes, then (a text upload) read it through once as text within the rules' limits."""
     upload = form_file(form, field)
     await upload.seek(0)
     tmp = folder / f"{stem}.part"
@@ -202,7 +210,8 @@ async def spool(
     tmp.rename(path)
     # Only metadata (never a path on our side); capped to the column's length.
     filename = (upload.filename or stem)[:255]
-    await run_in_threadpool(_read_text, path, gzipped, _Text(field, filename, rules))
+    if rules.text:
+        await run_in_threadpool(_read_text, path, gzipped, _Text(field, filename, rules))
     return SpooledFile(path=path, filename=filename, size=size, gzipped=gzipped)
 
 
@@ -216,3 +225,25 @@ async def upload_folder(base: Path | None) -> AsyncIterator[Path]:
         yield folder
     finally:
         await run_in_threadpool(shutil.rmtree, folder, True)
+
+
+def file_upload_body(description: str) -> dict[str, Any]:
+    """The OpenAPI requestBody of a route that takes one multipart `file` (described by
+    `description`) and an optional `name` (the body is parsed here, not by FastAPI)."""
+    return {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary",
+                                 "description": description},
+                        "name": {"type": "string", "maxLength": NAME_MAX,
+                                 "description": "Display name (default: the file name)."},
+                    },
+                }
+            }
+        },
+    }

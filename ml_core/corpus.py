@@ -500,10 +500,33 @@ def chunk_passages(
     `max_tokens` is the model's passage length; the tokenizer's special tokens, the title's
     tokens and `reserved_tokens` (e.g. a passage prefix) are taken from it, so the title is
     repeated on every chunk. Chunks are cut on token boundaries from the original text (via
-    offsets), overlap by `overlap` tokens (at most half a chunk), are numbered `<parent>#<k>`
-    from 0 and keep `parent_id`. Passages that fit are returned unchanged.
+    offsets, `chunk_spans`), overlap by `overlap` tokens (at most half a chunk), are numbered
+    `<parent>#<k>` from 0 and keep `parent_id`. Passages that fit are returned unchanged.
     """
     chunked: list[Passage] = []
+    spans = chunk_spans(passages, tokenizer, max_tokens, overlap, reserved_tokens, batch_size)
+    for passage, cuts in zip(passages, spans, strict=True):
+        if cuts is None:
+            chunked.append(passage)
+            continue
+        parent = passage.parent_id or passage.id
+        for k, (start, end) in enumerate(cuts):
+            chunked.append(Passage(id=f"{passage.id}#{k}", text=passage.text[start:end],
+                                   title=passage.title, parent_id=parent))
+    return chunked
+
+
+def chunk_spans(
+    passages: Sequence[Passage],
+    tokenizer: Tokenizer,
+    max_tokens: int,
+    overlap: int,
+    reserved_tokens: int = 0,
+    batch_size: int = 256,
+) -> list[list[tuple[int, int]] | None]:
+    """For each passage, None when it fits `max_tokens` (see `chunk_passages`), else the
+    character spans [start, end) of its text that its chunks are, in order."""
+    spans: list[list[tuple[int, int]] | None] = []
     specials = tokenizer.num_special_tokens_to_add(pair=False)
     for start in range(0, len(passages), batch_size):
         batch = passages[start:start + batch_size]
@@ -512,20 +535,16 @@ def chunk_passages(
                             return_offsets_mapping=True, truncation=False, verbose=False)
         titles = tokenizer([p.title for p in batch], add_special_tokens=False, truncation=False,
                            verbose=False)
-        for i, passage in enumerate(batch):
+        for i in range(len(batch)):
             offsets = encoded["offset_mapping"][i]
             room = max_tokens - specials - reserved_tokens
             budget = room - min(len(titles["input_ids"][i]), room // 2)
             if len(offsets) <= budget:
-                chunked.append(passage)
+                spans.append(None)
                 continue
-            parent = passage.parent_id or passage.id
-            spans = _chunk_spans(encoded.word_ids(i), budget, min(overlap, budget // 2))
-            for k, (first, end) in enumerate(spans):
-                text = passage.text[offsets[first][0]:offsets[end - 1][1]]
-                chunked.append(Passage(id=f"{passage.id}#{k}", text=text, title=passage.title,
-                                       parent_id=parent))
-    return chunked
+            tokens = _chunk_spans(encoded.word_ids(i), budget, min(overlap, budget // 2))
+            spans.append([(offsets[first][0], offsets[end - 1][1]) for first, end in tokens])
+    return spans
 
 
 def _chunk_spans(word_ids: list[int | None], budget: int, overlap: int) -> list[tuple[int, int]]:

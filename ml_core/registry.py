@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -125,10 +125,13 @@ def default_store() -> Path:
 
 
 class ModelRegistry:
-    """Named models in a store folder (`<store>/<name>/tailor-model.json`)."""
+    """Named models in a store folder (`<store>/<name>/tailor-model.json`), plus `extra` ones
+    known by name from elsewhere (a tenant's own models, fetched by a worker into its cache):
+    `get` finds those by their name, `names` and `list` cover the store only."""
 
-    def __init__(self, store: Path | None = None) -> None:
+    def __init__(self, store: Path | None = None, extra: Mapping[str, Path] | None = None) -> None:
         self.store = Path(store) if store is not None else default_store()
+        self.extra = {name: Path(folder) for name, folder in (extra or {}).items()}
 
     def names(self) -> list[str]:
         """Sorted names of the models present in the store."""
@@ -138,6 +141,8 @@ class ModelRegistry:
 
     def get(self, name: str) -> ModelSpec:
         """The spec of model `name`, bound to its folder; UnknownModel naming the known models."""
+        if name in self.extra:
+            return ModelSpec.read(self.extra[name]).model_copy(update={"name": name})
         folder = self.store / name
         if not (folder / SPEC_FILE).is_file():
             known = ", ".join(self.names()) or "none"

@@ -406,6 +406,10 @@ def download_and_compare(client: httpx.Client, model_id: str, target: Path) -> N
     folder = target / "unpacked" / model_id
     # The report for people travels with the model (and does not disturb loading it).
     assert "Evaluation report" in (folder / "report.html").read_text(encoding="utf-8")
+    # So does its model card: what it is, from which base, how it scored, under which licence.
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    assert card.startswith("---\nlibrary_name: sentence-transformers") and f"# {model_id}" in card
+    assert "## Evaluation" in card and "## Licence" in card
 
     def served(texts: list[str], kind: str) -> list[list[float]]:
         response = client.post(

@@ -181,7 +181,7 @@ def test_a_first_qrels_line_with_a_bad_score_is_a_judgement_not_a_header(
 
 
 LIST_ROUTES = ("/v1/corpora", "/v1/eval-sets", "/v1/query-sets", "/v1/jobs", "/v1/models",
-               "/v1/api-keys")
+               "/v1/api-keys", "/v1/embedding-jobs")
 
 
 def test_offsets_and_cursors_past_64_bits_are_422(api: Api) -> None:
@@ -196,12 +196,16 @@ def test_offsets_and_cursors_past_64_bits_are_422(api: Api) -> None:
         response = caller.get(route, params={"offset": 2**31 - 1})
         assert response.status_code == 200, (route, response.text)
         assert response.json()["data"] == []
-    events = f"/v1/jobs/{job['id']}/events"
-    for after in (2**63, 10**30):
-        response = caller.get(events, params={"after": after})
-        assert response.status_code == 422, response.text
-        assert response.json()["field"] == "after"
-    assert caller.get(events, params={"after": 2**63 - 1}).json()["data"] == []
+    embedding = caller.post("/v1/embedding-jobs", json={"corpus_id": job["corpus_id"],
+                                                        "model": "tiny-student"})
+    assert embedding.status_code == 201, embedding.text
+    for events in (f"/v1/jobs/{job['id']}/events",
+                   f"/v1/embedding-jobs/{embedding.json()['id']}/events"):
+        for after in (2**63, 10**30):
+            response = caller.get(events, params={"after": after})
+            assert response.status_code == 422, response.text
+            assert response.json()["field"] == "after"
+        assert caller.get(events, params={"after": 2**63 - 1}).json()["data"] == []
 
 
 @pytest.mark.parametrize(

@@ -147,6 +147,10 @@ def test_concurrent_jobs_are_a_quota_named_in_its_429(quota_api: Api) -> None:
     assert (body["error"], body["quota"], body["limit"], body["used"]) == (
         "quota_exceeded", "concurrent_jobs", 2, 2)
     assert "concurrent_jobs" in body["detail"]
+    # Bulk embedding jobs count too.
+    embedding = caller.post("/v1/embedding-jobs", json={"corpus_id": corpus["id"],
+                                                        "model": "tiny-student"})
+    assert embedding.status_code == 429 and embedding.json()["quota"] == "concurrent_jobs"
     assert caller.post(f"/v1/jobs/{first['id']}/cancel").status_code == 200
     caller.job(corpus["id"])  # a finished job frees its place
     # Another tenant has its own count; an operator can raise one tenant's limit.

@@ -293,3 +293,30 @@ def test_a_model_that_cannot_be_loaded_is_a_503_without_internal_names(sqlite_ap
     assert body["request_id"] == response.headers["x-request-id"]
     assert "models/" not in body["detail"] and "tar.gz" not in body["detail"]
     assert "/" not in body["detail"].replace("/v1", "")
+
+
+def test_uploaded_and_tuned_models_are_listed_together_newest_first(api: Api) -> None:
+    from datetime import timedelta
+
+    from app.db.base import utcnow
+    from app.db.models import UploadedModel
+
+    caller = api.tenant()
+    tuned = _tuned_model(api, caller, archive=None)
+    uploaded = new_id("mdl")
+    with api.session() as session:
+        session.add(UploadedModel(
+            id=uploaded, tenant_id=caller.tenant_id, name="ours", filename="ours.tar.gz",
+            object_key=f"models/{uploaded}/model.tar.gz", folder_key=f"models/{uploaded}/model/",
+            size_bytes=1, sha256="0" * 64, dim=32, spec={}, created_at=utcnow() + timedelta(1),
+        ))
+        session.commit()
+    listing = caller.get("/v1/models").json()
+    assert [m["id"] for m in listing["data"]] == ["tiny-student", uploaded, tuned]
+    assert listing["count"] == 3
+    assert [m["id"] for m in caller.get("/v1/models", params={"offset": 2}).json()["data"]] == [
+        tuned]
+    assert [m["id"] for m in caller.get("/v1/models", params={"limit": 2}).json()["data"]] == [
+        "tiny-student", uploaded]
+    assert caller.get(f"/v1/models/{uploaded}").json()["kind"] == "uploaded"
+    assert api.tenant("other").get(f"/v1/models/{uploaded}").status_code == 404

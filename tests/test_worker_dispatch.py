@@ -50,6 +50,15 @@ def test_stage_tasks_land_on_their_queue(tmp_path: Path, stage: str, queue: str)
     assert body["headers"]["task"] == TASK_RUN_STAGE
 
 
+def test_the_bulk_embedding_task_lands_on_the_gpu_queue(tmp_path: Path) -> None:
+    from worker.celery_app import TASK_EMBED_CORPUS
+
+    app = _app(Settings(broker_url="filesystem://", broker_dir=tmp_path / "broker"))
+    app.send_task(TASK_EMBED_CORPUS, args=("emb_x",))  # routed by its name alone
+    files = list((tmp_path / "broker" / "queue").iterdir())
+    assert [f.name.rpartition(".")[0].rpartition(".")[2] for f in files] == ["gpu"]
+
+
 def test_dispatch_stays_light() -> None:
     # The API imports dispatch; it must not drag torch or the ML stages into the web process.
     import subprocess

@@ -498,3 +498,33 @@ def test_an_invalid_corpus_fails_the_job_naming_its_line(service: Path) -> None:
     assert job.error is not None and job.error["error"] == "invalid_corpus"
     assert "line 2" in job.error["detail"] and "text" in job.error["detail"]
     assert events[-1].data["exception"] == "CorpusError" and "traceback" not in events[-1].data
+
+
+def test_a_bulk_embedding_job_whose_lease_lapsed_is_sent_again_to_the_gpu_queue(
+    service: Path,
+) -> None:
+    """The sweep covers both kinds of job: a lapsed bulk embedding gets its own task again,
+    on the gpu queue, and its timeline (not a training job's) records why."""
+    from app.db.base import utcnow
+    from app.db.models import EmbeddingJob, EmbeddingJobEvent
+    from worker.celery_app import TASK_EMBED_CORPUS
+    from worker.leases import sweep_lapsed_leases
+
+    _job()
+    with session_scope() as session:
+        session.add(EmbeddingJob(id="emb_1", tenant_id="ten_1", corpus_id="crp_1",
+                                 model="tiny-student", spec={}, status=JobStatus.RUNNING,
+                                 stage="embed", lease_owner="lost-host:7",
+                                 lease_expires_at=utcnow()))
+    assert sweep_lapsed_leases(300) == ["emb_1"]
+    messages = list((service / "broker" / "queue").glob("*.msg"))
+    assert [m.name.rpartition(".")[0].rpartition(".")[2] for m in messages] == ["gpu"]
+    headers = json.loads(messages[0].read_text())["headers"]
+    assert (headers["task"], headers["argsrepr"]) == (TASK_EMBED_CORPUS, "('emb_1',)")
+    with session_scope() as session:
+        job = session.get(EmbeddingJob, "emb_1")
+        assert job is not None and job.celery_task_id == headers["id"]
+        events = list(session.scalars(select(EmbeddingJobEvent)))
+        assert [e.message for e in events] == [
+            "embed stopped renewing its lease (lost-host:7); sending it again"]
+        assert not list(session.scalars(select(JobEvent)))

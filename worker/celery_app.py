@@ -29,6 +29,10 @@ from kombu import Queue
 from app.settings import Settings, get_settings
 
 TASK_RUN_STAGE = "worker.tasks.run_stage"
+# A bulk embedding job is one task (worker.embedding_run): encoding a corpus wants a GPU.
+TASK_EMBED_CORPUS = "worker.tasks.embed_corpus"
+EMBED_STAGE = "embed"
+EMBED_QUEUE = "gpu"
 
 # Light stages run on any machine; generation, teacher scoring and training want a GPU.
 # Kept here rather than imported from ml_core.pipeline so the API never imports ml_core to
@@ -40,6 +44,7 @@ STAGE_QUEUES: dict[str, str] = {
     "distill": "gpu",
     "evaluate": "cpu",
 }
+FIRST_STAGE = "prepare"
 QUEUES = ("cpu", "gpu")
 
 
@@ -135,8 +140,13 @@ def _route_stage(
     task: Any = None,
     **_: Any,
 ) -> dict[str, str] | None:
-    """Route run_stage(job_id, stage) by its stage argument (an explicit queue wins)."""
-    if name != TASK_RUN_STAGE or options.get("queue"):
+    """Route run_stage(job_id, stage) by its stage argument, embed_corpus to the GPU queue (an
+    explicit queue wins)."""
+    if options.get("queue"):
+        return None
+    if name == TASK_EMBED_CORPUS:
+        return {"queue": EMBED_QUEUE, "routing_key": EMBED_QUEUE}
+    if name != TASK_RUN_STAGE:
         return None
     stage = kwargs.get("stage") if kwargs else None
     if stage is None and args and len(args) > 1:

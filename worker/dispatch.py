@@ -13,10 +13,18 @@ from uuid import uuid4
 from celery import Celery
 from sqlalchemy import update
 
-from app.db.models import Job
+from app.db.models import EMBEDDING_JOB_PREFIX, job_tables
 from app.db.session import session_scope
 from app.settings import get_settings
-from worker.celery_app import TASK_RUN_STAGE, celery_app, create_app, queue_for
+from worker.celery_app import (
+    EMBED_QUEUE,
+    FIRST_STAGE,
+    TASK_EMBED_CORPUS,
+    TASK_RUN_STAGE,
+    celery_app,
+    create_app,
+    queue_for,
+)
 
 log = logging.getLogger(__name__)
 _IMPORTED_APP = celery_app
@@ -41,20 +49,43 @@ def _sender() -> Celery:
     return _app_for(get_settings().model_dump_json())
 
 
-def send_stage(job_id: str, stage: str, task_id: str | None = None) -> str:
-    """Publish run_stage(job_id, stage) on the stage's queue; returns the task id."""
+def _send(name: str, args: tuple[str, ...], queue: str, task_id: str | None) -> str:
     task_id = task_id or str(uuid4())
     _sender().send_task(
-        TASK_RUN_STAGE,
-        args=(job_id, stage),
-        queue=queue_for(stage),
-        routing_key=queue_for(stage),
+        name,
+        args=args,
+        queue=queue,
+        routing_key=queue,
         task_id=task_id,
         # Retry the publish itself a few times if the broker connection blips.
         retry=True,
         retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
     )
     return task_id
+
+
+def send_stage(job_id: str, stage: str, task_id: str | None = None) -> str:
+    """Publish run_stage(job_id, stage) on the stage's queue; returns the task id."""
+    return _send(TASK_RUN_STAGE, (job_id, stage), queue_for(stage), task_id)
+
+
+def send_embedding(job_id: str, task_id: str | None = None) -> str:
+    """Publish embed_corpus(job_id) on the GPU queue; returns the task id."""
+    return _send(TASK_EMBED_CORPUS, (job_id,), EMBED_QUEUE, task_id)
+
+
+def resend(job_id: str, stage: str | None) -> str:
+    """Send again the task that runs a job's current `stage`, whichever kind of job it is (the
+    lease sweep, the embedded set-up's restart); returns the task id."""
+    if job_id.startswith(EMBEDDING_JOB_PREFIX):
+        return send_embedding(job_id)
+    return send_stage(job_id, stage or FIRST_STAGE)
+
+
+def _record_task(job_id: str, task_id: str) -> None:
+    model, _ = job_tables(job_id)
+    with session_scope() as session:
+        session.execute(update(model).where(model.id == job_id).values(celery_task_id=task_id))
 
 
 def enqueue_stage(job_id: str, stage: str) -> str:
@@ -64,8 +95,15 @@ def enqueue_stage(job_id: str, stage: str) -> str:
     may pick the task up at once and must find the row.
     """
     task_id = send_stage(job_id, stage)
-    with session_scope() as session:
-        session.execute(update(Job).where(Job.id == job_id).values(celery_task_id=task_id))
+    _record_task(job_id, task_id)
+    return task_id
+
+
+def enqueue_embedding(job_id: str) -> str:
+    """Send a bulk embedding job's task and record its id on the row (after the commit that
+    created the job, like enqueue_stage); returns the task id."""
+    task_id = send_embedding(job_id)
+    _record_task(job_id, task_id)
     return task_id
 
 

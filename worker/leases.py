@@ -20,12 +20,11 @@ from pathlib import Path
 from sqlalchemy import select, update
 
 from app.db.base import utcnow
-from app.db.models import EventKind, Job, JobStatus
+from app.db.models import AnyJob, EmbeddingJob, EventKind, Job, JobStatus, job_tables
 from app.db.session import session_scope
 from app.jobs.lifecycle import JobCancelled, add_event
 from app.settings import Settings, get_settings
-from ml_core.pipeline import STAGES
-from worker.dispatch import send_stage
+from worker.dispatch import resend
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +77,7 @@ def _process_alive(pid: int) -> bool:
         return True
 
 
-def lease_held_by_another(job: Job, owner: str) -> bool:
+def lease_held_by_another(job: AnyJob, owner: str) -> bool:
     """Whether another live process holds the job's lease.
 
     Live: its heartbeat has not lapsed and, when it is on this host, its process still exists
@@ -93,7 +92,7 @@ def lease_held_by_another(job: Job, owner: str) -> bool:
     return True
 
 
-def raise_if_stopped(job: Job | None, job_id: str, stage: str, owner: str | None) -> None:
+def raise_if_stopped(job: AnyJob | None, job_id: str, stage: str, owner: str | None) -> None:
     """JobCancelled when the job row says cancelled or cancelling (or is gone); LeaseLost when
     another delivery now holds the lease `owner` took."""
     if job is None or job.status in (JobStatus.CANCELLING, JobStatus.CANCELLED):
@@ -107,6 +106,7 @@ class LeaseKeeper:
 
     def __init__(self, job_id: str, owner: str, ttl_s: float) -> None:
         self.job_id, self.owner, self.ttl_s = job_id, owner, ttl_s
+        self.model, _ = job_tables(job_id)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"lease-{job_id}", daemon=True)
 
@@ -114,8 +114,8 @@ class LeaseKeeper:
         """Push the lease's expiry on; False when this process no longer holds it."""
         with session_scope() as session:
             renewed = session.execute(
-                update(Job)
-                .where(Job.id == self.job_id, Job.lease_owner == self.owner)
+                update(self.model)
+                .where(self.model.id == self.job_id, self.model.lease_owner == self.owner)
                 .values(lease_expires_at=utcnow() + timedelta(seconds=self.ttl_s))
             )
             return bool(renewed.rowcount)
@@ -150,8 +150,8 @@ class LeaseKeeper:
         try:
             with session_scope() as session:
                 session.execute(
-                    update(Job)
-                    .where(Job.id == self.job_id, Job.lease_owner == self.owner)
+                    update(self.model)
+                    .where(self.model.id == self.job_id, self.model.lease_owner == self.owner)
                     .values(**values)
                 )
         except Exception as error:
@@ -170,25 +170,28 @@ def sweep_lapsed_leases(lease_ttl_s: float | None = None) -> list[str]:
     """
     ttl = lease_ttl_s if lease_ttl_s is not None else get_settings().lease_ttl_s
     alive = [JobStatus.RUNNING, JobStatus.CANCELLING]
+    lapsed = []
     with session_scope() as session:
-        lapsed = session.execute(
-            select(Job.id, Job.stage, Job.lease_owner).where(
-                Job.status.in_(alive), Job.lease_expires_at < utcnow()
-            )
-        ).all()
+        for model in (Job, EmbeddingJob):
+            lapsed += session.execute(
+                select(model.id, model.stage, model.lease_owner).where(
+                    model.status.in_(alive), model.lease_expires_at < utcnow()
+                )
+            ).all()
     resent: list[str] = []
     for job_id, stage, holder in lapsed:
         now = utcnow()
         sent_before = requeues(holder)
         wait_s = ttl * min(2**sent_before, MAX_REQUEUE_BACKOFF)
+        model, _ = job_tables(job_id)
         with session_scope() as session:
             won = session.execute(
-                update(Job)
+                update(model)
                 .where(
-                    Job.id == job_id,
-                    Job.status.in_(alive),
-                    Job.lease_expires_at < now,
-                    Job.lease_owner == holder,
+                    model.id == job_id,
+                    model.status.in_(alive),
+                    model.lease_expires_at < now,
+                    model.lease_owner == holder,
                 )
                 .values(
                     lease_owner=f"{REQUEUED}:{sent_before + 1}",
@@ -212,9 +215,11 @@ def sweep_lapsed_leases(lease_ttl_s: float | None = None) -> list[str]:
                 )
         if won:
             log.warning("job %s: %s's lease lapsed (%s); re-sending it", job_id, stage, holder)
-            task_id = send_stage(job_id, stage or STAGES[0])
+            task_id = resend(job_id, stage)
             with session_scope() as session:  # what a cancel revokes from now on
-                session.execute(update(Job).where(Job.id == job_id).values(celery_task_id=task_id))
+                session.execute(
+                    update(model).where(model.id == job_id).values(celery_task_id=task_id)
+                )
             resent.append(job_id)
     return resent
 

@@ -8,7 +8,7 @@ import time
 
 from sqlalchemy import update
 
-from app.db.models import EventKind, Job
+from app.db.models import EventKind, job_tables
 from app.db.session import session_scope
 from app.jobs.lifecycle import add_event
 from ml_core.pipeline import STAGES
@@ -38,15 +38,25 @@ def stage_end(stage: str) -> float:
 
 
 class ProgressReporter:
-    """The ProgressFn handed to a stage: throttled progress writes, events and cancel checks."""
+    """The ProgressFn handed to a stage: throttled progress writes, events and cancel checks.
+
+    The job's overall progress is the stage's share of it (`span`: where the stage starts and
+    how much of the job it is; by default a training stage's STAGE_WEIGHTS)."""
 
     def __init__(
-        self, job_id: str, stage: str, interval_s: float = 1.0, owner: str | None = None
+        self,
+        job_id: str,
+        stage: str,
+        interval_s: float = 1.0,
+        owner: str | None = None,
+        span: tuple[float, float] | None = None,
     ) -> None:
         # Progress is written, and the row's status read to notice a cancel, at most every
         # interval_s: about once a second keeps cancel prompt and the database quiet.
         self.job_id, self.stage, self.interval_s = job_id, stage, interval_s
         self.owner = owner  # this process's lease: lost to another delivery -> LeaseLost
+        self.offset, self.weight = span or (stage_offset(stage), STAGE_WEIGHTS[stage])
+        self.model, _ = job_tables(job_id)
         self._last_write = 0.0
         self._last_event = 0.0
         self._last_event_tenth = -1
@@ -58,17 +68,18 @@ class ProgressReporter:
             return
         self._last_write = now
         fraction = min(max(fraction, 0.0), 1.0)
-        overall = stage_offset(self.stage) + STAGE_WEIGHTS[self.stage] * fraction
+        overall = self.offset + self.weight * fraction
         tenth = int(fraction * 10)
         want_event = message != self._last_message and (
             tenth != self._last_event_tenth or now - self._last_event >= PROGRESS_EVENT_INTERVAL_S
         )
         with session_scope() as session:
-            raise_if_stopped(session.get(Job, self.job_id), self.job_id, self.stage, self.owner)
+            job = session.get(self.model, self.job_id)
+            raise_if_stopped(job, self.job_id, self.stage, self.owner)
             # A redelivered stage reports again from 0: never move the bar backwards.
             session.execute(
-                update(Job)
-                .where(Job.id == self.job_id, Job.progress < overall)
+                update(self.model)
+                .where(self.model.id == self.job_id, self.model.progress < overall)
                 .values(progress=overall)
             )
             if want_event:

@@ -13,12 +13,12 @@ from typing import Any
 from celery import signals
 from sqlalchemy import select
 
-from app.db.models import Job, JobStatus
+from app.db.models import EmbeddingJob, Job, JobStatus
 from app.db.session import get_engine, session_scope
 from app.jobs import lifecycle
 from app.settings import get_settings
-from ml_core.pipeline import STAGES
-from worker.dispatch import send_stage
+from worker.celery_app import EMBED_STAGE
+from worker.dispatch import resend
 from worker.leases import lease_wait_s, sweep_forever
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,8 @@ def _fresh_connections_after_fork(**_: Any) -> None:
 
 @signals.task_revoked.connect
 def _cancel_revoked_job(request: Any = None, terminated: bool = False, **_: Any) -> None:
-    """In the worker's main process: a revoked stage task of a cancelling job cancels it.
+    """In the worker's main process: a revoked task (a stage, or a bulk embedding) of a
+    cancelling job cancels it.
 
     Covers the task revoked before it started (the worker drops it without running any of our
     code) and a pool process killed before it could record the cancel itself.
@@ -40,7 +41,7 @@ def _cancel_revoked_job(request: Any = None, terminated: bool = False, **_: Any)
     args = getattr(request, "args", None) or ()
     kwargs = getattr(request, "kwargs", None) or {}
     job_id = kwargs.get("job_id") or (args[0] if args else None)
-    stage = kwargs.get("stage") or (args[1] if len(args) > 1 else None)
+    stage = kwargs.get("stage") or (args[1] if len(args) > 1 else EMBED_STAGE)
     if not job_id:
         return
     how = "terminated" if terminated else "revoked"
@@ -77,14 +78,16 @@ def _recover_embedded_jobs(**_: Any) -> None:
     if not settings.broker_url.startswith("filesystem:"):
         return
     try:
+        rows = []
         with session_scope() as session:
-            rows = session.execute(
-                select(Job.id, Job.stage).where(
-                    Job.status.in_([JobStatus.RUNNING, JobStatus.CANCELLING])
-                )
-            ).all()
+            for model in (Job, EmbeddingJob):
+                rows += session.execute(
+                    select(model.id, model.stage).where(
+                        model.status.in_([JobStatus.RUNNING, JobStatus.CANCELLING])
+                    )
+                ).all()
         for job_id, stage in rows:
             log.warning("resuming job %s at %s (left running by a stopped worker)", job_id, stage)
-            send_stage(job_id, stage or STAGES[0])
+            resend(job_id, stage)
     except Exception:
         log.exception("could not resume interrupted jobs")

@@ -25,6 +25,7 @@ from app.reports import render_report_from_stages
 from app.settings import Settings
 from app.storage import ObjectNotFound
 from ml_core.config import RecipeConfig
+from ml_core.export import render_model_card
 from ml_core.pipeline import MANIFEST, STAGES, StageContext, StageError, stage_fingerprint
 from ml_core.pipeline import run_stage as run_pipeline_stage
 from ml_core.registry import ModelRegistry
@@ -43,6 +44,21 @@ from worker.artifacts import (
 from worker.dispatch import send_stage
 from worker.leases import lease_held_by_another, raise_if_stopped
 from worker.progress import ProgressReporter, stage_end, stage_offset
+from worker.tenant_models import job_registry
+
+# What a model card says of the recipe besides its base model: the choices that shaped it.
+CARD_RECIPE = {
+    "teacher": ("teacher",),
+    "generator": ("generator",),
+    "query_types": ("generation", "query_types"),
+    "passages": ("generation", "passages"),
+    "loss": ("training", "loss"),
+    "list_size": ("training", "list_size"),
+    "learning_rate": ("training", "learning_rate"),
+    "max_epochs": ("training", "max_epochs"),
+    "base_merge": ("training", "base_merge"),
+    "seed": ("seed",),
+}
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +203,7 @@ class StageRun:
             workdir=self.workdir,
             corpus_path=corpus_path,
             config=self.config,
-            registry=ModelRegistry(Path(self.settings.model_store)),
+            registry=self._registry(),
             eval_queries=eval_queries,
             eval_qrels=eval_qrels,
             train_queries=train_queries,
@@ -195,6 +211,24 @@ class StageRun:
                 self.job_id, self.stage, self.settings.progress_interval_s, self.owner
             ),
         )
+
+    def _registry(self) -> ModelRegistry:
+        """The model store, plus the tenant's own model when the job tunes one (`mdl_...`)."""
+        return job_registry(self.settings, self.store, self.inputs.tenant_id,
+                            [self.config.student])
+
+    def _model_card(self, model_id: str, report: dict[str, Any]) -> str:
+        """README.md of the published folder: base model, recipe choices, the evaluate
+        report's figures, licence."""
+        recipe = self.config.model_dump(mode="json")
+        card: dict[str, Any] = {}
+        for name, path in CARD_RECIPE.items():
+            value: Any = recipe
+            for part in path:
+                value = value[part]
+            card[name] = value
+        base = self._registry().get(self.config.student)
+        return render_model_card(report, base, name=model_id, recipe=card)
 
     def _stored_manifest(self) -> dict[str, Any] | None:
         try:
@@ -243,7 +277,9 @@ class StageRun:
             model_id = lifecycle.reserve_model_id(session, self.job_id)
         archive = self.workdir / "export" / "model.tar.gz"
         object_key, folder_key = publish_model(
-            self.store, model_dir, model_id, archive, extras=self._pages_for_people(model_id)
+            self.store, model_dir, model_id, archive,
+            extras={**self._pages_for_people(model_id),
+                    "README.md": self._model_card(model_id, report)},
         )
         model = TunedModel(
             id=model_id,

@@ -1,27 +1,30 @@
-"""The stage task: one Celery task runs one ml_core stage of one job (docs/architecture.md).
+"""The tasks: one Celery task runs one ml_core stage of one job (docs/architecture.md); another
+embeds a stored corpus for a bulk embedding job.
 
-The task receives the job and stage ids, claims the stage, runs it (worker.stage_run) under a
-lease (worker.leases), and turns what happened into the job's record: errors become the job's
-error code, infrastructure hiccups are retried. Cancellation is cooperative (the progress
-callback raises JobCancelled when the row says `cancelling`) and forced (revoke with terminate:
-SIGTERM to the pool process, see `_on_terminated`).
+A task receives the job (and stage) id, claims it, runs it (worker.stage_run,
+worker.embedding_run) under a lease (worker.leases), and turns what happened into the job's
+record: errors become the job's error code, infrastructure hiccups are retried. Cancellation
+is cooperative (the progress callback raises JobCancelled when the row says `cancelling`) and
+forced (revoke with terminate: SIGTERM to the pool process, see `_on_terminated`).
 """
 
 from __future__ import annotations
 
 import logging
 import traceback
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
 from app.db.session import session_scope
 from app.jobs import lifecycle
 from app.jobs.lifecycle import JobCancelled, StageBusy
-from app.settings import get_settings
+from app.settings import Settings, get_settings
 from ml_core.errors import MLCoreError
 from ml_core.pipeline import STAGES
-from worker.celery_app import TASK_RUN_STAGE, celery_app
+from worker.celery_app import EMBED_STAGE, TASK_EMBED_CORPUS, TASK_RUN_STAGE, celery_app
+from worker.embedding_run import EmbeddingRun, claim_embedding
 from worker.leases import LeaseKeeper, LeaseLost, lease_owner, lease_wait_s
 from worker.stage_run import StageRun, claim
 
@@ -33,34 +36,67 @@ TRANSIENT_RETRIES = 3
 RECORD_RETRY_S = 30
 
 
-@celery_app.task(
-    name=TASK_RUN_STAGE,
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    ignore_result=True,
+class Claimed(Protocol):
+    """A claimed delivery, ready to run under the job's lease."""
+
+    def run(self) -> str: ...
+
+
+# Claim this delivery as lease owner `owner`: what to run, or None when there is nothing to do.
+Claim = Callable[[Settings, str, bool], "Claimed | None"]
+
+TASK_OPTIONS: dict[str, Any] = {
+    "bind": True,
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+    "ignore_result": True,
     # Retries are counted by hand: TRANSIENT_RETRIES for the stage's own errors (in the
     # transient_retries argument), none for waiting on a busy stage or for recording an
     # outcome (see _retry_recording).
-    max_retries=None,
-)
+    "max_retries": None,
+}
+
+
+@celery_app.task(name=TASK_RUN_STAGE, **TASK_OPTIONS)
 def run_stage(self: Any, job_id: str, stage: str, transient_retries: int = 0) -> str:
     """Run one stage of one job (see the module docstring); returns what happened."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
-    delivery = getattr(self.request, "delivery_info", None) or {}
+
+    def claim_stage(settings: Settings, owner: str, redelivered: bool) -> StageRun | None:
+        inputs = claim(job_id, stage, redelivered, owner, settings.lease_ttl_s)
+        return None if inputs is None else StageRun(inputs, stage, settings, owner)
+
+    return _run(self, job_id, stage, transient_retries, claim_stage)
+
+
+@celery_app.task(name=TASK_EMBED_CORPUS, **TASK_OPTIONS)
+def embed_corpus(self: Any, job_id: str, transient_retries: int = 0) -> str:
+    """Embed a stored corpus for a bulk embedding job (worker.embedding_run), resuming after
+    its last finished shard; returns what happened."""
+
+    def claim_job(settings: Settings, owner: str, redelivered: bool) -> EmbeddingRun | None:
+        inputs = claim_embedding(job_id, redelivered, owner, settings.lease_ttl_s)
+        return None if inputs is None else EmbeddingRun(inputs, settings, owner)
+
+    return _run(self, job_id, EMBED_STAGE, transient_retries, claim_job)
+
+
+def _run(task: Any, job_id: str, stage: str, transient_retries: int, claim_delivery: Claim) -> str:
+    """Claim the delivery, run it under the job's lease, and record what happened."""
+    delivery = getattr(task.request, "delivery_info", None) or {}
     redelivered = bool(delivery.get("redelivered"))
     settings, owner = get_settings(), lease_owner()
     try:
-        inputs = claim(job_id, stage, redelivered, owner, settings.lease_ttl_s)
-        if inputs is None:
+        claimed = claim_delivery(settings, owner, redelivered)
+        if claimed is None:
             return "dropped"
         with LeaseKeeper(job_id, owner, settings.lease_ttl_s):
-            return StageRun(inputs, stage, settings, owner).run()
+            return claimed.run()
     except StageBusy as busy:
         wait = lease_wait_s(settings)
         log.info("%s; trying again in %.0fs", busy, wait)
-        raise self.retry(countdown=wait) from busy
+        raise task.retry(countdown=wait) from busy
     except LeaseLost as lost:
         log.warning("%s; this copy stops", lost)
         return "superseded"
@@ -68,7 +104,7 @@ def run_stage(self: Any, job_id: str, stage: str, transient_retries: int = 0) ->
         try:
             _record_cancel(job_id, stage)
         except Exception as error:
-            raise _retry_recording(self, job_id, stage, "cancel", error) from error
+            raise _retry_recording(task, job_id, stage, "cancel", error) from error
         return "cancelled"
     except SystemExit:
         # billiard turns the SIGTERM of revoke(terminate=True) (and of a cold shutdown) into
@@ -78,7 +114,7 @@ def run_stage(self: Any, job_id: str, stage: str, transient_retries: int = 0) ->
     except Exception as error:
         if _is_transient(error) and transient_retries < TRANSIENT_RETRIES:
             log.warning("job %s %s: transient error, retrying: %s", job_id, stage, error)
-            raise self.retry(
+            raise task.retry(
                 kwargs={"transient_retries": transient_retries + 1},
                 exc=error,
                 countdown=10 * (transient_retries + 1),
@@ -86,7 +122,7 @@ def run_stage(self: Any, job_id: str, stage: str, transient_retries: int = 0) ->
         try:
             _record_failure(job_id, stage, error)
         except Exception as recording:
-            raise _retry_recording(self, job_id, stage, "failure", recording) from error
+            raise _retry_recording(task, job_id, stage, "failure", recording) from error
         return "failed"
 
 

@@ -7,6 +7,7 @@ from datetime import datetime
 from pydantic import BaseModel, Field
 
 from app.schemas import ReadSchema
+from app.uploads import file_upload_body
 
 
 class CorpusRead(ReadSchema):
@@ -29,27 +30,6 @@ class CorpusList(BaseModel):
 
 
 # Documents the multipart body of POST /v1/corpora (parsed by app.uploads, not by FastAPI).
-CORPUS_UPLOAD_BODY = {
-    "required": True,
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "required": ["file"],
-                "properties": {
-                    "file": {
-                        "type": "string",
-                        "format": "binary",
-                        "description": "BEIR corpus: JSON lines with `_id` (or `id`), optional "
-                        "`title`, and `text`; plain or gzip.",
-                    },
-                    "name": {
-                        "type": "string",
-                        "maxLength": 200,
-                        "description": "Display name (default: the file name).",
-                    },
-                },
-            }
-        }
-    },
-}
+CORPUS_UPLOAD_BODY = file_upload_body(
+    "BEIR corpus: JSON lines with `_id` (or `id`), optional `title`, and `text`; plain or gzip."
+)

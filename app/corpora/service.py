@@ -9,7 +9,7 @@ from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
-from app.db.models import ACTIVE_JOB_STATUSES, Corpus, Job, Tenant
+from app.db.models import ACTIVE_JOB_STATUSES, Corpus, EmbeddingJob, Job, Tenant
 from app.db.tenant_rows import newest_first
 from app.deps import Page
 from app.errors import InvalidCorpus, NotFound, ResourceInUse
@@ -86,11 +86,13 @@ def delete_corpus(session: Session, tenant: Tenant, corpus_id: str) -> Corpus:
     """Soft-delete a corpus no active job uses (409 otherwise); the caller deletes its objects
     after the commit."""
     corpus = get_corpus(session, tenant, corpus_id, lock=True)
-    active = session.scalar(
-        select(Job.id)
-        .where(Job.corpus_id == corpus.id, Job.status.in_(ACTIVE_JOB_STATUSES))
-        .limit(1)
-    )
+    active = None
+    for table in (Job, EmbeddingJob):
+        active = active or session.scalar(
+            select(table.id)
+            .where(table.corpus_id == corpus.id, table.status.in_(ACTIVE_JOB_STATUSES))
+            .limit(1)
+        )
     if active is not None:
         raise ResourceInUse(
             f"corpus {corpus_id} is used by job {active}, which has not finished",

@@ -177,7 +177,43 @@ class QuerySet(Base):
     corpus: Mapped[Corpus] = relationship()
 
 
-class Job(Base):
+class JobState:
+    """The columns every kind of job shares, so one lifecycle (app.jobs.lifecycle), one lease
+    and one progress reporter (worker.leases, worker.progress) serve them all."""
+
+    status: Mapped[JobStatus] = mapped_column(
+        _str_enum(JobStatus, "job_status"), default=JobStatus.QUEUED, index=True
+    )
+    stage: Mapped[str | None] = mapped_column(String(32), default=None)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    # {"code": ..., "message": ..., "stage": ...} when failed.
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSONType, default=None)
+    celery_task_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    # The worker process running the current stage ("host:pid") and until when its heartbeat
+    # vouches for it: a second delivery of that stage waits instead of running beside it.
+    lease_owner: Mapped[str | None] = mapped_column(String(200), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class EventRecord:
+    """The columns of every job timeline entry (a `job_id` column is the kind's own)."""
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    kind: Mapped[EventKind] = mapped_column(_str_enum(EventKind, "event_kind"))
+    stage: Mapped[str | None] = mapped_column(String(32), default=None)
+    progress: Mapped[float | None] = mapped_column(Float, default=None)
+    message: Mapped[str] = mapped_column(Text, default="")
+    data: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+
+
+class Job(JobState, Base):
     """One specialization run: the request, its resolved recipe and its progress."""
 
     __tablename__ = "jobs"
@@ -198,29 +234,11 @@ class Job(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JSONType)
     # The resolved RecipeConfig.model_dump(mode="json") the worker runs.
     recipe: Mapped[dict[str, Any]] = mapped_column(JSONType)
-    status: Mapped[JobStatus] = mapped_column(
-        _str_enum(JobStatus, "job_status"), default=JobStatus.QUEUED, index=True
-    )
-    stage: Mapped[str | None] = mapped_column(String(32), default=None)
-    progress: Mapped[float] = mapped_column(Float, default=0.0)
-    metrics: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
-    # {"code": ..., "message": ..., "stage": ...} when failed.
-    error: Mapped[dict[str, Any] | None] = mapped_column(JSONType, default=None)
-    celery_task_id: Mapped[str | None] = mapped_column(String(64), default=None)
-    # The worker process running the current stage ("host:pid") and until when its heartbeat
-    # vouches for it: a second delivery of that stage waits instead of running beside it.
-    lease_owner: Mapped[str | None] = mapped_column(String(200), default=None)
-    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
     # Plain column, not a foreign key: tuned_models.job_id already points back here.
     model_id: Mapped[str | None] = mapped_column(String(32), default=None)
     recommended: Mapped[Recommendation | None] = mapped_column(
         _str_enum(Recommendation, "recommendation"), default=None
     )
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    started_at: Mapped[datetime | None] = mapped_column(default=None)
-    finished_at: Mapped[datetime | None] = mapped_column(default=None)
-    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
     tenant: Mapped[Tenant] = relationship()
     corpus: Mapped[Corpus] = relationship()
@@ -228,20 +246,13 @@ class Job(Base):
     query_set: Mapped[QuerySet | None] = relationship()
 
 
-class JobEvent(Base):
+class JobEvent(EventRecord, Base):
     """An append-only record of a job's status, stage, progress, metrics and warnings."""
 
     __tablename__ = "job_events"
     __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
 
-    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    kind: Mapped[EventKind] = mapped_column(_str_enum(EventKind, "event_kind"))
-    stage: Mapped[str | None] = mapped_column(String(32), default=None)
-    progress: Mapped[float | None] = mapped_column(Float, default=None)
-    message: Mapped[str] = mapped_column(Text, default="")
-    data: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
 
     job: Mapped[Job] = relationship()
 
@@ -283,3 +294,76 @@ class ConsoleSession(Base):
     expires_at: Mapped[datetime] = mapped_column(index=True)
 
     api_key: Mapped[ApiKey] = relationship(lazy="joined")
+
+
+class UploadedModel(Base):
+    """A tenant's own base model: a sentence-transformers folder it uploaded, validated (safe
+    archive, safetensors weights, config, tokenizer, pooling, a test encode) and stored like a
+    tuned model (`models/<id>/model.tar.gz` and `models/<id>/model/`). Its `mdl_` id names it
+    on the embedding routes, as a job's base_model, and for bulk embedding."""
+
+    __tablename__ = "uploaded_models"
+    __table_args__ = (Index("ix_uploaded_models_tenant_created", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    filename: Mapped[str] = mapped_column(String(255))
+    object_key: Mapped[str] = mapped_column(String(512))
+    folder_key: Mapped[str] = mapped_column(String(512))
+    # The archive as uploaded: its size and sha256.
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    dim: Mapped[int] = mapped_column(Integer)
+    # The ModelSpec read from its sentence-transformers files (pooling, prompts, max length).
+    spec: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    tenant: Mapped[Tenant] = relationship()
+
+
+class EmbeddingJob(JobState, Base):
+    """A bulk embedding of a stored corpus with one model: its vectors go to the object store
+    in shards under `embedding-jobs/<id>/`, a manifest listing the finished ones."""
+
+    __tablename__ = "embedding_jobs"
+    __table_args__ = (Index("ix_embedding_jobs_tenant_created", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    corpus_id: Mapped[str] = mapped_column(ForeignKey("corpora.id"), index=True)
+    # As requested: a base model's name or a tenant model's `mdl_` id.
+    model: Mapped[str] = mapped_column(String(100))
+    # The request as sent plus what was fixed at creation (shard size), so a resumed run
+    # writes the same shards.
+    spec: Mapped[dict[str, Any]] = mapped_column(JSONType)
+
+    tenant: Mapped[Tenant] = relationship()
+    corpus: Mapped[Corpus] = relationship()
+
+
+class EmbeddingJobEvent(EventRecord, Base):
+    """An entry of a bulk embedding job's timeline (same shape as a training job's)."""
+
+    __tablename__ = "embedding_job_events"
+    __table_args__ = (Index("ix_embedding_job_events_job_id_id", "job_id", "id"),)
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("embedding_jobs.id", ondelete="CASCADE"))
+
+    job: Mapped[EmbeddingJob] = relationship()
+
+
+# A job of either kind, and how its id tells which: training jobs are `job_...`, bulk
+# embedding jobs `emb_...` (app.ids), so code that holds only an id (a task's argument, the
+# lease sweep, a revoke) finds the right tables.
+AnyJob = Job | EmbeddingJob
+AnyJobEvent = JobEvent | EmbeddingJobEvent
+EMBEDDING_JOB_PREFIX = "emb_"
+
+
+def job_tables(job_id: str) -> tuple[type[Job] | type[EmbeddingJob],
+                                     type[JobEvent] | type[EmbeddingJobEvent]]:
+    """The row and event models of the job `job_id`."""
+    if job_id.startswith(EMBEDDING_JOB_PREFIX):
+        return EmbeddingJob, EmbeddingJobEvent
+    return Job, JobEvent

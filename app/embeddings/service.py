@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tarfile
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -21,20 +19,18 @@ from starlette.concurrency import run_in_threadpool
 from app.db.models import Tenant
 from app.embeddings.batching import Batcher, Overloaded
 from app.errors import Unavailable
-from app.models.service import TUNED_PREFIX, get_base_spec, get_tuned
+from app.models.service import get_base_spec, get_tenant_model
+from app.models.tenant_models import ModelFilesMissing, is_tenant_model, unpack_stored_model
 from app.settings import Settings
 from app.storage import ObjectStore
 from ml_core.registry import SPEC_FILE, ModelRegistry, ModelSpec
 
 log = logging.getLogger(__name__)
 
-# Files that mark the root of an exported sentence-transformers folder inside an archive.
-FOLDER_MARKERS = (SPEC_FILE, "modules.json", "config.json")
-
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model's files come from: a registry folder or a tuned model's archive."""
+    """Where a model's files come from: a registry folder or a tenant model's archive."""
 
     cache_key: str
     folder: Path | None = None
@@ -44,10 +40,11 @@ class ModelSource:
 def resolve_source(
     session: Session, tenant: Tenant, registry: ModelRegistry, model: str
 ) -> ModelSource:
-    """The tenant-visible model `model` (404 otherwise)."""
-    if model.startswith(TUNED_PREFIX):
-        tuned = get_tuned(session, tenant, model)
-        return ModelSource(cache_key=tuned.id, archive_key=tuned.object_key)
+    """The tenant-visible model `model`: a base model by name, the tenant's tuned or uploaded
+    model by `mdl_` id (404 otherwise)."""
+    if is_tenant_model(model):
+        own = get_tenant_model(session, tenant, model)
+        return ModelSource(cache_key=own.id, archive_key=own.object_key)
     spec = _base_spec(registry, model)
     return ModelSource(cache_key=f"base:{spec.name}", folder=spec.folder)
 
@@ -71,31 +68,13 @@ def _base_spec(registry: ModelRegistry, name: str) -> ModelSpec:
     return spec
 
 
-def _folder_root(folder: Path) -> Path:
-    if any((folder / marker).exists() for marker in FOLDER_MARKERS):
-        return folder
-    children = [child for child in folder.iterdir() if child.is_dir()]
-    if len(children) == 1:
-        return _folder_root(children[0])
-    raise Unavailable("the model archive holds no sentence-transformers folder")
-
-
 def unpack_tuned(store: ObjectStore, archive_key: str, target: Path) -> Path:
-    """Download and unpack a tuned model's .tar.gz into `target` once; returns its model root."""
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".unpack-", dir=target.parent) as tmp:
-            archive = store.get_file(archive_key, Path(tmp) / "model.tar.gz")
-            staging = Path(tmp) / "model"
-            with tarfile.open(archive, "r:gz") as tar:
-                # The "data" filter refuses absolute paths, links out of the folder and devices.
-                tar.extractall(staging, filter="data")
-            try:
-                staging.rename(target)
-            except OSError:
-                if not target.exists():  # another process may have unpacked it first
-                    raise
-    return _folder_root(target)
+    """Download and unpack a tenant model's .tar.gz into `target` once; returns its model root
+    (503 when the archive holds no model folder)."""
+    try:
+        return unpack_stored_model(store, archive_key, target)
+    except ModelFilesMissing as exc:
+        raise Unavailable(str(exc)) from exc
 
 
 @dataclass(frozen=True)

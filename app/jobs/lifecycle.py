@@ -3,10 +3,12 @@
     queued -> running (stage by stage) -> succeeded | failed
     queued -> cancelled             running -> cancelling -> cancelled
 
-Every status write and every event on a job's timeline goes through here. The functions work on
-the caller's session and never commit: the API commits once per request, the worker in short
-transactions (never one held across a stage). This module imports only the database layer, so
-the worker uses it without importing the HTTP layer.
+Every status write and every event on a job's timeline goes through here, for both kinds of
+job: training jobs (`job_...`, stage by stage) and bulk embedding jobs (`emb_...`, one stage);
+a job's id names its tables (app.db.models.job_tables). The functions work on the caller's
+session and never commit: the API commits once per request, the worker in short transactions
+(never one held across a stage). This module imports only the database layer, so the worker
+uses it without importing the HTTP layer.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from sqlalchemy.orm import Session
 from app.db.base import utcnow
 from app.db.models import (
     FINISHED_JOB_STATUSES,
+    AnyJob,
+    AnyJobEvent,
     EventKind,
-    Job,
-    JobEvent,
     JobStatus,
     Recommendation,
     TunedModel,
+    job_tables,
 )
 from app.ids import new_id
 
@@ -75,40 +78,44 @@ def add_event(
     stage: str | None = None,
     progress: float | None = None,
     data: dict[str, Any] | None = None,
-) -> JobEvent:
+) -> AnyJobEvent:
     """Append one event to a job's timeline."""
-    event = JobEvent(
+    _, event_model = job_tables(job_id)
+    event = event_model(
         job_id=job_id, kind=kind, stage=stage, progress=progress, message=message, data=data or {}
     )
     session.add(event)
     return event
 
 
-def locked_job(session: Session, job_id: str) -> Job | None:
+def locked_job(session: Session, job_id: str) -> AnyJob | None:
     """The job row, locked until the session commits: the worker reads it, decides and writes
     it back while the cancel endpoint's compare-and-set waits (FOR UPDATE on PostgreSQL; on
     SQLite the database's write lock, see app.db.session)."""
-    return session.scalars(select(Job).where(Job.id == job_id).with_for_update()).one_or_none()
+    model, _ = job_tables(job_id)
+    return session.scalars(
+        select(model).where(model.id == job_id).with_for_update()
+    ).one_or_none()
 
 
 # ---------------------------------------------------------------------------------------------
 # The API's side: creation, a queue that refused the task, the cancel request
 
 
-def mark_queued(session: Session, job: Job) -> None:
+def mark_queued(session: Session, job: AnyJob) -> None:
     """A new job starts queued."""
     job.status = JobStatus.QUEUED
     _status_event(session, job, "queued")
 
 
-def fail_enqueue(session: Session, job: Job, error: Exception) -> None:
-    """queued -> failed: the job's first task could not be sent."""
-    _fail(job, "prepare", "enqueue_failed", f"{type(error).__name__}: {error}")
+def fail_enqueue(session: Session, job: AnyJob, error: Exception, stage: str = "prepare") -> None:
+    """queued -> failed: the job's first task (of `stage`) could not be sent."""
+    _fail(job, stage, "enqueue_failed", f"{type(error).__name__}: {error}")
     _status_event(session, job, "failed: the task could not be queued")
     session.flush()
 
 
-def request_cancel(session: Session, job: Job) -> bool:
+def request_cancel(session: Session, job: AnyJob) -> bool:
     """Cancel on request: queued -> cancelled now, running -> cancelling (the worker stops the
     stage at its next check). False when the job had already finished."""
     if job.status == JobStatus.QUEUED and _compare_and_set(
@@ -131,11 +138,12 @@ def request_cancel(session: Session, job: Job) -> bool:
     return False
 
 
-def _compare_and_set(session: Session, job: Job, source: JobStatus, **values: Any) -> bool:
+def _compare_and_set(session: Session, job: AnyJob, source: JobStatus, **values: Any) -> bool:
     # On status: the worker updates the same row concurrently.
+    model = type(job)
     result = session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.status == source)
+        update(model)
+        .where(model.id == job.id, model.status == source)
         .values(updated_at=utcnow(), **values)
         .execution_options(synchronize_session=False)
     )
@@ -143,7 +151,7 @@ def _compare_and_set(session: Session, job: Job, source: JobStatus, **values: An
     return result.rowcount == 1  # type: ignore[attr-defined]
 
 
-def _status_event(session: Session, job: Job, message: str) -> None:
+def _status_event(session: Session, job: AnyJob, message: str) -> None:
     add_event(
         session,
         job.id,
@@ -169,8 +177,8 @@ def claim_stage(
     owner: str,
     lease_ttl_s: float,
     redelivered: bool,
-    held_elsewhere: Callable[[Job], bool],
-) -> Job | None:
+    held_elsewhere: Callable[[AnyJob], bool],
+) -> AnyJob | None:
     """Decide whether this delivery of `stage` runs: mark the job running at `stage` (overall
     progress at least `progress`) with `owner` holding its lease, and return the locked row.
 
@@ -201,15 +209,16 @@ def claim_stage(
     first_start = job.status == JobStatus.QUEUED
     started = f"{stage} started"
     # Deliveries of this stage so far: more than one means a redelivery (crash, lost host).
+    _, event_model = job_tables(job_id)
     attempt = 1 + (
         session.scalar(
             select(func.count())
-            .select_from(JobEvent)
+            .select_from(event_model)
             .where(
-                JobEvent.job_id == job_id,
-                JobEvent.kind == EventKind.STAGE,
-                JobEvent.stage == stage,
-                JobEvent.message == started,
+                event_model.job_id == job_id,
+                event_model.kind == EventKind.STAGE,
+                event_model.stage == stage,
+                event_model.message == started,
             )
         )
         or 0
@@ -270,9 +279,10 @@ def record_stage(
 
 def advance(session: Session, job_id: str, next_stage: str, task_id: str) -> None:
     """Point a running job at its next stage, whose task `task_id` has been sent."""
+    model, _ = job_tables(job_id)
     session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+        update(model)
+        .where(model.id == job_id, model.status == JobStatus.RUNNING)
         .values(stage=next_stage, celery_task_id=task_id)
     )
 
@@ -324,6 +334,22 @@ def succeed(session: Session, job_id: str, model: TunedModel, report: Mapping[st
     )
 
 
+def complete(
+    session: Session, job_id: str, stage: str, metrics: Mapping[str, Any], message: str
+) -> None:
+    """running -> succeeded for a job that publishes no model (a bulk embedding): its figures
+    join the job's metrics. JobCancelled when the job is no longer running."""
+    job = locked_job(session, job_id)
+    if job is None or job.status != JobStatus.RUNNING:
+        raise JobCancelled(job_id)
+    job.metrics = {**(job.metrics or {}), **metrics}
+    job.status = JobStatus.SUCCEEDED
+    job.progress = 1.0
+    job.finished_at = utcnow()
+    add_event(session, job_id, EventKind.STATUS, message, stage=stage, progress=1.0,
+              data={"status": "succeeded", **metrics})
+
+
 def fail(
     session: Session, job_id: str, stage: str, code: str, detail: str, data: dict[str, Any]
 ) -> None:
@@ -357,13 +383,13 @@ def cancel(
     return True
 
 
-def _cancel(session: Session, job: Job, stage: str | None, message: str) -> None:
+def _cancel(session: Session, job: AnyJob, stage: str | None, message: str) -> None:
     job.status = JobStatus.CANCELLED
     job.finished_at = utcnow()
     add_event(session, job.id, EventKind.STATUS, message, stage=stage, data={"status": "cancelled"})
 
 
-def _fail(job: Job, stage: str, code: str, detail: str) -> None:
+def _fail(job: AnyJob, stage: str, code: str, detail: str) -> None:
     job.status = JobStatus.FAILED
     job.error = {"error": code, "detail": detail, "stage": stage}
     job.finished_at = utcnow()

@@ -11,6 +11,13 @@ def enqueue_first_stage(job_id: str) -> str:
     return enqueue_stage(job_id, "prepare")
 
 
+def enqueue_embedding(job_id: str) -> str:
+    """Send a bulk embedding job's task; returns the Celery task id (recorded on the job)."""
+    from worker.dispatch import enqueue_embedding as send
+
+    return send(job_id)
+
+
 def revoke_task(task_id: str) -> bool:
     """Ask workers to drop a task that has not started; False if the broadcast failed."""
     from worker.dispatch import revoke

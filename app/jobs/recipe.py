@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Collection
 from typing import Any
 
 from pydantic import ValidationError
 
 from app.errors import InvalidRecipe, UnknownModel
 from app.jobs.schemas import JobCreate
+from app.models.tenant_models import TENANT_MODEL_PREFIX
 from ml_core.config import RecipeConfig, build_config
 from ml_core.registry import DEFAULT_MODELS, ModelRegistry
 
@@ -127,12 +129,20 @@ def _check_resolved(overrides: dict[str, Any], recipe: RecipeConfig) -> None:
         raise InvalidRecipe(f"{field}: each query type may be named once", field=field)
 
 
-def check_models(recipe: RecipeConfig, registry: ModelRegistry) -> None:
-    """Every model the recipe names exists in the registry with the right role (422 otherwise)."""
+def check_models(
+    recipe: RecipeConfig, registry: ModelRegistry, own_models: Collection[str] = ()
+) -> None:
+    """Every model the recipe names exists in the registry with the right role (422 otherwise);
+    the base model may also be one of the tenant's own (`own_models`: its `mdl_` ids)."""
     names = {"base_model": recipe.student, "teacher": recipe.teacher, "generator": recipe.generator}
     checks = [(field, names[field], role) for field, role in MODEL_ROLES]
     checks += [(HELPERS_FIELD, name, "student") for name in recipe.candidates.helpers]
     for field, name, role in checks:
+        if field == "base_model" and name.startswith(TENANT_MODEL_PREFIX):
+            if name not in own_models:
+                raise UnknownModel(f"base_model: {name} is none of your models",
+                                   field="base_model")
+            continue
         available = [spec.name for spec in registry.list(role)]
         try:
             spec = registry.get(name)

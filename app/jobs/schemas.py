@@ -26,7 +26,9 @@ class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     corpus_id: str = Field(examples=["crp_5d1c0e9a2b7f4c6d8e0a1b2c"])
-    base_model: str = Field(default="minilm-l6", description="Student model to specialize.")
+    base_model: str = Field(default="minilm-l6", description="Student model to specialize: a "
+                            "base model's name, or one of your own models' `mdl_` id (one you "
+                            "uploaded, or one a job tuned, to tune it again).")
     teacher: str | None = Field(default=None, description="Cross-encoder teacher (registry name).")
     generator: str | None = Field(default=None, description="Query generator (registry name).")
     preset: PresetName = "default"

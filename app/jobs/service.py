@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.corpora.service import get_corpus
-from app.db.models import Job, JobEvent, JobStatus, Tenant
+from app.db.models import AnyJob, AnyJobEvent, Job, JobStatus, Tenant, job_tables
 from app.db.tenant_rows import newest_first, owned
 from app.deps import Page
 from app.errors import IdempotencyConflict, InvalidRequest, InvalidState, NotFound
@@ -22,6 +22,7 @@ from app.ids import new_id
 from app.jobs import lifecycle
 from app.jobs.recipe import check_models, resolve_recipe
 from app.jobs.schemas import JobCreate
+from app.models.tenant_models import find_tenant_model, is_tenant_model
 from app.query_sets.service import get_query_set
 from app.quotas import check_concurrent_jobs
 from app.reports import STAGE_FILES
@@ -83,7 +84,9 @@ def create_job(
                 field="query_set_id",
             )
     recipe = resolve_recipe(request)
-    check_models(recipe, registry)
+    own = (find_tenant_model(session, tenant.id, recipe.student)
+           if is_tenant_model(recipe.student) else None)
+    check_models(recipe, registry, [own.id] if own is not None else [])
     if not recipe.generation.synthetic:
         # Without synthetic queries a job has only the customer's to train on, and none held
         # out to judge by.
@@ -132,20 +135,22 @@ def list_jobs(session: Session, tenant: Tenant, page: Page) -> tuple[list[Job], 
 
 
 def list_events(
-    session: Session, job: Job, after: int | None, limit: int
-) -> tuple[list[JobEvent], int]:
-    """Up to `limit` events of the job with id > `after`, oldest first, and the job's total."""
+    session: Session, job: AnyJob, after: int | None, limit: int
+) -> tuple[list[AnyJobEvent], int]:
+    """Up to `limit` events of the job (of either kind) with id > `after`, oldest first, and
+    the job's total."""
+    _, event = job_tables(job.id)
     count = session.scalar(
-        select(func.count()).select_from(JobEvent).where(JobEvent.job_id == job.id)
+        select(func.count()).select_from(event).where(event.job_id == job.id)
     ) or 0
-    query = select(JobEvent).where(JobEvent.job_id == job.id)
+    query = select(event).where(event.job_id == job.id)
     if after is not None:
-        query = query.where(JobEvent.id > after)
-    rows = session.scalars(query.order_by(JobEvent.id).limit(limit))
+        query = query.where(event.id > after)
+    rows = session.scalars(query.order_by(event.id).limit(limit))
     return list(rows), count
 
 
-def cancel_job(session: Session, job: Job) -> tuple[Job, str | None]:
+def cancel_job(session: Session, job: AnyJob) -> tuple[AnyJob, str | None]:
     """Cancel a job: queued -> cancelled now, running -> cancelling (the worker stops it).
     Returns (job, task id to revoke after commit)."""
     if not lifecycle.request_cancel(session, job):

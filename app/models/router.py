@@ -5,17 +5,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import FileResponse, RedirectResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import MalformedRangeHeader
 from starlette.responses import RangeNotSatisfiable as StarletteRangeNotSatisfiable
 
 from app.deps import CurrentTenant, PageDep, RegistryDep, SessionDep, SettingsDep, StoreDep
-from app.errors import InvalidRequest, NotFound, RangeNotSatisfiable, Unauthorized, responses
+from app.errors import (
+    InvalidModel,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    RangeNotSatisfiable,
+    StorageQuotaExceeded,
+    Unauthorized,
+    responses,
+)
 from app.models import service
 from app.models.onnx_archive import ensure_onnx_archive
 from app.models.schemas import ModelList, ModelRead
+from app.models.upload import MODEL_UPLOAD_BODY, create_uploaded_model
+from app.quotas import check_storage
 from app.storage import ObjectNotFound
+from app.uploads import UploadRules, form_text, multipart_form, spool, upload_folder
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -24,9 +37,43 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 def list_models(
     session: SessionDep, tenant: CurrentTenant, registry: RegistryDep, page: PageDep
 ) -> ModelList:
-    """List the base models on offer and the tenant's tuned models."""
+    """List the base models on offer and the tenant's own models (tuned and uploaded)."""
     rows, count = service.list_models(session, tenant, registry, page)
     return ModelList(data=rows, count=count)
+
+
+@router.post(
+    "",
+    response_model=ModelRead,
+    status_code=status.HTTP_201_CREATED,
+    openapi_extra={"requestBody": MODEL_UPLOAD_BODY},
+    responses=responses(
+        Unauthorized, StorageQuotaExceeded, PayloadTooLarge, InvalidModel, InvalidRequest
+    ),
+)
+async def upload_model(
+    request: Request,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    settings: SettingsDep,
+    store: StoreDep,
+) -> ModelRead:
+    """Upload your own base model: a sentence-transformers folder as .tar.gz (multipart `file`,
+    optional `name`). It is checked (safe archive, safetensors weights only, config, tokenizer,
+    pooling, a test encode) before it is accepted; then its `mdl_` id works on every embedding
+    route, for bulk embedding, and as a job's `base_model`."""
+    await run_in_threadpool(session.commit)  # no connection held while the body streams in
+    rules = UploadRules.archive(settings.model_upload_max_bytes, InvalidModel)
+    async with (
+        upload_folder(settings.upload_dir) as folder,
+        multipart_form(request, rules.max_bytes) as form,
+    ):
+        name = form_text(form, "name")
+        upload = await spool(form, "file", folder, "model.tar", rules)
+        await run_in_threadpool(check_storage, session, tenant, settings, upload.size)
+        model = await run_in_threadpool(create_uploaded_model, session, store, tenant, upload,
+                                        name, settings)
+    return service.uploaded_read(model)
 
 
 @router.get(
@@ -37,7 +84,7 @@ def list_models(
 def get_model(
     model_id: str, session: SessionDep, tenant: CurrentTenant, registry: RegistryDep
 ) -> ModelRead:
-    """Read a tuned model (`mdl_...`) or a base model (by name)."""
+    """Read one of your models (`mdl_...`, tuned or uploaded) or a base model (by name)."""
     return service.get_model(session, tenant, registry, model_id)
 
 
@@ -88,8 +135,8 @@ def download_model(
     onnx: Annotated[bool, Query(description="Add `onnx/model.onnx`, an ONNX export with the "
                                 "same vectors (built on the first request: seconds).")] = False,
 ) -> Response:
-    """Download a tuned model as a .tar.gz sentence-transformers folder (with `?onnx=true`, an
-    ONNX export of it inside too). The embedded store serves byte ranges
+    """Download one of your models (tuned or uploaded) as a .tar.gz sentence-transformers folder
+    (with `?onnx=true`, an ONNX export of it inside too). The embedded store serves byte ranges
     (`Range: bytes=0-1023`), so an interrupted download can resume; with S3 the redirect's URL
     does."""
     if not model_id.startswith(service.TUNED_PREFIX):
@@ -97,7 +144,7 @@ def download_model(
             f"model {model_id} is a base model: only tuned models can be downloaded",
             resource="model", id=model_id,
         )
-    model = service.get_tuned(session, tenant, model_id)
+    model = service.get_tenant_model(session, tenant, model_id)
     key = model.object_key
     if onnx:
         session.commit()  # no connection held while the export runs

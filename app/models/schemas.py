@@ -9,10 +9,12 @@ from pydantic import BaseModel, Field
 
 
 class ModelRead(BaseModel):
-    """A model that can embed: a base student by name, or a tuned model by `mdl_` id."""
+    """A model that can embed: a base student by name, or the tenant's own model by `mdl_` id
+    (tuned by a job, or uploaded)."""
 
-    id: str = Field(description="Pass this as `model` to /v1/embed and /v1/embeddings.")
-    kind: Literal["base", "tuned"]
+    id: str = Field(description="Pass this as `model` to /v1/embed, /v1/embeddings and "
+                    "/v1/embedding-jobs, or as a job's `base_model`.")
+    kind: Literal["base", "tuned", "uploaded"]
     name: str
     base_model: str | None = Field(description="For a tuned model, the student it started from.")
     dim: int | None = Field(description="Embedding dimension.")
@@ -26,7 +28,7 @@ class ModelRead(BaseModel):
 
 
 class ModelList(BaseModel):
-    """Base models first, then the tenant's tuned models (newest first)."""
+    """Base models first, then the tenant's own models (newest first)."""
 
     data: list[ModelRead]
     count: int

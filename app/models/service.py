@@ -1,17 +1,24 @@
-"""Look up models: base students in the registry, tuned models in the tenant's rows."""
+"""Look up models: base students in the registry, a tenant's own (tuned or uploaded) models in
+its rows."""
 
 from __future__ import annotations
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.db.models import Tenant, TunedModel
+from app.db.models import Tenant, TunedModel, UploadedModel
 from app.deps import Page
 from app.errors import NotFound
 from app.models.schemas import ModelRead
+from app.models.tenant_models import (
+    TENANT_MODEL_PREFIX,
+    TenantModel,
+    find_tenant_model,
+    is_tenant_model,
+)
 from ml_core.registry import ModelRegistry, ModelSpec
 
-TUNED_PREFIX = "mdl_"
+TUNED_PREFIX = TENANT_MODEL_PREFIX
 
 
 def base_read(spec: ModelSpec) -> ModelRead:
@@ -31,6 +38,19 @@ def tuned_read(model: TunedModel) -> ModelRead:
     )
 
 
+def uploaded_read(model: UploadedModel) -> ModelRead:
+    """The API view of a model the tenant uploaded."""
+    return ModelRead(
+        id=model.id, kind="uploaded", name=model.name, base_model=None, dim=model.dim,
+        created_at=model.created_at,
+    )
+
+
+def tenant_read(model: TenantModel) -> ModelRead:
+    """The API view of a tenant's own model, tuned or uploaded."""
+    return tuned_read(model) if isinstance(model, TunedModel) else uploaded_read(model)
+
+
 def get_base_spec(registry: ModelRegistry, name: str, role: str = "student") -> ModelSpec:
     """The registry spec of model `name` in `role` (404 for unknown names and other roles)."""
     try:
@@ -42,11 +62,9 @@ def get_base_spec(registry: ModelRegistry, name: str, role: str = "student") -> 
     return spec
 
 
-def get_tuned(session: Session, tenant: Tenant, model_id: str) -> TunedModel:
-    """The tenant's tuned model `model_id` (404 otherwise)."""
-    model = session.scalar(
-        select(TunedModel).where(TunedModel.id == model_id, TunedModel.tenant_id == tenant.id)
-    )
+def get_tenant_model(session: Session, tenant: Tenant, model_id: str) -> TenantModel:
+    """The tenant's model `model_id`, tuned or uploaded (404 otherwise)."""
+    model = find_tenant_model(session, tenant.id, model_id)
     if model is None:
         raise NotFound(f"model {model_id} not found", resource="model", id=model_id)
     return model
@@ -55,28 +73,33 @@ def get_tuned(session: Session, tenant: Tenant, model_id: str) -> TunedModel:
 def get_model(
     session: Session, tenant: Tenant, registry: ModelRegistry, model_id: str
 ) -> ModelRead:
-    """A tuned model (by `mdl_` id) or a base student (by name)."""
-    if model_id.startswith(TUNED_PREFIX):
-        return tuned_read(get_tuned(session, tenant, model_id))
+    """A tenant model (by `mdl_` id) or a base student (by name)."""
+    if is_tenant_model(model_id):
+        return tenant_read(get_tenant_model(session, tenant, model_id))
     return base_read(get_base_spec(registry, model_id))
 
 
 def list_models(
     session: Session, tenant: Tenant, registry: ModelRegistry, page: Page
 ) -> tuple[list[ModelRead], int]:
-    """A page of base students followed by the tenant's tuned models, and their total."""
+    """A page of base students followed by the tenant's own models (tuned and uploaded, newest
+    first), and their total."""
     base = [base_read(spec) for spec in registry.list("student")]
-    mine = TunedModel.tenant_id == tenant.id
-    tuned_count = session.scalar(select(func.count()).select_from(TunedModel).where(mine)) or 0
     page_items = base[page.offset : page.offset + page.limit]
+    # The tenant's models of both tables as one newest-first list: each table's newest rows up
+    # to the end of the page are enough to cut the page from their merge.
+    skip = max(0, page.offset - len(base))
     remaining = page.limit - len(page_items)
-    if remaining > 0:
-        rows = session.scalars(
-            select(TunedModel)
-            .where(mine)
-            .order_by(TunedModel.created_at.desc(), TunedModel.id.desc())
-            .offset(max(0, page.offset - len(base)))
-            .limit(remaining)
-        )
-        page_items += [tuned_read(row) for row in rows]
-    return page_items, len(base) + tuned_count
+    own: list[TenantModel] = []
+    total = len(base)
+    for table in (TunedModel, UploadedModel):
+        mine = table.tenant_id == tenant.id
+        total += session.scalar(select(func.count()).select_from(table).where(mine)) or 0
+        if remaining > 0:
+            own += session.scalars(
+                select(table).where(mine)
+                .order_by(table.created_at.desc(), table.id.desc()).limit(skip + remaining)
+            )
+    own.sort(key=lambda row: (row.created_at, row.id), reverse=True)
+    page_items += [tenant_read(row) for row in own[skip : skip + max(0, remaining)]]
+    return page_items, total

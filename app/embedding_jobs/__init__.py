@@ -1,0 +1,1 @@
+"""Bulk embedding jobs: a stored corpus embedded with one model on the workers."""
