@@ -20,18 +20,43 @@ def _create_tenant(args: argparse.Namespace) -> int:
 
 
 def _create_key(args: argparse.Namespace) -> int:
-    from app.db.models import Tenant
+    from datetime import timedelta
+
+    from app.db.base import utcnow
+    from app.db.models import KeyScope, Tenant
     from app.db.session import session_scope
     from app.tenants.service import create_api_key
+
+    expires_at = utcnow() + timedelta(days=args.expires_in_days) if args.expires_in_days else None
+    with session_scope() as session:
+        tenant = session.get(Tenant, args.tenant_id)
+        if tenant is None:
+            print(f"no tenant {args.tenant_id}", file=sys.stderr)
+            return 1
+        row, key = create_api_key(session, tenant, name=args.name, scope=KeyScope(args.scope),
+                                  expires_at=expires_at)
+    print(f"key_id:  {row.id}")
+    print(f"api_key: {key}")
+    return 0
+
+
+def _set_quota(args: argparse.Namespace) -> int:
+    from app.db.models import Tenant
+    from app.db.session import session_scope
 
     with session_scope() as session:
         tenant = session.get(Tenant, args.tenant_id)
         if tenant is None:
             print(f"no tenant {args.tenant_id}", file=sys.stderr)
             return 1
-        row, key = create_api_key(session, tenant)
-    print(f"key_id:  {row.id}")
-    print(f"api_key: {key}")
+        # 0 returns the quota to the deployment's setting.
+        if args.concurrent_jobs is not None:
+            tenant.max_concurrent_jobs = args.concurrent_jobs or None
+        if args.stored_bytes is not None:
+            tenant.max_stored_bytes = args.stored_bytes or None
+        jobs, stored = tenant.max_concurrent_jobs, tenant.max_stored_bytes
+    print(f"concurrent_jobs: {jobs or 'the setting'}")
+    print(f"stored_bytes:    {stored or 'the setting'}")
     return 0
 
 
@@ -88,7 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     key = commands.add_parser("create-key", help="add an API key to a tenant")
     key.add_argument("tenant_id")
+    key.add_argument("--name", default="", help="to recognise the key in lists")
+    key.add_argument("--scope", choices=("train", "embed"), default="train",
+                     help="train: every route; embed: the embedding and rerank routes only")
+    key.add_argument("--expires-in-days", type=int, help="default: until revoked")
     key.set_defaults(run=_create_key)
+
+    quota = commands.add_parser("set-quota", help="set a tenant's own quotas (0: the setting)")
+    quota.add_argument("tenant_id")
+    quota.add_argument("--concurrent-jobs", type=int, help="jobs queued or running at once")
+    quota.add_argument("--stored-bytes", type=int, help="bytes of uploads stored")
+    quota.set_defaults(run=_set_quota)
 
     revoke = commands.add_parser("revoke-key", help="revoke an API key by its key_ id")
     revoke.add_argument("key_id")

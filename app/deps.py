@@ -10,12 +10,11 @@ from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from app.auth import authorize
 from app.db.models import Tenant
 from app.db.session import transaction
-from app.errors import Unauthorized
 from app.settings import Settings
 from app.storage import ObjectStore
-from app.tenants.service import authenticate
 from ml_core.registry import ModelRegistry
 
 
@@ -39,20 +38,18 @@ SessionDep = Annotated[Session, Depends(_session, scope="function")]
 _bearer = HTTPBearer(
     auto_error=False,
     scheme_name="ApiKey",
-    description="`Authorization: Bearer tlr_...` (create one with `tailor create-tenant NAME`).",
+    description="`Authorization: Bearer tlr_...` (the first with `tailor create-tenant NAME`, "
+    "more with POST /v1/api-keys). A key of scope `embed` may call the embedding and rerank "
+    "routes only.",
 )
 
 
 def _current_tenant(
+    request: Request,
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Tenant:
-    if credentials is None:
-        raise Unauthorized("missing bearer API key")
-    tenant = authenticate(session, credentials.credentials)
-    if tenant is None:
-        raise Unauthorized("invalid or revoked API key")
-    return tenant
+    return authorize(request, session, credentials.credentials if credentials else None)
 
 
 CurrentTenant = Annotated[Tenant, Depends(_current_tenant)]
@@ -80,8 +77,13 @@ class Page:
     limit: int
 
 
+# The largest offset a list accepts: far past any real collection, and within every
+# database's OFFSET (a 64-bit integer).
+MAX_OFFSET = 2**31 - 1
+
+
 def _page(
-    offset: Annotated[int, Query(ge=0, description="Items to skip.")] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Items to skip.")] = 0,
     limit: Annotated[int, Query(ge=1, le=100, description="Items to return.")] = 20,
 ) -> Page:
     return Page(offset=offset, limit=limit)

@@ -11,7 +11,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.request_context import request_id_of
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +27,9 @@ class ErrorBody(BaseModel):
 
     error: str = Field(description="Stable error code, e.g. not_found, invalid_corpus.")
     detail: str = Field(description="Human-readable explanation.")
+    request_id: str = Field(
+        description="The request's id (its `X-Request-ID`): quote it when reporting a problem."
+    )
 
 
 class AppError(Exception):
@@ -53,6 +59,16 @@ class Unauthorized(AppError):
 
     def __init__(self, detail: str = "a valid API key is required", **context: Any) -> None:
         super().__init__(detail, headers={"WWW-Authenticate": "Bearer"}, **context)
+
+
+class Forbidden(AppError):
+    status_code = 403
+    code = "forbidden"
+    description = "The key may not do this (its scope), or a quota forbids it."
+
+
+class InsufficientScope(Forbidden):
+    code = "insufficient_scope"
 
 
 class NotFound(AppError):
@@ -85,6 +101,12 @@ class PayloadTooLarge(AppError):
     description = "The upload is larger than the configured limit."
 
 
+class RangeNotSatisfiable(AppError):
+    status_code = 416
+    code = "range_not_satisfiable"
+    description = "The Range header asks for bytes past the end (see `Content-Range`)."
+
+
 class InvalidRequest(AppError):
     status_code = 422
     code = "validation_error"
@@ -109,6 +131,26 @@ class InvalidRecipe(InvalidRequest):
 
 class UnknownModel(InvalidRequest):
     code = "unknown_model"
+
+
+class TooManyRequests(AppError):
+    status_code = 429
+    code = "rate_limited"
+    description = (
+        "Too many requests: a rate limit or a quota; wait `Retry-After` seconds when given."
+    )
+
+
+class QuotaExceeded(TooManyRequests):
+    """A quota that frees up on its own (e.g. running jobs): 429; see app.quotas."""
+
+    code = "quota_exceeded"
+
+
+class StorageQuotaExceeded(Forbidden):
+    """A quota that only the tenant's own deletions (or the operator) free: 403."""
+
+    code = "quota_exceeded"
 
 
 class InvalidModel(InvalidRequest):
@@ -147,9 +189,15 @@ def _field_path(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(parts)
 
 
+def _json(request: Request, body: dict[str, Any], status: int,
+          headers: Mapping[str, str] | None = None) -> JSONResponse:
+    body = {**body, "request_id": request_id_of(request.scope)}
+    return JSONResponse(body, status_code=status, headers=dict(headers or {}) or None)
+
+
 async def _app_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AppError)
-    return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+    return _json(request, exc.body(), exc.status_code, exc.headers)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -161,24 +209,65 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     first = errors[0] if errors else {"field": "", "message": "invalid request"}
     detail = f"{first['field']}: {first['message']}" if first["field"] else first["message"]
     body = {"error": InvalidRequest.code, "detail": detail, "field": first["field"]}
-    return JSONResponse({**body, "errors": errors}, status_code=422)
+    return _json(request, {**body, "errors": errors}, 422)
+
+
+# What FastAPI's JSON body parser raises besides JSONDecodeError (which it reports as a 422
+# itself): bytes that are not UTF-8, nesting past the interpreter's recursion limit, an integer
+# past Python's digit limit. Each is a body that is not usable JSON, so it is answered like
+# malformed JSON, in the status every JSON route documents.
+_UNPARSABLE_BODY = (UnicodeDecodeError, RecursionError, ValueError)
+
+
+def _body_error(exc: StarletteHTTPException) -> str | None:
+    cause = exc.__cause__
+    if exc.status_code != 400 or not isinstance(cause, _UNPARSABLE_BODY):
+        return None
+    if isinstance(cause, UnicodeDecodeError):
+        return "the JSON body is not valid UTF-8"
+    if isinstance(cause, RecursionError):
+        return "the JSON body is nested too deeply"
+    if "integer string conversion" in str(cause):
+        return "the JSON body holds an integer with too many digits"
+    return "the JSON body cannot be read"
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    unparsable = _body_error(exc)
+    if unparsable is not None:
+        body = {"error": InvalidRequest.code, "detail": f"body: {unparsable}", "field": "body"}
+        return _json(request, body, 422)
     try:
         code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
     except ValueError:
         code = "http_error"
     detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-    return JSONResponse(
-        {"error": code, "detail": detail}, status_code=exc.status_code, headers=exc.headers
-    )
+    return _json(request, {"error": code, "detail": detail}, exc.status_code, exc.headers)
+
+
+async def _database_data_error(request: Request, exc: Exception) -> JSONResponse:
+    # PostgreSQL refuses NUL characters in text; any text field of any request can hold one.
+    # Other data errors are faults of ours and stay 500s.
+    if "NUL" not in str(exc):
+        raise exc
+    detail = "a text value in the request holds a NUL character (\\u0000), which is not allowed"
+    return _json(request, {"error": InvalidRequest.code, "detail": detail}, 422)
+
+
+async def _lone_surrogate(request: Request, exc: Exception) -> JSONResponse:
+    # JSON's \ud800 escapes decode to lone surrogates, which no database driver (nor UTF-8) can
+    # encode: any text field of any JSON body can hold one. Other encoding errors are ours.
+    if not isinstance(exc, UnicodeEncodeError) or exc.reason != "surrogates not allowed":
+        raise exc
+    detail = ("a text value in the request holds a lone surrogate (an unpaired \\ud800-\\udfff "
+              "escape), which is not text")
+    return _json(request, {"error": InvalidRequest.code, "detail": detail}, 422)
 
 
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return JSONResponse({"error": "internal_error", "detail": "internal server error"}, 500)
+    return _json(request, {"error": "internal_error", "detail": "internal server error"}, 500)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -186,4 +275,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AppError, _app_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(DataError, _database_data_error)
+    app.add_exception_handler(UnicodeEncodeError, _lone_surrogate)
     app.add_exception_handler(Exception, _unhandled)

@@ -8,6 +8,9 @@ from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI
 
+from app.api_docs import document_common_responses
+from app.api_keys.router import router as api_keys_router
+from app.auth import limiter_for
 from app.console import install_console
 from app.corpora.router import router as corpora_router
 from app.db.session import make_engine, make_session_factory
@@ -19,8 +22,10 @@ from app.errors import install_error_handlers
 from app.eval_sets.router import router as eval_sets_router
 from app.health.router import router as health_router
 from app.jobs.router import router as jobs_router
+from app.logs import configure_logging
 from app.models.router import router as models_router
 from app.query_sets.router import router as query_sets_router
+from app.request_context import RequestContextMiddleware
 from app.rerank.router import router as rerank_router
 from app.rerank.service import Rerankers
 from app.settings import Settings, get_settings
@@ -33,7 +38,10 @@ specialized embedding model; then embed with it (also through an OpenAI-compatib
 or download it as a sentence-transformers folder.
 
 Every route except the health probes needs `Authorization: Bearer <api key>`. Errors share one
-shape: `{"error": code, "detail": message, ...context}`.
+shape: `{"error": code, "detail": message, "request_id": id, ...context}`. Every response carries
+`X-Request-ID` (yours when you send a valid one); authenticated responses carry
+`X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset` for the key, and a 429
+says how long to wait in `Retry-After`.
 """
 
 
@@ -47,6 +55,7 @@ def _version() -> str:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """An app wired to `settings` (default: the environment). The schema comes from Alembic."""
     settings = settings or get_settings()
+    configure_logging(settings.log_format, settings.log_level)
     engine = make_engine(settings.database_url)
 
     @asynccontextmanager
@@ -70,7 +79,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.embedding_models = EmbeddingModels(settings, app.state.store)
     # Teachers share the embedding models' encoder threads: one pool of compute for both.
     app.state.rerankers = Rerankers(lambda: app.state.embedding_models.batcher)
+    app.state.limiter = limiter_for(settings)
     install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware)
     for router in (
         health_router,
         corpora_router,
@@ -82,9 +93,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openai_router,
         embedding_jobs_router,
         rerank_router,
+        api_keys_router,
     ):
         app.include_router(router)
     install_console(app)
+    document_common_responses(app)
     return app
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -13,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VAR = REPO_ROOT / "var"
 
+MiB = 1024**2
 GiB = 1024**3
 
 
@@ -51,9 +53,34 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
     max_upload_bytes: int = Field(default=1 * GiB, ge=1)
+    # Every uploaded file is read as text within these, counted after gzip decompression: a
+    # small .gz can expand to far more than max_upload_bytes.
+    max_decompressed_bytes: int = Field(default=4 * GiB, ge=1)
+    max_line_bytes: int = Field(default=4 * MiB, ge=1024)
     # Uploads are spooled here while they are validated (None: the system temp dir).
     upload_dir: Path | None = None
     presigned_url_expires: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
+
+    # Logs: "json" (one object per line, for a log pipeline) or "text" (for a terminal).
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # Redis for state the API processes share (rate limits). None: the broker's, when the
+    # broker is Redis; otherwise each process keeps its own (the embedded default).
+    redis_url: str | None = None
+    # Per API key: requests a second, sustained, and the burst allowed on top (0: no limit).
+    rate_limit_per_second: float = Field(default=50.0, ge=0)
+    rate_limit_burst: int = Field(default=200, ge=1)
+    # Per client address: failed authentications allowed at once, and per minute after that;
+    # past them the address gets 429 whatever key it sends, until its bucket refills.
+    auth_failure_burst: int = Field(default=20, ge=1)
+    auth_failures_per_minute: float = Field(default=10.0, gt=0)
+    # Seconds a verified key is trusted without asking the database again: a key revoked in
+    # another API process stops working there within this time (at once in this one).
+    api_key_cache_ttl_s: float = Field(default=10.0, ge=0)
+    # Per-tenant quotas (a tenant's own row can override them: `tailor set-quota`).
+    max_concurrent_jobs: int = Field(default=8, ge=1)
+    max_stored_bytes: int = Field(default=100 * GiB, ge=0)
 
     # Embedding serving.
     embed_model_cache_size: int = Field(default=4, ge=1)

@@ -96,6 +96,10 @@ class ObjectStore(Protocol):
     def presigned_url(self, key: str, expires: int = 3600) -> str | None:
         """A time-limited GET URL, or None when the store cannot sign (the API then streams)."""
 
+    def local_path(self, key: str) -> Path | None:
+        """The object's file when the store is a local folder (the API then serves the file
+        itself, with HEAD and Range), else None. ObjectNotFound when it is missing."""
+
 
 def _atomic_copy(stream: BinaryIO, dest: Path) -> int:
     """Copy a stream into `dest` via a temporary file in the same folder and a rename.
@@ -211,6 +215,12 @@ class LocalObjectStore:
 
     def presigned_url(self, key: str, expires: int = 3600) -> str | None:
         return None
+
+    def local_path(self, key: str) -> Path | None:
+        path = self._path(key)
+        if not path.is_file():
+            raise ObjectNotFound(key)
+        return path
 
 
 class S3ObjectStore:
@@ -382,6 +392,9 @@ class S3ObjectStore:
         return self._signer.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires
         )
+
+    def local_path(self, key: str) -> Path | None:
+        return None
 
 
 class _CountingReader:

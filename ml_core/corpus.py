@@ -19,6 +19,7 @@ import json
 import random
 import re
 import unicodedata
+import zlib
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -131,15 +132,40 @@ def _lines(path: Path, stream: IO[bytes]) -> Iterator[tuple[int, str]]:
                 line = line.removeprefix("\ufeff")
             if line.strip():
                 yield number, line
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
         raise CorpusError(path, number + 1, None, f"unreadable data: {exc}") from None
+
+
+# Integers in a record are ids or small numbers: a longer one is refused before Python's own
+# digit limit (4,300) would raise from inside the parser.
+MAX_INT_DIGITS = 64
+# Lone UTF-16 surrogates: JSON's \ud800 escapes decode to them, and no UTF-8 writer accepts them.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class _LongInteger(ValueError):
+    pass
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _LongInteger(text)
+    return int(text)
+
+
+_DECODER = json.JSONDecoder(parse_int=_bounded_int)
 
 
 def _json_object(path: Path, number: int, line: str) -> dict[str, Any]:
     try:
-        record = json.loads(line)
+        record = _DECODER.decode(line)
     except json.JSONDecodeError as exc:
         message = f"invalid JSON: {exc.msg} at column {exc.colno}"
+        raise CorpusError(path, number, None, message) from None
+    except RecursionError:
+        raise CorpusError(path, number, None, "invalid JSON: nested too deeply") from None
+    except _LongInteger:
+        message = f"invalid JSON: an integer of more than {MAX_INT_DIGITS} digits"
         raise CorpusError(path, number, None, message) from None
     if not isinstance(record, dict):
         raise CorpusError(path, number, None, "expected a JSON object")
@@ -157,6 +183,9 @@ def _string_field(path: Path, number: int, record: dict[str, Any], name: str, *,
         raise CorpusError(path, number, name, f"must be a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
         raise CorpusError(path, number, name, "empty")
+    if _SURROGATE.search(value):
+        raise CorpusError(path, number, name, "holds a lone surrogate (an unpaired \\ud800-\\udfff "
+                          "escape), which is not text")
     return value
 
 
@@ -240,6 +269,20 @@ def read_queries(path: Path) -> list[Query]:
     return queries
 
 
+# What a qrels header calls its score column (BEIR's is "score"), compared without case or
+# punctuation. Only such a first line is a header: a first judgement with a bad score is an error.
+QRELS_SCORE_HEADERS = frozenset(
+    {"score", "relevance", "rel", "label", "grade", "judgement", "judgment", "relevancescore"})
+
+
+# A judgement's score: a plain integer that fits the evaluator's C int.
+_SCORE = re.compile(r"[+-]?[0-9]{1,9}")
+
+
+def _is_qrels_header(cells: list[str]) -> bool:
+    return re.sub(r"[^a-z]", "", cells[2].lower()) in QRELS_SCORE_HEADERS
+
+
 def read_qrels(path: Path) -> dict[str, dict[str, int]]:
     """BEIR qrels TSV (`query-id corpus-id score`, header optional) as {qid: {doc_id: score}}.
 
@@ -249,22 +292,25 @@ def read_qrels(path: Path) -> dict[str, dict[str, int]]:
     path = Path(path)
     qrels: dict[str, dict[str, int]] = {}
     columns = ("query-id", "corpus-id", "score")
+    first = True
     with _open_binary(path) as stream:
         for number, line in _lines(path, stream):
             cells = [c.strip() for c in line.rstrip("\r\n").split("\t")]
             if len(cells) != 3:
                 raise CorpusError(path, number, None,
                                   f"expected 3 tab-separated columns, got {len(cells)}")
-            if number == 1 and not re.fullmatch(r"[+-]?\d+", cells[2]):
-                continue  # header
+            if first and _is_qrels_header(cells):
+                first = False
+                continue
+            first = False
             for name, cell in zip(columns[:2], cells[:2], strict=True):
                 if not cell:
                     raise CorpusError(path, number, name, "empty")
-            try:
-                score = int(cells[2])
-            except ValueError:
+            if not _SCORE.fullmatch(cells[2]):
+                shown = cells[2] if len(cells[2]) <= 40 else cells[2][:40] + "..."
                 raise CorpusError(path, number, "score",
-                                  f"must be an integer, got {cells[2]!r}") from None
+                                  f"must be an integer of at most 9 digits, got {shown!r}")
+            score = int(cells[2])
             judged = qrels.setdefault(cells[0], {})
             if judged.get(cells[1], score) != score:
                 raise CorpusError(path, number, "score", f"conflicting judgement for "

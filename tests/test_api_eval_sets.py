@@ -106,8 +106,9 @@ def test_malformed_files_are_located(sqlite_api: Api) -> None:
     bad_qrels = b"query-id\tcorpus-id\tscore\nq1\td1\tvery\n"
     response = _upload(caller, corpus["id"], queries_bytes(["q1"]), bad_qrels)
     assert response.status_code == 422
-    assert response.json() | {"detail": ""} == {
+    assert response.json() | {"detail": "", "request_id": ""} == {
         "error": "invalid_eval_set", "detail": "", "file": "qrels", "line": 2, "field": "score",
+        "request_id": "",
     }
     bad_queries = b'{"_id": "q1", "text": "ok"}\n{"_id": "q2"}\n'
     response = _upload(caller, corpus["id"], bad_queries, qrels_bytes([("q1", "d1", 1)]))

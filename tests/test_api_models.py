@@ -6,6 +6,7 @@ import base64
 import io
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -252,6 +253,46 @@ def test_the_official_openai_sdk_works_unchanged(sqlite_api: Api, served: str) -
         OpenAI(base_url=f"{served}/v1", api_key="tlr_wrong", max_retries=0).embeddings.create(
             model="tiny-student", input="x"
         )
+
+
+def test_download_answers_head_and_byte_ranges(sqlite_api: Api, tuned_archive: Path) -> None:
+    caller = sqlite_api.tenant()
+    model_id = _tuned_model(sqlite_api, caller, tuned_archive)
+    url = f"/v1/models/{model_id}/download"
+    whole = tuned_archive.read_bytes()
+    head = sqlite_api.client.head(url, headers=caller.headers)
+    assert head.status_code == 200, head.text
+    assert head.content == b""
+    assert int(head.headers["content-length"]) == len(whole)
+    assert head.headers["accept-ranges"] == "bytes"
+    def ranged(spec: str) -> Any:
+        return sqlite_api.client.get(url, headers={**caller.headers, "Range": spec})
+
+    part = ranged("bytes=10-109")
+    assert part.status_code == 206
+    assert part.content == whole[10:110]
+    assert part.headers["content-range"] == f"bytes 10-109/{len(whole)}"
+    tail = ranged("bytes=-100")
+    assert (tail.status_code, tail.content) == (206, whole[-100:])
+    past = ranged(f"bytes={len(whole) + 10}-")
+    assert past.status_code == 416
+    assert past.json()["error"] == "range_not_satisfiable"
+    assert past.headers["content-range"] == f"bytes */{len(whole)}"
+    # A Range the server cannot read is ignored: the whole archive (RFC 9110).
+    assert (ranged("lines=1-2").status_code, ranged("lines=1-2").content) == (200, whole)
+    assert sqlite_api.client.head(url).status_code == 401
+
+
+def test_a_model_that_cannot_be_loaded_is_a_503_without_internal_names(sqlite_api: Api) -> None:
+    caller = sqlite_api.tenant()
+    model_id = _tuned_model(sqlite_api, caller, archive=None)  # its row, but no archive
+    response = caller.post("/v1/embed", json={"model": model_id, "inputs": ["wing"]})
+    assert response.status_code == 503, response.text
+    body = response.json()
+    assert body["error"] == "unavailable"
+    assert body["request_id"] == response.headers["x-request-id"]
+    assert "models/" not in body["detail"] and "tar.gz" not in body["detail"]
+    assert "/" not in body["detail"].replace("/v1", "")
 
 
 def test_uploaded_and_tuned_models_are_listed_together_newest_first(api: Api) -> None:

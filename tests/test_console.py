@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from app.db.base import utcnow
-from app.db.models import ConsoleSession, Job, JobStatus
+from app.db.models import ApiKey, ConsoleSession, Job, JobStatus
 from app.openapi import openapi_document
 from app.tenants.service import revoke_api_key
 from tests.api_support import Api, Caller, corpus_bytes
@@ -133,6 +133,26 @@ def test_sign_out_revoking_the_key_or_time_ends_the_session(sqlite_api: Api) -> 
         session.commit()
     assert third.get("/console/jobs", follow_redirects=False).status_code == 303
     assert _sign_in(TestClient(sqlite_api.app), caller.key).status_code == 401
+
+
+def test_only_a_train_key_signs_in_and_a_key_expiry_ends_its_session(sqlite_api: Api) -> None:
+    caller = sqlite_api.tenant()
+    embed = caller.post("/v1/api-keys", json={"scope": "embed"}).json()["key"]
+    refused = _sign_in(TestClient(sqlite_api.app), embed)
+    assert refused.status_code == 403 and "train key" in refused.text
+    expiring = caller.post("/v1/api-keys", json={"expires_in_days": 1}).json()
+    with sqlite_api.session() as session:  # the key ends in an hour, before a session would
+        session.get(ApiKey, expiring["id"]).expires_at = utcnow() + timedelta(hours=1)
+        session.commit()
+    browser = _browser(sqlite_api, Caller(sqlite_api, caller.tenant_id, expiring["key"]))
+    with sqlite_api.session() as session:
+        row = session.scalar(select(ConsoleSession)
+                             .where(ConsoleSession.api_key_id == expiring["id"]))
+        assert row.expires_at <= utcnow() + timedelta(hours=1)
+        session.get(ApiKey, expiring["id"]).expires_at = utcnow() - timedelta(seconds=1)
+        session.commit()
+    assert browser.get("/console/jobs", follow_redirects=False).status_code == 303
+    assert _sign_in(TestClient(sqlite_api.app), expiring["key"]).status_code == 401
 
 
 def test_pages_are_strict_and_left_out_of_the_api_document(sqlite_api: Api) -> None:

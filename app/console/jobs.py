@@ -24,7 +24,7 @@ from app.console.web import (
 from app.corpora.service import list_corpora
 from app.db.base import utcnow
 from app.db.models import ACTIVE_JOB_STATUSES, Job, JobEvent, JobStatus
-from app.deps import Page, RegistryDep, SessionDep, StoreDep
+from app.deps import Page, RegistryDep, SessionDep, SettingsDep, StoreDep
 from app.errors import AppError, NotFound
 from app.eval_sets.service import list_eval_sets
 from app.jobs import service
@@ -134,7 +134,11 @@ def _job_request(form: dict[str, Any]) -> JobCreate:
     if form.get("query_types"):
         body["query_types"] = form["query_types"]
     if form.get("passages"):
-        body["passages"] = form["passages"]
+        # A form sends text; the API takes a JSON integer only (a strict int).
+        passages = str(form["passages"]).strip()
+        if not passages.isascii() or not passages.isdigit():
+            raise ValueError(f"passages: a whole number, not {passages!r}")
+        body["passages"] = int(passages)
     text = (form.get("hyperparameters") or "").strip()
     if text:
         try:
@@ -154,6 +158,7 @@ def start_job(
     session: SessionDep,
     user: CurrentUser,
     registry: RegistryDep,
+    settings: SettingsDep,
     corpus_id: Annotated[str, Form(max_length=64)] = "",
     base_model: Annotated[str, Form(max_length=200)] = "",
     preset: Annotated[str, Form(max_length=64)] = "default",
@@ -174,7 +179,7 @@ def start_job(
     }
     try:
         job_request = _job_request(form)
-        job = create_job(job_request, Response(), session, user.tenant, registry,
+        job = create_job(job_request, Response(), session, user.tenant, registry, settings,
                          form_id or None)
     except (ValueError, ValidationError, AppError) as exc:
         session.rollback()

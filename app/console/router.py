@@ -34,11 +34,12 @@ from app.deps import Page, RegistryDep, SessionDep, SettingsDep, StoreDep
 from app.embeddings.router import embed_texts, source_for
 from app.embeddings.schemas import EmbedRequest
 from app.embeddings.service import EmbeddingModels
-from app.errors import AppError, NotFound
+from app.errors import AppError, InvalidCorpus, NotFound
 from app.models import service as models
 from app.models.router import download_model
+from app.quotas import check_storage
 from app.reports import report_css
-from app.uploads import form_file, form_text, multipart_form, spool, upload_folder
+from app.uploads import UploadRules, form_text, multipart_form, spool, upload_folder
 
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
 
@@ -91,7 +92,11 @@ def sign_in(
     if not sessions.same_token(expected, csrf):
         return _sign_in_page(request, safe_next(next), "The sign-in form expired: try again.",
                              403)
-    token = sessions.open_session(session, api_key.strip())
+    try:
+        token = sessions.open_session(session, api_key.strip())
+    except sessions.ScopeRefused as refused:
+        message = f"That key's scope is {refused}: the console needs a train key."
+        return _sign_in_page(request, safe_next(next), message, 403)
     if token is None:
         # The key is neither logged nor echoed back into the form.
         return _sign_in_page(request, safe_next(next), "That API key is not valid.", 401)
@@ -148,13 +153,14 @@ async def upload_corpus(
 ) -> Response:
     # The session row was read above; give the connection back while the file streams in.
     await run_in_threadpool(session.commit)
-    limit = settings.max_upload_bytes
+    rules = UploadRules.of(settings, InvalidCorpus)
     try:
         async with upload_folder(settings.upload_dir) as folder, \
-                multipart_form(request, limit) as form:
+                multipart_form(request, rules.max_bytes) as form:
             check_csrf(user, form_text(form, "csrf_token", max_length=200))
             name = form_text(form, "name")
-            upload = await spool(form_file(form, "file"), folder, "corpus.jsonl", limit)
+            upload = await spool(form, "file", folder, "corpus.jsonl", rules)
+            await run_in_threadpool(check_storage, session, user.tenant, settings, upload.size)
             corpus = await run_in_threadpool(
                 corpora.create_corpus, session, store, user.tenant, upload, name
             )

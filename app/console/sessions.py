@@ -21,7 +21,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
-from app.db.models import ApiKey, ConsoleSession
+from app.db.models import ApiKey, ConsoleSession, KeyScope
 from app.ids import api_key_lookup_prefix, hash_api_key
 from app.tenants.service import authenticate
 
@@ -33,8 +33,14 @@ def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+class ScopeRefused(Exception):
+    """A valid key whose scope cannot sign in: the console uploads, starts jobs and shows
+    them, which is a `train` key's business; an `embed` key serves a search service."""
+
+
 def open_session(session: Session, api_key: str) -> str | None:
-    """A new session token for a valid, active API key; None for any other key."""
+    """A new session token for a valid, active `train` key; None for an invalid, revoked or
+    expired key, ScopeRefused for an `embed` key. The session ends by the key's expiry."""
     tenant = authenticate(session, api_key)
     if tenant is None:
         return None
@@ -47,24 +53,33 @@ def open_session(session: Session, api_key: str) -> str | None:
     )
     if key_row is None:
         return None
+    if key_row.scope != KeyScope.TRAIN:
+        raise ScopeRefused(key_row.scope.value)
     now = utcnow()
+    expires_at = now + LIFETIME
+    if key_row.expires_at is not None:
+        expires_at = min(expires_at, key_row.expires_at)
     # Expired rows go here, on sign-in, so the table never grows past the live sessions.
     session.execute(delete(ConsoleSession).where(ConsoleSession.expires_at < now))
     token = secrets.token_urlsafe(32)
     session.add(ConsoleSession(
         token_hash=_token_hash(token), api_key_id=key_row.id, created_at=now,
-        expires_at=now + LIFETIME,
+        expires_at=expires_at,
     ))
     session.flush()
     return token
 
 
 def find_session(session: Session, token: str) -> ConsoleSession | None:
-    """The live session of `token`: not expired, not signed out, and its key not revoked."""
+    """The live session of `token`: not expired, not signed out, its key neither revoked nor
+    expired."""
     if not token or len(token) > 128:
         return None
     row = session.get(ConsoleSession, _token_hash(token))
-    if row is None or row.expires_at <= utcnow() or row.api_key.revoked_at is not None:
+    now = utcnow()
+    if row is None or row.expires_at <= now or row.api_key.revoked_at is not None:
+        return None
+    if row.api_key.expires_at is not None and row.api_key.expires_at <= now:
         return None
     return row
 

@@ -15,10 +15,12 @@ from app.errors import (
     NotFound,
     PayloadTooLarge,
     ResourceInUse,
+    StorageQuotaExceeded,
     Unauthorized,
     responses,
 )
-from app.uploads import form_file, form_text, multipart_form, spool, upload_folder
+from app.quotas import check_storage
+from app.uploads import UploadRules, form_text, multipart_form, spool, upload_folder
 
 router = APIRouter(prefix="/v1/corpora", tags=["corpora"])
 
@@ -28,7 +30,9 @@ router = APIRouter(prefix="/v1/corpora", tags=["corpora"])
     response_model=CorpusRead,
     status_code=status.HTTP_201_CREATED,
     openapi_extra={"requestBody": CORPUS_UPLOAD_BODY},
-    responses=responses(Unauthorized, PayloadTooLarge, InvalidCorpus, InvalidRequest),
+    responses=responses(
+        Unauthorized, StorageQuotaExceeded, PayloadTooLarge, InvalidCorpus, InvalidRequest
+    ),
 )
 async def create_corpus(
     request: Request,
@@ -41,10 +45,14 @@ async def create_corpus(
     # Authenticated: give the database connection back while the body streams in, so slow
     # uploads do not hold the pool's connections (and PostgreSQL transactions) for minutes.
     await run_in_threadpool(session.commit)
-    limit = settings.max_upload_bytes
-    async with upload_folder(settings.upload_dir) as folder, multipart_form(request, limit) as form:
+    rules = UploadRules.of(settings, InvalidCorpus)
+    async with (
+        upload_folder(settings.upload_dir) as folder,
+        multipart_form(request, rules.max_bytes) as form,
+    ):
         name = form_text(form, "name")
-        upload = await spool(form_file(form, "file"), folder, "corpus.jsonl", limit)
+        upload = await spool(form, "file", folder, "corpus.jsonl", rules)
+        await run_in_threadpool(check_storage, session, tenant, settings, upload.size)
         return await run_in_threadpool(service.create_corpus, session, store, tenant, upload, name)
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
@@ -34,7 +35,7 @@ def create_corpus(
     except CorpusError as exc:
         # Nothing has been stored yet: an invalid file leaves no trace.
         raise InvalidCorpus(
-            f"{upload.filename}: {exc.message}", line=exc.line, field=exc.field
+            f"{upload.filename}: {exc.message}", file="file", line=exc.line, field=exc.field
         ) from exc
     corpus_id = new_id("crp")
     key = corpus_prefix(corpus_id) + ("corpus.jsonl.gz" if upload.gzipped else "corpus.jsonl")
@@ -67,6 +68,12 @@ def get_corpus(session: Session, tenant: Tenant, corpus_id: str, *, lock: bool =
     if corpus is None:
         raise NotFound(f"corpus {corpus_id} not found", resource="corpus", id=corpus_id)
     return corpus
+
+
+def on_live_corpus(corpus_id: Any) -> ColumnElement[bool]:
+    """Rows (eval sets, query sets) whose corpus has not been deleted: what is built on a
+    deleted corpus is gone with it."""
+    return corpus_id.in_(select(Corpus.id).where(Corpus.deleted_at.is_(None)))
 
 
 def list_corpora(session: Session, tenant: Tenant, page: Page) -> tuple[list[Corpus], int]:

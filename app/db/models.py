@@ -48,6 +48,13 @@ class EventKind(StrEnum):
     WARNING = "warning"
 
 
+class KeyScope(StrEnum):
+    """What an API key may call: `train` every route, `embed` the embedding and rerank routes."""
+
+    TRAIN = "train"
+    EMBED = "embed"
+
+
 class Recommendation(StrEnum):
     """Which model the evaluation recommends serving."""
 
@@ -80,6 +87,9 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Quotas of this tenant; None: the deployment's settings (max_concurrent_jobs...).
+    max_concurrent_jobs: Mapped[int | None] = mapped_column(Integer, default=None)
+    max_stored_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
 
 
 class ApiKey(Base):
@@ -91,7 +101,12 @@ class ApiKey(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     prefix: Mapped[str] = mapped_column(String(12), index=True)
     key_hash: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(200), default="")
+    scope: Mapped[KeyScope] = mapped_column(
+        _str_enum(KeyScope, "key_scope"), default=KeyScope.TRAIN
+    )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
 
     tenant: Mapped[Tenant] = relationship(lazy="joined")
@@ -129,6 +144,8 @@ class EvalSet(Base):
     name: Mapped[str] = mapped_column(String(200))
     queries_key: Mapped[str] = mapped_column(String(512))
     qrels_key: Mapped[str] = mapped_column(String(512))
+    # Stored bytes of both files (as uploaded): counted against the tenant's storage quota.
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     # Judged queries, and (query, document) judgements.
     queries: Mapped[int] = mapped_column(Integer)
     judgements: Mapped[int] = mapped_column(Integer)
@@ -150,6 +167,8 @@ class QuerySet(Base):
     corpus_id: Mapped[str] = mapped_column(ForeignKey("corpora.id"), index=True)
     name: Mapped[str] = mapped_column(String(200))
     queries_key: Mapped[str] = mapped_column(String(512))
+    # Stored bytes (as uploaded): counted against the tenant's storage quota.
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     # Distinct queries (repeats of one text, case and spacing aside, count once).
     queries: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -31,11 +31,16 @@ def newest_first(
     return list(rows), count
 
 
-def owned(session: Session, model: type[Row], tenant_id: str, row_id: str, resource: str) -> Row:
-    """The tenant's row `row_id` of `model` (NotFound naming `resource`, e.g. "eval_set",
-    otherwise: another tenant's row is as absent as a missing one)."""
+def owned(
+    session: Session, model: type[Row], tenant_id: str, row_id: str, resource: str,
+    *where: ColumnElement[bool],
+) -> Row:
+    """The tenant's row `row_id` of `model` that matches `where` (NotFound naming `resource`,
+    e.g. "eval_set", otherwise: another tenant's row is as absent as a missing one)."""
     table: Any = model
-    row = session.scalar(select(model).where(table.id == row_id, table.tenant_id == tenant_id))
+    row = session.scalar(
+        select(model).where(table.id == row_id, table.tenant_id == tenant_id, *where)
+    )
     if row is None:
         raise NotFound(f"{resource.replace('_', ' ')} {row_id} not found", resource=resource,
                        id=row_id)

@@ -18,9 +18,18 @@ from app.embedding_jobs.schemas import (
     EmbeddingJobList,
     EmbeddingJobRead,
 )
-from app.errors import InvalidRequest, InvalidState, NotFound, Unauthorized, UnknownModel, responses
+from app.errors import (
+    InvalidRequest,
+    InvalidState,
+    NotFound,
+    QuotaExceeded,
+    Unauthorized,
+    UnknownModel,
+    responses,
+)
 from app.jobs import lifecycle, queue
 from app.jobs import service as jobs
+from app.jobs.router import MAX_EVENT_ID
 from app.jobs.schemas import JobEventList, JobEventRead
 
 log = logging.getLogger(__name__)
@@ -34,7 +43,7 @@ BINARY = {"schema": {"type": "string", "format": "binary"}}
     "",
     response_model=EmbeddingJobRead,
     status_code=status.HTTP_201_CREATED,
-    responses=responses(Unauthorized, NotFound, UnknownModel, InvalidRequest),
+    responses=responses(Unauthorized, NotFound, UnknownModel, InvalidRequest, QuotaExceeded),
 )
 def create_embedding_job(
     request: EmbeddingJobCreate,
@@ -77,7 +86,9 @@ def list_embedding_job_events(
     job_id: str,
     session: SessionDep,
     tenant: CurrentTenant,
-    after: Annotated[int | None, Query(ge=0, description="Only events with a larger id.")] = None,
+    after: Annotated[
+        int | None, Query(ge=0, le=MAX_EVENT_ID, description="Only events with a larger id.")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> JobEventList:
     """List a bulk embedding job's events oldest first; poll with `after` = the last id seen."""

@@ -22,6 +22,7 @@ from app.errors import InvalidRequest, InvalidState, NotFound, UnknownModel
 from app.ids import new_id
 from app.jobs import lifecycle
 from app.models.tenant_models import find_tenant_model, is_tenant_model
+from app.quotas import check_concurrent_jobs
 from app.settings import Settings
 from app.storage import ObjectNotFound, ObjectStore
 from ml_core.registry import ModelRegistry
@@ -57,6 +58,7 @@ def create_embedding_job(
     settings: Settings,
 ) -> EmbeddingJob:
     """A new queued bulk embedding job; the caller commits, then enqueues."""
+    check_concurrent_jobs(session, tenant, settings.max_concurrent_jobs)
     tuned = _check_model(session, tenant, registry, request.model)
     corpus_id = request.corpus_id
     if corpus_id is None:

@@ -180,7 +180,9 @@ class EmbeddingModels:
             raise
         except Exception as exc:
             log.exception("could not load model %s", source.cache_key)
-            raise Unavailable(f"model {source.cache_key} could not be loaded: {exc}") from exc
+            # The cause (logged above) can name object keys and paths: none of it is the client's.
+            raise Unavailable(f"model {source.cache_key} could not be loaded; retry later, and "
+                              f"quote the request id if it persists") from exc
 
     def loaded(self, source: ModelSource) -> ServedStudent:
         """The loaded model for `source` (loading it on first use: call off the event loop)."""

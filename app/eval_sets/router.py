@@ -12,12 +12,14 @@ from app.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
+    StorageQuotaExceeded,
     Unauthorized,
     responses,
 )
 from app.eval_sets import service
 from app.eval_sets.schemas import EVAL_SET_UPLOAD_BODY, EvalSetList, EvalSetRead
-from app.uploads import form_file, form_text, multipart_form, spool, upload_folder
+from app.quotas import check_storage
+from app.uploads import UploadRules, form_text, multipart_form, spool, upload_folder
 
 router = APIRouter(prefix="/v1/eval-sets", tags=["eval sets"])
 
@@ -27,7 +29,10 @@ router = APIRouter(prefix="/v1/eval-sets", tags=["eval sets"])
     response_model=EvalSetRead,
     status_code=status.HTTP_201_CREATED,
     openapi_extra={"requestBody": EVAL_SET_UPLOAD_BODY},
-    responses=responses(Unauthorized, NotFound, PayloadTooLarge, InvalidEvalSet, InvalidRequest),
+    responses=responses(
+        Unauthorized, StorageQuotaExceeded, NotFound, PayloadTooLarge, InvalidEvalSet,
+        InvalidRequest,
+    ),
 )
 async def create_eval_set(
     request: Request,
@@ -40,12 +45,17 @@ async def create_eval_set(
     # Authenticated: give the database connection back while the body streams in, so slow
     # uploads do not hold the pool's connections (and PostgreSQL transactions) for minutes.
     await run_in_threadpool(session.commit)
-    limit = settings.max_upload_bytes
-    async with upload_folder(settings.upload_dir) as folder, multipart_form(request, limit) as form:
+    rules = UploadRules.of(settings, InvalidEvalSet)
+    async with (
+        upload_folder(settings.upload_dir) as folder,
+        multipart_form(request, rules.max_bytes) as form,
+    ):
         corpus_id = form_text(form, "corpus_id", required=True, max_length=64)
         name = form_text(form, "name")
-        queries = await spool(form_file(form, "queries"), folder, "queries.jsonl", limit)
-        qrels = await spool(form_file(form, "qrels"), folder, "qrels.tsv", limit)
+        queries = await spool(form, "queries", folder, "queries.jsonl", rules)
+        qrels = await spool(form, "qrels", folder, "qrels.tsv", rules)
+        size = queries.size + qrels.size
+        await run_in_threadpool(check_storage, session, tenant, settings, size)
         return await run_in_threadpool(
             service.create_eval_set, session, store, tenant, corpus_id, name, queries, qrels
         )

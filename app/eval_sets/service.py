@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from app.corpora.service import get_corpus
+from app.corpora.service import get_corpus, on_live_corpus
 from app.db.models import Corpus, EvalSet, Tenant
 from app.db.tenant_rows import newest_first, owned
 from app.deps import Page
@@ -90,6 +90,7 @@ def create_eval_set(
         qrels_key=qrels_key,
         queries=len(qrels),
         judgements=sum(len(judged) for judged in qrels.values()),
+        size_bytes=queries_file.size + qrels_file.size,
     )
     # Committed here, so a row that cannot be written leaves no stored files behind.
     with stored_until_committed(session, store, f"eval_sets/{eval_set_id}/"):
@@ -101,9 +102,11 @@ def create_eval_set(
 
 def get_eval_set(session: Session, tenant: Tenant, eval_set_id: str) -> EvalSet:
     """The tenant's eval set `eval_set_id` (404 otherwise)."""
-    return owned(session, EvalSet, tenant.id, eval_set_id, "eval_set")
+    live = on_live_corpus(EvalSet.corpus_id)
+    return owned(session, EvalSet, tenant.id, eval_set_id, "eval_set", live)
 
 
 def list_eval_sets(session: Session, tenant: Tenant, page: Page) -> tuple[list[EvalSet], int]:
     """A page of the tenant's eval sets, newest first, and their total."""
-    return newest_first(session, EvalSet, page, EvalSet.tenant_id == tenant.id)
+    mine = (EvalSet.tenant_id == tenant.id, on_live_corpus(EvalSet.corpus_id))
+    return newest_first(session, EvalSet, page, *mine)

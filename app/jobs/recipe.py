@@ -76,7 +76,7 @@ def resolve_recipe(request: JobCreate) -> RecipeConfig:
         if explicit[field] is not None:
             _set(overrides, path, explicit[field])
     try:
-        return build_config(request.preset, overrides)
+        recipe = build_config(request.preset, overrides)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)
         first = errors[0]
@@ -86,6 +86,47 @@ def resolve_recipe(request: JobCreate) -> RecipeConfig:
             field=field,
             errors=[{"field": _field_for(tuple(e["loc"])), "message": e["msg"]} for e in errors],
         ) from exc
+    _check_resolved(overrides, recipe)
+    return recipe
+
+
+# Seeds reach numpy's generators, which take 0 .. 2**32 - 1.
+MAX_SEED = 2**32 - 1
+
+
+def _converted(sent: Any, resolved: Any, path: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The first path where the recipe holds `sent` only by converting its JSON type (true for
+    an integer, 4.0 or "4" for an integer, "0.5" for a number), or None."""
+    if isinstance(sent, dict) and isinstance(resolved, dict):
+        nested = (_converted(v, resolved[k], (*path, k)) for k, v in sent.items() if k in resolved)
+        return next((found for found in nested if found), None)
+    if isinstance(sent, list) and isinstance(resolved, list):
+        items = (_converted(a, b, (*path, str(i)))
+                 for i, (a, b) in enumerate(zip(sent, resolved, strict=False)))
+        return next((found for found in items if found), None)
+    if isinstance(sent, bool) or isinstance(resolved, bool):
+        return None if type(sent) is type(resolved) else path
+    if isinstance(resolved, int):
+        return None if isinstance(sent, int) else path
+    if isinstance(resolved, float):
+        return None if isinstance(sent, int | float) else path
+    return None
+
+
+def _check_resolved(overrides: dict[str, Any], recipe: RecipeConfig) -> None:
+    converted = _converted(overrides, recipe.model_dump(mode="json"), ())
+    if converted is not None:
+        field = _field_for(converted)
+        raise InvalidRecipe(f"{field}: must be a JSON value of the setting's type "
+                            f"(a number, not a string or a boolean; a whole number for "
+                            f"an integer)", field=field)
+    if not 0 <= recipe.seed <= MAX_SEED:
+        raise InvalidRecipe(f"hyperparameters.seed: must be between 0 and {MAX_SEED}",
+                            field="hyperparameters.seed")
+    types = recipe.generation.query_types
+    if len(set(types)) != len(types):
+        field = _field_for(("generation", "query_types"))
+        raise InvalidRecipe(f"{field}: each query type may be named once", field=field)
 
 
 def check_models(

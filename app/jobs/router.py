@@ -9,24 +9,29 @@ from fastapi import APIRouter, Header, Query, Response, status
 from fastapi.responses import HTMLResponse
 
 from app.db.models import Job
-from app.deps import CurrentTenant, PageDep, RegistryDep, SessionDep, StoreDep
+from app.deps import CurrentTenant, PageDep, RegistryDep, SessionDep, SettingsDep, StoreDep
 from app.errors import (
     IdempotencyConflict,
     InvalidRecipe,
     InvalidRequest,
     InvalidState,
     NotFound,
+    QuotaExceeded,
     Unauthorized,
     UnknownModel,
     responses,
 )
 from app.jobs import lifecycle, queue, service
 from app.jobs.schemas import JobCreate, JobEventList, JobEventRead, JobList, JobRead, JobReport
+from app.logs import bind
 from app.reports import render_report_html, report_csp
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+# Event ids are 64-bit integers: no larger cursor can match anything.
+MAX_EVENT_ID = 2**63 - 1
 
 IdempotencyKey = Annotated[
     str | None,
@@ -48,7 +53,7 @@ IdempotencyKey = Annotated[
               "Idempotency-Key created."},
         **responses(
             Unauthorized, NotFound, IdempotencyConflict, InvalidRecipe, UnknownModel,
-            InvalidRequest,
+            InvalidRequest, QuotaExceeded,
         ),
     },
 )
@@ -58,10 +63,14 @@ def create_job(
     session: SessionDep,
     tenant: CurrentTenant,
     registry: RegistryDep,
+    settings: SettingsDep,
     idempotency_key: IdempotencyKey = None,
 ) -> Job:
     """Start a specialization job on a corpus; it is queued, then run stage by stage."""
-    job, created = service.create_job(session, tenant, request, registry, idempotency_key)
+    job, created = service.create_job(
+        session, tenant, request, registry, idempotency_key, settings.max_concurrent_jobs
+    )
+    bind(job_id=job.id)
     if not created:
         response.status_code = status.HTTP_200_OK
         return job
@@ -99,7 +108,9 @@ def list_job_events(
     job_id: str,
     session: SessionDep,
     tenant: CurrentTenant,
-    after: Annotated[int | None, Query(ge=0, description="Only events with a larger id.")] = None,
+    after: Annotated[
+        int | None, Query(ge=0, le=MAX_EVENT_ID, description="Only events with a larger id.")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> JobEventList:
     """List a job's events oldest first; poll with `after` = the last id seen."""

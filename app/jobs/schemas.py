@@ -32,8 +32,12 @@ class JobCreate(BaseModel):
     teacher: str | None = Field(default=None, description="Cross-encoder teacher (registry name).")
     generator: str | None = Field(default=None, description="Query generator (registry name).")
     preset: PresetName = "default"
-    query_types: list[QueryType] | None = Field(default=None, min_length=1)
-    passages: int | None = Field(default=None, description="Passages sampled for generation.")
+    query_types: list[QueryType] | None = Field(
+        default=None, min_length=1, json_schema_extra={"uniqueItems": True}
+    )
+    passages: int | None = Field(
+        default=None, strict=True, description="Passages sampled for generation."
+    )
     loss: Literal["listwise", "infonce"] | None = None
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
     eval_set_id: str | None = Field(

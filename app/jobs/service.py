@@ -24,6 +24,7 @@ from app.jobs.recipe import check_models, resolve_recipe
 from app.jobs.schemas import JobCreate
 from app.models.tenant_models import find_tenant_model, is_tenant_model
 from app.query_sets.service import get_query_set
+from app.quotas import check_concurrent_jobs
 from app.reports import STAGE_FILES
 from app.storage import ObjectNotFound, ObjectStore
 from ml_core.registry import ModelRegistry
@@ -55,6 +56,7 @@ def create_job(
     request: JobCreate,
     registry: ModelRegistry,
     idempotency_key: str | None,
+    max_concurrent_jobs: int,
 ) -> tuple[Job, bool]:
     """A new queued job, or the job an earlier request with the same Idempotency-Key created:
     returns (job, created). The caller commits, then enqueues."""
@@ -63,6 +65,7 @@ def create_job(
         existing = _by_idempotency_key(session, tenant, idempotency_key)
         if existing is not None:
             return _replay(existing, digest), False
+    check_concurrent_jobs(session, tenant, max_concurrent_jobs)
     # Locked until commit so the corpus cannot be deleted under a job being created.
     corpus = get_corpus(session, tenant, request.corpus_id, lock=True)
     if request.eval_set_id is not None:

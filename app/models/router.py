@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response, status
-from fastapi.responses import RedirectResponse, StreamingResponse
+from fastapi.responses import FileResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.responses import MalformedRangeHeader
+from starlette.responses import RangeNotSatisfiable as StarletteRangeNotSatisfiable
 
 from app.deps import CurrentTenant, PageDep, RegistryDep, SessionDep, SettingsDep, StoreDep
 from app.errors import (
@@ -16,6 +17,8 @@ from app.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
+    RangeNotSatisfiable,
+    StorageQuotaExceeded,
     Unauthorized,
     responses,
 )
@@ -23,12 +26,11 @@ from app.models import service
 from app.models.onnx_archive import ensure_onnx_archive
 from app.models.schemas import ModelList, ModelRead
 from app.models.upload import MODEL_UPLOAD_BODY, create_uploaded_model
-from app.storage import ObjectStore
-from app.uploads import form_file, form_text, multipart_form, spool, upload_folder
+from app.quotas import check_storage
+from app.storage import ObjectNotFound
+from app.uploads import UploadRules, form_text, multipart_form, spool, upload_folder
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
-
-CHUNK = 1024 * 1024
 
 
 @router.get("", response_model=ModelList, responses=responses(Unauthorized, InvalidRequest))
@@ -45,7 +47,9 @@ def list_models(
     response_model=ModelRead,
     status_code=status.HTTP_201_CREATED,
     openapi_extra={"requestBody": MODEL_UPLOAD_BODY},
-    responses=responses(Unauthorized, PayloadTooLarge, InvalidModel, InvalidRequest),
+    responses=responses(
+        Unauthorized, StorageQuotaExceeded, PayloadTooLarge, InvalidModel, InvalidRequest
+    ),
 )
 async def upload_model(
     request: Request,
@@ -59,10 +63,14 @@ async def upload_model(
     pooling, a test encode) before it is accepted; then its `mdl_` id works on every embedding
     route, for bulk embedding, and as a job's `base_model`."""
     await run_in_threadpool(session.commit)  # no connection held while the body streams in
-    limit = settings.model_upload_max_bytes
-    async with upload_folder(settings.upload_dir) as folder, multipart_form(request, limit) as form:
+    rules = UploadRules.archive(settings.model_upload_max_bytes, InvalidModel)
+    async with (
+        upload_folder(settings.upload_dir) as folder,
+        multipart_form(request, rules.max_bytes) as form,
+    ):
         name = form_text(form, "name")
-        upload = await spool(form_file(form, "file"), folder, "model.tar", limit)
+        upload = await spool(form, "file", folder, "model.tar", rules)
+        await run_in_threadpool(check_storage, session, tenant, settings, upload.size)
         model = await run_in_threadpool(create_uploaded_model, session, store, tenant, upload,
                                         name, settings)
     return service.uploaded_read(model)
@@ -80,24 +88,43 @@ def get_model(
     return service.get_model(session, tenant, registry, model_id)
 
 
-def _stream(store: ObjectStore, key: str) -> Iterator[bytes]:
-    with store.open_stream(key) as stream:
-        while chunk := stream.read(CHUNK):
-            yield chunk
+DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
+        "description": "The sentence-transformers folder as .tar.gz (local object store).",
+    },
+    206: {
+        "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
+        "description": "The bytes a `Range: bytes=...` header asked for (local object store).",
+    },
+    307: {"description": "Redirect to a time-limited S3 URL of the .tar.gz."},
+    **responses(Unauthorized, NotFound, RangeNotSatisfiable, InvalidRequest),
+}
+
+
+class ArchiveResponse(FileResponse):
+    """A file with HEAD and Range from Starlette, its range errors in the API's terms: a
+    malformed Range is ignored (the whole file, as RFC 9110 asks), one past the end is a 416
+    in the one error shape."""
+
+    @classmethod
+    def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
+        try:
+            return super()._parse_range_header(http_range, file_size)
+        except MalformedRangeHeader:
+            return []
+        except StarletteRangeNotSatisfiable:
+            raise RangeNotSatisfiable(
+                f"the archive has {file_size} bytes: the Range asks for bytes past its end",
+                headers={"Content-Range": f"bytes */{file_size}"}, size=file_size,
+            ) from None
 
 
 @router.get(
     "/{model_id}/download",
-    response_class=StreamingResponse,
+    response_class=FileResponse,
     response_model=None,
-    responses={
-        200: {
-            "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
-            "description": "The sentence-transformers folder as .tar.gz (local object store).",
-        },
-        307: {"description": "Redirect to a time-limited S3 URL of the .tar.gz."},
-        **responses(Unauthorized, NotFound, InvalidRequest),
-    },
+    responses=DOWNLOAD_RESPONSES,
 )
 def download_model(
     model_id: str,
@@ -109,7 +136,9 @@ def download_model(
                                 "same vectors (built on the first request: seconds).")] = False,
 ) -> Response:
     """Download one of your models (tuned or uploaded) as a .tar.gz sentence-transformers folder
-    (with `?onnx=true`, an ONNX export of it inside too)."""
+    (with `?onnx=true`, an ONNX export of it inside too). The embedded store serves byte ranges
+    (`Range: bytes=0-1023`), so an interrupted download can resume; with S3 the redirect's URL
+    does."""
     if not model_id.startswith(service.TUNED_PREFIX):
         raise NotFound(
             f"model {model_id} is a base model: only tuned models can be downloaded",
@@ -125,14 +154,25 @@ def download_model(
     url = store.presigned_url(key, settings.presigned_url_expires)
     if url is not None:
         return RedirectResponse(url, status_code=status.HTTP_307_TEMPORARY_REDIRECT)
-    if not store.exists(key):
-        raise NotFound(f"model {model_id} has no archive", resource="model", id=model_id)
+    try:
+        path = store.local_path(key)
+    except ObjectNotFound:
+        raise NotFound(f"model {model_id} has no archive", resource="model", id=model_id) from None
+    assert path is not None  # a store that cannot sign URLs is a local folder
     filename = f"{model.id}-onnx.tar.gz" if onnx else f"{model.id}.tar.gz"
-    return StreamingResponse(
-        _stream(store, key),
-        media_type="application/gzip",
-        headers={
-            "Content-Disposition": f'attachment; filename="{filename}"',
-            "Content-Length": str(store.size(key)),
-        },
-    )
+    # Starlette answers HEAD, Range (206) and conditional requests from the file.
+    return ArchiveResponse(path, media_type="application/gzip", filename=filename)
+
+
+router.add_api_route(
+    "/{model_id}/download",
+    download_model,
+    methods=["HEAD"],
+    name="head_model_download",
+    response_class=FileResponse,
+    response_model=None,
+    responses=DOWNLOAD_RESPONSES,
+    summary="Head Model Download",
+    description="The download's headers without its body: size (`Content-Length`), "
+    "`Accept-Ranges`, `ETag` and `Last-Modified` on the embedded store; the redirect with S3.",
+)

@@ -12,12 +12,14 @@ from app.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
+    StorageQuotaExceeded,
     Unauthorized,
     responses,
 )
 from app.query_sets import service
 from app.query_sets.schemas import QUERY_SET_UPLOAD_BODY, QuerySetList, QuerySetRead
-from app.uploads import form_file, form_text, multipart_form, spool, upload_folder
+from app.quotas import check_storage
+from app.uploads import UploadRules, form_text, multipart_form, spool, upload_folder
 
 router = APIRouter(prefix="/v1/query-sets", tags=["query sets"])
 
@@ -27,7 +29,10 @@ router = APIRouter(prefix="/v1/query-sets", tags=["query sets"])
     response_model=QuerySetRead,
     status_code=status.HTTP_201_CREATED,
     openapi_extra={"requestBody": QUERY_SET_UPLOAD_BODY},
-    responses=responses(Unauthorized, NotFound, PayloadTooLarge, InvalidQuerySet, InvalidRequest),
+    responses=responses(
+        Unauthorized, StorageQuotaExceeded, NotFound, PayloadTooLarge, InvalidQuerySet,
+        InvalidRequest,
+    ),
 )
 async def create_query_set(
     request: Request,
@@ -41,11 +46,15 @@ async def create_query_set(
     them beside its synthetic queries."""
     # Give the database connection back while the body streams in (see eval sets).
     await run_in_threadpool(session.commit)
-    limit = settings.max_upload_bytes
-    async with upload_folder(settings.upload_dir) as folder, multipart_form(request, limit) as form:
+    rules = UploadRules.of(settings, InvalidQuerySet)
+    async with (
+        upload_folder(settings.upload_dir) as folder,
+        multipart_form(request, rules.max_bytes) as form,
+    ):
         corpus_id = form_text(form, "corpus_id", required=True, max_length=64)
         name = form_text(form, "name")
-        queries = await spool(form_file(form, "queries"), folder, "queries.jsonl", limit)
+        queries = await spool(form, "queries", folder, "queries.jsonl", rules)
+        await run_in_threadpool(check_storage, session, tenant, settings, queries.size)
         return await run_in_threadpool(
             service.create_query_set, session, store, tenant, corpus_id, name, queries
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from app.corpora.service import get_corpus
+from app.corpora.service import get_corpus, on_live_corpus
 from app.db.models import QuerySet, Tenant
 from app.db.tenant_rows import newest_first, owned
 from app.deps import Page
@@ -43,6 +43,7 @@ def create_query_set(
         name=name or queries_file.default_name,
         queries_key=queries_key,
         queries=distinct,
+        size_bytes=queries_file.size,
     )
     # Committed here, so a row that cannot be written leaves no stored file behind.
     with stored_until_committed(session, store, f"query_sets/{query_set_id}/"):
@@ -53,9 +54,11 @@ def create_query_set(
 
 def get_query_set(session: Session, tenant: Tenant, query_set_id: str) -> QuerySet:
     """The tenant's query set `query_set_id` (404 otherwise)."""
-    return owned(session, QuerySet, tenant.id, query_set_id, "query_set")
+    live = on_live_corpus(QuerySet.corpus_id)
+    return owned(session, QuerySet, tenant.id, query_set_id, "query_set", live)
 
 
 def list_query_sets(session: Session, tenant: Tenant, page: Page) -> tuple[list[QuerySet], int]:
     """A page of the tenant's query sets, newest first, and their total."""
-    return newest_first(session, QuerySet, page, QuerySet.tenant_id == tenant.id)
+    mine = (QuerySet.tenant_id == tenant.id, on_live_corpus(QuerySet.corpus_id))
+    return newest_first(session, QuerySet, page, *mine)
