@@ -193,7 +193,10 @@ def start_tailor(work: Path, store: Path) -> tuple[subprocess.Popen[bytes], str,
     env = {**os.environ, "TAILOR_DATABASE_URL": f"sqlite:///{db}",
            "TAILOR_MODEL_STORE": str(store), "TAILOR_OBJECT_STORE_URL": f"file://{work / 'obj'}",
            "TAILOR_EMBED_CACHE_DIR": str(work / "cache"), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false",
+           # The benchmark measures serving, not the per-key limit (429s past 50/s by default)
+           # or one JSON log line per request.
+           "TAILOR_RATE_LIMIT_PER_SECOND": "0", "TAILOR_LOG_LEVEL": "WARNING"}
     python = sys.executable
     subprocess.run([python, "-m", "app.cli", "migrate"], env=env, check=True, cwd=REPO,
                    capture_output=True)
