@@ -21,10 +21,9 @@ import numpy as np
 from ml_core.config import CandidateConfig
 from ml_core.records import Passage, ProgressFn, Query, ScoredList, no_progress
 from ml_core.retrieval import BM25Index, DenseIndex, reciprocal_rank_fusion, rrf_scores
+from ml_core.teacher_signals import combine_teachers, percentiles, teacher_signal
 
 ENCODE_BATCH_SIZE = 64
-# Signals that blend the teacher(s) with the first stage's rank evidence.
-FUSED_SIGNALS = ("fused", "teachers_fused")
 
 
 class Encoder(Protocol):
@@ -204,35 +203,6 @@ def teacher_agreement(
     }
 
 
-def _minmax(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    return (values - low) / (high - low) if high > low else np.ones_like(values)
-
-
-def teacher_signal(
-    passage_ids: Sequence[str],
-    raw_scores: np.ndarray,
-    candidates: Candidates,
-    low: float,
-    high: float,
-    cfg: CandidateConfig,
-) -> np.ndarray:
-    """The training target's signal for one query's scored passages: the raw teacher scores
-    min-max normalised between `low` and `high` (percentiles of all queries' raw scores); with
-    cfg.teacher_signal "fused" or "teachers_fused", fused_teacher_weight x that + (1 - weight)
-    x the passages' RRF evidence (0 for a passage outside the fused top-k) min-max scaled within
-    the list. For the "teachers" signals `raw_scores` are already the teachers' average
-    (combine_teachers). Unclipped: decisions on it would see clipped top scores as ties."""
-    signal = _minmax(np.asarray(raw_scores, dtype=np.float64), low, high)
-    if cfg.teacher_signal in FUSED_SIGNALS:
-        rrf = dict(zip(candidates.passage_ids, candidates.rrf, strict=True))
-        evidence = np.array([rrf.get(pid, 0.0) for pid in passage_ids])
-        spread = evidence.max() - evidence.min()
-        evidence = (evidence - evidence.min()) / spread if spread > 0 else evidence * 0
-        w = cfg.fused_teacher_weight
-        signal = w * signal + (1 - w) * evidence
-    return signal
-
-
 @dataclass(frozen=True, slots=True)
 class _Judgement:
     """One query's scored pool as the filter sees it: passage ids, raw scores and signal in
@@ -282,34 +252,6 @@ def _judge(
         student_found = cand.source_rank is not None and cand.source_rank <= cfg.student_top_n
     return _Judgement(pids, raw_values, signal, positive, source_index, teacher_lost,
                       student_found)
-
-
-def _percentiles(raw_by_query: Mapping[str, Mapping[str, float]], cfg: CandidateConfig
-                 ) -> tuple[float, float]:
-    values = [v for scores in raw_by_query.values() for v in scores.values()]
-    if not values:
-        return 0.0, 1.0
-    return (float(np.percentile(values, cfg.norm_low_percentile)),
-            float(np.percentile(values, cfg.norm_high_percentile)))
-
-
-def combine_teachers(
-    raw_by_teacher: Sequence[Mapping[str, Mapping[str, float]]], cfg: CandidateConfig
-) -> dict[str, dict[str, float]]:
-    """{query id: {passage id: score}}: each teacher's raw scores min-max normalised between its
-    own cfg.norm_low/high percentiles (unclipped), averaged over the teachers. Their scales
-    differ (a cross-encoder's logits, a late-interaction teacher's sums of cosines), so each is
-    brought to the same range before they vote. Pairs are those the first teacher scored."""
-    spans = [_percentiles(raw, cfg) for raw in raw_by_teacher]
-    first = raw_by_teacher[0]
-    return {
-        qid: {
-            pid: float(np.mean([_minmax(np.array(raw[qid][pid]), low, high)
-                                for raw, (low, high) in zip(raw_by_teacher, spans, strict=True)]))
-            for pid in scores
-        }
-        for qid, scores in first.items()
-    }
 
 
 def score_and_filter(
@@ -399,7 +341,7 @@ def score_and_filter(
     if two_rounds:
         pairs_scored = score_pools(scored_queries, depth, (0.0, 0.5))
         raw_by_query = combined()
-        low, high = _percentiles(raw_by_query, cfg)
+        low, high = percentiles(raw_by_query, cfg)
         first_drops = {
             query.id for query in scored_queries
             if _judge(query, raw_by_query[query.id], candidates[query.id], by_id, low, high,
@@ -411,7 +353,7 @@ def score_and_filter(
         pairs_scored = score_pools(scored_queries, cfg.top_k, (0.0, 1.0))
 
     raw_by_query = combined()
-    low, high = _percentiles(raw_by_query, cfg)
+    low, high = percentiles(raw_by_query, cfg)
     best = np.array([max(raw_by_query[q.id].values()) for q in scored_queries])
     floor = float(np.percentile(best, cfg.min_score_percentile)) if len(best) else 0.0
 

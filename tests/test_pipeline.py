@@ -578,3 +578,41 @@ def test_a_bad_supplied_queries_line_is_named(finished_run: StageContext, tmp_pa
                        finished_run.registry, train_queries=log)
     with pytest.raises(ValueError, match=r"log\.jsonl.*line 2.*text"):
         run_stage("generate", ctx)
+
+
+def test_co_teachers_score_beside_the_teacher_in_the_filter(
+    finished_run: StageContext, tmp_path: Path
+) -> None:
+    """teacher_signal "teachers_fused" with a late-interaction co-teacher: both teachers score
+    every pair, each one's raw scores are kept, and the lists train on their average."""
+    from tests.tiny_colbert import build_tiny_colbert
+
+    spec, _ = build_tiny_colbert(tmp_path / "models" / "tiny-colbert")
+    registry = ModelRegistry(finished_run.registry.store, extra={"tiny-colbert": spec.folder})
+    workdir = tmp_path / "both"
+    for stage in ("prepare", "generate"):
+        shutil.copytree(finished_run.stage_dir(stage), workdir / stage)
+    recipe = json.loads(json.dumps(TINY_RECIPE))
+    recipe["candidates"].update(teacher_signal="teachers_fused", co_teachers=["tiny-colbert"])
+    ctx = StageContext(workdir, finished_run.corpus_path, build_config("default", recipe),
+                       registry)
+    assert not run_stage("filter", ctx).skipped
+    summary = json.loads((workdir / "filter" / "filter.json").read_text())
+    assert summary["teachers"] == 2 and summary["co_teachers"] == ["tiny-colbert"]
+    rows = [json.loads(line) for line in (workdir / "filter" / "teacher_scores.jsonl").open()]
+    alone = {json.loads(line)["query_id"]: json.loads(line) for line in
+             (finished_run.stage_dir("filter") / "teacher_scores.jsonl").open()}
+    for row in rows:
+        cross, late = row["teacher_raw_scores"]
+        assert len(cross) == len(late) == len(row["passage_ids"]) == len(row["raw_scores"])
+        # The job's teacher scores as it does alone; the average is another scale.
+        assert row["passage_ids"] == alone[row["query_id"]]["passage_ids"]
+        assert cross == pytest.approx(alone[row["query_id"]]["raw_scores"], abs=1e-5)
+        assert row["raw_scores"] != cross
+    recipe["candidates"]["co_teachers"] = ["tiny-student"]
+    wrong = StageContext(tmp_path / "wrong", finished_run.corpus_path,
+                         build_config("default", recipe), registry)
+    for stage in ("prepare", "generate"):
+        shutil.copytree(finished_run.stage_dir(stage), wrong.workdir / stage)
+    with pytest.raises(StageError, match="co_teachers: model 'tiny-student' is a student"):
+        run_stage("filter", wrong)
