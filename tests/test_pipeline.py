@@ -616,3 +616,37 @@ def test_co_teachers_score_beside_the_teacher_in_the_filter(
         shutil.copytree(finished_run.stage_dir(stage), wrong.workdir / stage)
     with pytest.raises(StageError, match="co_teachers: model 'tiny-student' is a student"):
         run_stage("filter", wrong)
+
+
+def test_a_late_interaction_teacher_runs_a_whole_job(
+    finished_run: StageContext, tmp_path: Path
+) -> None:
+    """`teacher` names a late-interaction model: the filter scores with it (its MaxSim scores
+    are the raw scores), training runs on its lists, and the report's teacher check is its."""
+    from ml_core.candidates import passage_text
+    from ml_core.teacher import load_teacher
+    from tests.tiny_colbert import build_tiny_colbert
+
+    spec, _ = build_tiny_colbert(tmp_path / "models" / "tiny-colbert")
+    registry = ModelRegistry(finished_run.registry.store, extra={"tiny-colbert": spec.folder})
+    workdir = tmp_path / "late"
+    for stage in ("prepare", "generate"):
+        shutil.copytree(finished_run.stage_dir(stage), workdir / stage)
+    recipe = {**json.loads(json.dumps(TINY_RECIPE)), "teacher": "tiny-colbert"}
+    ctx = StageContext(workdir, finished_run.corpus_path, build_config("default", recipe),
+                       registry)
+    for stage in ("filter", "distill", "evaluate"):
+        assert not run_stage(stage, ctx).skipped
+    row = json.loads((workdir / "filter" / "teacher_scores.jsonl").open().readline())
+    queries = {json.loads(line)["id"]: json.loads(line)["text"]
+               for line in (workdir / "generate" / "queries.jsonl").open()}
+    from ml_core.stages.context import load_passages
+
+    by_id = {p.id: p for p in load_passages(ctx)}
+    pairs = [(queries[row["query_id"]], passage_text(by_id[pid])) for pid in row["passage_ids"]]
+    teacher = load_teacher(registry.get("tiny-colbert"), device="cpu")
+    assert row["raw_scores"] == pytest.approx(list(teacher.score(pairs)), abs=1e-4)
+    report = json.loads((workdir / "evaluate" / "report.json").read_text())
+    assert report["models"]["teacher"] == "tiny-colbert"
+    check = report["teacher_check"]
+    assert check["queries"] > 0 and 0.0 <= check["teacher"] <= 1.0
