@@ -155,6 +155,20 @@ def test_dequantized_encoder_scores_as_onnxruntime(tiny: tuple[ModelSpec, Path])
     np.testing.assert_allclose(scores[:4], alone, atol=1e-3)
 
 
+def test_a_hugging_face_folder_scores_on_torch(tiny: tuple[ModelSpec, Path],
+                                              tmp_path: Path) -> None:
+    """format "hf": a float BertModel folder (here the de-quantised tiny encoder saved) loads
+    on torch and scores as the model it was saved from."""
+    dequantized = TorchLateInteraction(tiny[0], device="cpu")
+    folder = tmp_path / "hf-colbert"
+    dequantized.model.save_pretrained(folder)
+    dequantized.tokenizer.save_pretrained(folder)
+    spec = tiny[0].model_copy(update={"format": "hf", "path": ".", "sha256": {}}).write(folder)
+    teacher = load_late_interaction(spec, device="cpu")
+    assert isinstance(teacher, TorchLateInteraction)
+    np.testing.assert_allclose(teacher.score(PAIRS), dequantized.score(PAIRS), atol=1e-4)
+
+
 def test_dequantized_encoder_refuses_weights_that_score_otherwise(
     tiny: tuple[ModelSpec, Path], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
