@@ -45,7 +45,8 @@ PASSAGE_MARKER = "[unused1]"
 # Texts per forward pass on torch (length-sorted, so each batch pads to its own longest). The
 # int8 graph on onnxruntime gets one text per pass: its dynamic quantisation scales activations
 # by the whole batch's range, so a batch (and its padding) would change every member's vectors,
-# and one at a time, unpadded, measured 2.3x faster on one thread than batches of 16.
+# and one at a time, unpadded, measured 2.3x faster on one thread than batches of 16 (48 SciFact
+# abstracts, on a shared machine).
 ENCODE_BATCH = 16
 # fp16 token vectors kept across score() calls: 512 MiB holds ~2,300 passages of 300 tokens.
 DEFAULT_CACHE_BYTES = 512 * 2**20
@@ -122,7 +123,13 @@ def _normalize(vectors: np.ndarray) -> np.ndarray:
 class LateInteractionTeacher(Teacher):
     """Scores (query, passage) pairs by ColBERT MaxSim (see the module doc); a Teacher, so the
     filter, the teacher check, the benchmarks and the rerank route take it as they take a
-    cross-encoder. Subclasses provide `_hidden` (the encoder's last hidden states)."""
+    cross-encoder. Subclasses provide `_hidden` (the encoder's last hidden states).
+
+    Memory is bounded by: the passage cache (at most `cache_bytes` of fp16 vectors, see
+    PassageCache); one chunk of freshly encoded passages (`batch_size` of them); and the
+    current call's query vectors (QUERY_TOKENS x dim float32 per distinct query: 48 KiB at 384
+    dims, 48 MiB for 1,000 queries), freed when the call returns.
+    """
 
     def __init__(self, spec: ModelSpec, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         super().__init__(spec)
