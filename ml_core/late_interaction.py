@@ -2,8 +2,11 @@
 
 Scoring follows ColBERT (Khattab and Zaharia 2020) as answerai-colbert-small-v1 was trained:
 
-- query: `[CLS] [unused0] tokens [SEP]`, padded with `[MASK]` to QUERY_TOKENS tokens, every
-  position attended to (the masks act as learned query expansion);
+- query: `[CLS] [unused0] tokens [SEP]`, padded with `[MASK]` to QUERY_TOKENS tokens; the
+  `[MASK]` positions are not attended to (colbert-ai's default, attend_to_mask_tokens=False)
+  but their vectors score, as learned query expansion. Attending to them scored worse as a
+  teacher on both development datasets (docs/benchmarks.md, "Late-interaction teacher, query
+  masks unattended");
 - passage: `[CLS] [unused1] tokens [SEP]`, at most the spec's max_passage_length tokens;
 - every token vector (output 0 of the graph, the encoder's last hidden states) is L2-normalised
   over all its dimensions; score = sum over query tokens of the best dot product with any
@@ -52,7 +55,7 @@ ENCODE_BATCH = 16
 DEFAULT_CACHE_BYTES = 512 * 2**20
 # A de-quantised encoder must agree with onnxruntime on CHECK_PAIRS at load: every passage
 # token vector within this cosine, every score within this much per query token. The real
-# model measured 0.994 and 0.014 (onnxruntime's int8 activations are the noisier side).
+# model measured 0.994 and 0.004; with 6 heads in place of 12, 0.59 and 0.15.
 MIN_TOKEN_COSINE = 0.98
 MAX_TOKEN_DEVIATION = 0.04
 
@@ -152,7 +155,8 @@ class LateInteractionTeacher(Teacher):
         return [self.tokenizer.cls_token_id, marker, *body, self.tokenizer.sep_token_id]
 
     def query_ids(self, text: str) -> list[int]:
-        """`[CLS] [unused0] tokens [SEP]` padded with `[MASK]` to QUERY_TOKENS."""
+        """`[CLS] [unused0] tokens [SEP]` padded with `[MASK]` to QUERY_TOKENS (the padding is
+        encoded and scores, unattended: _encode)."""
         ids = self._ids(text, self.query_marker, self.query_tokens)
         return ids + [self.tokenizer.mask_token_id] * (self.query_tokens - len(ids))
 
@@ -162,16 +166,17 @@ class LateInteractionTeacher(Teacher):
 
     # -- encoding --------------------------------------------------------------------------
 
-    def _encode(self, ids: Sequence[list[int]], attend_all: bool) -> list[np.ndarray]:
-        """Normalised float32 token vectors [len(ids_i), dim] for one batch of id lists."""
+    def _encode(self, ids: Sequence[list[int]], query: bool) -> list[np.ndarray]:
+        """Normalised float32 token vectors [len(ids_i), dim] for one batch of id lists (a
+        query's `[MASK]` padding is encoded, not attended to)."""
         longest = max(len(i) for i in ids)
         input_ids = np.zeros((len(ids), longest), dtype=np.int64)
         mask = np.zeros_like(input_ids)
         for row, seq in enumerate(ids):
             input_ids[row, : len(seq)] = seq
             mask[row, : len(seq)] = 1
-        if attend_all:
-            mask[:] = 1
+        if query:
+            mask[input_ids == self.tokenizer.mask_token_id] = 0
         hidden = self._hidden(input_ids, mask)
         return [_normalize(hidden[row, : len(seq)].astype(np.float32))
                 for row, seq in enumerate(ids)]
@@ -181,7 +186,7 @@ class LateInteractionTeacher(Teacher):
         out = []
         for start in range(0, len(texts), self.encode_batch):
             batch = [self.query_ids(t) for t in texts[start:start + self.encode_batch]]
-            out.extend(self._encode(batch, attend_all=True))
+            out.extend(self._encode(batch, query=True))
         return np.stack(out) if out else np.zeros((0, self.query_tokens, 0), np.float32)
 
     def encode_passages(self, texts: Sequence[str]) -> list[np.ndarray]:
@@ -189,7 +194,7 @@ class LateInteractionTeacher(Teacher):
         out: list[np.ndarray] = []
         for start in range(0, len(texts), self.encode_batch):
             batch = [self.passage_ids(t) for t in texts[start:start + self.encode_batch]]
-            out.extend(v.astype(np.float16) for v in self._encode(batch, attend_all=False))
+            out.extend(v.astype(np.float16) for v in self._encode(batch, query=False))
         return out
 
     # -- scoring ---------------------------------------------------------------------------

@@ -67,9 +67,9 @@ def test_query_and_passage_token_ids(teacher: OnnxLateInteraction) -> None:
     assert passage[-1] == tok.sep_token_id
 
 
-def _hidden(session: ort.InferenceSession, ids: list[int]) -> np.ndarray:
+def _hidden(session: ort.InferenceSession, ids: list[int], attended: list[int]) -> np.ndarray:
     x = np.array([ids], dtype=np.int64)
-    out = session.run(None, {"input_ids": x, "attention_mask": np.ones_like(x),
+    out = session.run(None, {"input_ids": x, "attention_mask": np.array([attended]),
                              "token_type_ids": np.zeros_like(x)})[0][0]
     return out / np.linalg.norm(out, axis=1, keepdims=True)
 
@@ -78,12 +78,16 @@ def test_scores_are_maxsim_over_normalised_token_vectors(
     teacher: OnnxLateInteraction, tiny: tuple[ModelSpec, Path],
 ) -> None:
     """Computed apart, straight from the graph: every query token's best cosine with a passage
-    token, summed; the [MASK] padding counts, attended to."""
+    token, summed; the [MASK] padding is not attended to, but its vectors count."""
     session = ort.InferenceSession(str(tiny[0].weights), providers=["CPUExecutionProvider"])
+    mask_id = teacher.tokenizer.mask_token_id
     expected = []
     for query, passage in PAIRS:
-        q = _hidden(session, teacher.query_ids(query))
-        p = _hidden(session, teacher.passage_ids(passage))
+        ids = teacher.query_ids(query)
+        q = _hidden(session, ids, [int(i != mask_id) for i in ids])
+        assert q.shape[0] == QUERY_TOKENS
+        ids = teacher.passage_ids(passage)
+        p = _hidden(session, ids, [1] * len(ids))
         expected.append((q @ p.T).max(axis=1).sum())
     scores = teacher.score(PAIRS)
     # Passage vectors are kept in fp16: ~1e-3 of a cosine per token at most.
