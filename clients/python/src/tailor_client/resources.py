@@ -8,16 +8,22 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from tailor_client.errors import ConflictError, TailorError
 from tailor_client.transport import Retry, Transport
 from tailor_client.types import (
     FINISHED_STATUSES,
+    ApiKey,
+    ApiKeyCreated,
     Corpus,
+    EmbeddingFileList,
+    EmbeddingJob,
     EvalSet,
+    InputType,
     Job,
     JobEvent,
+    KeyScope,
     Model,
     Page,
     QuerySet,
@@ -26,6 +32,7 @@ from tailor_client.types import (
 from tailor_client.uploads import ProgressFn, open_upload
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 MAX_PAGE = 100  # the API's largest `limit` for its lists
 MAX_EVENT_PAGE = 1000
@@ -140,7 +147,77 @@ class QuerySets(Collection[QuerySet]):
                             on_progress)
 
 
-class Jobs(Collection[Job]):
+class Runs(Collection[R]):
+    """A collection of runs on the workers (training jobs, bulk embedding jobs): events by
+    cursor, cancel, and following one to its end."""
+
+    def cancel(self, id: str) -> R:
+        """Ask a job to stop: a queued job stops at once, a running one within seconds.
+        A job already cancelled is returned as it is (a retry whose first try was answered
+        but lost lands here); one that succeeded or failed raises ConflictError."""
+        try:
+            return self._transport.json("POST", f"{self.path}/{id}/cancel")
+        except ConflictError as exc:
+            if exc.context.get("status") != "cancelled":
+                raise
+        return self.get(id)
+
+    def events(self, id: str, *, after: int | None = None, limit: int = 100) -> Page[JobEvent]:
+        """Events with an id above `after`, oldest first; `count` is the job's total."""
+        return self._transport.json(
+            "GET", f"{self.path}/{id}/events", params={"after": after, "limit": limit}
+        )
+
+    def iter_events(self, id: str, *, after: int | None = None) -> Iterator[JobEvent]:
+        """Every event after `after` recorded so far, oldest first."""
+        while True:
+            page = self.events(id, after=after, limit=MAX_EVENT_PAGE)
+            yield from page["data"]
+            if len(page["data"]) < MAX_EVENT_PAGE:
+                return
+            after = page["data"][-1]["id"]
+
+    def watch(
+        self, id: str, *, poll_interval: float = 1.0, after: int | None = None
+    ) -> Iterator[tuple[R, list[JobEvent]]]:
+        """Poll a job until it finishes: yields (job, events new since the last poll). The
+        job is read before its events, so the last poll carries every event of the job."""
+        while True:
+            job = self.get(id)
+            new = list(self.iter_events(id, after=after))
+            if new:
+                after = new[-1]["id"]
+            yield job, new
+            if job["status"] in FINISHED_STATUSES:  # type: ignore[index]
+                return
+            time.sleep(poll_interval)
+
+    def wait(
+        self,
+        id: str,
+        *,
+        poll_interval: float = 1.0,
+        timeout: float | None = None,
+        on_event: Callable[[JobEvent], None] | None = None,
+    ) -> R:
+        """Block until the job has succeeded, failed or been cancelled; returns it (check
+        `status`). Raises WaitTimeout after `timeout` seconds (the job keeps running)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for job, events in self.watch(id, poll_interval=poll_interval):
+            for event in events:
+                if on_event:
+                    on_event(event)
+            status = job["status"]  # type: ignore[index]
+            if status in FINISHED_STATUSES:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise WaitTimeout(f"job {id} is still {status} after {timeout} s")
+        raise AssertionError("unreachable: watch ends with a finished job")
+
+
+class Jobs(Runs[Job]):
+    """Training jobs: specialize a base model to a corpus."""
+
     path = "/v1/jobs"
 
     def create(
@@ -183,82 +260,61 @@ class Jobs(Collection[Job]):
             headers={"Idempotency-Key": key},
         )
 
-    def cancel(self, id: str) -> Job:
-        """Ask a job to stop: a queued job stops at once, a running one within seconds.
-        A job already cancelled is returned as it is (a retry whose first try was answered
-        but lost lands here); one that succeeded or failed raises ConflictError."""
-        try:
-            return self._transport.json("POST", f"{self.path}/{id}/cancel")
-        except ConflictError as exc:
-            if exc.context.get("status") != "cancelled":
-                raise
-        return self.get(id)
-
     def report(self, id: str) -> Report:
         """The evaluation report of a succeeded job (409 `invalid_state` before that)."""
         return self._transport.json("GET", f"{self.path}/{id}/report")
 
-    def events(self, id: str, *, after: int | None = None, limit: int = 100) -> Page[JobEvent]:
-        """Events with an id above `after`, oldest first; `count` is the job's total."""
-        return self._transport.json(
-            "GET", f"{self.path}/{id}/events", params={"after": after, "limit": limit}
-        )
+    def report_html(self, id: str, path: str | Path | None = None) -> str:
+        """The report as a self-contained HTML page (no scripts, nothing fetched); also
+        written to `path` when given."""
+        page = self._transport.request("GET", f"{self.path}/{id}/report.html").text
+        if path is not None:
+            Path(path).write_text(page, encoding="utf-8")
+        return page
 
-    def iter_events(self, id: str, *, after: int | None = None) -> Iterator[JobEvent]:
-        """Every event after `after` recorded so far, oldest first."""
-        while True:
-            page = self.events(id, after=after, limit=MAX_EVENT_PAGE)
-            yield from page["data"]
-            if len(page["data"]) < MAX_EVENT_PAGE:
-                return
-            after = page["data"][-1]["id"]
 
-    def watch(
-        self, id: str, *, poll_interval: float = 1.0, after: int | None = None
-    ) -> Iterator[tuple[Job, list[JobEvent]]]:
-        """Poll a job until it finishes: yields (job, events new since the last poll). The
-        job is read before its events, so the last poll carries every event of the job."""
-        while True:
-            job = self.get(id)
-            new = list(self.iter_events(id, after=after))
-            if new:
-                after = new[-1]["id"]
-            yield job, new
-            if job["status"] in FINISHED_STATUSES:
-                return
-            time.sleep(poll_interval)
+class EmbeddingJobs(Runs[EmbeddingJob]):
+    """Bulk embedding jobs: a stored corpus embedded on the workers, stored as shards
+    (float32 .npy vectors plus the rows' ids as JSON lines) to list and download."""
 
-    def wait(
+    path = "/v1/embedding-jobs"
+
+    def create(
         self,
-        id: str,
+        model: str,
+        corpus_id: str | None = None,
         *,
-        poll_interval: float = 1.0,
-        timeout: float | None = None,
-        on_event: Callable[[JobEvent], None] | None = None,
-    ) -> Job:
-        """Block until the job has succeeded, failed or been cancelled; returns it (check
-        `status`). Raises WaitTimeout after `timeout` seconds (the job keeps running)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for job, events in self.watch(id, poll_interval=poll_interval):
-            for event in events:
-                if on_event:
-                    on_event(event)
-            if job["status"] in FINISHED_STATUSES:
-                return job
-            if deadline is not None and time.monotonic() > deadline:
-                raise WaitTimeout(f"job {id} is still {job['status']} after {timeout} s")
-        raise AssertionError("unreachable: watch ends with a finished job")
+        input_type: InputType | None = None,
+        long_documents: Literal["chunk", "truncate"] | None = None,
+        shard_documents: int | None = None,
+    ) -> EmbeddingJob:
+        """Embed a corpus with a base model (name) or your own (`mdl_...`); `corpus_id` may
+        be left out for a tuned model (the corpus it was tuned on). The server takes no
+        Idempotency-Key here, so a failed create is sent again only when the server cannot
+        have acted on it (429, 503, no connection)."""
+        body = {"model": model, "corpus_id": corpus_id, "input_type": input_type,
+                "long_documents": long_documents, "shard_documents": shard_documents}
+        return self._transport.json("POST", self.path, retry=Retry.UNSAFE,
+                                    json={k: v for k, v in body.items() if v is not None})
 
+    def files(self, id: str) -> EmbeddingFileList:
+        """The files stored so far, manifest first (finished shards appear while it runs)."""
+        return self._transport.json("GET", f"{self.path}/{id}/files")
 
-class Models(Collection[Model]):
-    """Base models on offer (by name) and the tenant's tuned models (`mdl_...`)."""
+    def download_file(
+        self, id: str, name: str, path: str | Path, *, on_progress: ProgressFn | None = None
+    ) -> Path:
+        """Save one stored file (`manifest.json`, `vectors-<k>.npy`, `ids-<k>.jsonl`) as
+        `path`; returns it."""
+        from tailor_client.download import save_stream
 
-    path = "/v1/models"
+        with self._transport.stream("GET", f"{self.path}/{id}/files/{name}") as response:
+            return save_stream(response, Path(path), on_progress)
 
     def download_archive(
         self, id: str, path: str | Path, *, on_progress: ProgressFn | None = None
     ) -> Path:
-        """Save a tuned model's .tar.gz as `path`; returns it."""
+        """Save a succeeded job's files as one .tar (409 `invalid_state` before); returns it."""
         from tailor_client.download import save_stream
 
         with self._transport.stream("GET", f"{self.path}/{id}/download") as response:
@@ -267,8 +323,67 @@ class Models(Collection[Model]):
     def download(
         self, id: str, directory: str | Path, *, on_progress: ProgressFn | None = None
     ) -> Path:
-        """Download a tuned model and unpack it as `directory` (which must not exist or be
-        empty), ready for `SentenceTransformer(directory)`; returns the folder."""
+        """Download a succeeded job's manifest, vectors and ids unpacked as `directory`
+        (which must not exist or be empty); returns the folder."""
+        from tailor_client.download import unpacked_into
+
+        with unpacked_into(Path(directory)) as archive:
+            self.download_archive(id, archive, on_progress=on_progress)
+        return Path(directory)
+
+
+class ApiKeys(Collection[ApiKey]):
+    """The tenant's API keys (a `train` key manages them)."""
+
+    path = "/v1/api-keys"
+
+    def create(
+        self,
+        name: str = "",
+        *,
+        scope: KeyScope = "train",
+        expires_in_days: int | None = None,
+    ) -> ApiKeyCreated:
+        """A new key; its secret (`key`) is in this answer only. Not sent again after an
+        error the server may have acted on: a key made twice would be one nobody holds."""
+        body = {"name": name, "scope": scope, "expires_in_days": expires_in_days}
+        return self._transport.json("POST", self.path, retry=Retry.UNSAFE,
+                                    json={k: v for k, v in body.items() if v is not None})
+
+    def revoke(self, id: str) -> None:
+        """Revoke a key: it stops working within seconds on every API process. Revoking a
+        revoked key changes nothing."""
+        self._delete(id)
+
+
+class Models(Collection[Model]):
+    """Base models on offer (by name) and the tenant's tuned models (`mdl_...`)."""
+
+    path = "/v1/models"
+
+    def upload(
+        self, file: str | Path, *, name: str | None = None, on_progress: ProgressFn | None = None
+    ) -> Model:
+        """Upload your own base model: a sentence-transformers folder as .tar.gz. The server
+        checks it (safe archive, safetensors weights, a test encode) before accepting it; its
+        `mdl_` id then embeds, bulk-embeds and serves as a job's `base_model`."""
+        return self._upload({"name": name}, {"file": file}, on_progress)
+
+    def download_archive(
+        self, id: str, path: str | Path, *, on_progress: ProgressFn | None = None
+    ) -> Path:
+        """Save one of your models (tuned or uploaded) as a .tar.gz at `path`; returns it."""
+        from tailor_client.download import save_stream
+
+        with self._transport.stream("GET", f"{self.path}/{id}/download") as response:
+            return save_stream(response, Path(path), on_progress)
+
+    def download(
+        self, id: str, directory: str | Path, *, on_progress: ProgressFn | None = None
+    ) -> Path:
+        """Download one of your models (tuned or uploaded) and unpack it as `directory`
+        (which must not exist or be empty), ready for `SentenceTransformer(directory)`;
+        returns the folder."""
         from tailor_client.download import unpacked_into
 
         with unpacked_into(Path(directory)) as archive:

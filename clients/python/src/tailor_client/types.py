@@ -115,7 +115,7 @@ class Report(TypedDict):
 
 class Model(TypedDict):
     id: str
-    kind: Literal["base", "tuned"]
+    kind: Literal["base", "tuned", "uploaded"]
     name: str
     base_model: str | None
     dim: int | None
@@ -162,3 +162,90 @@ class Health(TypedDict):
 class Readiness(TypedDict):
     status: str
     checks: dict[str, str]
+
+
+class RerankResultDocument(TypedDict):
+    text: str
+
+
+class RerankResult(TypedDict):
+    """One document: its position in the request and how relevant it is (0..1 unless
+    `raw_scores`)."""
+
+    index: int
+    relevance_score: float
+    document: RerankResultDocument | None
+
+
+class RerankResponse(TypedDict):
+    """Results, most relevant first."""
+
+    id: str
+    model: str
+    results: list[RerankResult]
+
+
+class RerankModel(TypedDict):
+    id: str
+    licence: str | None
+    source: str | None
+
+
+KeyScope = Literal["train", "embed"]
+
+
+class ApiKey(TypedDict):
+    """An API key, without its secret."""
+
+    id: str
+    name: str
+    scope: KeyScope
+    prefix: str
+    created_at: str
+    expires_at: str | None
+    revoked_at: str | None
+    status: Literal["active", "expired", "revoked"]
+
+
+class ApiKeyCreated(ApiKey):
+    """A new key with its secret (`key`): the only answer that shows it."""
+
+    key: str
+
+
+class EmbeddingJob(TypedDict):
+    """A bulk embedding job; `metrics` once succeeded: documents, rows, dim, shards, ..."""
+
+    id: str
+    model: str
+    corpus_id: str
+    spec: dict[str, Any]
+    status: JobStatus
+    progress: float
+    metrics: dict[str, Any]
+    error: dict[str, Any] | None
+    attempts: int
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    updated_at: str
+
+
+class EmbeddingFile(TypedDict):
+    """A stored file of a bulk embedding job: the manifest, or a shard's vectors or ids."""
+
+    name: str
+    kind: Literal["manifest", "vectors", "ids"]
+    shard: int | None
+    rows: int | None
+    size: int
+    sha256: str | None
+    url: str
+
+
+class EmbeddingFileList(TypedDict):
+    """The files stored so far; `complete` once every document is in."""
+
+    data: list[EmbeddingFile]
+    count: int
+    complete: bool
