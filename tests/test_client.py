@@ -15,8 +15,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tailor_client import AuthenticationError, Client, InvalidRequestError, NotFoundError
+from tailor_client import (
+    AuthenticationError,
+    Client,
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+)
 
+from tests.model_archives import customer_folder, pack
 from tests.processes import BIN
 from tests.service_stack import (
     TINY_JOB,
@@ -139,6 +147,8 @@ def test_errors_carry_the_apis_code_and_detail(
         client.jobs.get("job_000000000000000000000000")
     assert missing.value.code == "not_found" and "job_000000000000000000000000" in \
         missing.value.detail
+    # The id the server logged the request under, as sent by the client.
+    assert re.fullmatch(r"req_[0-9a-f]{32}", missing.value.request_id or "")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"_id": "d1", "text": "fine"}\n{"_id": "d2"}\n')
     with pytest.raises(InvalidRequestError) as invalid:
@@ -147,7 +157,7 @@ def test_errors_carry_the_apis_code_and_detail(
     assert invalid.value.context["line"] == 2 and invalid.value.field == "text"
     done = cli(stack, "corpora", "upload", str(bad))
     assert done.returncode == 1 and "error: invalid_corpus: bad.jsonl" in done.stderr
-    assert "line 2" in done.stderr
+    assert "line 2" in done.stderr and re.search(r"\[request req_[0-9a-f]{32}\]", done.stderr)
     with Client(stack.api_url, api_key="tlr_not-a-key") as stranger:
         with pytest.raises(AuthenticationError) as refused:
             stranger.models.list()
@@ -182,6 +192,10 @@ def test_a_job_through_the_cli_from_upload_to_embeddings(
     report = client.jobs.report(job["id"])
     table = ok(cli(stack, "jobs", "report", job["id"]), stack)
     assert f"Recommended: {report['recommended']}" in table
+    page = tmp_path / "report.html"
+    ok(cli(stack, "jobs", "report", job["id"], "--html", str(page)), stack)
+    assert "Evaluation report" in page.read_text(encoding="utf-8")
+    assert client.jobs.report_html(job["id"]) == page.read_text(encoding="utf-8")
     for row in ("base", "tuned"):
         assert f"{report[row]['ndcg@10']:.4f}" in table
     low, high = report["significance"]["ci95"]
@@ -236,3 +250,95 @@ def test_ctrl_c_while_waiting_asks_and_cancels_the_job(
     assert client.jobs.get(job_id.group(1))["status"] == "cancelled"
     # Cancelling again (a retry whose answer was lost) is not an error.
     assert client.jobs.cancel(job_id.group(1))["status"] == "cancelled"
+
+
+def test_rerank_and_api_keys_through_the_client_and_the_cli(
+    stack: ServiceStack, client: Client
+) -> None:
+    assert "tiny-teacher" in [m["id"] for m in client.rerank_models()]
+    assert "tiny-teacher" in ok(cli(stack, "rerank-models"), stack)
+    documents = ["heat flux in a boundary layer", "the pressure on a thin wing",
+                 "shock waves and heat transfer"]
+    ranked = client.rerank("tiny-teacher", "heat transfer", documents, top_n=2,
+                           return_documents=True)
+    scores = [r["relevance_score"] for r in ranked["results"]]
+    assert len(scores) == 2 and scores == sorted(scores, reverse=True)
+    assert all(documents[r["index"]] == r["document"]["text"] for r in ranked["results"])
+    every = client.rerank("tiny-teacher", "heat transfer", documents)
+    order = [r["index"] for r in every["results"]]
+    assert sorted(order) == [0, 1, 2] and order[:2] == [r["index"] for r in ranked["results"]]
+    table = ok(cli(stack, "rerank", "tiny-teacher", "heat transfer", *documents), stack)
+    # Most relevant first: rank, the document's index in the request, its score, its text.
+    shown = re.findall(r"^\s*(\d)\s+(\d)\s+(0\.\d{4})\s+(.+?)\s*$", table, re.M)
+    assert [(int(i), text) for _, i, _, text in shown] == [(i, documents[i]) for i in order]
+    as_json = json.loads(ok(cli(stack, "--json", "rerank", "tiny-teacher", "heat transfer",
+                                *documents, "--top-n", "1"), stack))
+    assert [r["index"] for r in as_json["results"]] == order[:1]
+
+    # A key for a search service: it may embed and rerank, nothing else.
+    created = json.loads(ok(cli(stack, "--json", "keys", "create", "--name", "search",
+                                "--scope", "embed"), stack))
+    assert created["scope"] == "embed" and created["status"] == "active"
+    assert created["key"].startswith(created["prefix"])
+    assert created["id"] in [k["id"] for k in client.api_keys.iter(page_size=1)]
+    assert created["id"] in ok(cli(stack, "keys", "list"), stack)
+    with Client(stack.api_url, api_key=created["key"]) as search:
+        assert search.rerank("tiny-teacher", "heat", documents)["results"]
+        with pytest.raises(PermissionDeniedError) as refused:
+            search.corpora.list()
+        assert refused.value.code == "insufficient_scope" and refused.value.request_id
+        ok(cli(stack, "keys", "revoke", created["id"]), stack)
+        with pytest.raises(AuthenticationError):
+            search.rerank("tiny-teacher", "heat", documents)
+    assert client.api_keys.get(created["id"])["status"] == "revoked"
+    temporary = client.api_keys.create("short-lived", expires_in_days=1)
+    assert temporary["expires_at"] and "key" not in client.api_keys.get(temporary["id"])
+    client.api_keys.revoke(temporary["id"])
+
+
+def test_upload_a_model_and_embed_a_corpus_with_it_in_bulk(
+    stack: ServiceStack, client: Client, model_store: Path, tmp_path: Path
+) -> None:
+    """`models upload`, then `embedding-jobs create --wait` with it: the bar, the files, the
+    download; the vectors are the ones /v1/embed serves."""
+    import numpy as np
+
+    archive = pack(customer_folder(model_store, tmp_path / "my-model"), tmp_path / "mine.tar.gz")
+    model = json.loads(ok(cli(stack, "--json", "models", "upload", str(archive), "--name",
+                              "mine"), stack))
+    assert model["kind"] == "uploaded" and model["name"] == "mine"
+    assert client.models.get(model["id"])["dim"] == model["dim"]
+    corpus = synthetic_corpus(tmp_path / "corpus.jsonl", 10, 4)
+    corpus_id = client.corpora.upload(corpus)["id"]
+
+    done = cli(stack, "--json", "embedding-jobs", "create", "--corpus", corpus_id, "--model",
+               model["id"], "--shard-documents", "4", "--wait", timeout=180)
+    job = json.loads(ok(done, stack))
+    assert job["status"] == "succeeded" and job["metrics"]["shards"] == 3
+    assert re.search(r"embed\s.*100%", done.stderr), done.stderr
+    assert f"embedding job {job['id']} succeeded: 10 vectors of 10 documents" in done.stderr
+    assert job["id"] in [j["id"] for j in client.embedding_jobs.iter()]
+    statuses = [e["data"].get("status") for e in client.embedding_jobs.iter_events(job["id"])
+                if e["kind"] == "status"]
+    assert statuses[-1] == "succeeded"
+    files = client.embedding_jobs.files(job["id"])
+    assert files["complete"] and files["count"] == 7 and files["data"][0]["name"] == \
+        "manifest.json"
+    with pytest.raises(ConflictError) as finished:
+        client.embedding_jobs.cancel(job["id"])
+    assert finished.value.code == "invalid_state"
+
+    folder = tmp_path / "vectors"
+    ok(cli(stack, "embedding-jobs", "download", job["id"], str(folder)), stack)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f["name"] for f in files["data"])
+    vectors = np.concatenate([np.load(folder / f"vectors-{k:05d}.npy") for k in range(3)])
+    rows = [json.loads(line) for k in range(3)
+            for line in (folder / f"ids-{k:05d}.jsonl").read_text().splitlines()]
+    documents = {d["_id"]: d for d in map(json.loads, corpus.read_text().splitlines())}
+    assert [r["document_id"] for r in rows] == list(documents)
+    texts = [f"{documents[r['document_id']]['title']} {documents[r['document_id']]['text']}"
+             for r in rows]
+    served = client.embed(model["id"], texts)["data"]
+    np.testing.assert_allclose(vectors, [row["embedding"] for row in served], atol=1e-5)
+    one = client.embedding_jobs.download_file(job["id"], "vectors-00001.npy", tmp_path / "v1")
+    assert one.read_bytes() == (folder / "vectors-00001.npy").read_bytes()
