@@ -246,3 +246,40 @@ def test_the_package_depends_on_httpx_and_rich_only_and_imports_nothing_of_the_s
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           check=True, cwd="/")
     assert done.stdout.strip() == "[]"
+
+
+def test_one_request_id_across_a_calls_retries_and_errors_quote_it(client_for) -> None:
+    with ScriptedServer([Answer(503, error("unavailable", "busy")), EMPTY_PAGE,
+                         EMPTY_PAGE]) as server:
+        client = client_for(server)
+        client.corpora.list()
+        client.corpora.list()
+    ids = [seen.headers.get("X-Request-ID") for seen in server.seen]
+    assert ids[0] and ids[0] == ids[1] and ids[2] != ids[0]  # a retry vs another call
+    # The body's request_id when the API answers; the header when a proxy did.
+    missing = error("not_found", "no such job", request_id="req_from_body")
+    with ScriptedServer([Answer(404, missing)]) as server:
+        with pytest.raises(NotFoundError) as raised:
+            client_for(server).jobs.get("job_9")
+    assert raised.value.request_id == "req_from_body"
+    with ScriptedServer([Answer(502, b"bad gateway", {"X-Request-ID": "req_header"})]) as server:
+        with pytest.raises(ServerError) as raised:
+            client_for(server, max_retries=0).jobs.get("job_9")
+    assert raised.value.request_id == "req_header"
+
+
+@pytest.mark.parametrize("create", [
+    lambda client: client.embedding_jobs.create("tiny-student", "crp_1"),
+    lambda client: client.api_keys.create("search", scope="embed"),
+])
+def test_creates_without_server_side_idempotency_are_not_sent_twice(client_for, create) -> None:
+    """Bulk embedding jobs and API keys take no Idempotency-Key: a create the server may have
+    acted on (500, 502) is not sent again; one it cannot have acted on (503) is."""
+    with ScriptedServer([Answer(502, b"<html>bad gateway</html>")]) as server:
+        with pytest.raises(ServerError):
+            create(client_for(server))
+    assert len(server.seen) == 1
+    with ScriptedServer([Answer(503, error("unavailable", "try later")),
+                         Answer(201, {"id": "x_1"})]) as server:
+        assert create(client_for(server)) == {"id": "x_1"}
+    assert len(server.seen) == 2
