@@ -308,6 +308,10 @@ def test_upload_a_model_and_embed_a_corpus_with_it_in_bulk(
                               "mine"), stack))
     assert model["kind"] == "uploaded" and model["name"] == "mine"
     assert client.models.get(model["id"])["dim"] == model["dim"]
+    exported = tmp_path / "exported"
+    ok(cli(stack, "models", "download", model["id"], str(exported), "--onnx"), stack)
+    assert (exported / "onnx" / "model.onnx").stat().st_size > 0
+    assert (exported / "modules.json").is_file()
     corpus = synthetic_corpus(tmp_path / "corpus.jsonl", 10, 4)
     corpus_id = client.corpora.upload(corpus)["id"]
 

@@ -120,7 +120,8 @@ def jobs_report(client: Client, args: argparse.Namespace, output: Output) -> int
 
 def models_download(client: Client, args: argparse.Namespace, output: Output) -> int:
     with output.transfer(f"downloading {args.id}") as on_progress:
-        folder = client.models.download(args.id, args.directory, on_progress=on_progress)
+        folder = client.models.download(args.id, args.directory, onnx=args.onnx,
+                                        on_progress=on_progress)
     output.err.print(f"saved {args.id} in {folder}: SentenceTransformer({str(folder)!r}) "
                      "loads it")
     if output.as_json:
@@ -218,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "download your model, unpacked for SentenceTransformer(DIR)")
     download.add_argument("id")
     download.add_argument("directory", metavar="DIR")
+    download.add_argument("--onnx", action="store_true",
+                          help="add onnx/model.onnx, an ONNX export with the same vectors")
     cli_serving.add_model_upload(cli, models)
 
     embed_parser = cli.top("embed", embed, "embed texts (JSON out)")

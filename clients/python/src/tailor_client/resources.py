@@ -370,16 +370,22 @@ class Models(Collection[Model]):
         return self._upload({"name": name}, {"file": file}, on_progress)
 
     def download_archive(
-        self, id: str, path: str | Path, *, on_progress: ProgressFn | None = None
+        self, id: str, path: str | Path, *, onnx: bool = False,
+        on_progress: ProgressFn | None = None,
     ) -> Path:
-        """Save one of your models (tuned or uploaded) as a .tar.gz at `path`; returns it."""
+        """Save one of your models (tuned or uploaded) as a .tar.gz at `path`; returns it.
+        `onnx=True` adds `onnx/model.onnx`, an ONNX export with the same vectors (the server
+        builds it on the first request: seconds)."""
         from tailor_client.download import save_stream
 
-        with self._transport.stream("GET", f"{self.path}/{id}/download") as response:
+        params = {"onnx": "true"} if onnx else None
+        with self._transport.stream("GET", f"{self.path}/{id}/download",
+                                    params=params) as response:
             return save_stream(response, Path(path), on_progress)
 
     def download(
-        self, id: str, directory: str | Path, *, on_progress: ProgressFn | None = None
+        self, id: str, directory: str | Path, *, onnx: bool = False,
+        on_progress: ProgressFn | None = None,
     ) -> Path:
         """Download one of your models (tuned or uploaded) and unpack it as `directory`
         (which must not exist or be empty), ready for `SentenceTransformer(directory)`;
@@ -387,5 +393,5 @@ class Models(Collection[Model]):
         from tailor_client.download import unpacked_into
 
         with unpacked_into(Path(directory)) as archive:
-            self.download_archive(id, archive, on_progress=on_progress)
+            self.download_archive(id, archive, onnx=onnx, on_progress=on_progress)
         return Path(directory)
