@@ -5,6 +5,7 @@ detail), safe unpacking of model archives, and a package that needs nothing of t
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import subprocess
@@ -283,3 +284,32 @@ def test_creates_without_server_side_idempotency_are_not_sent_twice(client_for, 
                          Answer(201, {"id": "x_1"})]) as server:
         assert create(client_for(server)) == {"id": "x_1"}
     assert len(server.seen) == 2
+
+
+def test_verify_accepts_what_standard_webhooks_signs_and_refuses_the_rest() -> None:
+    from standardwebhooks.webhooks import Webhook as Reference  # what the workers sign with
+    from tailor_client.webhooks import WebhookVerificationError, sign, verify
+
+    secret = "whsec_" + base64.b64encode(b"k" * 32).decode()
+    body = json.dumps({"type": "job.succeeded", "timestamp": "2026-01-01T00:00:00Z",
+                       "data": {"id": "job_1"}}, separators=(",", ":")).encode()
+    at = datetime.now(UTC)
+    headers = {"webhook-id": "msg_1", "webhook-timestamp": str(int(at.timestamp())),
+               "webhook-signature": Reference(secret).sign("msg_1", at, body)}
+    assert headers["webhook-signature"] == sign(secret, "msg_1", int(at.timestamp()), body)
+    assert verify(secret, body, {k.title(): v for k, v in headers.items()})["data"] == \
+        {"id": "job_1"}
+    # A rotated secret: several signatures, one of them good.
+    rotated = {**headers, "webhook-signature": "v1,bm9wZQ== " + headers["webhook-signature"]}
+    assert verify(secret, body, rotated)["type"] == "job.succeeded"
+    other = "whsec_" + base64.b64encode(b"x" * 32).decode()
+    for case, call in {
+        "no webhook-signature matches": lambda: verify(secret, body + b" ", headers),
+        "no webhook-signature matches ": lambda: verify(other, body, headers),
+        "too old": lambda: verify(secret, body, headers, now=at.timestamp() + 301),
+        "missing header webhook-id": lambda: verify(
+            secret, body, {k: v for k, v in headers.items() if k != "webhook-id"}),
+    }.items():
+        with pytest.raises(WebhookVerificationError, match=case.strip()):
+            call()
+    Reference(secret).verify(body, headers)  # and the reference agrees the original is good

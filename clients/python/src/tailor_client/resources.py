@@ -58,12 +58,18 @@ class Collection(Generic[T]):
     def iter(self, *, page_size: int = MAX_PAGE) -> Iterator[T]:
         """Every item, page by page. An item created while iterating can shift an older one
         onto the next page: items are yielded once each (by id)."""
+        return self._paged(lambda offset, limit: self.list(offset=offset, limit=limit),
+                           page_size)
+
+    @staticmethod
+    def _paged(fetch: Callable[[int, int], Page[Any]], page_size: int) -> Iterator[Any]:
+        """Walk an offset-paginated list: `fetch(offset, limit)` returns one page."""
         seen: set[str] = set()
         offset = 0
         while True:
-            page = self.list(offset=offset, limit=page_size)
+            page = fetch(offset, page_size)
             for item in page["data"]:
-                key = item.get("id")  # type: ignore[attr-defined]
+                key = item.get("id")
                 if key not in seen:
                     seen.add(key)
                     yield item

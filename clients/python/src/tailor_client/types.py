@@ -249,3 +249,50 @@ class EmbeddingFileList(TypedDict):
     data: list[EmbeddingFile]
     count: int
     complete: bool
+
+
+WebhookEvent = Literal["job.succeeded", "job.failed", "job.cancelled", "job.stage_completed"]
+DeliveryStatus = Literal["pending", "succeeded", "failed"]
+
+
+class Webhook(TypedDict):
+    """A webhook endpoint, without its secret."""
+
+    id: str
+    url: str
+    events: list[str]
+    description: str
+    enabled: bool
+    created_at: str
+    updated_at: str
+
+
+class WebhookCreated(Webhook):
+    """A new endpoint with its signing secret (`whsec_...`): the only answer that shows it."""
+
+    secret: str
+
+
+class DeliveryAttempt(TypedDict):
+    attempt: int
+    at: str
+    status_code: int | None
+    latency_ms: float
+    error: str | None
+
+
+class WebhookDelivery(TypedDict):
+    """One event sent to one endpoint and its attempts so far."""
+
+    id: str
+    endpoint_id: str
+    message_id: str
+    event_type: str
+    payload: dict[str, Any]
+    status: DeliveryStatus
+    attempts: int
+    max_attempts: int
+    next_attempt_at: str | None
+    attempt_log: list[DeliveryAttempt]
+    created_at: str
+    updated_at: str
