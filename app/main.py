@@ -30,6 +30,7 @@ from app.rerank.router import router as rerank_router
 from app.rerank.service import Rerankers
 from app.settings import Settings, get_settings
 from app.storage import object_store_from_url
+from app.webhooks.router import router as webhooks_router
 
 DESCRIPTION = """\
 Fine-tuning as a service for dense retrievers. Upload a corpus, start a job, and Tailor
@@ -94,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         embedding_jobs_router,
         rerank_router,
         api_keys_router,
+        webhooks_router,
     ):
         app.include_router(router)
     install_console(app)
