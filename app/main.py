@@ -23,6 +23,7 @@ from app.eval_sets.router import router as eval_sets_router
 from app.health.router import router as health_router
 from app.jobs.router import router as jobs_router
 from app.logs import configure_logging
+from app.metrics import router as metrics_router
 from app.models.router import router as models_router
 from app.query_sets.router import router as query_sets_router
 from app.request_context import RequestContextMiddleware
@@ -85,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware)
     for router in (
         health_router,
+        metrics_router,
         corpora_router,
         eval_sets_router,
         query_sets_router,

@@ -164,7 +164,9 @@ def _route_stage(
 
 def create_app(settings: Settings | None = None) -> Celery:
     """A configured Celery app; the worker entry point includes the stage task and hooks."""
-    app = Celery("tailor", include=["worker.tasks", "worker.signals", "worker.webhooks"])
+    app = Celery(
+        "tailor", include=["worker.tasks", "worker.signals", "worker.webhooks", "worker.metrics"]
+    )
     configure(app, settings or get_settings())
     return app
 
