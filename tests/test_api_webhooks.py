@@ -189,3 +189,52 @@ def test_an_api_side_cancel_queues_a_delivery_for_the_endpoints_that_want_it(
 def test_an_endpoint_wanting_nothing_is_refused(hooks_api: Api) -> None:
     response = hooks_api.tenant().post("/v1/webhooks", json={"url": RECEIVER, "events": []})
     assert response.status_code == 422 and response.json()["field"].endswith("events")
+
+
+def _queued_for(broker_dir: Path, delivery_id: str) -> int:
+    """Webhook tasks for `delivery_id` waiting in the filesystem broker."""
+    return sum(delivery_id in path.read_text(errors="replace")
+               for path in (broker_dir / "queue").glob("*.webhooks.msg"))
+
+
+def test_a_lost_attempt_is_sent_again_by_the_sweep(sqlite_api: Api, broker_dir: Path) -> None:
+    from datetime import timedelta
+
+    from app.db.base import utcnow
+    from worker.webhooks import sweep_once
+
+    caller = sqlite_api.tenant()
+    endpoint = _create(caller, url="http://93.184.215.14/hook", events=["job.cancelled"])
+    job = caller.job(caller.corpus()["id"])
+    caller.post(f"/v1/jobs/{job['id']}/cancel")
+    [delivery] = _deliveries(sqlite_api, endpoint["id"])
+    assert _queued_for(broker_dir, delivery.id) == 1  # sent once the cancel committed
+    assert sweep_once() == 0  # due just now: not lost yet
+    with sqlite_api.session() as session:
+        row = session.get(WebhookDelivery, delivery.id)
+        assert row is not None
+        row.next_attempt_at = utcnow() - timedelta(minutes=10)  # its task never ran
+        session.commit()
+    assert sweep_once() == 1
+    assert _queued_for(broker_dir, delivery.id) == 2
+    assert sweep_once() == 0  # due again from now on: not sent a third time at once
+
+
+def test_a_target_refused_at_delivery_fails_without_retries(hooks_api: Api) -> None:
+    # Registered while loopback was allowed (this API's setting); the worker's settings (the
+    # process environment here) refuse loopback: the attempt is refused, and never retried.
+    from worker.webhooks import deliver
+
+    caller = hooks_api.tenant()
+    endpoint = _create(caller, events=["job.cancelled"])
+    job = caller.job(caller.corpus()["id"])
+    caller.post(f"/v1/jobs/{job['id']}/cancel")
+    [delivery] = _deliveries(hooks_api, endpoint["id"])
+    assert deliver(delivery.id, 1) == "failed"
+    assert deliver(delivery.id, 1) == "stale"  # a duplicate of that attempt sends nothing
+    [done] = _deliveries(hooks_api, endpoint["id"])
+    assert done.status == DeliveryStatus.FAILED and done.attempts == 1
+    assert done.next_attempt_at is None
+    [attempt] = done.attempt_log
+    assert attempt["status_code"] is None
+    assert attempt["error"].startswith("target refused: 127.0.0.1 resolves to 127.0.0.1")
