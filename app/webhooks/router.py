@@ -8,6 +8,7 @@ import secrets
 from typing import Annotated
 
 from fastapi import APIRouter, Query, status
+from sqlalchemy import delete
 
 from app.db.base import utcnow
 from app.db.models import DeliveryStatus, WebhookDelivery, WebhookEndpoint
@@ -117,7 +118,7 @@ def update_webhook(webhook_id: str, body: WebhookUpdate, session: SessionDep,
 def delete_webhook(webhook_id: str, session: SessionDep, tenant: CurrentTenant) -> None:
     """Delete an endpoint and its delivery log; nothing more is sent to it."""
     endpoint = owned(session, WebhookEndpoint, tenant.id, webhook_id, "webhook")
-    session.query(WebhookDelivery).filter(WebhookDelivery.endpoint_id == endpoint.id).delete()
+    session.execute(delete(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint.id))
     session.delete(endpoint)
 
 
