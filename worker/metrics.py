@@ -160,8 +160,13 @@ def _serve(**_: Any) -> None:
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=str(_folder))
     registry.register(StateCollector(settings))
-    start_http_server(settings.worker_metrics_port, settings.worker_metrics_host,
-                      registry=registry)
+    try:
+        start_http_server(settings.worker_metrics_port, settings.worker_metrics_host,
+                          registry=registry)
+    except OSError as error:  # e.g. a second worker on this host given the same port
+        log.error("metrics: cannot listen on %s:%d (%s); this worker serves no metrics",
+                  settings.worker_metrics_host, settings.worker_metrics_port, error)
+        return
     log.info("metrics on http://%s:%d/metrics", settings.worker_metrics_host,
              settings.worker_metrics_port)
 
