@@ -10,9 +10,13 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tailor_client import (
@@ -22,7 +26,9 @@ from tailor_client import (
     InvalidRequestError,
     NotFoundError,
     PermissionDeniedError,
+    WebhookVerificationError,
 )
+from tailor_client.webhooks import verify
 
 from tests.model_archives import customer_folder, pack
 from tests.processes import BIN
@@ -48,7 +54,10 @@ def environment(request: pytest.FixtureRequest) -> str:
 def stack(
     environment: str, tmp_path_factory: pytest.TempPathFactory, model_store: Path
 ) -> Iterator[ServiceStack]:
-    with running_stack(environment, tmp_path_factory.mktemp(environment), model_store) as stack:
+    # The webhook receiver below listens on loopback, which a deployment refuses by default.
+    with running_stack(environment, tmp_path_factory.mktemp(environment), model_store,
+                       settings={"TAILOR_WEBHOOK_ALLOW_LOOPBACK": "true",
+                                 "TAILOR_WEBHOOK_BACKOFF_BASE_S": "0.5"}) as stack:
         yield stack
 
 
@@ -346,3 +355,83 @@ def test_upload_a_model_and_embed_a_corpus_with_it_in_bulk(
     np.testing.assert_allclose(vectors, [row["embedding"] for row in served], atol=1e-5)
     one = client.embedding_jobs.download_file(job["id"], "vectors-00001.npy", tmp_path / "v1")
     assert one.read_bytes() == (folder / "vectors-00001.npy").read_bytes()
+
+
+@contextmanager
+def receiver() -> Iterator[tuple[str, list[tuple[dict[str, str], bytes]]]]:
+    """A webhook receiver on loopback: (its URL, the requests it got as (headers, raw body))."""
+    got: list[tuple[dict[str, str], bytes]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            got.append((dict(self.headers),
+                        self.rfile.read(int(self.headers.get("Content-Length") or 0))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hooks", got
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def until(predicate: Callable[[], Any], timeout: float, what: str, stack: ServiceStack) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"{what} within {timeout} s\n{stack.diagnostics()}")
+
+
+def test_webhooks_tell_a_verified_receiver_and_redeliver(
+    stack: ServiceStack, client: Client, tmp_path: Path
+) -> None:
+    corpus_id = client.corpora.upload(synthetic_corpus(tmp_path / "c.jsonl", 4, 2))["id"]
+    with receiver() as (url, got):
+        hook = json.loads(ok(cli(stack, "--json", "webhooks", "create", url, "--event",
+                                 "job.succeeded", "--description", "client test"), stack))
+        assert hook["secret"].startswith("whsec_") and hook["events"] == ["job.succeeded"]
+        job = client.embedding_jobs.wait(client.embedding_jobs.create("tiny-student",
+                                                                      corpus_id)["id"])
+        assert job["status"] == "succeeded"
+        until(lambda: got, 60, "no delivery", stack)
+        headers, body = got[0]
+        payload = verify(hook["secret"], body, headers)
+        assert payload["type"] == "job.succeeded"
+        assert (payload["data"]["id"], payload["data"]["object"]) == (job["id"], "embedding_job")
+        with pytest.raises(WebhookVerificationError):
+            verify(hook["secret"], body.replace(b"succeeded", b"failed"), headers)
+
+        delivery = until(lambda: [d for d in client.webhooks.iter_deliveries(hook["id"])
+                                  if d["status"] == "succeeded"], 30, "no delivery", stack)[0]
+        assert delivery["message_id"] == headers["webhook-id"]
+        listed = ok(cli(stack, "webhooks", "deliveries", hook["id"], "--status", "succeeded"),
+                    stack)
+        assert delivery["id"] in listed and "204" in listed
+        again = json.loads(ok(cli(stack, "--json", "webhooks", "redeliver", hook["id"],
+                                  delivery["id"]), stack))
+        assert again["status"] == "pending"
+        until(lambda: len(got) == 2, 60, "no redelivery", stack)
+        assert got[1][0]["webhook-id"] == headers["webhook-id"]  # receivers drop duplicates
+        assert verify(hook["secret"], got[1][1], got[1][0]) == payload
+        until(lambda: client.webhooks.deliveries(hook["id"])["data"][0]["status"] != "pending",
+              30, "the redelivery still pending", stack)
+
+        ok(cli(stack, "webhooks", "update", hook["id"], "--disable"), stack)
+        assert client.webhooks.get(hook["id"])["enabled"] is False
+        with pytest.raises(ConflictError) as disabled:
+            client.webhooks.redeliver(hook["id"], delivery["id"])
+        assert disabled.value.code == "invalid_state" and "disabled" in disabled.value.detail
+        assert hook["id"] in ok(cli(stack, "webhooks", "list"), stack)
+        ok(cli(stack, "webhooks", "delete", hook["id"]), stack)
+        with pytest.raises(NotFoundError):
+            client.webhooks.get(hook["id"])
+

@@ -162,13 +162,16 @@ class Parser:
         sub.set_defaults(run=run)
         return sub
 
+    @staticmethod
+    def paging(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--limit", type=int, default=20, help="items per page (max 100)")
+        parser.add_argument("--offset", type=int, default=0, help="items to skip")
+        parser.add_argument("--all", action="store_true", help="every item, page by page")
+
     def list_and_get(self, subs: Any, kind: str, pick: Callable[[Client], Collection[Any]],
                      noun: str) -> None:
-        listing = self.command(subs, "list", list_command(kind, pick),
-                               f"list {noun}s, newest first")
-        listing.add_argument("--limit", type=int, default=20, help="items per page (max 100)")
-        listing.add_argument("--offset", type=int, default=0, help="items to skip")
-        listing.add_argument("--all", action="store_true", help="every item, page by page")
+        self.paging(self.command(subs, "list", list_command(kind, pick),
+                                 f"list {noun}s, newest first"))
         article = "an" if noun[0].lower() in "aeiou" else "a"
         self.command(subs, "get", get_command(pick), f"read {article} {noun}").add_argument("id")
 

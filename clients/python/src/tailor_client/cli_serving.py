@@ -1,5 +1,5 @@
-"""Command line commands for serving and account routes: rerank, bulk embedding jobs, API keys
-and model uploads."""
+"""Command line commands for serving and account routes: rerank, bulk embedding jobs, API keys,
+webhooks and model uploads."""
 
 from __future__ import annotations
 
@@ -117,6 +117,43 @@ def embedding_jobs_download(client: Client, args: argparse.Namespace, output: Ou
     return EXIT_OK
 
 
+def webhooks_create(client: Client, args: argparse.Namespace, output: Output) -> int:
+    webhook = client.webhooks.create(args.url, events=args.event,
+                                     description=args.description, enabled=not args.disabled)
+    output.result(webhook)
+    output.err.print("store the signing secret now: it is not shown again "
+                     "(tailor_client.webhooks.verify checks a delivery with it)")
+    return EXIT_OK
+
+
+def webhooks_update(client: Client, args: argparse.Namespace, output: Output) -> int:
+    output.result(client.webhooks.update(args.id, url=args.url, events=args.event,
+                                         description=args.description, enabled=args.enabled))
+    return EXIT_OK
+
+
+def webhooks_delete(client: Client, args: argparse.Namespace, output: Output) -> int:
+    client.webhooks.delete(args.id)
+    output.err.print(f"deleted webhook {args.id}")
+    return EXIT_OK
+
+
+def webhooks_deliveries(client: Client, args: argparse.Namespace, output: Output) -> int:
+    if args.all:
+        output.rows("webhook-deliveries",
+                    client.webhooks.iter_deliveries(args.id, status=args.status), None)
+    else:
+        page = client.webhooks.deliveries(args.id, status=args.status, offset=args.offset,
+                                          limit=args.limit)
+        output.rows("webhook-deliveries", page["data"], page["count"])
+    return EXIT_OK
+
+
+def webhooks_redeliver(client: Client, args: argparse.Namespace, output: Output) -> int:
+    output.result(client.webhooks.redeliver(args.id, args.delivery_id))
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------------------------
 # The parser
 
@@ -148,6 +185,8 @@ def add_commands(cli: Parser) -> None:
     cli.list_and_get(keys, "api-keys", lambda c: c.api_keys, "API key")
     cli.command(keys, "revoke", keys_revoke, "revoke an API key").add_argument("id")
 
+    add_webhooks(cli)
+
     jobs = cli.group("embedding-jobs", "embed a whole corpus on the workers, download vectors")
     create = cli.command(jobs, "create", embedding_jobs_create,
                          "start a bulk embedding job (--wait follows it)")
@@ -172,3 +211,38 @@ def add_commands(cli: Parser) -> None:
     download.add_argument("directory", metavar="DIR")
     download.add_argument("--file", action="append", metavar="NAME",
                           help="only this file (repeatable; works while the job runs)")
+
+
+EVENTS = ["job.succeeded", "job.failed", "job.cancelled", "job.stage_completed"]
+
+
+def add_webhooks(cli: Parser) -> None:
+    hooks = cli.group("webhooks", "endpoints told when jobs finish, and their deliveries")
+    create = cli.command(hooks, "create", webhooks_create,
+                         "register an endpoint (its signing secret is shown once)")
+    create.add_argument("url", metavar="URL")
+    create.add_argument("--event", action="append", choices=EVENTS,
+                        help="an event type to send (repeatable; default: all)")
+    create.add_argument("--description", default="")
+    create.add_argument("--disabled", action="store_true", help="register it switched off")
+    cli.list_and_get(hooks, "webhooks", lambda c: c.webhooks, "webhook")
+    update = cli.command(hooks, "update", webhooks_update,
+                         "change an endpoint (options left out stay as they are)")
+    update.add_argument("id")
+    update.add_argument("--url")
+    update.add_argument("--event", action="append", choices=EVENTS,
+                        help="the event types to send from now on (repeatable)")
+    update.add_argument("--description")
+    switch = update.add_mutually_exclusive_group()
+    switch.add_argument("--enable", dest="enabled", action="store_const", const=True)
+    switch.add_argument("--disable", dest="enabled", action="store_const", const=False)
+    cli.command(hooks, "delete", webhooks_delete, "delete an endpoint").add_argument("id")
+    deliveries = cli.command(hooks, "deliveries", webhooks_deliveries,
+                             "an endpoint's deliveries, newest first, with their attempts")
+    deliveries.add_argument("id")
+    deliveries.add_argument("--status", choices=["pending", "succeeded", "failed"])
+    cli.paging(deliveries)
+    redeliver = cli.command(hooks, "redeliver", webhooks_redeliver,
+                            "send a finished delivery again")
+    redeliver.add_argument("id")
+    redeliver.add_argument("delivery_id", metavar="DELIVERY_ID")

@@ -25,6 +25,7 @@ from tailor_client.types import (
     RerankModel,
     RerankResponse,
 )
+from tailor_client.webhooks import Webhooks
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 
@@ -66,6 +67,7 @@ class Client:
         self.models = Models(self.transport)
         self.embedding_jobs = EmbeddingJobs(self.transport)
         self.api_keys = ApiKeys(self.transport)
+        self.webhooks = Webhooks(self.transport)
 
     def close(self) -> None:
         self.transport.close()

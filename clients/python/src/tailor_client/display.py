@@ -17,15 +17,17 @@ METRIC_NAMES = {"ndcg@10": "nDCG@10", "ndcg@100": "nDCG@100", "recall@10": "Reca
                 "recall@100": "Recall@100", "mrr@10": "MRR@10"}
 STATUS_STYLES = {"succeeded": "green", "failed": "red", "cancelled": "yellow",
                  "cancelling": "yellow", "running": "cyan", "queued": "dim",
-                 "active": "green", "expired": "yellow", "revoked": "red"}
+                 "active": "green", "expired": "yellow", "revoked": "red",
+                 "pending": "cyan"}
 
 # Column name -> how to show a field of the row; lists print these columns in order.
 Column = tuple[str, Callable[[Mapping[str, Any]], str | Text]]
 # What a narrow terminal leaves out first, in this order; ids are never cut short (people copy
 # them into the next command), so the other columns give way.
-NARROW_DROPS = ("created", "sha256", "source", "bytes", "licence", "judgements", "base model",
-                "stage", "dim", "expires", "prefix", "corpus", "progress", "kind", "documents",
-                "queries", "rows", "recommended", "name")
+NARROW_DROPS = ("created", "description", "next attempt", "sha256", "source", "bytes",
+                "licence", "judgements", "base model", "stage", "dim", "expires", "prefix",
+                "corpus", "progress", "kind", "documents", "queries", "rows", "recommended",
+                "events", "name")
 ID_COLUMNS = {"id", "corpus", "model"}
 LONG_VALUE = 160
 
@@ -46,6 +48,16 @@ def percent(row: Mapping[str, Any]) -> str:
 def status(row: Mapping[str, Any]) -> Text:
     value = str(row.get("status", ""))
     return Text(value, style=STATUS_STYLES.get(value, ""))
+
+
+def last_answer(row: Mapping[str, Any]) -> str:
+    """A delivery's latest attempt: the receiver's status code, or what went wrong."""
+    log = row.get("attempt_log") or []
+    if not log:
+        return ""
+    last = log[-1]
+    return str(last["status_code"]) if last.get("status_code") is not None else \
+        str(last.get("error") or "")
 
 
 COLUMNS: dict[str, list[Column]] = {
@@ -72,6 +84,14 @@ COLUMNS: dict[str, list[Column]] = {
     "embedding-files": [("name", field("name")), ("kind", field("kind")),
                         ("shard", field("shard")), ("rows", field("rows")),
                         ("bytes", field("size")), ("sha256", field("sha256"))],
+    "webhooks": [("id", field("id")), ("url", field("url")),
+                 ("events", lambda row: ",".join(row.get("events") or [])),
+                 ("enabled", field("enabled")), ("description", field("description")),
+                 ("created", when("created_at"))],
+    "webhook-deliveries": [("id", field("id")), ("event", field("event_type")),
+                           ("status", status), ("attempts", field("attempts")),
+                           ("last answer", last_answer), ("next attempt", when("next_attempt_at")),
+                           ("created", when("created_at"))],
     "rerank-models": [("id", field("id")), ("licence", field("licence")),
                       ("source", field("source"))],
 }
