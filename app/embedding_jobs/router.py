@@ -1,4 +1,4 @@
-"""Bulk embedding job routes: create, list, read, events, cancel, files, download."""
+"""Bulk embedding job routes: create, list, read, delete, events, cancel, files, download."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from app.errors import (
 )
 from app.jobs import lifecycle, queue
 from app.jobs import service as jobs
-from app.jobs.router import MAX_EVENT_ID
+from app.jobs.router import MAX_EVENT_ID, delete_any_job
 from app.jobs.schemas import JobEventList, JobEventRead
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,15 @@ def list_embedding_jobs(session: SessionDep, tenant: CurrentTenant,
 def get_embedding_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> EmbeddingJob:
     """Read a bulk embedding job: status, progress, counts, error."""
     return service.get_embedding_job(session, tenant, job_id)
+
+
+@router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT, responses=READ_ERRORS)
+def delete_embedding_job(
+    job_id: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep
+) -> None:
+    """Delete a bulk embedding job and its stored vectors; a queued or running one is cancelled
+    first (its shards go once it has stopped)."""
+    delete_any_job(session, store, service.get_embedding_job(session, tenant, job_id))
 
 
 @router.get("/{job_id}/events", response_model=JobEventList, responses=READ_ERRORS)

@@ -82,14 +82,16 @@ def create_embedding_job(
 
 def get_embedding_job(session: Session, tenant: Tenant, job_id: str) -> EmbeddingJob:
     """The tenant's bulk embedding job `job_id` (404 otherwise)."""
-    return owned(session, EmbeddingJob, tenant.id, job_id, "embedding_job")
+    return owned(session, EmbeddingJob, tenant.id, job_id, "embedding_job",
+                 EmbeddingJob.deleted_at.is_(None))
 
 
 def list_embedding_jobs(
     session: Session, tenant: Tenant, page: Page
 ) -> tuple[list[EmbeddingJob], int]:
     """A page of the tenant's bulk embedding jobs, newest first, and their total."""
-    return newest_first(session, EmbeddingJob, page, EmbeddingJob.tenant_id == tenant.id)
+    return newest_first(session, EmbeddingJob, page, EmbeddingJob.tenant_id == tenant.id,
+                        EmbeddingJob.deleted_at.is_(None))
 
 
 @dataclass(frozen=True)
