@@ -21,6 +21,7 @@ from app.embedding_jobs.schemas import EmbeddingJobCreate
 from app.errors import InvalidRequest, InvalidState, NotFound, UnknownModel
 from app.ids import new_id
 from app.jobs import lifecycle
+from app.logs import current_fields
 from app.models.tenant_models import find_tenant_model, is_tenant_model
 from app.quotas import check_concurrent_jobs
 from app.settings import Settings
@@ -73,7 +74,8 @@ def create_embedding_job(
         "shard_documents": request.shard_documents or settings.embed_job_shard_documents,
     }
     job = EmbeddingJob(id=new_id("emb"), tenant_id=tenant.id, corpus_id=corpus.id,
-                       model=request.model, spec=spec)
+                       model=request.model, spec=spec,
+                       request_id=current_fields().get("request_id"))
     session.add(job)
     lifecycle.mark_queued(session, job)
     session.flush()
