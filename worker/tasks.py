@@ -120,8 +120,11 @@ def _run_logged(
         claimed = claim_delivery(settings, owner, redelivered)
         if claimed is None:
             return "dropped"
+        log.info("job %s: %s running", job_id, stage, extra={"redelivered": redelivered})
         with LeaseKeeper(job_id, owner, settings.lease_ttl_s):
-            return claimed.run()
+            outcome = claimed.run()
+        log.info("job %s: %s %s", job_id, stage, outcome, extra={"outcome": outcome})
+        return outcome
     except StageBusy as busy:
         wait = lease_wait_s(settings)
         log.info("%s; trying again in %.0fs", busy, wait)
