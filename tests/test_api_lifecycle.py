@@ -4,6 +4,7 @@ depends on them, what goes from the store and the caches), and the retention swe
 
 from __future__ import annotations
 
+import tarfile
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,19 @@ def test_the_sweep_keeps_a_failed_jobs_objects_for_the_retention_then_removes_th
         [recent["id"], running["id"], "job_unknown"])
 
 
+def test_the_sweep_removes_unpacked_copies_of_deleted_models_only(
+    api: Api, tmp_path: Path
+) -> None:
+    caller = api.tenant()
+    job = caller.job(caller.corpus()["id"])
+    kept = _tuned_model(api, caller, job["id"])
+    cache = tmp_path / "cache"
+    for name in (kept, "mdl_deleted0000000000000000", "base:tiny-student", "onnx"):
+        (cache / name).mkdir(parents=True)
+    assert retention.sweep_model_cache(cache) == ["mdl_deleted0000000000000000"]
+    assert sorted(p.name for p in cache.iterdir()) == sorted([kept, "base:tiny-student", "onnx"])
+
+
 def test_models_are_renamed_filtered_and_deleted_with_their_objects_and_cached_copies(
     api: Api,
 ) -> None:
@@ -277,3 +291,30 @@ def test_a_bulk_embedding_job_is_deleted_with_its_vectors(api: Api) -> None:
     assert caller.get(f"/v1/embedding-jobs/{job_id}").status_code == 404
     assert store.list(f"embedding-jobs/{job_id}/") == []
     assert caller.get("/v1/embedding-jobs").json()["count"] == 0
+
+
+def test_a_deleted_model_leaves_the_servers_loaded_models_and_is_served_no_more(
+    sqlite_api: Api, model_store: Path, tmp_path: Path
+) -> None:
+    from ml_core.student import Student
+
+    folder = Student.load(model_store / "tiny-student").save(tmp_path / "model")
+    archive = tmp_path / "model.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="model")
+    caller = sqlite_api.tenant()
+    job = caller.job(caller.corpus()["id"])
+    _set_status(sqlite_api, Job, job["id"], JobStatus.SUCCEEDED)
+    model_id = _tuned_model(sqlite_api, caller, job["id"])
+    sqlite_api.app.state.store.put_file(f"models/{model_id}/model.tar.gz", archive)
+    served = caller.post("/v1/embed", json={"model": model_id, "inputs": ["airfoil"]})
+    assert served.status_code == 200, served.text
+    models = sqlite_api.app.state.embedding_models
+    assert model_id in models._loaded
+    assert (Path(sqlite_api.settings.embed_cache_dir) / model_id).is_dir()
+
+    assert caller.delete(f"/v1/models/{model_id}").status_code == 204
+    assert model_id not in models._loaded
+    assert not (Path(sqlite_api.settings.embed_cache_dir) / model_id).exists()
+    gone = caller.post("/v1/embed", json={"model": model_id, "inputs": ["airfoil"]})
+    assert gone.status_code == 404 and gone.json()["error"] == "not_found"

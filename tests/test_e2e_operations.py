@@ -103,8 +103,9 @@ def stack(
         try:
             stack.migrate_and_create_tenant()
             stack.start_api()
-            # A short lease: a stage the broker outage stopped is sent again within seconds.
-            stack.start_worker("worker-ops", lease_ttl_s="4")
+            # A short lease: a stage the broker outage stopped is sent again within seconds;
+            # a short retention sweep: a finished job's work folder goes within seconds.
+            stack.start_worker("worker-ops", lease_ttl_s="4", retention_sweep_s="2")
             yield stack
         finally:
             stack.stop()
@@ -179,10 +180,15 @@ def job_across_a_redis_restart(
                             ("succeeded", "failed", "cancelled"), 300, stack)
 
 
-def test_a_job_succeeds_across_a_redis_restart(job_across_a_redis_restart: dict) -> None:
+def test_a_job_succeeds_across_a_redis_restart(
+    stack: ServiceStack, job_across_a_redis_restart: dict
+) -> None:
     job = job_across_a_redis_restart
     assert job["status"] == "succeeded", job
     assert job["model_id"]
+    # The worker's retention sweep then removes the job's work folder (its outputs are stored).
+    work = Path(stack.env["TAILOR_WORK_DIR"]) / job["id"]
+    wait_until(lambda: not work.exists(), 30, stack.workers[0], "the work folder to go")
 
 
 def test_the_worker_logs_json_lines_with_the_request_that_created_the_job(
