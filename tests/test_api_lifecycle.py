@@ -277,13 +277,20 @@ def test_deleting_a_corpus_names_its_unfinished_jobs_or_cancels_them_with_cascad
     assert store.list(f"eval_sets/{eval_set['id']}/") == []
 
 
-def test_a_bulk_embedding_job_is_deleted_with_its_vectors(api: Api) -> None:
+def test_a_bulk_embedding_job_is_named_filtered_and_deleted_with_its_vectors(api: Api) -> None:
     caller = api.tenant()
     corpus = caller.corpus()
     created = caller.post("/v1/embedding-jobs", json={"corpus_id": corpus["id"],
-                                                      "model": "tiny-student"})
+                                                      "model": "tiny-student",
+                                                      "metadata": {"index": "v1"}})
     assert created.status_code == 201, created.text
     job_id = created.json()["id"]
+    assert created.json()["metadata"] == {"index": "v1"}
+    renamed = _patch(caller, f"/v1/embedding-jobs/{job_id}", {"name": "reindex"})
+    assert renamed.status_code == 200 and renamed.json()["name"] == "reindex"
+    listed = caller.get("/v1/embedding-jobs", params={"metadata[index]": "v1", "name": "reindex"})
+    assert [job["id"] for job in listed.json()["data"]] == [job_id]
+    assert caller.get("/v1/embedding-jobs", params={"metadata[index]": "v2"}).json()["count"] == 0
     _set_status(api, EmbeddingJob, job_id, JobStatus.SUCCEEDED)
     store = api.app.state.store
     store.put_bytes(f"embedding-jobs/{job_id}/manifest.json", b"{}")

@@ -201,6 +201,10 @@ class JobState:
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # The tenant's own label and key-value pairs (app.metadata); `metadata` is taken by
+    # SQLAlchemy, hence the attribute's underscore.
+    name: Mapped[str | None] = mapped_column(String(200), default=None)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
     # The request that created the job (X-Request-ID): the worker's log lines carry it.
     request_id: Mapped[str | None] = mapped_column(String(128), default=None)
     # Deleted by its tenant (hidden everywhere; its objects go), and when its intermediate
@@ -247,11 +251,6 @@ class Job(JobState, Base):
     recommended: Mapped[Recommendation | None] = mapped_column(
         _str_enum(Recommendation, "recommendation"), default=None
     )
-    # The tenant's own label and key-value pairs (app.metadata); `metadata` is taken by
-    # SQLAlchemy, hence the attribute's underscore.
-    name: Mapped[str | None] = mapped_column(String(200), default=None)
-    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
-
     tenant: Mapped[Tenant] = relationship()
     corpus: Mapped[Corpus] = relationship()
     eval_set: Mapped[EvalSet | None] = relationship()

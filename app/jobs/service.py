@@ -157,8 +157,9 @@ def list_jobs(
     return newest_first(session, Job, page, *where)
 
 
-def update_job(job: Job, update: JobUpdate) -> Job:
-    """Rename a job or replace its metadata (only the fields the request sets)."""
+def update_job(job: AnyJob, update: JobUpdate) -> AnyJob:
+    """Rename a job of either kind or replace its metadata (only the fields the request
+    sets)."""
     if "name" in update.model_fields_set:
         job.name = update.name
     if "metadata" in update.model_fields_set:

@@ -1,6 +1,7 @@
 """Lifecycle: names and metadata on jobs and models, deletion, the creating request's id.
 
-Jobs and models take a `name` and `metadata` (at most 16 string pairs). Jobs, bulk embedding
+Jobs (training and bulk embedding) and models take a `name` and `metadata` (at most 16 string
+pairs). Jobs, bulk embedding
 jobs, eval sets and query sets are deleted softly (`deleted_at`): finished jobs and tuned models
 keep pointing at what they were built from, while the stored objects go. `purged_at` records
 when a job's intermediate objects were removed (a cancelled or failed job's after the retention
@@ -27,7 +28,7 @@ depends_on: str | Sequence[str] | None = None
 
 JOB_TABLES = ("jobs", "embedding_jobs")
 SOFT_DELETED = ("jobs", "embedding_jobs", "eval_sets", "query_sets")
-WITH_METADATA = ("jobs", "tuned_models", "uploaded_models")
+WITH_METADATA = ("jobs", "embedding_jobs", "tuned_models", "uploaded_models")
 
 
 def _json() -> sa.types.TypeEngine:
@@ -39,8 +40,9 @@ def _ts(name: str) -> sa.Column:
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("jobs") as batch:
-        batch.add_column(sa.Column("name", sa.String(200), nullable=True))
+    for table in JOB_TABLES:
+        with op.batch_alter_table(table) as batch:
+            batch.add_column(sa.Column("name", sa.String(200), nullable=True))
     for table in WITH_METADATA:
         with op.batch_alter_table(table) as batch:
             batch.add_column(
@@ -66,5 +68,6 @@ def downgrade() -> None:
     for table in WITH_METADATA:
         with op.batch_alter_table(table) as batch:
             batch.drop_column("metadata")
-    with op.batch_alter_table("jobs") as batch:
-        batch.drop_column("name")
+    for table in JOB_TABLES:
+        with op.batch_alter_table(table) as batch:
+            batch.drop_column("name")
