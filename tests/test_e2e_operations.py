@@ -32,6 +32,7 @@ from tests.processes import (
 )
 from tests.service_stack import (
     LONG_TRAINING,
+    TINY_JOB,
     ServiceStack,
     create_job,
     postgres_database,
@@ -220,3 +221,23 @@ def _tenant_of_request(stack: ServiceStack, request_id: str) -> str:
             if entry.get("request_id") == request_id and entry.get("tenant_id"):
                 return str(entry["tenant_id"])
     raise AssertionError(f"the API logged no line for {request_id}")
+
+
+def test_the_client_names_filters_and_deletes(stack: ServiceStack, corpus: Path) -> None:
+    from tailor_client import Client, ConflictError, NotFoundError
+
+    client = Client(stack.api_url, api_key=stack.api_key)
+    corpus_id = client.corpora.upload(corpus)["id"]
+    job = client.jobs.create(corpus_id, **TINY_JOB, name="ops", metadata={"team": "ops"})
+    assert (job["name"], job["metadata"]) == ("ops", {"team": "ops"})
+    found = client.jobs.filter(metadata={"team": "ops"}, name="ops")
+    assert [row["id"] for row in found["data"]] == [job["id"]]
+    assert client.jobs.update(job["id"], metadata={"team": "search"})["metadata"] == {
+        "team": "search"}
+    with pytest.raises(ConflictError) as refused:
+        client.corpora.delete(corpus_id)
+    assert refused.value.context["job_ids"] == [job["id"]]
+    client.corpora.delete(corpus_id, cascade=True)
+    client.jobs.delete(job["id"])
+    with pytest.raises(NotFoundError):
+        client.jobs.get(job["id"])
