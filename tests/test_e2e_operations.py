@@ -43,6 +43,7 @@ from tests.service_stack import (
     wait_for_event,
     wait_for_job,
 )
+from worker.artifacts import store_for
 
 pytestmark = pytest.mark.slow
 
@@ -241,3 +242,21 @@ def test_the_client_names_filters_and_deletes(stack: ServiceStack, corpus: Path)
     client.jobs.delete(job["id"])
     with pytest.raises(NotFoundError):
         client.jobs.get(job["id"])
+
+
+def test_a_running_job_deleted_stops_and_its_objects_and_work_folder_go(
+    stack: ServiceStack, corpus: Path
+) -> None:
+    store = store_for(stack.settings())
+    with stack.client() as client:
+        corpus_id = upload_corpus(client, corpus)["id"]
+        job = create_job(client, corpus_id, **LONG_TRAINING)
+        wait_for_event(client, job["id"], stage_started("distill"), 180, stack)
+        assert store.list(f"jobs/{job['id']}/")  # prepare, generate and filter are stored
+        assert client.delete(f"/v1/jobs/{job['id']}").status_code == 204
+        assert client.get(f"/v1/jobs/{job['id']}").status_code == 404
+    # The worker stops the stage at its next progress check and records the cancel; its
+    # retention sweep (every 2 s here) then removes what the job left, in the store and on disk.
+    work = Path(stack.env["TAILOR_WORK_DIR"]) / job["id"]
+    wait_until(lambda: not store.list(f"jobs/{job['id']}/") and not work.exists(), 90,
+               stack.workers[0], "the deleted job's objects and work folder to go")
