@@ -125,3 +125,11 @@ def _recover_embedded_jobs(**_: Any) -> None:
             resend(job_id, stage)
     except Exception:
         log.exception("could not resume interrupted jobs")
+
+
+@signals.worker_ready.connect
+def _start_webhook_sweeper(**_: Any) -> None:
+    """In the worker's main process: re-send webhook attempts whose task was lost."""
+    from worker.webhooks import start_sweeper
+
+    start_sweeper()

@@ -380,3 +380,70 @@ def job_tables(job_id: str) -> tuple[type[Job] | type[EmbeddingJob],
     if job_id.startswith(EMBEDDING_JOB_PREFIX):
         return EmbeddingJob, EmbeddingJobEvent
     return Job, JobEvent
+
+
+class DeliveryStatus(StrEnum):
+    """Where a webhook delivery stands: pending (an attempt is queued or due), succeeded (a
+    2xx answer), failed (every attempt spent, or the target refused)."""
+
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class WebhookEndpoint(Base):
+    """A tenant's webhook receiver: the URL, the event types it wants and the secret that signs
+    what it is sent (Standard Webhooks). The secret is kept as given out (`whsec_...`): signing
+    needs it, so unlike an API key it cannot be stored as a hash."""
+
+    __tablename__ = "webhook_endpoints"
+    __table_args__ = (Index("ix_webhook_endpoints_tenant_created", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(String(2048))
+    description: Mapped[str] = mapped_column(String(200), default="")
+    events: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    secret: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    tenant: Mapped[Tenant] = relationship()
+
+
+class WebhookDelivery(Base):
+    """One event sent (or to be sent) to one endpoint, with every attempt so far: the message
+    id (`webhook-id`) stays the same across attempts and redeliveries, so receivers can drop
+    duplicates."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_endpoint_created", "endpoint_id", "created_at"),
+        Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    endpoint_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_endpoints.id", ondelete="CASCADE")
+    )
+    message_id: Mapped[str] = mapped_column(String(32))
+    event_type: Mapped[str] = mapped_column(String(64))
+    # The body as sent: {"type", "timestamp", "data"}.
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    status: Mapped[DeliveryStatus] = mapped_column(
+        _str_enum(DeliveryStatus, "delivery_status"), default=DeliveryStatus.PENDING
+    )
+    # Attempts made; each is {"attempt", "at", "status_code", "latency_ms", "error"}.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    attempt_log: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
+    # Attempts allowed in this round (a redelivery grants a fresh round).
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(default=None)
+    # A worker sending an attempt holds the delivery until then (a duplicate task waits out).
+    claimed_until: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    endpoint: Mapped[WebhookEndpoint] = relationship()
