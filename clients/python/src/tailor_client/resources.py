@@ -68,8 +68,22 @@ class Collection(Generic[T]):
         """One item by id."""
         return self._transport.json("GET", f"{self.path}/{id}")
 
-    def _delete(self, id: str) -> None:
-        self._transport.request("DELETE", f"{self.path}/{id}")
+    def _delete(self, id: str, **params: Any) -> None:
+        self._transport.request("DELETE", f"{self.path}/{id}", params=params or None)
+
+    def _update(self, id: str, fields: dict[str, Any]) -> Any:
+        """PATCH the fields given (None: left out, so the server keeps the old value)."""
+        body = {k: v for k, v in fields.items() if v is not None}
+        return self._transport.json("PATCH", f"{self.path}/{id}", json=body)
+
+    def filter(
+        self, *, name: str | None = None, metadata: dict[str, str] | None = None,
+        offset: int = 0, limit: int = 20,
+    ) -> Page[T]:
+        """A page of the items with this name and all these metadata pairs (jobs and models)."""
+        params: dict[str, Any] = {"offset": offset, "limit": limit, "name": name}
+        params |= {f"metadata[{k}]": v for k, v in (metadata or {}).items()}
+        return self._transport.json("GET", self.path, params=params)
 
     def _upload(
         self,
@@ -99,9 +113,10 @@ class Corpora(Collection[Corpus]):
         """Upload a BEIR corpus (JSON lines, plain or .gz); the server validates every line."""
         return self._upload({"name": name}, {"file": file}, on_progress)
 
-    def delete(self, id: str) -> None:
-        """Delete a corpus (409 `in_use` while a job that uses it has not finished)."""
-        self._delete(id)
+    def delete(self, id: str, *, cascade: bool = False) -> None:
+        """Delete a corpus with the eval and query sets built on it (409 `in_use`, naming them
+        in `job_ids`, while jobs that use it have not finished; `cascade` cancels them)."""
+        self._delete(id, cascade="true" if cascade else None)
 
 
 class EvalSets(Collection[EvalSet]):
@@ -123,6 +138,10 @@ class EvalSets(Collection[EvalSet]):
             on_progress,
         )
 
+    def delete(self, id: str) -> None:
+        """Delete an eval set (409 `in_use` while a job that uses it has not finished)."""
+        self._delete(id)
+
 
 class QuerySets(Collection[QuerySet]):
     path = "/v1/query-sets"
@@ -138,6 +157,10 @@ class QuerySets(Collection[QuerySet]):
         """Upload your users' own queries (JSONL, no judgements) for a job to train on."""
         return self._upload({"corpus_id": corpus_id, "name": name}, {"queries": queries},
                             on_progress)
+
+    def delete(self, id: str) -> None:
+        """Delete a query set (409 `in_use` while a job that uses it has not finished)."""
+        self._delete(id)
 
 
 class Jobs(Collection[Job]):
@@ -158,6 +181,8 @@ class Jobs(Collection[Job]):
         loss: str | None = None,
         hyperparameters: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        name: str | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> Job:
         """Start a job; unset options take the server's (preset's) defaults. An
         Idempotency-Key is made for you and sent with every retry of this call, so a retry
@@ -174,6 +199,8 @@ class Jobs(Collection[Job]):
             "passages": passages,
             "loss": loss,
             "hyperparameters": hyperparameters,
+            "name": name,
+            "metadata": metadata,
         }
         key = idempotency_key or str(uuid.uuid4())
         return self._transport.json(
@@ -182,6 +209,17 @@ class Jobs(Collection[Job]):
             json={k: v for k, v in body.items() if v is not None},
             headers={"Idempotency-Key": key},
         )
+
+    def update(
+        self, id: str, *, name: str | None = None, metadata: dict[str, str] | None = None
+    ) -> Job:
+        """Rename a job or replace its metadata (a whole set; `{}` clears it)."""
+        return self._update(id, {"name": name, "metadata": metadata})
+
+    def delete(self, id: str) -> None:
+        """Delete a job (cancelled first if it has not finished) with its stored outputs; the
+        model it tuned stays."""
+        self._delete(id)
 
     def cancel(self, id: str) -> Job:
         """Ask a job to stop: a queued job stops at once, a running one within seconds.
@@ -254,6 +292,17 @@ class Models(Collection[Model]):
     """Base models on offer (by name) and the tenant's tuned models (`mdl_...`)."""
 
     path = "/v1/models"
+
+    def update(
+        self, id: str, *, name: str | None = None, metadata: dict[str, str] | None = None
+    ) -> Model:
+        """Rename one of your models or replace its metadata (a whole set; `{}` clears it)."""
+        return self._update(id, {"name": name, "metadata": metadata})
+
+    def delete(self, id: str) -> None:
+        """Delete one of your models (409 `in_use` while a job that uses it has not
+        finished)."""
+        self._delete(id)
 
     def download_archive(
         self, id: str, path: str | Path, *, on_progress: ProgressFn | None = None
