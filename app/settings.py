@@ -117,6 +117,11 @@ class Settings(BaseSettings):
     # that stage on another host waits until the lease lapses this long after the holder's last
     # heartbeat (on the holder's own host it takes over as soon as the holder's process is gone).
     lease_ttl_s: float = Field(default=300.0, gt=0)
+    # A cancelled or failed job's intermediate objects (stage outputs, partial shards) and work
+    # folders are kept this long for a look, then removed; a deleted job's go at once. Workers
+    # sweep for them every retention_sweep_s (app.jobs.retention).
+    intermediate_retention_s: float = Field(default=7 * 24 * 3600.0, ge=0)
+    retention_sweep_s: float = Field(default=600.0, gt=0)
 
     # Webhooks (docs/operations.md). Attempts per delivery (a redelivery grants as many again),
     # the wait before attempt n+1 (base * 2^(n-1), at most backoff_max, with up to 10 % jitter)

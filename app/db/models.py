@@ -150,6 +150,7 @@ class EvalSet(Base):
     queries: Mapped[int] = mapped_column(Integer)
     judgements: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)
 
     tenant: Mapped[Tenant] = relationship()
     corpus: Mapped[Corpus] = relationship()
@@ -172,6 +173,7 @@ class QuerySet(Base):
     # Distinct queries (repeats of one text, case and spacing aside, count once).
     queries: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)
 
     tenant: Mapped[Tenant] = relationship()
     corpus: Mapped[Corpus] = relationship()
@@ -199,6 +201,16 @@ class JobState:
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # The tenant's own label and key-value pairs (app.metadata); `metadata` is taken by
+    # SQLAlchemy, hence the attribute's underscore.
+    name: Mapped[str | None] = mapped_column(String(200), default=None)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
+    # The request that created the job (X-Request-ID): the worker's log lines carry it.
+    request_id: Mapped[str | None] = mapped_column(String(128), default=None)
+    # Deleted by its tenant (hidden everywhere; its objects go), and when its intermediate
+    # objects were removed (app.jobs.retention).
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)
+    purged_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class EventRecord:
@@ -239,7 +251,6 @@ class Job(JobState, Base):
     recommended: Mapped[Recommendation | None] = mapped_column(
         _str_enum(Recommendation, "recommendation"), default=None
     )
-
     tenant: Mapped[Tenant] = relationship()
     corpus: Mapped[Corpus] = relationship()
     eval_set: Mapped[EvalSet | None] = relationship()
@@ -274,6 +285,7 @@ class TunedModel(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     recommended: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
 
     tenant: Mapped[Tenant] = relationship()
     job: Mapped[Job] = relationship()
@@ -318,6 +330,7 @@ class UploadedModel(Base):
     # The ModelSpec read from its sentence-transformers files (pooling, prompts, max length).
     spec: Mapped[dict[str, Any]] = mapped_column(JSONType)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
 
     tenant: Mapped[Tenant] = relationship()
 

@@ -216,6 +216,12 @@ class EmbeddingModels:
             raise Unavailable(f"the embedding queue is full ({exc}); retry shortly",
                               headers={"Retry-After": "1"}) from exc
 
+    def forget(self, cache_key: str) -> None:
+        """Drop one model from the loaded set and its unpacked folder (a deleted model)."""
+        with self._lock:
+            self._loaded.pop(cache_key, None)
+        remove_cached(self.cache_dir, cache_key)
+
     def clear(self) -> None:
         """Forget every loaded model (tests; memory pressure)."""
         with self._lock:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, TypeVar
@@ -103,6 +103,47 @@ class Collection(Generic[T]):
         )
 
 
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()  # an argument not given, where None means something (clear the name)
+
+
+class Labelled(Collection[T]):
+    """A collection whose items carry your `name` and `metadata` (up to 16 string pairs):
+    lists filter on them, `update` changes them."""
+
+    def list(self, *, offset: int = 0, limit: int = 20, name: str | None = None,
+             metadata: Mapping[str, str] | None = None) -> Page[T]:
+        """One page, newest first; only items named `name` and holding every pair of
+        `metadata`, when given."""
+        params: dict[str, Any] = {"offset": offset, "limit": limit, "name": name}
+        params.update({f"metadata[{k}]": v for k, v in (metadata or {}).items()})
+        return self._transport.json("GET", self.path, params=params)
+
+    def iter(self, *, page_size: int = MAX_PAGE, name: str | None = None,
+             metadata: Mapping[str, str] | None = None) -> Iterator[T]:
+        """Every (matching) item, page by page, each once."""
+        return self._paged(lambda offset, limit: self.list(
+            offset=offset, limit=limit, name=name, metadata=metadata), page_size)
+
+    def update(self, id: str, *, name: str | None = UNSET,
+               metadata: Mapping[str, str] | None = UNSET) -> T:
+        """Rename it or replace its metadata; what is not given stays. `metadata={}` clears
+        the pairs (a job's `name=None` clears its name)."""
+        body: dict[str, Any] = {}
+        if name is not UNSET:
+            body["name"] = name
+        if metadata is not UNSET:
+            body["metadata"] = dict(metadata) if metadata is not None else None
+        return self._transport.json("PATCH", f"{self.path}/{id}", json=body)
+
+    def delete(self, id: str) -> None:
+        self._delete(id)
+
+
 class Corpora(Collection[Corpus]):
     path = "/v1/corpora"
 
@@ -112,9 +153,13 @@ class Corpora(Collection[Corpus]):
         """Upload a BEIR corpus (JSON lines, plain or .gz); the server validates every line."""
         return self._upload({"name": name}, {"file": file}, on_progress)
 
-    def delete(self, id: str) -> None:
-        """Delete a corpus (409 `in_use` while a job that uses it has not finished)."""
-        self._delete(id)
+    def delete(self, id: str, *, cascade: bool = False) -> None:
+        """Delete a corpus and the eval and query sets built on it (409 `in_use`, naming
+        them in `context["job_ids"]`, while a job that uses it has not finished; with
+        `cascade=True` those jobs are cancelled instead). Finished jobs and their models
+        stay."""
+        self._transport.request("DELETE", f"{self.path}/{id}",
+                                params={"cascade": "true"} if cascade else None)
 
 
 class EvalSets(Collection[EvalSet]):
@@ -137,6 +182,11 @@ class EvalSets(Collection[EvalSet]):
         )
 
 
+    def delete(self, id: str) -> None:
+        """Delete an eval set (409 `in_use` while a job that uses it has not finished)."""
+        self._delete(id)
+
+
 class QuerySets(Collection[QuerySet]):
     path = "/v1/query-sets"
 
@@ -151,6 +201,10 @@ class QuerySets(Collection[QuerySet]):
         """Upload your users' own queries (JSONL, no judgements) for a job to train on."""
         return self._upload({"corpus_id": corpus_id, "name": name}, {"queries": queries},
                             on_progress)
+
+    def delete(self, id: str) -> None:
+        """Delete a query set (409 `in_use` while a job that uses it has not finished)."""
+        self._delete(id)
 
 
 class Runs(Collection[R]):
@@ -221,8 +275,9 @@ class Runs(Collection[R]):
         raise AssertionError("unreachable: watch ends with a finished job")
 
 
-class Jobs(Runs[Job]):
-    """Training jobs: specialize a base model to a corpus."""
+class Jobs(Runs[Job], Labelled[Job]):
+    """Training jobs: specialize a base model to a corpus. `delete` cancels one that has not
+    finished and removes its outputs; the tuned model it made stays."""
 
     path = "/v1/jobs"
 
@@ -240,6 +295,8 @@ class Jobs(Runs[Job]):
         passages: int | None = None,
         loss: str | None = None,
         hyperparameters: dict[str, Any] | None = None,
+        name: str | None = None,
+        metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
         """Start a job; unset options take the server's (preset's) defaults. An
@@ -257,6 +314,8 @@ class Jobs(Runs[Job]):
             "passages": passages,
             "loss": loss,
             "hyperparameters": hyperparameters,
+            "name": name,
+            "metadata": dict(metadata) if metadata is not None else None,
         }
         key = idempotency_key or str(uuid.uuid4())
         return self._transport.json(
@@ -337,6 +396,11 @@ class EmbeddingJobs(Runs[EmbeddingJob]):
             self.download_archive(id, archive, on_progress=on_progress)
         return Path(directory)
 
+    def delete(self, id: str) -> None:
+        """Delete a bulk embedding job and its stored vectors (one not finished is cancelled
+        first)."""
+        self._delete(id)
+
 
 class ApiKeys(Collection[ApiKey]):
     """The tenant's API keys (a `train` key manages them)."""
@@ -362,8 +426,10 @@ class ApiKeys(Collection[ApiKey]):
         self._delete(id)
 
 
-class Models(Collection[Model]):
-    """Base models on offer (by name) and the tenant's tuned models (`mdl_...`)."""
+class Models(Labelled[Model]):
+    """Base models on offer (by name) and the tenant's own (`mdl_...`, tuned or uploaded);
+    `update` renames yours or replaces their metadata, `delete` removes one (409 `in_use`
+    while a job that uses it has not finished)."""
 
     path = "/v1/models"
 
