@@ -399,9 +399,11 @@ def test_webhooks_tell_a_verified_receiver_and_redeliver(
         hook = json.loads(ok(cli(stack, "--json", "webhooks", "create", url, "--event",
                                  "job.succeeded", "--description", "client test"), stack))
         assert hook["secret"].startswith("whsec_") and hook["events"] == ["job.succeeded"]
-        job = client.embedding_jobs.wait(client.embedding_jobs.create("tiny-student",
-                                                                      corpus_id)["id"])
-        assert job["status"] == "succeeded"
+        tag = f"t{time.monotonic_ns()}"
+        job = client.embedding_jobs.create("tiny-student", corpus_id, name="reindex",
+                                           metadata={"run": tag})
+        job = client.embedding_jobs.wait(job["id"])
+        assert job["status"] == "succeeded" and job["metadata"] == {"run": tag}
         until(lambda: got, 60, "no delivery", stack)
         headers, body = got[0]
         payload = verify(hook["secret"], body, headers)
@@ -435,3 +437,61 @@ def test_webhooks_tell_a_verified_receiver_and_redeliver(
         with pytest.raises(NotFoundError):
             client.webhooks.get(hook["id"])
 
+    assert [j["id"] for j in client.embedding_jobs.iter(name="reindex",
+                                                        metadata={"run": tag})] == [job["id"]]
+    assert job["id"] in ok(cli(stack, "embedding-jobs", "list", "--metadata", f"run={tag}"),
+                           stack)
+    renamed = json.loads(ok(cli(stack, "--json", "embedding-jobs", "update", job["id"],
+                                "--name", "nightly reindex"), stack))
+    assert (renamed["name"], renamed["metadata"]) == ("nightly reindex", {"run": tag})
+    ok(cli(stack, "embedding-jobs", "delete", job["id"]), stack)
+    with pytest.raises(NotFoundError):
+        client.embedding_jobs.get(job["id"])
+
+
+def test_names_metadata_and_deletes(
+    stack: ServiceStack, client: Client, model_store: Path, tmp_path: Path
+) -> None:
+    corpus = synthetic_corpus(tmp_path / "corpus.jsonl", 10, 6)
+    corpus_id = client.corpora.upload(corpus)["id"]
+    tag = f"t{time.monotonic_ns()}"  # this run's jobs only, whatever else the stack holds
+    job = json.loads(ok(cli(stack, "--json", "jobs", "create", "--corpus", corpus_id,
+                            *tiny_job_options(), "--name", "nightly", "--metadata",
+                            f"run={tag}", "--metadata", "team=search"), stack))
+    assert (job["name"], job["metadata"]) == ("nightly", {"run": tag, "team": "search"})
+    assert [j["id"] for j in client.jobs.iter(metadata={"run": tag})] == [job["id"]]
+    assert client.jobs.list(name="nightly", metadata={"run": tag, "team": "other"})["count"] == 0
+    listed = ok(cli(stack, "jobs", "list", "--name", "nightly", "--metadata", f"run={tag}"),
+                stack)
+    assert job["id"] in listed
+    renamed = json.loads(ok(cli(stack, "--json", "jobs", "update", job["id"], "--name",
+                                "weekly", "--clear-metadata"), stack))
+    assert (renamed["name"], renamed["metadata"]) == ("weekly", {})
+    assert client.jobs.update(job["id"], name=None)["name"] is None
+    ok(cli(stack, "jobs", "delete", job["id"]), stack)  # cancels it: it had not finished
+    with pytest.raises(NotFoundError):
+        client.jobs.get(job["id"])
+
+    archive = pack(customer_folder(model_store, tmp_path / "m", 0.9), tmp_path / "m.tar.gz")
+    model = client.models.upload(archive, name="mine")
+    updated = client.models.update(model["id"], name="ours", metadata={"run": tag})
+    assert (updated["name"], updated["metadata"]) == ("ours", {"run": tag})
+    assert [m["id"] for m in client.models.iter(name="ours", metadata={"run": tag})] == \
+        [model["id"]]
+    refused = cli(stack, "models", "update", model["id"], "--clear-name")
+    assert refused.returncode == 1 and "name cannot be cleared" in refused.stderr
+    ok(cli(stack, "models", "delete", model["id"]), stack)
+    with pytest.raises(NotFoundError):
+        client.models.get(model["id"])
+
+    queries, qrels = judgements(corpus, tmp_path)
+    eval_set = client.eval_sets.create(corpus_id, queries, qrels)
+    query_set = client.query_sets.create(corpus_id, queries)
+    ok(cli(stack, "eval-sets", "delete", eval_set["id"]), stack)
+    with pytest.raises(NotFoundError):
+        client.eval_sets.get(eval_set["id"])
+    ok(cli(stack, "corpora", "delete", corpus_id), stack)  # its query set goes with it
+    for gone in (lambda: client.corpora.get(corpus_id),
+                 lambda: client.query_sets.get(query_set["id"])):
+        with pytest.raises(NotFoundError):
+            gone()

@@ -22,6 +22,7 @@ from tailor_client.cli_base import (
     Output,
     Parser,
     ended,
+    pairs,
 )
 from tailor_client.client import Client
 from tailor_client.display import job_summary, report_view
@@ -40,7 +41,7 @@ def corpora_upload(client: Client, args: argparse.Namespace, output: Output) -> 
 
 
 def corpora_delete(client: Client, args: argparse.Namespace, output: Output) -> int:
-    client.corpora.delete(args.id)
+    client.corpora.delete(args.id, cascade=args.cascade)
     output.err.print(f"deleted corpus {args.id}")
     return EXIT_OK
 
@@ -88,6 +89,8 @@ def jobs_create(client: Client, args: argparse.Namespace, output: Output) -> int
         passages=args.passages,
         loss=args.loss,
         hyperparameters=_hyperparameters(args.hyperparameters),
+        name=args.name,
+        metadata=pairs(args.metadata),
         idempotency_key=args.idempotency_key,
     )
     if not args.wait:
@@ -182,17 +185,23 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("file")
     upload.add_argument("--name", help="display name (default: the file name)")
     cli.list_and_get(corpora, "corpora", lambda c: c.corpora, "corpus")
-    cli.command(corpora, "delete", corpora_delete, "delete a corpus").add_argument("id")
+    delete = cli.command(corpora, "delete", corpora_delete,
+                         "delete a corpus and the eval and query sets built on it")
+    delete.add_argument("id")
+    delete.add_argument("--cascade", action="store_true",
+                        help="cancel the unfinished jobs that use it instead of refusing")
 
     eval_sets = cli.group("eval-sets", "judged queries to evaluate jobs with")
     files_for_corpus(eval_sets, eval_sets_create, "upload judgements for a corpus",
                      {"--queries": "BEIR queries.jsonl", "--qrels": "BEIR qrels .tsv"})
     cli.list_and_get(eval_sets, "eval-sets", lambda c: c.eval_sets, "eval set")
+    cli.delete(eval_sets, lambda c: c.eval_sets, "eval set")
 
     query_sets = cli.group("query-sets", "your users' own queries (no judgements) to train on")
     files_for_corpus(query_sets, query_sets_create, "upload queries for a corpus",
                      {"--queries": "BEIR queries.jsonl"})
     cli.list_and_get(query_sets, "query-sets", lambda c: c.query_sets, "query set")
+    cli.delete(query_sets, lambda c: c.query_sets, "query set")
 
     jobs = cli.group("jobs", "start, follow, cancel jobs and read their reports")
     create = cli.command(jobs, "create", jobs_create, "start a job (--wait follows it)")
@@ -203,7 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--loss", choices=["listwise", "infonce"])
     create.add_argument("--wait", action="store_true", help="follow the job to its end")
     create.add_argument("--poll-interval", type=float, default=1.0, help=argparse.SUPPRESS)
+    create.add_argument("--name", help="your label for the job (its tuned model takes it)")
+    cli.metadata_option(create, "a pair of your own (repeatable)")
     cli.list_and_get(jobs, "jobs", lambda c: c.jobs, "job")
+    cli.labels(jobs, lambda c: c.jobs, "job")
+    cli.delete(jobs, lambda c: c.jobs, "job")
     wait = cli.command(jobs, "wait", jobs_wait, "follow a job to its end with progress bars")
     wait.add_argument("id")
     wait.add_argument("--poll-interval", type=float, default=1.0, help=argparse.SUPPRESS)
@@ -215,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = cli.group("models", "base, tuned and uploaded models")
     cli.list_and_get(models, "models", lambda c: c.models, "model")
+    cli.labels(models, lambda c: c.models, "model")
+    cli.delete(models, lambda c: c.models, "model")
     download = cli.command(models, "download", models_download,
                            "download your model, unpacked for SentenceTransformer(DIR)")
     download.add_argument("id")

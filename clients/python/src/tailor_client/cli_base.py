@@ -19,7 +19,8 @@ from rich.progress import (
 
 from tailor_client.client import Client
 from tailor_client.display import resource_fields, resource_table
-from tailor_client.resources import Collection, Runs
+from tailor_client.errors import TailorError
+from tailor_client.resources import Collection, Labelled, Runs
 from tailor_client.uploads import ProgressFn
 
 EXIT_OK, EXIT_ERROR, EXIT_CANCELLED, EXIT_INTERRUPTED = 0, 1, 3, 130
@@ -74,11 +75,51 @@ class Transfer:
 def list_command(kind: str, collection: Callable[[Client], Collection[Any]]) -> Command:
     def run(client: Client, args: argparse.Namespace, output: Output) -> int:
         source = collection(client)
+        # --name and --metadata filters, where the collection has them.
+        filters = {k: getattr(args, k) for k in ("name", "metadata") if hasattr(args, k)}
+        if "metadata" in filters:
+            filters["metadata"] = pairs(filters["metadata"])
         if args.all:
-            output.rows(kind, source.iter(), None)
+            output.rows(kind, source.iter(**filters), None)
         else:
-            page = source.list(offset=args.offset, limit=args.limit)
+            page = source.list(offset=args.offset, limit=args.limit, **filters)
             output.rows(kind, page["data"], page["count"])
+        return EXIT_OK
+    return run
+
+
+def pairs(values: list[str] | None) -> dict[str, str] | None:
+    """`--metadata key=value` options as a dict (None when none were given)."""
+    if values is None:
+        return None
+    found: dict[str, str] = {}
+    for value in values:
+        key, equals, text = value.partition("=")
+        if not equals or not key:
+            raise TailorError(f"--metadata {value!r}: expected KEY=VALUE")
+        found[key] = text
+    return found
+
+
+def delete_command(collection: Callable[[Client], Any], noun: str) -> Command:
+    def run(client: Client, args: argparse.Namespace, output: Output) -> int:
+        collection(client).delete(args.id)
+        output.err.print(f"deleted {noun} {args.id}")
+        return EXIT_OK
+    return run
+
+
+def update_command(collection: Callable[[Client], Labelled[Any]]) -> Command:
+    def run(client: Client, args: argparse.Namespace, output: Output) -> int:
+        changes: dict[str, Any] = {}
+        if args.name is not None or args.clear_name:
+            changes["name"] = None if args.clear_name else args.name
+        if args.metadata is not None or args.clear_metadata:
+            changes["metadata"] = {} if args.clear_metadata else pairs(args.metadata)
+        if not changes:
+            raise TailorError("update: give --name, --metadata, --clear-name or "
+                              "--clear-metadata")
+        output.result(collection(client).update(args.id, **changes))
         return EXIT_OK
     return run
 
@@ -174,6 +215,30 @@ class Parser:
                                  f"list {noun}s, newest first"))
         article = "an" if noun[0].lower() in "aeiou" else "a"
         self.command(subs, "get", get_command(pick), f"read {article} {noun}").add_argument("id")
+
+    def delete(self, subs: Any, pick: Callable[[Client], Any], noun: str) -> Any:
+        sub = self.command(subs, "delete", delete_command(pick, noun), f"delete {noun}")
+        sub.add_argument("id")
+        return sub
+
+    @staticmethod
+    def metadata_option(parser: argparse.ArgumentParser, help: str) -> None:
+        parser.add_argument("--metadata", action="append", metavar="KEY=VALUE", help=help)
+
+    def labels(self, subs: Any, pick: Callable[[Client], Labelled[Any]], noun: str) -> None:
+        """`list --name N --metadata K=V` filters and `update ID`, for labelled items."""
+        listing = subs.choices["list"]
+        listing.add_argument("--name", help=f"only {noun}s of this name")
+        self.metadata_option(listing, "only those holding this pair (repeatable)")
+        update = self.command(subs, "update", update_command(pick),
+                              f"rename a {noun} or replace its metadata")
+        update.add_argument("id")
+        update.add_argument("--name", help="the new name")
+        update.add_argument("--clear-name", action="store_true", help=argparse.SUPPRESS
+                            if noun == "model" else "remove the name")
+        self.metadata_option(update, "the new metadata, every pair (repeatable)")
+        update.add_argument("--clear-metadata", action="store_true",
+                            help="remove every pair")
 
     def events(self, subs: Any, pick: Callable[[Client], Runs[Any]]) -> None:
         events = self.command(subs, "events", events_command(pick),

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from tailor_client.cli_base import EXIT_OK, Output, Parser, ended
+from tailor_client.cli_base import EXIT_OK, Output, Parser, ended, pairs
 from tailor_client.client import Client
 from tailor_client.display import embedding_job_summary, rerank_table
 from tailor_client.errors import TailorError
@@ -67,6 +67,7 @@ def embedding_jobs_create(client: Client, args: argparse.Namespace, output: Outp
     job = client.embedding_jobs.create(
         args.model, args.corpus, input_type=args.input_type,
         long_documents=args.long_documents, shard_documents=args.shard_documents,
+        name=args.name, metadata=pairs(args.metadata),
     )
     if not args.wait:
         output.result(job)
@@ -195,9 +196,13 @@ def add_commands(cli: Parser) -> None:
     create.add_argument("--input-type", choices=["passage", "query"])
     create.add_argument("--long-documents", choices=["chunk", "truncate"])
     create.add_argument("--shard-documents", type=int, help="documents per shard file")
+    create.add_argument("--name", help="your label for the job")
+    cli.metadata_option(create, "a pair of your own (repeatable)")
     create.add_argument("--wait", action="store_true", help="follow the job to its end")
     create.add_argument("--poll-interval", type=float, default=1.0, help=argparse.SUPPRESS)
     cli.list_and_get(jobs, "embedding-jobs", lambda c: c.embedding_jobs, "embedding job")
+    cli.labels(jobs, lambda c: c.embedding_jobs, "embedding job")
+    cli.delete(jobs, lambda c: c.embedding_jobs, "embedding job")
     wait = cli.command(jobs, "wait", embedding_jobs_wait, "follow a job to its end")
     wait.add_argument("id")
     wait.add_argument("--poll-interval", type=float, default=1.0, help=argparse.SUPPRESS)

@@ -129,6 +129,12 @@ class Labelled(Collection[T]):
         return self._paged(lambda offset, limit: self.list(
             offset=offset, limit=limit, name=name, metadata=metadata), page_size)
 
+    def filter(self, *, name: str | None = None, metadata: Mapping[str, str] | None = None,
+               offset: int = 0, limit: int = 20) -> Page[T]:
+        """`list` with its filters first: one page of the items named `name` and holding
+        every pair of `metadata`."""
+        return self.list(offset=offset, limit=limit, name=name, metadata=metadata)
+
     def update(self, id: str, *, name: str | None = UNSET,
                metadata: Mapping[str, str] | None = UNSET) -> T:
         """Rename it or replace its metadata; what is not given stays. `metadata={}` clears
@@ -338,7 +344,7 @@ class Jobs(Runs[Job], Labelled[Job]):
         return page
 
 
-class EmbeddingJobs(Runs[EmbeddingJob]):
+class EmbeddingJobs(Runs[EmbeddingJob], Labelled[EmbeddingJob]):
     """Bulk embedding jobs: a stored corpus embedded on the workers, stored as shards
     (float32 .npy vectors plus the rows' ids as JSON lines) to list and download."""
 
@@ -352,13 +358,16 @@ class EmbeddingJobs(Runs[EmbeddingJob]):
         input_type: InputType | None = None,
         long_documents: Literal["chunk", "truncate"] | None = None,
         shard_documents: int | None = None,
+        name: str | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> EmbeddingJob:
         """Embed a corpus with a base model (name) or your own (`mdl_...`); `corpus_id` may
         be left out for a tuned model (the corpus it was tuned on). The server takes no
         Idempotency-Key here, so a failed create is sent again only when the server cannot
         have acted on it (429, 503, no connection)."""
         body = {"model": model, "corpus_id": corpus_id, "input_type": input_type,
-                "long_documents": long_documents, "shard_documents": shard_documents}
+                "long_documents": long_documents, "shard_documents": shard_documents,
+                "name": name, "metadata": dict(metadata) if metadata is not None else None}
         return self._transport.json("POST", self.path, retry=Retry.UNSAFE,
                                     json={k: v for k, v in body.items() if v is not None})
 

@@ -67,6 +67,8 @@ class Job(TypedDict):
     spec: dict[str, Any]
     recipe: dict[str, Any]
     attempts: int
+    name: str | None
+    metadata: dict[str, str]
     created_at: str
     started_at: str | None
     finished_at: str | None
@@ -123,6 +125,7 @@ class Model(TypedDict):
     metrics: dict[str, Any]
     recommended: bool | None
     licence: str | None
+    metadata: dict[str, str]
     created_at: str | None
 
 
@@ -225,6 +228,8 @@ class EmbeddingJob(TypedDict):
     metrics: dict[str, Any]
     error: dict[str, Any] | None
     attempts: int
+    name: str | None
+    metadata: dict[str, str]
     created_at: str
     started_at: str | None
     finished_at: str | None
