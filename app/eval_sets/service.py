@@ -7,12 +7,9 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from app.corpora.service import get_corpus, on_live_corpus
-from app.db.base import utcnow
+from app.corpora.service import get_corpus
+from app.corpus_sets import EVAL_SETS
 from app.db.models import Corpus, EvalSet, Tenant
-from app.db.tenant_rows import newest_first, owned
-from app.dependants import active_jobs_using, refuse_if_used
-from app.deps import Page
 from app.errors import InvalidEvalSet
 from app.ids import new_id
 from app.storage import ObjectStore, stored_until_committed
@@ -102,30 +99,7 @@ def create_eval_set(
     return eval_set
 
 
-def get_eval_set(session: Session, tenant: Tenant, eval_set_id: str) -> EvalSet:
-    """The tenant's eval set `eval_set_id` (404 otherwise)."""
-    live = on_live_corpus(EvalSet.corpus_id)
-    return owned(session, EvalSet, tenant.id, eval_set_id, "eval_set", live,
-                 EvalSet.deleted_at.is_(None))
-
-
-def list_eval_sets(session: Session, tenant: Tenant, page: Page) -> tuple[list[EvalSet], int]:
-    """A page of the tenant's eval sets, newest first, and their total."""
-    mine = (EvalSet.tenant_id == tenant.id, on_live_corpus(EvalSet.corpus_id),
-            EvalSet.deleted_at.is_(None))
-    return newest_first(session, EvalSet, page, *mine)
-
-
-def delete_eval_set(session: Session, tenant: Tenant, eval_set_id: str) -> EvalSet:
-    """Delete a eval set no unfinished job uses (409 naming them otherwise); the caller removes
-    its files after the commit. Finished jobs keep naming it."""
-    row = get_eval_set(session, tenant, eval_set_id)
-    refuse_if_used("eval_set", row.id, active_jobs_using(session, tenant.id, eval_set_id=row.id))
-    row.deleted_at = utcnow()
-    session.flush()
-    return row
-
-
-def eval_set_prefix(eval_set_id: str) -> str:
-    """Object-store folder of a eval set's files."""
-    return f"eval_sets/{eval_set_id}/"
+get_eval_set = EVAL_SETS.get
+list_eval_sets = EVAL_SETS.list
+delete_eval_set = EVAL_SETS.delete
+eval_set_prefix = EVAL_SETS.prefix
