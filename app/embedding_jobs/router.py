@@ -30,8 +30,14 @@ from app.errors import (
 )
 from app.jobs import lifecycle, queue
 from app.jobs import service as jobs
-from app.jobs.router import MAX_EVENT_ID, delete_any_job
-from app.jobs.schemas import JobEventList, JobEventRead, JobUpdate
+from app.jobs.router import (
+    EventsAfter,
+    EventsLimit,
+    cancel_and_revoke,
+    delete_any_job,
+    events_page,
+)
+from app.jobs.schemas import JobEventList, JobUpdate
 from app.metadata import METADATA_FILTER_PARAMETER, metadata_filter
 
 log = logging.getLogger(__name__)
@@ -114,15 +120,11 @@ def list_embedding_job_events(
     job_id: str,
     session: SessionDep,
     tenant: CurrentTenant,
-    after: Annotated[
-        int | None, Query(ge=0, le=MAX_EVENT_ID, description="Only events with a larger id.")
-    ] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: EventsAfter = None,
+    limit: EventsLimit = 100,
 ) -> JobEventList:
     """List a bulk embedding job's events oldest first; poll with `after` = the last id seen."""
-    job = service.get_embedding_job(session, tenant, job_id)
-    rows, count = jobs.list_events(session, job, after, limit)
-    return JobEventList(data=[JobEventRead.model_validate(row) for row in rows], count=count)
+    return events_page(session, service.get_embedding_job(session, tenant, job_id), after, limit)
 
 
 @router.post(
@@ -133,11 +135,7 @@ def list_embedding_job_events(
 def cancel_embedding_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> EmbeddingJob:
     """Cancel a bulk embedding job: a queued one stops at once, a running one at its next
     progress report (shards already stored stay listed)."""
-    job, task_id = jobs.cancel_job(session, service.get_embedding_job(session, tenant, job_id))
-    session.commit()
-    if task_id is not None:
-        queue.revoke_task(task_id)
-    return job  # type: ignore[return-value]
+    return cancel_and_revoke(session, service.get_embedding_job(session, tenant, job_id))  # type: ignore[return-value]
 
 
 @router.get("/{job_id}/files", response_model=EmbeddingFileList, responses=READ_ERRORS)

@@ -127,6 +127,27 @@ def update_job(job_id: str, update: JobUpdate, session: SessionDep, tenant: Curr
     return service.update_job(service.get_job(session, tenant, job_id), update)
 
 
+def cancel_and_revoke(session: Session, job: AnyJob) -> AnyJob:
+    """Cancel a job of either kind and revoke its queued task once the cancel is committed."""
+    job, task_id = service.cancel_job(session, job)
+    session.commit()
+    if task_id is not None:
+        queue.revoke_task(task_id)
+    return job
+
+
+# The events routes of both kinds of job: poll with `after` = the last id seen.
+EventsAfter = Annotated[
+    int | None, Query(ge=0, le=MAX_EVENT_ID, description="Only events with a larger id.")
+]
+EventsLimit = Annotated[int, Query(ge=1, le=1000)]
+
+
+def events_page(session: Session, job: AnyJob, after: int | None, limit: int) -> JobEventList:
+    rows, count = service.list_events(session, job, after, limit)
+    return JobEventList(data=[JobEventRead.model_validate(row) for row in rows], count=count)
+
+
 def delete_any_job(session: Session, store: ObjectStore, job: AnyJob) -> None:
     """Delete a job of either kind (app.jobs.service.delete_job), revoke its queued task, and
     remove its objects now if it has stopped (else the workers' sweep does once it stops)."""
@@ -164,15 +185,11 @@ def list_job_events(
     job_id: str,
     session: SessionDep,
     tenant: CurrentTenant,
-    after: Annotated[
-        int | None, Query(ge=0, le=MAX_EVENT_ID, description="Only events with a larger id.")
-    ] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: EventsAfter = None,
+    limit: EventsLimit = 100,
 ) -> JobEventList:
     """List a job's events oldest first; poll with `after` = the last id seen."""
-    job = service.get_job(session, tenant, job_id)
-    rows, count = service.list_events(session, job, after, limit)
-    return JobEventList(data=[JobEventRead.model_validate(row) for row in rows], count=count)
+    return events_page(session, service.get_job(session, tenant, job_id), after, limit)
 
 
 @router.post(
@@ -182,11 +199,7 @@ def list_job_events(
 )
 def cancel_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> Job:
     """Cancel a job: a queued job stops at once, a running one at its next progress report."""
-    job, task_id = service.cancel_job(session, service.get_job(session, tenant, job_id))
-    session.commit()
-    if task_id is not None:
-        queue.revoke_task(task_id)
-    return job
+    return cancel_and_revoke(session, service.get_job(session, tenant, job_id))  # type: ignore[return-value]
 
 
 @router.get(
