@@ -18,7 +18,7 @@ from typing import Any
 
 from bench import sidebyside
 from bench.quality import QRELS
-from ml_core.config import build_config
+from ml_core.config import RecipeConfig, build_config
 from ml_core.corpus import read_qrels, read_queries
 from ml_core.pipeline import StageContext, load_passages, run_stage
 from ml_core.registry import ModelRegistry
@@ -27,9 +27,10 @@ from ml_core.setups import DenseModel, compare_setups, corpus_documents
 from ml_core.student import Student
 
 
-def run(data: Path, qrels_path: Path, work: Path, registry: ModelRegistry) -> dict[str, Any]:
+def run(data: Path, qrels_path: Path, work: Path, registry: ModelRegistry,
+        config: RecipeConfig | None = None) -> dict[str, Any]:
     """The comparison's section for the base model on a BEIR folder, with its timings."""
-    config = build_config("default")
+    config = config or build_config("default")
     ctx = StageContext(work, data / "corpus.jsonl", config, registry)
     run_stage("prepare", ctx)
     passages = load_passages(ctx)

@@ -263,6 +263,23 @@ def test_encode_bench_times_both_formats_and_scores_the_whole_corpus(tmp_path, r
     assert abs(whole["ndcg@10"]["fp32"] - whole["ndcg@10"]["bf16"]) < 0.05
 
 
+def test_setups_bench_prints_the_reports_rows_for_the_base_model(tmp_path, registry, capsys):
+    from bench.setups import print_table, run
+    from ml_core.config import build_config
+
+    demo = Path(__file__).resolve().parents[1] / "demo" / "cranfield"
+    config = build_config("default", {"student": "tiny-student"})
+    result = run(demo, demo / "qrels" / "test.tsv", tmp_path, registry, config)
+    ids = [row["id"] for row in result["rows"]]
+    assert ids == ["bm25", "base-whole", "base-chunks", "base+bm25-whole", "base+bm25-chunks"]
+    assert result["queries"] == 225 and result["encoded_documents"] == result["chunked_documents"]
+    print_table("cranfield", result)
+    out = capsys.readouterr().out
+    assert f"best set-up: {result['best']['setup']}" in out
+    # A random-weight student is no match for BM25 on Cranfield's judgements.
+    assert result["best"]["id"] != "base-chunks"
+
+
 def test_generate_bench_times_both_formats_on_the_same_sample(tmp_path, registry):
     from bench.generate import print_table, run
     from ml_core.config import build_config

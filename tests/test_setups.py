@@ -8,6 +8,8 @@ import re
 
 import numpy as np
 import pytest
+from rich.console import Console
+from tailor_client.display import report_view
 
 from app.reports import render_report_html
 from ml_core.corpus import chunk_passages
@@ -112,6 +114,16 @@ def test_bm25_wins_a_lexical_corpus_and_every_row_is_the_retriever_it_names(
                                "retrievers": section})
     assert "Best here: <b>BM25 on whole documents</b>" in html
     assert '<tr class="best"><td>BM25 on whole documents (best)</td>' in html
+    # The CLI's `jobs report` table: every row with its figures, the best marked.
+    console = Console(record=True, width=240)
+    console.print(report_view({**sample_report(queries=40), "retrievers": section}, "job_1"))
+    shown = console.export_text()
+    assert "Retrieval set-ups" in shown and "BM25 on whole documents  (best)" in shown
+    assert "Best set-up: BM25 on whole documents (nDCG@10 1.0000" in shown
+    for row in section["rows"]:
+        assert row["setup"] in shown and f"{row['ndcg@10']:.4f}" in shown
+    low, high = rows["base+bm25-chunks"]["vs_reference"]["ci95"]
+    assert f"[{low:+.4f}, {high:+.4f}]" in shown
 
 
 def test_chunks_find_what_a_whole_document_cut_at_the_models_length_never_sees(
