@@ -124,11 +124,11 @@ def compare_setups(
     batch_size: int = ENCODE_BATCH_SIZE,
 ) -> dict[str, Any]:
     """The report's "retrievers" section: one row per set-up (BM25 on documents; each model on
-    chunks and, when any document was chunked, on whole documents; each of those fused with
-    BM25), each with nDCG@10, Recall@100, MRR@10 and its paired difference against the
-    reference (the last model on chunks: the tuned model, or the base when training kept it);
-    "chunking" (chunks minus whole per model, paired) and "best" (the highest nDCG@10; ties go
-    to the reference, then to the earlier row).
+    chunks, and the reference model also on whole documents when any document was chunked; each
+    of those fused with BM25), each with nDCG@10, Recall@100, MRR@10 and its paired difference
+    against the reference (the last model on chunks: the tuned model, or the base when training
+    kept it); "chunking" (chunks minus whole, paired, for the reference model) and "best" (the
+    highest nDCG@10; ties go to the reference, then to the earlier row).
 
     `passages` are the job's chunks with each model's vectors of them in `models`; `documents`
     the corpus documents those chunks come from, whole (ids are document ids).
@@ -152,7 +152,9 @@ def compare_setups(
         dense = {"chunks": _dense_documents(
             query_vectors, model.passage_vectors, [p.id for p in passages], queries, chunk_k,
             document_of)}
-        if chunked:
+        # Whole documents cost an encoding of every chunked document, so only the reference
+        # model (the one the customer would serve) pays it.
+        if chunked and model is models[-1]:
             vectors, encoded = whole_document_vectors(
                 model.encoder, passages, documents, model.passage_vectors, batch_size)
             encoded_documents += encoded

@@ -185,9 +185,9 @@ def _interval(sig: dict[str, Any]) -> str:
 
 
 def setups_table(report: Report) -> Table | None:
-    """The retrieval set-ups (reports from version 2): BM25, each model on chunks and on whole
-    documents, each fused with BM25; nDCG@10, Recall@100 and the nDCG@10 difference against
-    the tuned model on chunks with its 95% interval. The best row is marked."""
+    """The retrieval set-ups (reports from version 2): BM25, each model on chunks, the tuned
+    model also on whole documents, each fused with BM25; nDCG@10, Recall@100 and the nDCG@10
+    difference against the tuned model on chunks with its 95% interval. The best is marked."""
     section = report.get("retrievers") or {}
     rows = section.get("rows") or []
     if not rows:
