@@ -84,6 +84,9 @@ def setup_lines(report: dict[str, Any]) -> list[str]:
                      f"[{low:+.4f}, {high:+.4f}]" + (", within noise" if best.get("within_noise")
                                                      else ""))
         lines.append(line + ")")
+        names = {row["id"]: row["setup"] for row in section["rows"]}
+        if best.get("ties"):
+            lines.append("as good within noise: " + "; ".join(names[t] for t in best["ties"]))
     for model, sig in (section.get("chunking") or {}).items():
         lines.append(f"chunking ({model}): {sig['difference']:+.4f} nDCG@10 over whole documents, "
                      f"{format_significance(sig)}")

@@ -128,7 +128,8 @@ def compare_setups(
     of those fused with BM25), each with nDCG@10, Recall@100, MRR@10 and its paired difference
     against the reference (the last model on chunks: the tuned model, or the base when training
     kept it); "chunking" (chunks minus whole, paired, for the reference model) and "best" (the
-    highest nDCG@10; ties go to the reference, then to the earlier row).
+    highest nDCG@10; ties go to the reference, then to the earlier row; "ties": the rows whose
+    paired interval against it reaches 0, i.e. as good within noise).
 
     `passages` are the job's chunks with each model's vectors of them in `models`; `documents`
     the corpus documents those chunks come from, whole (ids are document ids).
@@ -191,6 +192,13 @@ def compare_setups(
     best_row = max(rows, key=lambda r: (r[PRIMARY], r["id"] == reference, -order[r["id"]]))
     best: dict[str, Any] = {"id": best_row["id"], "setup": best_row["setup"],
                             PRIMARY: best_row[PRIMARY], "reference": best_row["id"] == reference}
+    # Rows the best does not beat beyond noise (paired against the best itself): a customer may
+    # pick the simplest of them.
+    best_scores = scored[best_row["id"]]["per_query"]
+    best["ties"] = [
+        row["id"] for row in rows if row["id"] != best_row["id"]
+        and paired_difference(best_scores, scored[row["id"]]["per_query"])["ci95"][1] >= 0.0
+    ]
     if best_row["id"] != reference:
         versus = best_row["vs_reference"]
         low, high = versus["ci95"]

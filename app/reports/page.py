@@ -157,7 +157,9 @@ def _setups(report: Mapping[str, Any]) -> dict[str, Any] | None:
     chart = charts.grouped_bars(
         [charts.Group(row["label"], (row.get(PRIMARY),)) for row in rows],
         [("nDCG@10", "c-tuned")], scale=1.0)
-    return {"section": section, "rows": rows, "best": best, "chart": chart,
+    names = {row["id"]: row["setup"] for row in rows}
+    ties = [names[t] for t in best.get("ties") or [] if t in names]
+    return {"section": section, "rows": rows, "best": best, "chart": chart, "ties": ties,
             "against": reference_label(section),
             "tuned_is_base": section.get("reference") == "base-chunks",
             "chunking": section.get("chunking") or {}}

@@ -223,6 +223,10 @@ def best_setup_line(report: Report) -> Text | None:
         if best.get("within_noise"):
             text.append(": within noise of the reference")
     text.append(")")
+    names = {row["id"]: row["setup"] for row in section.get("rows") or []}
+    ties = [names[t] for t in best.get("ties") or [] if t in names]
+    if ties:
+        text.append("\nAs good within noise: " + "; ".join(ties))
     for model, sig in (section.get("chunking") or {}).items():
         text.append(f"\nChunking ({model}): {sig['difference']:+.4f} {_metric(PRIMARY)} over "
                     f"whole documents, 95% interval {_interval(sig)}, {_p(sig['p_value'])}")
