@@ -67,18 +67,13 @@ def whole_document_vectors(
     """
     row_of = {p.id: i for i, p in enumerate(passages) if not p.parent_id}
     missing = [d for d in documents if d.id not in row_of]
-    dim = int(passage_vectors.shape[1]) if len(passage_vectors) else 0
-    vectors = np.zeros((len(documents), dim), dtype=np.float32)
+    fresh: dict[str, np.ndarray] = {}
     if missing:
         encoded = np.asarray(encoder.encode_passages(missing, batch_size=batch_size),
                              dtype=np.float32)
-        dim = encoded.shape[1]
-        vectors = np.zeros((len(documents), dim), dtype=np.float32)
         fresh = {d.id: encoded[i] for i, d in enumerate(missing)}
-    else:
-        fresh = {}
-    for i, d in enumerate(documents):
-        vectors[i] = fresh[d.id] if d.id in fresh else passage_vectors[row_of[d.id]]
+    vectors = np.stack([fresh[d.id] if d.id in fresh else passage_vectors[row_of[d.id]]
+                        for d in documents]).astype(np.float32, copy=False)
     return vectors, len(missing)
 
 
