@@ -280,6 +280,30 @@ def test_setups_bench_prints_the_reports_rows_for_the_base_model(tmp_path, regis
     assert result["best"]["id"] != "base-chunks"
 
 
+def test_setups_bench_reuses_stored_chunk_vectors_only_when_they_re_encode_the_same(
+        tmp_path, registry):
+    import numpy as np
+
+    from bench.setups import _cached_vectors
+    from ml_core.records import Passage
+    from ml_core.student import Student
+
+    student = Student.load(registry.path("tiny-student"))
+    student.encode_precision = "fp32"
+    passages = [Passage(id=f"p{i}", text=f"river flow number {i} over a plate") for i in range(8)]
+    path = tmp_path / "vectors.npy"
+    assert _cached_vectors(student, passages, path) is None  # nothing stored yet
+    vectors = student.encode_passages(passages)
+    np.save(path, vectors)
+    assert np.array_equal(_cached_vectors(student, passages, path), vectors)
+    np.save(path, vectors[::-1])  # another order: not these chunks' vectors
+    with pytest.raises(ValueError, match="re-encoded chunks differ"):
+        _cached_vectors(student, passages, path)
+    np.save(path, vectors[:4])
+    with pytest.raises(ValueError, match="for 8 chunks"):
+        _cached_vectors(student, passages, path)
+
+
 def test_generate_bench_times_both_formats_on_the_same_sample(tmp_path, registry):
     from bench.generate import print_table, run
     from ml_core.config import build_config
