@@ -195,3 +195,29 @@ def test_without_chunked_documents_there_is_no_whole_row(student: Student) -> No
         assert row["ndcg@10"] <= section["best"]["ndcg@10"]
     html = render_report_html({**sample_report(queries=40), "retrievers": section})
     assert "no whole-document row" in html
+
+
+def test_a_best_that_is_the_reference_itself_is_said_without_a_difference(
+    student: Student,
+) -> None:
+    documents, queries, qrels = _lexical_corpus(n=8)
+    passages, vectors = _setup(student, documents)
+    section = compare_setups([DenseModel("tuned", student, vectors, student.max_seq_length)],
+                             passages, documents, queries, qrels, chunk_tokens=32,
+                             chunk_overlap_tokens=8)
+    reference = next(r for r in section["rows"] if r["id"] == "tuned-chunks")
+    # The shape compare_setups gives a reference that wins (no difference against itself).
+    section["best"] = {"id": "tuned-chunks", "setup": reference["setup"],
+                       "ndcg@10": reference["ndcg@10"], "reference": True, "ties": ["bm25"]}
+    report = {**sample_report(queries=40), "version": 2, "retrievers": section}
+    text = "\n".join(report_lines(report))
+    assert (f"best set-up: tuned, chunks of 32 tokens, max over chunks (nDCG@10 "
+            f"{reference['ndcg@10']:.4f})") in text
+    assert "as good within noise: BM25 on whole documents" in text
+    html = render_report_html(report)
+    assert "Best here: <b>tuned, chunks of 32 tokens, max over chunks</b>" in html
+    assert "As good within noise" in html
+    console = Console(record=True, width=240)
+    console.print(report_view(report))
+    assert "Best set-up: tuned, chunks of 32 tokens, max over chunks (nDCG@10" in \
+        console.export_text()
