@@ -268,12 +268,20 @@ def test_setups_bench_prints_the_reports_rows_for_the_base_model(tmp_path, regis
     from ml_core.config import build_config
 
     demo = Path(__file__).resolve().parents[1] / "demo" / "cranfield"
+    # A BEIR folder of the first 300 documents (queries judged elsewhere only miss).
+    data = tmp_path / "data"
+    (data / "qrels").mkdir(parents=True)
+    lines = (demo / "corpus.jsonl").read_text().splitlines(keepends=True)[:300]
+    (data / "corpus.jsonl").write_text("".join(lines))
+    (data / "queries.jsonl").write_text((demo / "queries.jsonl").read_text())
+    (data / "qrels" / "test.tsv").write_text((demo / "qrels" / "test.tsv").read_text())
     config = build_config("default", {"student": "tiny-student"})
-    result = run(demo, demo / "qrels" / "test.tsv", tmp_path, registry, config)
+    result = run(data, data / "qrels" / "test.tsv", tmp_path / "work", registry, config)
     ids = [row["id"] for row in result["rows"]]
     assert ids == ["bm25", "base-whole", "base-chunks", "base+bm25-whole", "base+bm25-chunks"]
-    assert result["queries"] == 225 and result["encoded_documents"] == result["chunked_documents"]
-    print_table("cranfield", result)
+    assert result["queries"] > 20 and result["documents"] <= 300
+    assert result["encoded_documents"] == result["chunked_documents"] > 0
+    print_table("cranfield-300", result)
     out = capsys.readouterr().out
     assert f"best set-up: {result['best']['setup']}" in out
     # A random-weight student is no match for BM25 on Cranfield's judgements.
