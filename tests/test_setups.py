@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import re
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
@@ -115,6 +116,11 @@ def test_bm25_wins_a_lexical_corpus_and_every_row_is_the_retriever_it_names(
                                "retrievers": section})
     assert "Best here: <b>BM25 on whole documents</b>" in html
     assert '<tr class="best"><td>BM25 on whole documents (best)</td>' in html
+    # The bar chart: well-formed SVG with one bar per row, titled with the row and its score.
+    chart = next(ET.fromstring(svg) for svg in re.findall(r"<svg\b.*?</svg>", html, re.S)
+                 if "BM25, chunks" in svg)
+    bars = [t.text for t in chart.iter("{http://www.w3.org/2000/svg}title")][1:]
+    assert bars == [f"nDCG@10: {row['ndcg@10']:.4f}" for row in section["rows"]]
     # The CLI's `jobs report` table: every row with its figures, the best marked.
     console = Console(record=True, width=240)
     console.print(report_view({**sample_report(queries=40), "retrievers": section}, "job_1"))
