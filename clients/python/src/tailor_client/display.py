@@ -215,6 +215,60 @@ def comparison_table(report: Report) -> Table:
     return table
 
 
+def _interval(sig: dict[str, Any]) -> str:
+    low, high = sig["ci95"]
+    return f"[{low:+.4f}, {high:+.4f}]"
+
+
+def setups_table(report: Report) -> Table | None:
+    """The retrieval set-ups (reports from version 2): BM25, each model on chunks, the tuned
+    model also on whole documents, each fused with BM25; nDCG@10, Recall@100 and the nDCG@10
+    difference against the tuned model on chunks with its 95% interval. The best is marked."""
+    section = report.get("retrievers") or {}
+    rows = section.get("rows") or []
+    if not rows:
+        return None
+    against = str(section.get("reference", "tuned")).split("-")[0]
+    best = section.get("best") or {}
+    table = Table(header_style="bold", title="Retrieval set-ups",
+                  caption=f"the same {section.get('queries', '?')} queries; differences in "
+                          f"{_metric(PRIMARY)} against {against} on chunks")
+    table.add_column("set-up")
+    for name in (_metric(PRIMARY), _metric("recall@100"), f"vs {against}", "95% interval"):
+        table.add_column(name, justify="right")
+    for row in rows:
+        versus = row.get("vs_reference")
+        name = row["setup"] + ("  (best)" if row["id"] == best.get("id") else "")
+        table.add_row(Text(name, style="bold" if row["id"] == best.get("id") else ""),
+                      _number(row.get(PRIMARY)), _number(row.get("recall@100")),
+                      _signed(versus["difference"]) if versus else Text("reference"),
+                      _interval(versus) if versus else "")
+    return table
+
+
+def best_setup_line(report: Report) -> Text | None:
+    """The best set-up with its parameters, and what chunking buys over whole documents."""
+    section = report.get("retrievers") or {}
+    best = section.get("best")
+    if not best:
+        return None
+    text = Text.assemble(("Best set-up: ", "bold"), (best["setup"], "bold green"),
+                         f" ({_metric(PRIMARY)} {best[PRIMARY]:.4f}")
+    if not best.get("reference"):
+        text.append(f", {best['difference']:+.4f}, 95% interval {_interval(best)}")
+        if best.get("within_noise"):
+            text.append(": within noise of the reference")
+    text.append(")")
+    names = {row["id"]: row["setup"] for row in section.get("rows") or []}
+    ties = [names[t] for t in best.get("ties") or [] if t in names]
+    if ties:
+        text.append("\nAs good within noise: " + "; ".join(ties))
+    for model, sig in (section.get("chunking") or {}).items():
+        text.append(f"\nChunking ({model}): {sig['difference']:+.4f} {_metric(PRIMARY)} over "
+                    f"whole documents, 95% interval {_interval(sig)}, {_p(sig['p_value'])}")
+    return text
+
+
 def per_query_counts(report: Report) -> Text | None:
     sig = report.get("significance")
     if not sig:
@@ -254,12 +308,14 @@ def teacher_line(report: Report) -> Text | None:
 
 
 def report_view(report: Report, job_id: str | None = None) -> Group:
-    """The whole report: recommendation, base vs tuned, per query, per type, teacher check,
-    warnings."""
+    """The whole report: recommendation, base vs tuned, the retrieval set-ups and the best of
+    them, per query, per type, teacher check, warnings."""
     parts: list[RenderableType | None] = [
         Text(f"Report of {job_id}", style="bold") if job_id else None,
         recommendation(report),
         comparison_table(report),
+        setups_table(report),
+        best_setup_line(report),
         per_query_counts(report),
         per_type_table(report),
         teacher_line(report),
