@@ -205,6 +205,7 @@ def cancel_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> Job:
 @router.get(
     "/{job_id}/report",
     response_model=JobReport,
+    response_model_exclude_unset=True,  # the report as written: no fields of a later layout
     responses=responses(Unauthorized, NotFound, InvalidState, InvalidRequest),
 )
 def get_job_report(

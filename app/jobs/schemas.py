@@ -141,3 +141,10 @@ class JobReport(BaseModel):
     judgements: Literal["customer", "synthetic"] | None = None
     # Training never beat the base on its dev loss: the tuned model is the base's weights.
     base_kept: bool | None = None
+    # report.json's layout (2 added "retrievers"; a report without it is layout 1).
+    version: int | None = None
+    retrievers: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Retrieval set-ups on the same judgements: BM25, hybrid (RRF) and "
+        "whole-document rows, each paired against the tuned model, and the best set-up named "
+        "with its parameters (`rows`, `best`, `chunking`).")
