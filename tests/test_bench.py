@@ -263,6 +263,55 @@ def test_encode_bench_times_both_formats_and_scores_the_whole_corpus(tmp_path, r
     assert abs(whole["ndcg@10"]["fp32"] - whole["ndcg@10"]["bf16"]) < 0.05
 
 
+def test_setups_bench_prints_the_reports_rows_for_the_base_model(tmp_path, registry, capsys):
+    from bench.setups import print_table, run
+    from ml_core.config import build_config
+
+    demo = Path(__file__).resolve().parents[1] / "demo" / "cranfield"
+    # A BEIR folder of the first 300 documents (queries judged elsewhere only miss).
+    data = tmp_path / "data"
+    (data / "qrels").mkdir(parents=True)
+    lines = (demo / "corpus.jsonl").read_text().splitlines(keepends=True)[:300]
+    (data / "corpus.jsonl").write_text("".join(lines))
+    (data / "queries.jsonl").write_text((demo / "queries.jsonl").read_text())
+    (data / "qrels" / "test.tsv").write_text((demo / "qrels" / "test.tsv").read_text())
+    config = build_config("default", {"student": "tiny-student"})
+    result = run(data, data / "qrels" / "test.tsv", tmp_path / "work", registry, config)
+    ids = [row["id"] for row in result["rows"]]
+    assert ids == ["bm25", "base-whole", "base-chunks", "base+bm25-whole", "base+bm25-chunks"]
+    assert result["queries"] > 20 and result["documents"] <= 300
+    assert result["encoded_documents"] == result["chunked_documents"] > 0
+    print_table("cranfield-300", result)
+    out = capsys.readouterr().out
+    assert f"best set-up: {result['best']['setup']}" in out
+    # A random-weight student is no match for BM25 on Cranfield's judgements.
+    assert result["best"]["id"] != "base-chunks"
+
+
+def test_setups_bench_reuses_stored_chunk_vectors_only_when_they_re_encode_the_same(
+        tmp_path, registry):
+    import numpy as np
+
+    from bench.setups import _cached_vectors
+    from ml_core.records import Passage
+    from ml_core.student import Student
+
+    student = Student.load(registry.path("tiny-student"))
+    student.encode_precision = "fp32"
+    passages = [Passage(id=f"p{i}", text=f"river flow number {i} over a plate") for i in range(8)]
+    path = tmp_path / "vectors.npy"
+    assert _cached_vectors(student, passages, path) is None  # nothing stored yet
+    vectors = student.encode_passages(passages)
+    np.save(path, vectors)
+    assert np.array_equal(_cached_vectors(student, passages, path), vectors)
+    np.save(path, vectors[::-1])  # another order: not these chunks' vectors
+    with pytest.raises(ValueError, match="re-encoded chunks differ"):
+        _cached_vectors(student, passages, path)
+    np.save(path, vectors[:4])
+    with pytest.raises(ValueError, match="for 8 chunks"):
+        _cached_vectors(student, passages, path)
+
+
 def test_generate_bench_times_both_formats_on_the_same_sample(tmp_path, registry):
     from bench.generate import print_table, run
     from ml_core.config import build_config

@@ -346,6 +346,10 @@ def test_evaluate_scores_a_kept_base_once(finished_run: StageContext, tmp_path: 
     assert any(f"only {dev_queries} dev queries" in w for w in report["warnings"])
     assert "evaluating tuned model" not in messages
     assert any("training kept the base model" in m for m in messages)
+    # The set-ups then stand on the base alone: no tuned rows copied from it.
+    section = report["retrievers"]
+    assert section["reference"] == "base-chunks"
+    assert not any(row["model"] == "tuned" for row in section["rows"])
     trained = json.loads((finished_run.stage_dir("evaluate") / "report.json").read_text())
     assert trained["base"] == report["base"] and trained["tuned"] != trained["base"]
 
@@ -650,3 +654,31 @@ def test_a_late_interaction_teacher_runs_a_whole_job(
     assert report["models"]["teacher"] == "tiny-colbert"
     check = report["teacher_check"]
     assert check["queries"] > 0 and 0.0 <= check["teacher"] <= 1.0
+
+
+def test_the_report_compares_bm25_hybrid_and_whole_documents_on_its_own_queries(
+    finished_run: StageContext,
+) -> None:
+    """The evaluate stage's set-up rows: the chunk rows are the report's base and tuned rows,
+    every row is scored on the same queries, and the best row names its parameters."""
+    report = json.loads((finished_run.stage_dir("evaluate") / "report.json").read_text())
+    assert report["version"] == 2
+    section = report["retrievers"]
+    rows = {row["id"]: row for row in section["rows"]}
+    assert section["reference"] == "tuned-chunks" and section["fusion"]["k"] == 60
+    for model in ("base", "tuned"):
+        for metric in ("ndcg@10", "recall@100", "mrr@10"):
+            assert rows[f"{model}-chunks"][metric] == pytest.approx(report[model][metric])
+        assert f"{model}+bm25-chunks" in rows
+    assert rows["tuned-chunks"]["setup"] == "tuned, chunks of 64 tokens, max over chunks"
+    assert {row["queries"] for row in rows.values()} == {report["tuned"]["queries"]}
+    # Demo documents are longer than the tiny recipe's 64-token chunks: whole rows are there.
+    assert section["chunked_documents"] > 0 and "tuned-whole" in rows
+    assert "base-whole" not in rows  # only the served model pays for whole documents
+    assert section["encoded_documents"] == section["chunked_documents"]
+    assert rows["tuned-whole"]["setup"] == "tuned, whole documents cut at 128 tokens"
+    best = max(rows.values(), key=lambda row: row["ndcg@10"])
+    assert section["best"]["ndcg@10"] == best["ndcg@10"]
+    assert section["best"]["setup"] == rows[section["best"]["id"]]["setup"]
+    manifest = json.loads((finished_run.stage_dir("evaluate") / "manifest.json").read_text())
+    assert manifest["metrics"]["best_setup"] == section["best"]["setup"]

@@ -100,6 +100,11 @@ def test_a_report_with_only_the_summary_still_renders() -> None:
     text = _text(render_report_html(report))
     assert "Use the tuned model" in text and "0.3100" in text and "+0.1100" in text
     assert "Per query" not in text and "Training" not in text
+    # A report from before the retrieval set-ups (no "version") has no such section, and one
+    # whose section is of a later layout than this page knows is left out, not misread.
+    assert "Retrieval set-ups" not in text
+    later = {**report, "version": 3, "retrievers": {"version": 99, "rows": [{"id": "x"}]}}
+    assert "Retrieval set-ups" not in _text(render_report_html(later))
 
 
 def _set_status(api: Api, job_id: str, status: JobStatus) -> None:

@@ -132,3 +132,24 @@ def test_a_published_model_carries_its_pages_for_people_and_leaves_the_stage_as_
     assert "mdl_1/1_Pooling/config.json" in names
     assert store.get_bytes(folder_key + "report.html") == b"<!doctype html><p>report</p>"
     assert sorted(p.relative_to(model_dir) for p in model_dir.rglob("*")) == before
+
+
+def test_evaluate_fetches_the_corpus_for_its_bm25_and_whole_document_rows(tmp_path: Path) -> None:
+    """A worker that runs evaluate without having run prepare still has the corpus to read
+    (the report's BM25 and whole-document rows need the documents whole); generate does not
+    fetch it."""
+    from app.settings import Settings
+    from ml_core.config import build_config
+    from worker.stage_run import JobInputs, StageRun
+
+    settings = Settings(object_store_url=f"file://{tmp_path / 'objects'}",
+                        work_dir=tmp_path / "work")
+    LocalObjectStore(tmp_path / "objects").put_bytes("corpora/c1.jsonl", b'{"_id": "d1"}\n')
+    inputs = JobInputs(job_id="job_1", tenant_id="ten_1",
+                       recipe=build_config("default").model_dump(mode="json"), spec={},
+                       corpus_key="corpora/c1.jsonl", eval_queries_key=None,
+                       eval_qrels_key=None)
+    generate = StageRun(inputs, "generate", settings)._context()
+    assert not generate.corpus_path.exists()
+    evaluate = StageRun(inputs, "evaluate", settings)._context()
+    assert evaluate.corpus_path.read_bytes() == b'{"_id": "d1"}\n'

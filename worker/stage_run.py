@@ -183,9 +183,10 @@ class StageRun:
     def _context(self) -> StageContext:
         inputs_dir = self.workdir / "inputs"
         corpus_path = inputs_dir / Path(self.inputs.corpus_key).name
-        # Only prepare reads (and fingerprints) the corpus, only generate the customer's own
-        # training queries, only evaluate the judgements.
-        if self.stage == "prepare":
+        # Only prepare (which fingerprints it) and evaluate (BM25 and whole documents beside
+        # the chunks) read the corpus, only generate the customer's own training queries, only
+        # evaluate the judgements.
+        if self.stage in ("prepare", "evaluate"):
             fetch_input(self.store, self.inputs.corpus_key, corpus_path)
         train_queries = None
         if self.inputs.train_queries_key:
@@ -292,6 +293,7 @@ class StageRun:
             dim=model_dim(model_dir),
             metrics={**dict(report.get("tuned", {})), "gain": report.get("gain", {})},
             recommended=report.get("recommended", "base") == "tuned",
+            metadata_=dict(self.inputs.spec.get("metadata") or {}),
         )
         with session_scope() as session:
             lifecycle.succeed(session, self.job_id, model, report)

@@ -3,7 +3,8 @@
 `render_report_html(report, history=..., filter_summary=...)` turns the evaluate stage's
 report.json (ml_core.evaluation.build_report, plus the distill stage's history.json and the
 filter stage's filter.json when at hand) into a page that reads top to bottom: the
-recommendation, base vs tuned with the interval, the per-query gains, per query type, the dev
+recommendation, base vs tuned with the interval, the retrieval set-ups (BM25, hybrid, whole
+documents) and the best of them, the per-query gains, per query type, the dev
 loss per epoch with the kept checkpoint, the teacher check, the warnings and the recipe.
 
 The page fetches nothing: its stylesheet is inline and pinned by hash in its own
@@ -26,7 +27,8 @@ from markupsafe import Markup
 
 from app.reports import charts
 from ml_core.evaluation import PRIMARY, TEACHER_MARGIN, teacher_is_better
-from ml_core.report import DISPLAY, METRICS, format_p
+from ml_core.report import DISPLAY, METRICS, format_p, format_significance, reference_label
+from ml_core.setups import VERSION as SETUPS_VERSION
 
 HERE = Path(__file__).resolve().parent
 # Where each input of the page is among a job's stage outputs: (stage folder, file name).
@@ -141,6 +143,26 @@ def _metric_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     names = [m for m in (*METRICS, *EXTRA_METRICS) if m in base and m in tuned]
     names += sorted(m for m in gain if m not in names and m in base and m in tuned)
     return [{"name": m, "base": base[m], "tuned": tuned[m], "gain": gain.get(m)} for m in names]
+
+
+def _setups(report: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The retrieval set-ups section (report version 2 on): rows, the best, what chunking buys,
+    a bar chart of nDCG@10; None for reports without it or of a layout this page predates."""
+    section = report.get("retrievers")
+    if not section or not section.get("rows") or section.get("version", 1) > SETUPS_VERSION:
+        return None
+    best = section.get("best") or {}
+    rows = [{**row, "best": row["id"] == best.get("id"),
+             "reference": row["id"] == section.get("reference")} for row in section["rows"]]
+    chart = charts.grouped_bars(
+        [charts.Group(row["label"], (row.get(PRIMARY),)) for row in rows],
+        [("nDCG@10", "c-tuned")], scale=1.0)
+    names = {row["id"]: row["setup"] for row in rows}
+    ties = [names[t] for t in best.get("ties") or [] if t in names]
+    return {"section": section, "rows": rows, "best": best, "chart": chart, "ties": ties,
+            "against": reference_label(section),
+            "tuned_is_base": section.get("reference") == "base-chunks",
+            "chunking": section.get("chunking") or {}}
 
 
 def _interval_chart(report: Mapping[str, Any]) -> Markup | None:
@@ -310,6 +332,7 @@ def report_context(
         "numbers": _numbers(report),
         "metric_rows": _metric_rows(report),
         "interval_chart": _interval_chart(report),
+        "setups": _setups(report),
         "significance": report.get("significance"),
         "per_query": _per_query(report),
         "per_type": _per_type(report),
@@ -319,6 +342,7 @@ def report_context(
         "warnings": list(report.get("warnings") or []),
         "recipe": _recipe(report),
         "format_p": format_p,
+        "format_significance": format_significance,
     }
 
 

@@ -1,5 +1,6 @@
-"""Evaluate: the tuned model + test queries -> report.json (base vs tuned nDCG@10, the teacher
-check, and whether to use the tuned model)."""
+"""Evaluate: the tuned model + test queries -> report.json (base vs tuned nDCG@10, BM25, hybrid
+and whole-document retrieval beside them (ml_core.setups), the teacher check, and whether to use
+the tuned model)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,14 @@ Qrels = dict[str, dict[str, int]]
 def run(ctx: StageContext, out: Path) -> StageOutput:
     """Score the base and the tuned model on the customer's judgements (else the held-out
     synthetic queries) and write the report; returns ({queries}, the headline figures)."""
-    from ml_core.evaluation import build_report, evaluate_retriever, teacher_check
+    from ml_core.evaluation import (
+        ENCODE_BATCH_SIZE,
+        build_report,
+        evaluate_retriever,
+        teacher_check,
+    )
+    from ml_core.report import REPORT_VERSION
+    from ml_core.setups import DenseModel, compare_setups, corpus_documents
     from ml_core.student import Student, resolve_precision
     from ml_core.teacher import load_teacher
 
@@ -60,14 +68,24 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
     base_vectors = np.load(ctx.stage_dir("filter") / "base_passage_vectors.npy")
     ctx.progress(0.05, f"evaluating base model on {len(queries)} queries")
     base_metrics = evaluate_retriever(base, passages, queries, qrels, passage_vectors=base_vectors)
+    dense = [DenseModel("base", base, base_vectors, base.max_seq_length)]
     if base_kept:
-        ctx.progress(0.35, "training kept the base model: its scores are the tuned model's")
+        ctx.progress(0.3, "training kept the base model: its scores are the tuned model's")
         tuned_metrics = copy.deepcopy(base_metrics)
     else:
-        ctx.progress(0.35, "evaluating tuned model")
+        ctx.progress(0.3, "evaluating tuned model")
         tuned = Student.load(ctx.stage_dir("distill") / "model")
         tuned.encode_precision = precision
-        tuned_metrics = evaluate_retriever(tuned, passages, queries, qrels)
+        tuned_vectors = tuned.encode_passages(passages, batch_size=ENCODE_BATCH_SIZE)
+        tuned_metrics = evaluate_retriever(tuned, passages, queries, qrels,
+                                           passage_vectors=tuned_vectors)
+        dense.append(DenseModel("tuned", tuned, tuned_vectors, tuned.max_seq_length))
+    ctx.progress(0.55, "comparing BM25, hybrid and whole-document retrieval")
+    retrievers = compare_setups(
+        dense, passages, corpus_documents(ctx.corpus_path, passages), queries, qrels,
+        chunk_tokens=min(cfg.training.max_passage_length, base.max_passage_length),
+        chunk_overlap_tokens=cfg.corpus.chunk_overlap_tokens,
+    )
     ctx.progress(0.75, "checking the teacher against the student")
     teacher = load_teacher(ctx.registry.get(cfg.teacher), ctx.registry)
     check = teacher_check(
@@ -90,12 +108,15 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
     report["encode_precision"] = precision
     if excluded:
         report["excluded_trained_queries"] = excluded
+    report["version"] = REPORT_VERSION
+    report["retrievers"] = retrievers
     report["recipe"] = cfg.model_dump(mode="json")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return {"queries": len(queries)}, {
         "base_ndcg@10": report["base"]["ndcg@10"],
         "tuned_ndcg@10": report["tuned"]["ndcg@10"],
         "recommended": report["recommended"],
+        "best_setup": retrievers["best"]["setup"],
     }
 
 
