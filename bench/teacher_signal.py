@@ -2,6 +2,7 @@
 measured on the dataset's judged queries.
 
     python -m bench.teacher_signal [--datasets cranfield scifact-dev] [--helpers bge-small]
+                                   [--teachers ms-marco-minilm-l12 answerai-colbert-small]
                                    [--queries N] [--work var/bench-teacher-signal]
                                    [--out bench/results/teacher-signal.json]
 
@@ -9,11 +10,16 @@ Distillation can only teach the student the order its target gives, so the targe
 the recipe's ceiling (the paper's "the teacher is the ceiling"). For every judged query this
 mines the default recipe's candidates twice, as the filter stage does: the student's top k fused
 with BM25's, and the same with each `--helpers` retriever's dense top k joining the fusion
-(`candidates.helpers`). The teacher scores both lists; each list is then ordered by its RRF
-evidence alone, by the cross-encoder alone, and by the recipe's fused signal
-(ml_core.candidates.teacher_signal), followed by the rest of the student's ranking and pooled to
-documents. Prints nDCG@10 per signal and its paired difference from the default recipe's signal
-(the fused one on the student + BM25 list), and writes JSON. The judged queries are the
+(`candidates.helpers`; none with a bare `--helpers`). Every `--teachers` model scores both
+lists (the first is the job's teacher; the default pairs the cross-encoder with the
+late-interaction teacher); each list is then ordered by its RRF evidence alone, by each teacher
+alone (`cross_encoder`, `late_interaction`), by each fused with the rank evidence (`fused`,
+the default, and `li_fused`), and with two teachers by their average (`teachers`,
+`teachers_fused`: candidates.co_teachers), as ml_core.candidates.teacher_signal computes them,
+followed by the rest of the student's ranking and pooled to documents. Prints nDCG@10 per
+signal and its paired difference from the default recipe's signal (the fused one on the
+student + BM25 list), each teacher's speed on the same pairs (scored in alternating slices of
+the queries, so a change of load falls on both), and writes JSON. The judged queries are the
 dataset's real ones, not the synthetic queries the filter sees: a proxy for the target's
 quality, never data that training or the quality benchmark's scores select on. Encodings are
 cached in the work folder.
@@ -26,6 +32,7 @@ import json
 import os
 import platform
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +41,7 @@ import numpy as np
 
 from bench.quality import DATASETS_ROOT, QRELS
 from ml_core.__main__ import default_model_store
-from ml_core.candidates import mine_candidates, teacher_signal
+from ml_core.candidates import combine_teachers, mine_candidates, teacher_signal
 from ml_core.config import RecipeConfig, build_config
 from ml_core.corpus import read_qrels, read_queries
 from ml_core.evaluation import metrics_from_rankings, paired_difference, pool_to_documents
@@ -47,6 +54,12 @@ from ml_core.teacher import load_teacher
 # Deep enough for the student's tail behind a re-ordered head (documents, after pooling).
 TAIL_DEPTH = 200
 REFERENCE = "fused"
+DEFAULT_TEACHERS = ["ms-marco-minilm-l12", "answerai-colbert-small"]
+# Slices of the queries the teachers take turns on when timed.
+SPEED_SLICES = 4
+# A signal's name for a teacher scored alone and fused with the ranks, by its scoring.
+ALONE = {"cross_encoder": ("cross_encoder", "fused"),
+         "late_interaction": ("late_interaction", "li_fused")}
 
 
 def _encoder(registry: ModelRegistry, name: str, config: RecipeConfig) -> Student:
@@ -65,12 +78,45 @@ def _vectors(encoder: Student, passages: list[Passage], cache: Path) -> np.ndarr
     return vectors
 
 
+def score_side_by_side(teachers: list[Any], pairs: list[tuple[str, str]], texts: list[tuple[str,
+                       str]], batch_size: int) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
+    """Every teacher's scores for `texts` (aligned with `pairs`, (query id, passage id)), and
+    its speed: the queries are cut into SPEED_SLICES slices and the teachers take turns on each
+    (the order alternating), so both see the same load. A late-interaction teacher keeps its
+    encoded passages across slices, as it does across a job's calls."""
+    query_ids = sorted({qid for qid, _ in pairs})
+    slice_of = {qid: i * SPEED_SLICES // len(query_ids) for i, qid in enumerate(query_ids)}
+    slices = [[i for i, (qid, _) in enumerate(pairs) if slice_of[qid] == n]
+              for n in range(SPEED_SLICES)]
+    scores = [np.zeros(len(pairs)) for _ in teachers]
+    seconds = [0.0 for _ in teachers]
+    for n, index in enumerate(slices):
+        order = range(len(teachers)) if n % 2 == 0 else reversed(range(len(teachers)))
+        for t in order:
+            start = time.perf_counter()
+            scores[t][index] = teachers[t].score([texts[i] for i in index],
+                                                 batch_size=batch_size)
+            seconds[t] += time.perf_counter() - start
+    speed = []
+    for teacher, spent in zip(teachers, seconds, strict=True):
+        row = {"teacher": teacher.name, "scoring": teacher.spec.scoring, "pairs": len(pairs),
+               "seconds": round(spent, 1), "pairs_per_s": round(len(pairs) / spent, 2)}
+        cache = getattr(teacher, "cache", None)
+        if cache is not None:
+            row["passages_encoded"] = cache.misses
+            row["distinct_queries"] = len(query_ids)
+        speed.append(row)
+    return scores, speed
+
+
 def run(data: Path, qrels_path: Path, helpers: list[str], work: Path,
         registry: ModelRegistry, config: RecipeConfig | None = None,
-        max_queries: int = 0) -> dict[str, Any]:
+        max_queries: int = 0, teacher_names: list[str] | None = None) -> dict[str, Any]:
     """nDCG@10 of every signal on the judged queries of one BEIR folder (see the module doc);
-    on a seeded sample of `max_queries` of them when that is not 0."""
+    on a seeded sample of `max_queries` of them when that is not 0. `teacher_names`: the
+    job's teacher first (default: the config's), then a co-teacher."""
     config = config or build_config("default")
+    teacher_names = teacher_names or [config.teacher]
     work.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(work, data / "corpus.jsonl", config, registry)
     run_stage("prepare", ctx)
@@ -94,27 +140,46 @@ def run(data: Path, qrels_path: Path, helpers: list[str], work: Path,
     cfg = config.candidates
     deep = cfg.model_copy(update={"student_top_n": max(cfg.student_top_n, TAIL_DEPTH)})
     start = time.perf_counter()
-    pools = {
-        "": mine_candidates(queries, passages, student, deep, student_vectors),
-        "+helpers": mine_candidates(queries, passages, student, deep, student_vectors,
-                                    helpers=helper_inputs),
-    }
+    pools = {"": mine_candidates(queries, passages, student, deep, student_vectors)}
+    if helper_inputs:
+        pools["+helpers"] = mine_candidates(queries, passages, student, deep, student_vectors,
+                                            helpers=helper_inputs)
     seconds["retrieve"] = time.perf_counter() - start
 
     pairs = sorted({(q.id, pid) for q in queries for mined in pools.values()
                     for pid in mined[q.id].passage_ids})
     text = {q.id: q.text for q in queries}
     start = time.perf_counter()
-    teacher = load_teacher(registry.get(config.teacher), registry)
-    raw = np.asarray(teacher.score([(text[qid], passage_text(by_id[pid])) for qid, pid in pairs],
-                                   batch_size=cfg.teacher_batch_size), dtype=np.float64)
-    seconds["teacher"] = time.perf_counter() - start
-    raw_of = {pair: float(value) for pair, value in zip(pairs, raw, strict=True)}
-    low = float(np.percentile(raw, cfg.norm_low_percentile))
-    high = float(np.percentile(raw, cfg.norm_high_percentile))
+    teachers = [load_teacher(registry.get(name), registry) for name in teacher_names]
+    seconds["load_teachers"] = time.perf_counter() - start
+    texts = [(text[qid], passage_text(by_id[pid])) for qid, pid in pairs]
+    raws, speed = score_side_by_side(teachers, pairs, texts, cfg.teacher_batch_size)
+    for teacher, row in zip(teachers, speed, strict=True):
+        seconds["teacher " + teacher.name] = row["seconds"]
+    by_teacher = [{} for _ in teachers]
+    for raw_by, raw in zip(by_teacher, raws, strict=True):
+        for (qid, pid), value in zip(pairs, raw, strict=True):
+            raw_by.setdefault(qid, {})[pid] = float(value)
 
-    signal_config = {name: cfg.model_copy(update={"teacher_signal": name})
-                     for name in ("cross_encoder", "fused")}
+    # signal name -> (its raw scores {query id: {passage id: score}}, teacher_signal setting)
+    sources: dict[str, tuple[dict[str, dict[str, float]], str]] = {}
+    for teacher, raw_by in zip(teachers, by_teacher, strict=True):
+        alone, fused = ALONE[teacher.spec.scoring]
+        if alone in sources:  # two teachers of one kind: name them
+            alone, fused = f"{alone}:{teacher.name}", f"{fused}:{teacher.name}"
+        sources[alone] = (raw_by, "cross_encoder")
+        sources[fused] = (raw_by, "fused")
+    if len(teachers) > 1:
+        combined = combine_teachers(by_teacher, cfg)
+        sources["teachers"] = (combined, "teachers")
+        sources["teachers_fused"] = (combined, "teachers_fused")
+    spans = {}
+    for name, (raw_by, _) in sources.items():
+        values = [v for scores in raw_by.values() for v in scores.values()]
+        spans[name] = (float(np.percentile(values, cfg.norm_low_percentile)),
+                       float(np.percentile(values, cfg.norm_high_percentile)))
+    signal_config = {name: cfg.model_copy(update={"teacher_signal": setting})
+                     for name, (_, setting) in sources.items()}
 
     def ordered(query: Query, suffix: str, signal: str) -> list[str]:
         cand = pools[suffix][query.id]
@@ -122,7 +187,9 @@ def run(data: Path, qrels_path: Path, helpers: list[str], work: Path,
         if signal == "rrf":
             values = np.asarray(cand.rrf)
         else:
-            raw_values = np.array([raw_of[(query.id, pid)] for pid in pids])
+            raw_by = sources[signal][0][query.id]
+            raw_values = np.array([raw_by[pid] for pid in pids])
+            low, high = spans[signal]
             values = teacher_signal(pids, raw_values, cand, low, high, signal_config[signal])
         head = [pids[i] for i in np.argsort(-values, kind="stable")]
         in_head = set(head)
@@ -134,7 +201,7 @@ def run(data: Path, qrels_path: Path, helpers: list[str], work: Path,
                     for q in queries},
     }
     for suffix in pools:
-        for signal in ("rrf", "cross_encoder", "fused"):
+        for signal in ("rrf", *sources):
             rankings[signal + suffix] = {q.id: ordered(q, suffix, signal) for q in queries}
     metrics = {name: metrics_from_rankings(r, qrels, (10, 100), keep_per_query=True)
                for name, r in rankings.items()}
@@ -147,14 +214,16 @@ def run(data: Path, qrels_path: Path, helpers: list[str], work: Path,
     overlap = np.mean([
         len(set(pools[""][q.id].passage_ids) & set(pools["+helpers"][q.id].passage_ids))
         / len(pools[""][q.id].passage_ids) for q in queries
-    ])
+    ]) if "+helpers" in pools else 1.0
     return {
         "queries": len(queries),
         "chunks": len(passages),
         "top_k": cfg.top_k,
         "helpers": helpers,
-        "teacher": config.teacher,
+        "teacher": teacher_names[0],
+        "teachers": teacher_names,
         "pairs_scored": len(pairs),
+        "speed": speed,
         "list_overlap": float(overlap),
         "systems": rows,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
@@ -174,12 +243,19 @@ def print_table(name: str, result: dict[str, Any]) -> None:
             f"p {diff['p_value']:.3f}")
         print(f"| {system:<22} | {row['ndcg@10']:.4f}  | {text:<38} |")
     print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result["seconds"].items()))
+    print("teacher speed on the same pairs (shared machine): " + "; ".join(
+        f"{row['teacher']} {row['pairs_per_s']:.1f} pairs/s ({row['pairs']} pairs in "
+        f"{row['seconds']:.0f} s" + (f", {row['passages_encoded']} passages encoded"
+                                     if "passages_encoded" in row else "") + ")"
+        for row in result["speed"]))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=sorted(QRELS), choices=sorted(QRELS))
     parser.add_argument("--helpers", nargs="*", default=["bge-small"])
+    parser.add_argument("--teachers", nargs="+", default=DEFAULT_TEACHERS,
+                        help="the job's teacher, then a co-teacher (default: %(default)s)")
     parser.add_argument("--queries", type=int, default=0,
                         help="a seeded sample of this many judged queries (default: all)")
     parser.add_argument("--work", type=Path, default=Path("var/bench-teacher-signal"))
@@ -191,13 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.datasets:
         data = DATASETS_ROOT / name
         results[name] = run(data, data / QRELS[name], args.helpers, args.work / name, registry,
-                            max_queries=args.queries)
+                            max_queries=args.queries, teacher_names=args.teachers)
         print_table(name, results[name])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "machine": platform.platform(),
         "cpus": os.cpu_count(),
         "torch_threads": os.environ.get("TAILOR_TORCH_THREADS", "all"),
+        "command": "python -m bench.teacher_signal " + " ".join(argv or sys.argv[1:]),
         "datasets": results,
     }, indent=2))
     print(f"wrote {args.out}")

@@ -21,6 +21,7 @@ import numpy as np
 from ml_core.config import CandidateConfig
 from ml_core.records import Passage, ProgressFn, Query, ScoredList, no_progress
 from ml_core.retrieval import BM25Index, DenseIndex, reciprocal_rank_fusion, rrf_scores
+from ml_core.teacher_signals import combine_teachers, percentiles, teacher_signal
 
 ENCODE_BATCH_SIZE = 64
 
@@ -77,6 +78,9 @@ class FilterResult:
     # Queries dropped only because the teacher signal put another passage first, relabelled:
     # that passage is the list's positive (training may use them: training.relabel_disagreements).
     relabeled: list[ScoredList] = field(default_factory=list)
+    # With co-teachers: each teacher's own raw scores, the job's teacher first (raw_scores then
+    # holds their average after per-teacher normalisation).
+    teacher_raw_scores: list[dict[str, dict[str, float]]] = field(default_factory=list)
 
 
 def passage_text(passage: Passage) -> str:
@@ -199,34 +203,6 @@ def teacher_agreement(
     }
 
 
-def _minmax(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    return (values - low) / (high - low) if high > low else np.ones_like(values)
-
-
-def teacher_signal(
-    passage_ids: Sequence[str],
-    raw_scores: np.ndarray,
-    candidates: Candidates,
-    low: float,
-    high: float,
-    cfg: CandidateConfig,
-) -> np.ndarray:
-    """The training target's signal for one query's scored passages: the raw teacher scores
-    min-max normalised between `low` and `high` (percentiles of all queries' raw scores); with
-    cfg.teacher_signal == "fused", fused_teacher_weight x that + (1 - weight) x the passages'
-    RRF evidence (0 for a passage outside the fused top-k) min-max scaled within the list.
-    Unclipped: decisions on it would see clipped top scores as ties."""
-    signal = _minmax(np.asarray(raw_scores, dtype=np.float64), low, high)
-    if cfg.teacher_signal == "fused":
-        rrf = dict(zip(candidates.passage_ids, candidates.rrf, strict=True))
-        evidence = np.array([rrf.get(pid, 0.0) for pid in passage_ids])
-        spread = evidence.max() - evidence.min()
-        evidence = (evidence - evidence.min()) / spread if spread > 0 else evidence * 0
-        w = cfg.fused_teacher_weight
-        signal = w * signal + (1 - w) * evidence
-    return signal
-
-
 @dataclass(frozen=True, slots=True)
 class _Judgement:
     """One query's scored pool as the filter sees it: passage ids, raw scores and signal in
@@ -278,15 +254,6 @@ def _judge(
                       student_found)
 
 
-def _percentiles(raw_by_query: Mapping[str, Mapping[str, float]], cfg: CandidateConfig
-                 ) -> tuple[float, float]:
-    values = [v for scores in raw_by_query.values() for v in scores.values()]
-    if not values:
-        return 0.0, 1.0
-    return (float(np.percentile(values, cfg.norm_low_percentile)),
-            float(np.percentile(values, cfg.norm_high_percentile)))
-
-
 def score_and_filter(
     queries: Sequence[Query],
     candidates: Mapping[str, Candidates],
@@ -294,6 +261,7 @@ def score_and_filter(
     teacher: Scorer,
     cfg: CandidateConfig,
     progress: ProgressFn = no_progress,
+    co_teachers: Sequence[Scorer] = (),
 ) -> FilterResult:
     """Teacher-scored, filtered candidate lists (see FilterResult).
 
@@ -307,7 +275,7 @@ def score_and_filter(
     positive), "low_score" (best raw teacher score under the
     cfg.min_score_percentile of all queries' best scores). The round-trip checks apply only
     when cfg.round_trip. Scores are min-max normalised between the norm_low/high percentiles of
-    all raw scores and clipped to [0, 1]. With cfg.teacher_signal == "fused", the signal is
+    all raw scores and clipped to [0, 1]. With cfg.teacher_signal "fused", the signal is
     fused_teacher_weight x normalised teacher + (1 - weight) x the query's RRF evidence
     min-max scaled within its list, and the round trip uses that signal.
 
@@ -319,6 +287,9 @@ def score_and_filter(
     the query. Percentiles and the signal's normalisation then see every score of both rounds;
     a first-round drop's relabelled list, and its pool in the teacher check, hold its
     first-round pool only.
+
+    `co_teachers` (for cfg.teacher_signal "teachers" and "teachers_fused") score the same pairs;
+    every decision above then reads combine_teachers' average in place of the raw scores.
     """
     by_id = passages if isinstance(passages, Mapping) else {p.id: p for p in passages}
     scored_queries = [
@@ -328,7 +299,9 @@ def score_and_filter(
     ]
     depth = cfg.filter_depth or cfg.top_k  # the config keeps it within top_k
     two_rounds = cfg.round_trip and depth < cfg.top_k
-    raw_by_query: dict[str, dict[str, float]] = {}
+    scorers = [teacher, *co_teachers]
+    raw_by_teacher: list[dict[str, dict[str, float]]] = [{} for _ in scorers]
+    raw_by_query = raw_by_teacher[0]
 
     def score_pools(batch: Sequence[Query], limit: int, span: tuple[float, float]) -> int:
         """Scores each query's top `limit` (plus its source) not scored yet; returns the count."""
@@ -336,32 +309,39 @@ def score_and_filter(
         owners: list[tuple[str, str]] = []  # (query id, passage id) per pair
         for query in batch:
             pool = [*candidates[query.id].passage_ids[:limit], query.source_id or None]
-            done = raw_by_query.get(query.id, {})
+            done = raw_by_teacher[0].get(query.id, {})
             for pid in dict.fromkeys(pool):
                 if pid is not None and pid not in done:
                     pairs.append((query.text, passage_text(by_id[pid])))
                     owners.append((query.id, pid))
-        lo, hi = span
-        progress(lo, f"teacher scoring {len(pairs)} pairs for {len(batch)} queries")
-        raw = (
-            np.asarray(
-                teacher.score(pairs, batch_size=cfg.teacher_batch_size,
-                              progress=lambda f, m: progress(lo + (hi - lo) * f, m)),
-                dtype=np.float64,
+        step = (span[1] - span[0]) / len(scorers)
+        for n, (scorer, raw_by) in enumerate(zip(scorers, raw_by_teacher, strict=True)):
+            lo = span[0] + n * step
+            progress(lo, f"teacher scoring {len(pairs)} pairs for {len(batch)} queries"
+                         + (f" (teacher {n + 1} of {len(scorers)})" if co_teachers else ""))
+            raw = (
+                np.asarray(
+                    scorer.score(pairs, batch_size=cfg.teacher_batch_size,
+                                 progress=lambda f, m, lo=lo: progress(lo + step * f, m)),
+                    dtype=np.float64,
+                )
+                if pairs
+                else np.zeros(0)
             )
-            if pairs
-            else np.zeros(0)
-        )
-        if len(raw) != len(pairs):
-            raise ValueError(f"teacher returned {len(raw)} scores for {len(pairs)} pairs")
-        for (qid, pid), value in zip(owners, raw, strict=True):
-            raw_by_query.setdefault(qid, {})[pid] = float(value)
+            if len(raw) != len(pairs):
+                raise ValueError(f"teacher returned {len(raw)} scores for {len(pairs)} pairs")
+            for (qid, pid), value in zip(owners, raw, strict=True):
+                raw_by.setdefault(qid, {})[pid] = float(value)
         return len(pairs)
+
+    def combined() -> dict[str, dict[str, float]]:
+        return combine_teachers(raw_by_teacher, cfg) if co_teachers else raw_by_teacher[0]
 
     first_drops: set[str] = set()
     if two_rounds:
         pairs_scored = score_pools(scored_queries, depth, (0.0, 0.5))
-        low, high = _percentiles(raw_by_query, cfg)
+        raw_by_query = combined()
+        low, high = percentiles(raw_by_query, cfg)
         first_drops = {
             query.id for query in scored_queries
             if _judge(query, raw_by_query[query.id], candidates[query.id], by_id, low, high,
@@ -372,7 +352,8 @@ def score_and_filter(
     else:
         pairs_scored = score_pools(scored_queries, cfg.top_k, (0.0, 1.0))
 
-    low, high = _percentiles(raw_by_query, cfg)
+    raw_by_query = combined()
+    low, high = percentiles(raw_by_query, cfg)
     best = np.array([max(raw_by_query[q.id].values()) for q in scored_queries])
     floor = float(np.percentile(best, cfg.min_score_percentile)) if len(best) else 0.0
 
@@ -420,11 +401,13 @@ def score_and_filter(
         "by_type": _counts_by_type(queries, reasons),
         "thresholds": {"min_top_score": floor, "norm_low": low, "norm_high": high},
         "teacher_signal": cfg.teacher_signal,
+        "teachers": len(scorers),
         "teacher_check": teacher_agreement(scored_queries, candidates, raw_by_query),
     }
     progress(1.0, f"kept {len(kept)} of {len(queries)} queries")
     return FilterResult(
-        lists=lists, kept=kept, summary=summary, raw_scores=raw_by_query, relabeled=relabeled
+        lists=lists, kept=kept, summary=summary, raw_scores=raw_by_query, relabeled=relabeled,
+        teacher_raw_scores=raw_by_teacher if co_teachers else [],
     )
 
 

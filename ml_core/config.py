@@ -114,9 +114,15 @@ class CandidateConfig(_Section):
     norm_high_percentile: Annotated[float, Field(ge=50.0, le=100.0)] = 99.0
     # "fused" blends the teacher's scores with the first stage's reciprocal ranks, so that where
     # the cross-encoder is no better than the student (docs/models.md) their agreement still
-    # counts; "cross_encoder" is the paper's (docs/benchmarks.md, "Teacher signal").
-    teacher_signal: Literal["cross_encoder", "fused"] = "fused"
+    # counts; "cross_encoder" is the teacher's scores alone, the paper's (docs/benchmarks.md,
+    # "Teacher signal"). "teachers" and "teachers_fused" are the same with the job's teacher
+    # and every co_teacher averaged, each normalised by its own percentiles (docs/benchmarks.md,
+    # "Late-interaction teacher").
+    teacher_signal: Literal["cross_encoder", "fused", "teachers", "teachers_fused"] = "fused"
     fused_teacher_weight: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    # Teachers of the registry scored beside the job's `teacher` for the "teachers" signals
+    # (e.g. answerai-colbert-small next to the cross-encoder).
+    co_teachers: list[str] = []
     teacher_batch_size: Annotated[int, Field(ge=1, le=1024)] = 32
     # Two rounds for long lists (None: one): the round trip runs on the top filter_depth and only
     # the queries it keeps get the rest scored, since the teacher is the CPU bottleneck and
@@ -140,6 +146,24 @@ class CandidateConfig(_Section):
         if len(set(value)) != len(value):
             raise ValueError(f"helpers are named more than once: {value}")
         return value
+
+    @field_validator("co_teachers")
+    @classmethod
+    def _distinct_co_teachers(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"co_teachers are named more than once: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _co_teachers_with_their_signal(self) -> CandidateConfig:
+        averaged = self.teacher_signal in ("teachers", "teachers_fused")
+        if averaged and not self.co_teachers:
+            raise ValueError(f"candidates.teacher_signal {self.teacher_signal!r} averages the "
+                             "job's teacher with candidates.co_teachers, which is empty")
+        if self.co_teachers and not averaged:
+            raise ValueError(f"candidates.co_teachers are scored only for teacher_signal "
+                             f"'teachers' or 'teachers_fused', not {self.teacher_signal!r}")
+        return self
 
 
 class TrainingConfig(_Section):

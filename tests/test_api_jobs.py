@@ -86,6 +86,12 @@ def test_explicit_fields_and_hyperparameters_shape_the_recipe(sqlite_api: Api) -
          "hyperparameters.candidates.helpers"),
         ({"hyperparameters": {"candidates": {"helpers": ["tiny-teacher"]}}},
          "hyperparameters.candidates.helpers"),  # a helper retriever is a bi-encoder
+        ({"hyperparameters": {"candidates": {"teacher_signal": "teachers",
+                                             "co_teachers": ["no-such-teacher"]}}},
+         "hyperparameters.candidates.co_teachers"),
+        ({"hyperparameters": {"candidates": {"teacher_signal": "teachers_fused",
+                                             "co_teachers": ["tiny-student"]}}},
+         "hyperparameters.candidates.co_teachers"),  # a co-teacher is a teacher
     ],
 )
 def test_models_must_exist_with_the_right_role(sqlite_api: Api, fields: dict, field: str) -> None:
@@ -108,6 +114,8 @@ def test_models_must_exist_with_the_right_role(sqlite_api: Api, fields: dict, fi
          "hyperparameters.candidates.top_k"),
         ({"hyperparameters": {"candidates": {"helpers": ["tiny-student", "tiny-student"]}}},
          "invalid_recipe", "hyperparameters.candidates.helpers"),
+        ({"hyperparameters": {"candidates": {"teacher_signal": "teachers"}}},
+         "invalid_recipe", "hyperparameters.candidates"),  # averaged with no co-teacher
         ({"hyperparameters": {"training": {"no_such_knob": 1}}}, "invalid_recipe",
          "hyperparameters.training.no_such_knob"),
         ({"hyperparameters": {"training": {"batch_size": 4, "micro_batch_size": 8}}},

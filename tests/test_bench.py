@@ -400,6 +400,37 @@ def test_teacher_signal_bench_orders_both_candidate_lists_by_every_signal(tmp_pa
     assert sample["queries"] == 20 and sample["list_overlap"] == 1.0  # no helper, same lists
 
 
+def test_teacher_signal_bench_with_a_late_interaction_co_teacher(tmp_path, registry, capsys):
+    """Two teachers: each alone and fused, their average alone and fused, and each one's
+    speed on the same pairs; the late-interaction teacher encodes each passage once."""
+    from bench.teacher_signal import print_table, run
+    from ml_core.config import build_config
+    from ml_core.registry import ModelRegistry
+    from tests.tiny_colbert import build_tiny_colbert
+
+    spec, _ = build_tiny_colbert(tmp_path / "tiny-colbert")
+    both = ModelRegistry(registry.store, extra={"tiny-colbert": spec.folder})
+    demo = Path(__file__).resolve().parents[1] / "demo" / "cranfield"
+    config = build_config("default", {"student": "tiny-student", "teacher": "tiny-teacher",
+                                      "encode_precision": "fp32", "candidates": {"top_k": 6}})
+    result = run(demo, demo / "qrels" / "test.tsv", [], tmp_path / "work", both, config,
+                 max_queries=24, teacher_names=["tiny-teacher", "tiny-colbert"])
+    assert list(result["systems"]) == ["student", "rrf", "cross_encoder", "fused",
+                                       "late_interaction", "li_fused", "teachers",
+                                       "teachers_fused"]
+    rows = result["systems"]
+    assert rows["teachers_fused"]["vs_fused"]["queries"] == 24
+    assert rows["late_interaction"]["ndcg@10"] != rows["cross_encoder"]["ndcg@10"]
+    cross, late = result["speed"]
+    assert cross["pairs"] == late["pairs"] == result["pairs_scored"] > 0
+    assert cross["pairs_per_s"] > 0 and late["pairs_per_s"] > 0
+    # 24 queries x 6 candidates, far fewer distinct passages: each encoded once.
+    assert late["distinct_queries"] == 24 and 0 < late["passages_encoded"] < late["pairs"]
+    print_table("demo", result)
+    out = capsys.readouterr().out
+    assert "teachers_fused" in out and "tiny-colbert" in out and "pairs/s" in out
+
+
 def test_cross_fit_folds_are_seeded_disjoint_and_cover_every_query():
     from bench.cross_fit import cross_fit_folds
 

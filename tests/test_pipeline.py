@@ -584,6 +584,78 @@ def test_a_bad_supplied_queries_line_is_named(finished_run: StageContext, tmp_pa
         run_stage("generate", ctx)
 
 
+def test_co_teachers_score_beside_the_teacher_in_the_filter(
+    finished_run: StageContext, tmp_path: Path
+) -> None:
+    """teacher_signal "teachers_fused" with a late-interaction co-teacher: both teachers score
+    every pair, each one's raw scores are kept, and the lists train on their average."""
+    from tests.tiny_colbert import build_tiny_colbert
+
+    spec, _ = build_tiny_colbert(tmp_path / "models" / "tiny-colbert")
+    registry = ModelRegistry(finished_run.registry.store, extra={"tiny-colbert": spec.folder})
+    workdir = tmp_path / "both"
+    for stage in ("prepare", "generate"):
+        shutil.copytree(finished_run.stage_dir(stage), workdir / stage)
+    recipe = json.loads(json.dumps(TINY_RECIPE))
+    recipe["candidates"].update(teacher_signal="teachers_fused", co_teachers=["tiny-colbert"])
+    ctx = StageContext(workdir, finished_run.corpus_path, build_config("default", recipe),
+                       registry)
+    assert not run_stage("filter", ctx).skipped
+    summary = json.loads((workdir / "filter" / "filter.json").read_text())
+    assert summary["teachers"] == 2 and summary["co_teachers"] == ["tiny-colbert"]
+    rows = [json.loads(line) for line in (workdir / "filter" / "teacher_scores.jsonl").open()]
+    alone = {json.loads(line)["query_id"]: json.loads(line) for line in
+             (finished_run.stage_dir("filter") / "teacher_scores.jsonl").open()}
+    for row in rows:
+        cross, late = row["teacher_raw_scores"]
+        assert len(cross) == len(late) == len(row["passage_ids"]) == len(row["raw_scores"])
+        # The job's teacher scores as it does alone; the average is another scale.
+        assert row["passage_ids"] == alone[row["query_id"]]["passage_ids"]
+        assert cross == pytest.approx(alone[row["query_id"]]["raw_scores"], abs=1e-5)
+        assert row["raw_scores"] != cross
+    recipe["candidates"]["co_teachers"] = ["tiny-student"]
+    wrong = StageContext(tmp_path / "wrong", finished_run.corpus_path,
+                         build_config("default", recipe), registry)
+    for stage in ("prepare", "generate"):
+        shutil.copytree(finished_run.stage_dir(stage), wrong.workdir / stage)
+    with pytest.raises(StageError, match="co_teachers: model 'tiny-student' is a student"):
+        run_stage("filter", wrong)
+
+
+def test_a_late_interaction_teacher_runs_a_whole_job(
+    finished_run: StageContext, tmp_path: Path
+) -> None:
+    """`teacher` names a late-interaction model: the filter scores with it (its MaxSim scores
+    are the raw scores), training runs on its lists, and the report's teacher check is its."""
+    from ml_core.candidates import passage_text
+    from ml_core.teacher import load_teacher
+    from tests.tiny_colbert import build_tiny_colbert
+
+    spec, _ = build_tiny_colbert(tmp_path / "models" / "tiny-colbert")
+    registry = ModelRegistry(finished_run.registry.store, extra={"tiny-colbert": spec.folder})
+    workdir = tmp_path / "late"
+    for stage in ("prepare", "generate"):
+        shutil.copytree(finished_run.stage_dir(stage), workdir / stage)
+    recipe = {**json.loads(json.dumps(TINY_RECIPE)), "teacher": "tiny-colbert"}
+    ctx = StageContext(workdir, finished_run.corpus_path, build_config("default", recipe),
+                       registry)
+    for stage in ("filter", "distill", "evaluate"):
+        assert not run_stage(stage, ctx).skipped
+    row = json.loads((workdir / "filter" / "teacher_scores.jsonl").open().readline())
+    queries = {json.loads(line)["id"]: json.loads(line)["text"]
+               for line in (workdir / "generate" / "queries.jsonl").open()}
+    from ml_core.stages.context import load_passages
+
+    by_id = {p.id: p for p in load_passages(ctx)}
+    pairs = [(queries[row["query_id"]], passage_text(by_id[pid])) for pid in row["passage_ids"]]
+    teacher = load_teacher(registry.get("tiny-colbert"), device="cpu")
+    assert row["raw_scores"] == pytest.approx(list(teacher.score(pairs)), abs=1e-4)
+    report = json.loads((workdir / "evaluate" / "report.json").read_text())
+    assert report["models"]["teacher"] == "tiny-colbert"
+    check = report["teacher_check"]
+    assert check["queries"] > 0 and 0.0 <= check["teacher"] <= 1.0
+
+
 def test_the_report_compares_bm25_hybrid_and_whole_documents_on_its_own_queries(
     finished_run: StageContext,
 ) -> None:

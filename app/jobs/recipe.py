@@ -36,6 +36,7 @@ EXPLICIT = {
 MODEL_ROLES = (("base_model", "student"), ("teacher", "teacher"), ("generator", "generator"))
 # Helper retrievers are bi-encoders (role student) named in the recipe's candidates section.
 HELPERS_FIELD = "hyperparameters.candidates.helpers"
+CO_TEACHERS_FIELD = "hyperparameters.candidates.co_teachers"
 
 
 def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
@@ -137,6 +138,7 @@ def check_models(
     names = {"base_model": recipe.student, "teacher": recipe.teacher, "generator": recipe.generator}
     checks = [(field, names[field], role) for field, role in MODEL_ROLES]
     checks += [(HELPERS_FIELD, name, "student") for name in recipe.candidates.helpers]
+    checks += [(CO_TEACHERS_FIELD, name, "teacher") for name in recipe.candidates.co_teachers]
     for field, name, role in checks:
         if field == "base_model" and name.startswith(TENANT_MODEL_PREFIX):
             if name not in own_models:

@@ -103,6 +103,8 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
     report = build_report(base_metrics, tuned_metrics, check, cfg.evaluation, judgements,
                           base_kept=base_kept, dev_queries=distill_counts.get("dev_queries"))
     report["models"] = {"student": cfg.student, "teacher": cfg.teacher, "generator": cfg.generator}
+    if cfg.candidates.co_teachers:
+        report["models"]["co_teachers"] = cfg.candidates.co_teachers
     report["encode_precision"] = precision
     if excluded:
         report["excluded_trained_queries"] = excluded

@@ -20,6 +20,7 @@ from ml_core.stages.context import (
 
 if TYPE_CHECKING:
     from ml_core.student import Student
+    from ml_core.teacher import Teacher
 
 
 def run(ctx: StageContext, out: Path) -> StageOutput:
@@ -35,6 +36,7 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
     student = Student.load(ctx.registry.path(cfg.student))
     student.encode_precision = resolve_precision(cfg.encode_precision, student.device)
     teacher = load_teacher(ctx.registry.get(cfg.teacher), ctx.registry)
+    co_teachers = [_load_co_teacher(ctx, name) for name in cfg.candidates.co_teachers]
 
     helper_names = [name for name in cfg.candidates.helpers if name != cfg.student]
     helpers = [_load_helper(ctx, name) for name in helper_names]
@@ -61,21 +63,27 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
         teacher,
         cfg.candidates,
         progress=lambda f, m: ctx.progress(0.3 + 0.7 * f, m),
+        co_teachers=co_teachers,
     )
     if not result.lists:
         raise StageError("no synthetic query survived the teacher's round-trip filter")
     kept = {sl.query_id for sl in result.lists}
     write_jsonl(out / "candidates.jsonl", result.lists)
     write_jsonl(out / "relabeled.jsonl", result.relabeled)
+    # With co-teachers, raw_scores are their normalised average and each teacher's own follow.
+    each = result.teacher_raw_scores
     write_jsonl(
         out / "teacher_scores.jsonl",
         (
-            {"query_id": qid, "passage_ids": list(scores), "raw_scores": list(scores.values())}
+            {"query_id": qid, "passage_ids": list(scores), "raw_scores": list(scores.values()),
+             **({"teacher_raw_scores": [[raw[qid][pid] for pid in scores] for raw in each]}
+                if each else {})}
             for qid, scores in result.raw_scores.items()
         ),
     )
     write_jsonl(out / "queries.jsonl", (q for q in queries if q.id in kept))
-    summary = {**result.summary, "helpers": helper_names}
+    summary = {**result.summary, "helpers": helper_names,
+               **({"co_teachers": cfg.candidates.co_teachers} if co_teachers else {})}
     (out / "filter.json").write_text(json.dumps(summary, indent=2))
     return {"kept": len(kept), "generated": len(queries)}, summary
 
@@ -94,3 +102,17 @@ def _load_helper(ctx: StageContext, name: str) -> Student:
     helper = Student.load(spec)
     helper.encode_precision = resolve_precision(ctx.config.encode_precision, helper.device)
     return helper
+
+
+def _load_co_teacher(ctx: StageContext, name: str) -> Teacher:
+    """A co-teacher (candidates.co_teachers) from the registry."""
+    from ml_core.teacher import load_teacher
+
+    try:
+        spec = ctx.registry.get(name)
+    except KeyError as exc:
+        raise StageError(f"candidates.co_teachers: {exc.args[0]}") from None
+    if spec.role != "teacher":
+        raise StageError(f"candidates.co_teachers: model {name!r} is a {spec.role}, not a "
+                         "teacher")
+    return load_teacher(spec, ctx.registry)
