@@ -187,6 +187,10 @@ class TrainingConfig(_Section):
     # 2109.01903; 0: as trained): training overfits a few hundred synthetic queries, and the
     # average gives back less elsewhere (docs/benchmarks.md, "Averaging with the base").
     base_merge: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+    # Train only the top N transformer layers, the embeddings and lower layers frozen (None:
+    # all): less drift from the base, and a cheaper backward pass (docs/benchmarks.md, "Top
+    # layers only").
+    train_layers: Annotated[int | None, Field(ge=1, le=256)] = None
 
     @model_validator(mode="after")
     def _micro_batch_fits(self) -> TrainingConfig:
