@@ -234,6 +234,24 @@ def _follow(client: httpx.Client, job_id: str) -> dict:
 
 def _print_report(report: dict) -> None:
     print("7. " + "\n   ".join(report_lines(report)))
+    print("   in short: " + verdict(report))
+
+
+def verdict(report: dict) -> str:
+    """One plain sentence: base and tuned nDCG@10, the gain, its 95% interval, and what the
+    interval says about it."""
+    base, tuned = report["base"]["ndcg@10"], report["tuned"]["ndcg@10"]
+    text = f"nDCG@10 base {base:.4f} -> tuned {tuned:.4f}, gain {tuned - base:+.4f}"
+    if report.get("base_kept"):
+        return text + ": training never beat the base on the dev split, so the base is kept"
+    sig = report.get("significance")
+    if sig:
+        low, high = sig["ci95"]
+        reading = ("above 0: the tuned model is better" if low > 0 else
+                   "below 0: the tuned model is worse" if high < 0 else
+                   "includes 0: not distinguishable from the base on these queries")
+        text += f", 95% interval [{low:+.4f}, {high:+.4f}] {reading}"
+    return text + f"; recommended: {report['recommended']}"
 
 
 def main(argv: list[str] | None = None) -> int:
