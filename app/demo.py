@@ -1,6 +1,6 @@
 """The embedded demo: the whole customer loop on one machine, nothing to start by hand.
 
-    python -m app.demo [--preset quick] [--keep]
+    python -m app.demo [--preset quick] [--keep] [--base-model minilm-l6]
 
 Starts the API (uvicorn) and one Celery worker on the embedded default (SQLite, a local folder
 object store, kombu's filesystem broker), then acts as a customer over HTTP: uploads the
@@ -100,7 +100,7 @@ def _bar(progress: float, width: int = 30) -> str:
     return "#" * filled + "-" * (width - filled)
 
 
-def run(preset: str, keep: bool) -> int:
+def run(preset: str, keep: bool, base_model: str = "minilm-l6") -> int:
     if not keep and VAR.exists():
         shutil.rmtree(VAR)
     VAR.mkdir(parents=True, exist_ok=True)
@@ -167,7 +167,7 @@ def run(preset: str, keep: bool) -> int:
                     json={
                         "corpus_id": corpus["id"],
                         "eval_set_id": eval_set["id"],
-                        "base_model": "minilm-l6",
+                        "base_model": base_model,
                         "preset": preset,
                     },
                 )
@@ -262,8 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--keep", action="store_true", help="keep var/demo from a previous run")
+    parser.add_argument("--base-model", default="minilm-l6",
+                        help="the student to tune (a model of the catalogue, e.g. bge-small)")
     args = parser.parse_args(argv)
-    return run(args.preset, args.keep)
+    return run(args.preset, args.keep, args.base_model)
 
 
 if __name__ == "__main__":
