@@ -6,7 +6,7 @@ import hashlib
 import secrets
 from typing import Literal
 
-IdPrefix = Literal["ten", "key", "crp", "evs", "job", "mdl", "emb"]
+IdPrefix = Literal["ten", "key", "crp", "evs", "job", "mdl", "emb", "whk", "whd", "msg"]
 
 API_KEY_PREFIX = "tlr_"
 # Keys are looked up by their first 12 characters (indexed) and then compared by hash.

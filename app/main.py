@@ -23,6 +23,7 @@ from app.eval_sets.router import router as eval_sets_router
 from app.health.router import router as health_router
 from app.jobs.router import router as jobs_router
 from app.logs import configure_logging
+from app.metrics import router as metrics_router
 from app.models.router import router as models_router
 from app.query_sets.router import router as query_sets_router
 from app.request_context import RequestContextMiddleware
@@ -30,6 +31,7 @@ from app.rerank.router import router as rerank_router
 from app.rerank.service import Rerankers
 from app.settings import Settings, get_settings
 from app.storage import object_store_from_url
+from app.webhooks.router import router as webhooks_router
 
 DESCRIPTION = """\
 Fine-tuning as a service for dense retrievers. Upload a corpus, start a job, and Tailor
@@ -84,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware)
     for router in (
         health_router,
+        metrics_router,
         corpora_router,
         eval_sets_router,
         query_sets_router,
@@ -94,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         embedding_jobs_router,
         rerank_router,
         api_keys_router,
+        webhooks_router,
     ):
         app.include_router(router)
     install_console(app)

@@ -52,8 +52,8 @@ def stored_bytes(session: Session, tenant_id: str) -> int:
     total = 0
     for table, live in (
         (Corpus, Corpus.deleted_at.is_(None)),
-        (EvalSet, on_live_corpus(EvalSet.corpus_id)),
-        (QuerySet, on_live_corpus(QuerySet.corpus_id)),
+        (EvalSet, on_live_corpus(EvalSet.corpus_id) & EvalSet.deleted_at.is_(None)),
+        (QuerySet, on_live_corpus(QuerySet.corpus_id) & QuerySet.deleted_at.is_(None)),
         (UploadedModel, UploadedModel.id.is_not(None)),
     ):
         total += session.scalar(

@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.logs import bind, log_scope
+from app.metrics import observe_request
 
 log = logging.getLogger("app.requests")
 
@@ -102,9 +103,12 @@ class RequestContextMiddleware:
                         "request_id": request_id}
                 await JSONResponse(body, status_code=500)(scope, receive, send_with_headers)
             finally:
-                bind(**_route_fields(scope))
+                seconds = time.perf_counter() - started
+                fields = _route_fields(scope)
+                bind(**fields)
+                observe_request(scope["method"], fields["route"], status, seconds)
                 log.info(
                     "%s %s %s", scope["method"], scope["path"], status,
                     extra={"method": scope["method"], "status": status,
-                           "duration_ms": round((time.perf_counter() - started) * 1000, 1)},
+                           "duration_ms": round(seconds * 1000, 1)},
                 )

@@ -117,6 +117,33 @@ class Settings(BaseSettings):
     # that stage on another host waits until the lease lapses this long after the holder's last
     # heartbeat (on the holder's own host it takes over as soon as the holder's process is gone).
     lease_ttl_s: float = Field(default=300.0, gt=0)
+    # A cancelled or failed job's intermediate objects (stage outputs, partial shards) and work
+    # folders are kept this long for a look, then removed; a deleted job's go at once. Workers
+    # sweep for them every retention_sweep_s (app.jobs.retention).
+    intermediate_retention_s: float = Field(default=7 * 24 * 3600.0, ge=0)
+    retention_sweep_s: float = Field(default=600.0, gt=0)
+
+    # Webhooks (docs/operations.md). Attempts per delivery (a redelivery grants as many again),
+    # the wait before attempt n+1 (base * 2^(n-1), at most backoff_max, with up to 10 % jitter)
+    # and one attempt's time limit.
+    # The cap stays under visibility_timeout: a countdown past it is redelivered early (which
+    # the delivery's claim absorbs, but costs a wasted task).
+    webhook_max_attempts: int = Field(default=10, ge=1, le=50)
+    webhook_backoff_base_s: float = Field(default=10.0, gt=0)
+    webhook_backoff_max_s: float = Field(default=3600.0, gt=0)
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    # SSRF guard: endpoints whose host resolves to a private, link-local, reserved or loopback
+    # address are refused (at registration and before every attempt) unless allowed here.
+    # Loopback only for development and tests; private networks for an on-premises receiver.
+    webhook_allow_loopback: bool = False
+    webhook_allow_private_networks: bool = False
+
+    # Prometheus. /metrics on the API answers anyone unless a token is set, then only
+    # `Authorization: Bearer <token>`. A worker serves its metrics on worker_metrics_port
+    # (0: none) from its main process, its pool processes' figures included.
+    metrics_token: SecretStr | None = None
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
+    worker_metrics_host: str = "127.0.0.1"
 
 
 @lru_cache

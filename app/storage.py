@@ -510,3 +510,13 @@ __all__ = [
     "object_store_from_url",
     "validate_key",
 ]
+
+
+def delete_objects(store: ObjectStore, prefix: str) -> int:
+    """Delete what a deleted resource left under `prefix`, after its row's commit: best effort
+    (nothing reaches these objects any more), logged when the store refuses; returns the count."""
+    try:
+        return store.delete_prefix(prefix)
+    except Exception:
+        log.exception("could not delete the objects under %s", prefix)
+        return 0

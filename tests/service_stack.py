@@ -267,10 +267,12 @@ class ServiceStack:
 
 @contextmanager
 def running_stack(
-    environment: str, root: Path, model_store: Path, visibility: int = 30
+    environment: str, root: Path, model_store: Path, visibility: int = 30,
+    settings: dict[str, str] | None = None,
 ) -> Iterator[ServiceStack]:
     """A migrated stack with a tenant, the API and one worker, in the "embedded" or the
-    "production" environment (its own nanio server, database and broker keys, all gone after)."""
+    "production" environment (its own nanio server, database and broker keys, all gone after);
+    `settings` adds TAILOR_* variables to every process's environment."""
     with ExitStack() as resources:
         if environment == "embedded":
             env = embedded_env(root, model_store)
@@ -280,7 +282,7 @@ def running_stack(
             resources.callback(flush_redis)
             database_url = resources.enter_context(postgres_database())
             env = production_env(root, database_url, nanio, model_store, visibility)
-        stack = ServiceStack(env, root)
+        stack = ServiceStack({**env, **(settings or {})}, root)
         resources.callback(stack.stop)
         stack.migrate_and_create_tenant()
         stack.start_api()

@@ -65,7 +65,7 @@ def test_models_lists_base_students_and_the_tenants_tuned_models(api: Api) -> No
     assert listing["data"][0] | {"licence": None} == {
         "id": "tiny-student", "kind": "base", "name": "tiny-student", "base_model": None,
         "dim": 32, "job_id": None, "metrics": {}, "recommended": None, "licence": None,
-        "created_at": None,
+        "metadata": {}, "created_at": None,
     }
     model_id = _tuned_model(api, caller, archive=None)
     listing = caller.get("/v1/models").json()

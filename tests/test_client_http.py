@@ -5,6 +5,7 @@ detail), safe unpacking of model archives, and a package that needs nothing of t
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import subprocess
@@ -246,3 +247,69 @@ def test_the_package_depends_on_httpx_and_rich_only_and_imports_nothing_of_the_s
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           check=True, cwd="/")
     assert done.stdout.strip() == "[]"
+
+
+def test_one_request_id_across_a_calls_retries_and_errors_quote_it(client_for) -> None:
+    with ScriptedServer([Answer(503, error("unavailable", "busy")), EMPTY_PAGE,
+                         EMPTY_PAGE]) as server:
+        client = client_for(server)
+        client.corpora.list()
+        client.corpora.list()
+    ids = [seen.headers.get("X-Request-ID") for seen in server.seen]
+    assert ids[0] and ids[0] == ids[1] and ids[2] != ids[0]  # a retry vs another call
+    # The body's request_id when the API answers; the header when a proxy did.
+    missing = error("not_found", "no such job", request_id="req_from_body")
+    with ScriptedServer([Answer(404, missing)]) as server:
+        with pytest.raises(NotFoundError) as raised:
+            client_for(server).jobs.get("job_9")
+    assert raised.value.request_id == "req_from_body"
+    with ScriptedServer([Answer(502, b"bad gateway", {"X-Request-ID": "req_header"})]) as server:
+        with pytest.raises(ServerError) as raised:
+            client_for(server, max_retries=0).jobs.get("job_9")
+    assert raised.value.request_id == "req_header"
+
+
+@pytest.mark.parametrize("create", [
+    lambda client: client.embedding_jobs.create("tiny-student", "crp_1"),
+    lambda client: client.api_keys.create("search", scope="embed"),
+])
+def test_creates_without_server_side_idempotency_are_not_sent_twice(client_for, create) -> None:
+    """Bulk embedding jobs and API keys take no Idempotency-Key: a create the server may have
+    acted on (500, 502) is not sent again; one it cannot have acted on (503) is."""
+    with ScriptedServer([Answer(502, b"<html>bad gateway</html>")]) as server:
+        with pytest.raises(ServerError):
+            create(client_for(server))
+    assert len(server.seen) == 1
+    with ScriptedServer([Answer(503, error("unavailable", "try later")),
+                         Answer(201, {"id": "x_1"})]) as server:
+        assert create(client_for(server)) == {"id": "x_1"}
+    assert len(server.seen) == 2
+
+
+def test_verify_accepts_what_standard_webhooks_signs_and_refuses_the_rest() -> None:
+    from standardwebhooks.webhooks import Webhook as Reference  # what the workers sign with
+    from tailor_client.webhooks import WebhookVerificationError, sign, verify
+
+    secret = "whsec_" + base64.b64encode(b"k" * 32).decode()
+    body = json.dumps({"type": "job.succeeded", "timestamp": "2026-01-01T00:00:00Z",
+                       "data": {"id": "job_1"}}, separators=(",", ":")).encode()
+    at = datetime.now(UTC)
+    headers = {"webhook-id": "msg_1", "webhook-timestamp": str(int(at.timestamp())),
+               "webhook-signature": Reference(secret).sign("msg_1", at, body)}
+    assert headers["webhook-signature"] == sign(secret, "msg_1", int(at.timestamp()), body)
+    assert verify(secret, body, {k.title(): v for k, v in headers.items()})["data"] == \
+        {"id": "job_1"}
+    # A rotated secret: several signatures, one of them good.
+    rotated = {**headers, "webhook-signature": "v1,bm9wZQ== " + headers["webhook-signature"]}
+    assert verify(secret, body, rotated)["type"] == "job.succeeded"
+    other = "whsec_" + base64.b64encode(b"x" * 32).decode()
+    for case, call in {
+        "no webhook-signature matches": lambda: verify(secret, body + b" ", headers),
+        "no webhook-signature matches ": lambda: verify(other, body, headers),
+        "too old": lambda: verify(secret, body, headers, now=at.timestamp() + 301),
+        "missing header webhook-id": lambda: verify(
+            secret, body, {k: v for k, v in headers.items() if k != "webhook-id"}),
+    }.items():
+        with pytest.raises(WebhookVerificationError, match=case.strip()):
+            call()
+    Reference(secret).verify(body, headers)  # and the reference agrees the original is good

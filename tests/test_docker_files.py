@@ -49,7 +49,7 @@ def test_compose_builds_existing_dockerfiles_and_services_use_built_images() -> 
 
 
 def test_worker_services_consume_real_queues() -> None:
-    for name in ("worker-cpu", "worker-gpu"):
+    for name in ("worker-cpu", "worker-gpu", "worker-webhooks"):
         value = COMPOSE["services"][name]["environment"]["WORKER_QUEUES"]
         default = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
         assert set(default.split(",")) <= set(QUEUES), (name, value)

@@ -8,6 +8,7 @@ visibility timeout is a few seconds so a killed worker's task comes back quickly
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -216,6 +217,10 @@ def test_worker_killed_mid_job_resumes_on_a_new_worker(
     # Training resumed from the mirrored state instead of starting again, and the mirror is gone.
     assert any(e["message"].startswith("resuming after epoch") for e in timeline), timeline
     assert not store.list(partial_prefix(job["id"], "distill") + "/")
+    # The killed run had finished `resumed` epochs: the new one trained none of them again.
+    resumed, after_resume = _epochs_after_resume(timeline)
+    assert resumed >= 1 and after_resume, timeline
+    assert min(after_resume) > resumed, (resumed, after_resume)
 
     def stage_events(stage: str, word: str) -> list[dict]:
         return [e for e in timeline if e["kind"] == "stage" and e["message"] == f"{stage} {word}"]
@@ -231,6 +236,16 @@ def test_worker_killed_mid_job_resumes_on_a_new_worker(
     for stage in STAGES:
         assert len(stage_events(stage, "finished")) <= 1
         assert stage_events(stage, "finished") or stage_events(stage, "skipped (already finished)")
+
+
+def _epochs_after_resume(timeline: list[dict]) -> tuple[int, list[int]]:
+    """The epoch the last resume started after, and the epochs the distill progress events
+    after it report training ("epoch E step S/T ...")."""
+    distill = [e for e in timeline if e["kind"] == "progress" and e["stage"] == "distill"]
+    marks = [i for i, e in enumerate(distill) if e["message"].startswith("resuming after epoch")]
+    resumed = int(distill[marks[-1]]["message"].rsplit(" ", 1)[1])
+    trained = [re.match(r"epoch (\d+) step ", e["message"]) for e in distill[marks[-1] + 1:]]
+    return resumed, [int(match[1]) for match in trained if match]
 
 
 def test_a_lost_host_is_resumed_by_the_lease_sweep_before_the_broker_redelivers(

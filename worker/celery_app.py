@@ -2,7 +2,8 @@
 
 Start a worker with
 
-    celery -A worker.celery_app worker -P prefork -c 1 -Q cpu,gpu --without-gossip --without-mingle
+    celery -A worker.celery_app worker -P prefork -c 1 -Q cpu,gpu,webhooks \
+        --without-gossip --without-mingle
 
 Delivery: a stage task is acknowledged only after it returns (acks_late), a worker holds one
 unacknowledged task at a time (prefetch 1), and a task whose pool process dies is put back on
@@ -33,6 +34,10 @@ TASK_RUN_STAGE = "worker.tasks.run_stage"
 TASK_EMBED_CORPUS = "worker.tasks.embed_corpus"
 EMBED_STAGE = "embed"
 EMBED_QUEUE = "gpu"
+# Webhook deliveries have a queue of their own, so a receiver's retries never wait behind a
+# stage on a busy worker that also serves them (docs/operations.md, "Webhooks").
+TASK_DELIVER_WEBHOOK = "worker.webhooks.deliver"
+WEBHOOK_QUEUE = "webhooks"
 
 # Light stages run on any machine; generation, teacher scoring and training want a GPU.
 # Kept here rather than imported from ml_core.pipeline so the API never imports ml_core to
@@ -45,11 +50,11 @@ STAGE_QUEUES: dict[str, str] = {
     "evaluate": "cpu",
 }
 FIRST_STAGE = "prepare"
-QUEUES = ("cpu", "gpu")
+QUEUES = ("cpu", "gpu", WEBHOOK_QUEUE)
 
 
 # The worker as deployed: prefork (the only pool that can terminate a running task), one
-# process per worker (stages are CPU/GPU-bound), both queues. After `celery` or `python -m celery`.
+# process per worker (stages are CPU/GPU-bound), every queue. After `celery` or `python -m celery`.
 WORKER_ARGS: tuple[str, ...] = (
     "-A",
     "worker.celery_app",
@@ -146,6 +151,8 @@ def _route_stage(
         return None
     if name == TASK_EMBED_CORPUS:
         return {"queue": EMBED_QUEUE, "routing_key": EMBED_QUEUE}
+    if name == TASK_DELIVER_WEBHOOK:
+        return {"queue": WEBHOOK_QUEUE, "routing_key": WEBHOOK_QUEUE}
     if name != TASK_RUN_STAGE:
         return None
     stage = kwargs.get("stage") if kwargs else None
@@ -157,7 +164,9 @@ def _route_stage(
 
 def create_app(settings: Settings | None = None) -> Celery:
     """A configured Celery app; the worker entry point includes the stage task and hooks."""
-    app = Celery("tailor", include=["worker.tasks", "worker.signals"])
+    app = Celery(
+        "tailor", include=["worker.tasks", "worker.signals", "worker.webhooks", "worker.metrics"]
+    )
     configure(app, settings or get_settings())
     return app
 

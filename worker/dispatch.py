@@ -19,8 +19,10 @@ from app.settings import get_settings
 from worker.celery_app import (
     EMBED_QUEUE,
     FIRST_STAGE,
+    TASK_DELIVER_WEBHOOK,
     TASK_EMBED_CORPUS,
     TASK_RUN_STAGE,
+    WEBHOOK_QUEUE,
     celery_app,
     create_app,
     queue_for,
@@ -49,11 +51,13 @@ def _sender() -> Celery:
     return _app_for(get_settings().model_dump_json())
 
 
-def _send(name: str, args: tuple[str, ...], queue: str, task_id: str | None) -> str:
+def _send(name: str, args: tuple[str | int, ...], queue: str, task_id: str | None,
+          countdown: float | None = None) -> str:
     task_id = task_id or str(uuid4())
     _sender().send_task(
         name,
         args=args,
+        countdown=countdown or None,
         queue=queue,
         routing_key=queue,
         task_id=task_id,
@@ -72,6 +76,12 @@ def send_stage(job_id: str, stage: str, task_id: str | None = None) -> str:
 def send_embedding(job_id: str, task_id: str | None = None) -> str:
     """Publish embed_corpus(job_id) on the GPU queue; returns the task id."""
     return _send(TASK_EMBED_CORPUS, (job_id,), EMBED_QUEUE, task_id)
+
+
+def send_webhook(delivery_id: str, attempt: int, countdown: float = 0.0) -> str:
+    """Publish attempt `attempt` of a webhook delivery on the webhooks queue, due in
+    `countdown` seconds; returns the task id."""
+    return _send(TASK_DELIVER_WEBHOOK, (delivery_id, attempt), WEBHOOK_QUEUE, None, countdown)
 
 
 def resend(job_id: str, stage: str | None) -> str:

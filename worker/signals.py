@@ -1,5 +1,6 @@
-"""Celery signal hooks of a worker: fresh database connections in each pool process, cancels of
-revoked tasks, the lapsed-lease sweeper, and the embedded set-up's resume after a restart.
+"""Celery signal hooks of a worker: structured logs, fresh database connections in each pool
+process, cancels of revoked tasks, the lapsed-lease and retention sweepers, and the embedded
+set-up's resume after a restart.
 
 Loaded by the worker with the tasks (worker.celery_app's `include`).
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from celery import signals
@@ -15,13 +17,24 @@ from sqlalchemy import select
 
 from app.db.models import EmbeddingJob, Job, JobStatus
 from app.db.session import get_engine, session_scope
-from app.jobs import lifecycle
+from app.jobs import lifecycle, retention
+from app.logs import configure_logging
 from app.settings import get_settings
+from worker.artifacts import store_for
 from worker.celery_app import EMBED_STAGE
 from worker.dispatch import resend
 from worker.leases import lease_wait_s, sweep_forever
 
 log = logging.getLogger(__name__)
+
+
+@signals.setup_logging.connect
+def _structured_logs(**_: Any) -> None:
+    """The API's log format for every line of the worker (Celery's own included): JSON by
+    default, each line of a task carrying its job, stage, tenant and request ids (worker.tasks).
+    Connecting here also keeps Celery from installing its own handlers."""
+    settings = get_settings()
+    configure_logging(settings.log_format, settings.log_level)
 
 
 @signals.worker_process_init.connect
@@ -63,6 +76,27 @@ def _start_lease_sweeper(**_: Any) -> None:
     ).start()
 
 
+def _sweep_retention_forever(interval_s: float) -> None:
+    settings = get_settings()
+    store = store_for(settings)
+    while True:
+        time.sleep(interval_s)
+        try:
+            retention.sweep(settings, store)
+        except Exception as error:  # the database or store is down: try again next time
+            log.warning("retention sweep failed: %s", error)
+
+
+@signals.worker_ready.connect
+def _start_retention_sweeper(**_: Any) -> None:
+    """In the worker's main process: remove stopped jobs' objects and work folders and deleted
+    models' cached copies (app.jobs.retention) every retention_sweep_s."""
+    threading.Thread(
+        target=_sweep_retention_forever, args=(get_settings().retention_sweep_s,),
+        name="retention-sweeper", daemon=True,
+    ).start()
+
+
 @signals.worker_ready.connect
 def _recover_embedded_jobs(**_: Any) -> None:
     """Embedded default only: re-send the current stage of jobs a dead worker left running.
@@ -91,3 +125,11 @@ def _recover_embedded_jobs(**_: Any) -> None:
             resend(job_id, stage)
     except Exception:
         log.exception("could not resume interrupted jobs")
+
+
+@signals.worker_ready.connect
+def _start_webhook_sweeper(**_: Any) -> None:
+    """In the worker's main process: re-send webhook attempts whose task was lost."""
+    from worker.webhooks import start_sweeper
+
+    start_sweeper()

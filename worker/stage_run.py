@@ -292,6 +292,7 @@ class StageRun:
             dim=model_dim(model_dir),
             metrics={**dict(report.get("tuned", {})), "gain": report.get("gain", {})},
             recommended=report.get("recommended", "base") == "tuned",
+            metadata_=dict(self.inputs.spec.get("metadata") or {}),
         )
         with session_scope() as session:
             lifecycle.succeed(session, self.job_id, model, report)

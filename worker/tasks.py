@@ -16,10 +16,13 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from pydantic import ValidationError
+from sqlalchemy import select
 
+from app.db.models import job_tables
 from app.db.session import session_scope
 from app.jobs import lifecycle
 from app.jobs.lifecycle import JobCancelled, StageBusy
+from app.logs import bind, log_scope
 from app.settings import Settings, get_settings
 from ml_core.errors import MLCoreError
 from ml_core.pipeline import STAGES
@@ -83,6 +86,32 @@ def embed_corpus(self: Any, job_id: str, transient_retries: int = 0) -> str:
 
 
 def _run(task: Any, job_id: str, stage: str, transient_retries: int, claim_delivery: Claim) -> str:
+    """Every log line of the delivery carries the job, stage, task, tenant and the id of the
+    request that created the job (app.logs)."""
+    task_id = getattr(task.request, "id", None)
+    with log_scope(job_id=job_id, stage=stage, task_id=task_id):
+        _bind_job_fields(job_id)
+        return _run_logged(task, job_id, stage, transient_retries, claim_delivery)
+
+
+def _bind_job_fields(job_id: str) -> None:
+    """Add the job's tenant and creating request id to the log scope (ids only, never text)."""
+    model, _ = job_tables(job_id)
+    try:
+        with session_scope() as session:
+            row = session.execute(
+                select(model.tenant_id, model.request_id).where(model.id == job_id)
+            ).one_or_none()
+    except Exception as error:  # the claim below meets the same error and handles it
+        log.warning("could not read the job's log fields: %s", error)
+        return
+    if row is not None:
+        bind(tenant_id=row.tenant_id, request_id=row.request_id)
+
+
+def _run_logged(
+    task: Any, job_id: str, stage: str, transient_retries: int, claim_delivery: Claim
+) -> str:
     """Claim the delivery, run it under the job's lease, and record what happened."""
     delivery = getattr(task.request, "delivery_info", None) or {}
     redelivered = bool(delivery.get("redelivered"))
@@ -91,8 +120,11 @@ def _run(task: Any, job_id: str, stage: str, transient_retries: int, claim_deliv
         claimed = claim_delivery(settings, owner, redelivered)
         if claimed is None:
             return "dropped"
+        log.info("job %s: %s running", job_id, stage, extra={"redelivered": redelivered})
         with LeaseKeeper(job_id, owner, settings.lease_ttl_s):
-            return claimed.run()
+            outcome = claimed.run()
+        log.info("job %s: %s %s", job_id, stage, outcome, extra={"outcome": outcome})
+        return outcome
     except StageBusy as busy:
         wait = lease_wait_s(settings)
         log.info("%s; trying again in %.0fs", busy, wait)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, status
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, status
 from starlette.concurrency import run_in_threadpool
 
 from app.corpora import service
@@ -19,6 +21,7 @@ from app.errors import (
     Unauthorized,
     responses,
 )
+from app.jobs import queue
 from app.quotas import check_storage
 from app.uploads import UploadRules, form_text, multipart_form, spool, upload_folder
 
@@ -79,9 +82,18 @@ def get_corpus(corpus_id: str, session: SessionDep, tenant: CurrentTenant) -> Co
     responses=responses(Unauthorized, NotFound, ResourceInUse, InvalidRequest),
 )
 def delete_corpus(
-    corpus_id: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep
+    corpus_id: str,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    store: StoreDep,
+    cascade: Annotated[bool, Query(description="Cancel the jobs not yet finished that use "
+                                   "the corpus instead of refusing.")] = False,
 ) -> None:
-    """Delete a corpus and its stored file; 409 while a job that uses it has not finished."""
-    corpus = service.delete_corpus(session, tenant, corpus_id)
+    """Delete a corpus, its stored file, and the eval and query sets built on it. While a job
+    that uses it has not finished: 409 naming them (`job_ids`), or with `?cascade=true` they
+    are cancelled first. Finished jobs and their tuned models stay."""
+    deletion = service.delete_corpus(session, tenant, corpus_id, cascade=cascade)
     session.commit()
-    service.delete_corpus_objects(store, corpus)
+    for task_id in deletion.revoke:
+        queue.revoke_task(task_id)
+    service.delete_corpus_objects(store, deletion)

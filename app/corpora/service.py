@@ -1,20 +1,24 @@
-"""Corpus rules: validate before storing, tenant-scoped reads, delete only when unused."""
+"""Corpus rules: validate before storing, tenant-scoped reads, delete when unused (or cancel
+what uses it)."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
-from app.db.models import ACTIVE_JOB_STATUSES, Corpus, EmbeddingJob, Job, Tenant
+from app.db.models import Corpus, EvalSet, JobStatus, QuerySet, Tenant
 from app.db.tenant_rows import newest_first
+from app.dependants import active_jobs_using, refuse_if_used
 from app.deps import Page
-from app.errors import InvalidCorpus, NotFound, ResourceInUse
+from app.errors import InvalidCorpus, NotFound
 from app.ids import new_id
-from app.storage import ObjectStore, stored_until_committed
+from app.jobs.lifecycle import request_cancel
+from app.storage import ObjectStore, delete_objects, stored_until_committed
 from app.uploads import SpooledFile
 from ml_core.corpus import CorpusError, validate_corpus
 
@@ -82,32 +86,48 @@ def list_corpora(session: Session, tenant: Tenant, page: Page) -> tuple[list[Cor
     return newest_first(session, Corpus, page, *live)
 
 
-def delete_corpus(session: Session, tenant: Tenant, corpus_id: str) -> Corpus:
-    """Soft-delete a corpus no active job uses (409 otherwise); the caller deletes its objects
-    after the commit."""
+@dataclass
+class CorpusDeletion:
+    """What deleting a corpus did: the corpus, the tasks of cancelled jobs to revoke, and the
+    object-store folders to empty after the commit."""
+
+    corpus: Corpus
+    revoke: list[str] = field(default_factory=list)
+    prefixes: list[str] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+
+
+def delete_corpus(
+    session: Session, tenant: Tenant, corpus_id: str, *, cascade: bool = False
+) -> CorpusDeletion:
+    """Soft-delete a corpus with the eval and query sets built on it. Jobs not yet finished
+    that use it block it (409 naming them in `job_ids`) unless `cascade`, which cancels them
+    first. Finished jobs and the models they tuned stay. The caller commits, revokes and
+    deletes the objects (delete_corpus_objects)."""
     corpus = get_corpus(session, tenant, corpus_id, lock=True)
-    active = None
-    for table in (Job, EmbeddingJob):
-        active = active or session.scalar(
-            select(table.id)
-            .where(table.corpus_id == corpus.id, table.status.in_(ACTIVE_JOB_STATUSES))
-            .limit(1)
-        )
-    if active is not None:
-        raise ResourceInUse(
-            f"corpus {corpus_id} is used by job {active}, which has not finished",
-            resource="corpus",
-            id=corpus_id,
-            job_id=active,
-        )
-    corpus.deleted_at = utcnow()
+    users = active_jobs_using(session, tenant.id, corpus_id=corpus.id)
+    if not cascade:
+        refuse_if_used("corpus", corpus.id, users,
+                       hint="cancel them first, or delete with ?cascade=true to cancel them")
+    deletion = CorpusDeletion(corpus, prefixes=[corpus_prefix(corpus.id)])
+    for job in users:
+        request_cancel(session, job)
+        deletion.cancelled.append(job.id)
+        if job.status == JobStatus.CANCELLED and job.celery_task_id:
+            deletion.revoke.append(job.celery_task_id)
+    now = utcnow()
+    for table, folder in ((EvalSet, "eval_sets"), (QuerySet, "query_sets")):
+        for row in session.scalars(select(table).where(table.corpus_id == corpus.id,
+                                                       table.deleted_at.is_(None))):
+            row.deleted_at = now
+            deletion.prefixes.append(f"{folder}/{row.id}/")
+    corpus.deleted_at = now
     session.flush()
-    return corpus
+    return deletion
 
 
-def delete_corpus_objects(store: ObjectStore, corpus: Corpus) -> None:
-    """Remove a deleted corpus's file from the object store (best effort, logged)."""
-    try:
-        store.delete_prefix(corpus_prefix(corpus.id))
-    except Exception:
-        log.exception("could not delete the objects of corpus %s", corpus.id)
+def delete_corpus_objects(store: ObjectStore, deletion: CorpusDeletion) -> None:
+    """Remove a deleted corpus's file and its sets' files from the object store (best effort,
+    logged)."""
+    for prefix in deletion.prefixes:
+        delete_objects(store, prefix)

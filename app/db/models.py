@@ -150,6 +150,7 @@ class EvalSet(Base):
     queries: Mapped[int] = mapped_column(Integer)
     judgements: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)
 
     tenant: Mapped[Tenant] = relationship()
     corpus: Mapped[Corpus] = relationship()
@@ -172,6 +173,7 @@ class QuerySet(Base):
     # Distinct queries (repeats of one text, case and spacing aside, count once).
     queries: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)
 
     tenant: Mapped[Tenant] = relationship()
     corpus: Mapped[Corpus] = relationship()
@@ -199,6 +201,16 @@ class JobState:
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # The tenant's own label and key-value pairs (app.metadata); `metadata` is taken by
+    # SQLAlchemy, hence the attribute's underscore.
+    name: Mapped[str | None] = mapped_column(String(200), default=None)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
+    # The request that created the job (X-Request-ID): the worker's log lines carry it.
+    request_id: Mapped[str | None] = mapped_column(String(128), default=None)
+    # Deleted by its tenant (hidden everywhere; its objects go), and when its intermediate
+    # objects were removed (app.jobs.retention).
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)
+    purged_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class EventRecord:
@@ -239,7 +251,6 @@ class Job(JobState, Base):
     recommended: Mapped[Recommendation | None] = mapped_column(
         _str_enum(Recommendation, "recommendation"), default=None
     )
-
     tenant: Mapped[Tenant] = relationship()
     corpus: Mapped[Corpus] = relationship()
     eval_set: Mapped[EvalSet | None] = relationship()
@@ -274,6 +285,7 @@ class TunedModel(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     recommended: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
 
     tenant: Mapped[Tenant] = relationship()
     job: Mapped[Job] = relationship()
@@ -318,6 +330,7 @@ class UploadedModel(Base):
     # The ModelSpec read from its sentence-transformers files (pooling, prompts, max length).
     spec: Mapped[dict[str, Any]] = mapped_column(JSONType)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
 
     tenant: Mapped[Tenant] = relationship()
 
@@ -367,3 +380,70 @@ def job_tables(job_id: str) -> tuple[type[Job] | type[EmbeddingJob],
     if job_id.startswith(EMBEDDING_JOB_PREFIX):
         return EmbeddingJob, EmbeddingJobEvent
     return Job, JobEvent
+
+
+class DeliveryStatus(StrEnum):
+    """Where a webhook delivery stands: pending (an attempt is queued or due), succeeded (a
+    2xx answer), failed (every attempt spent, or the target refused)."""
+
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class WebhookEndpoint(Base):
+    """A tenant's webhook receiver: the URL, the event types it wants and the secret that signs
+    what it is sent (Standard Webhooks). The secret is kept as given out (`whsec_...`): signing
+    needs it, so unlike an API key it cannot be stored as a hash."""
+
+    __tablename__ = "webhook_endpoints"
+    __table_args__ = (Index("ix_webhook_endpoints_tenant_created", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(String(2048))
+    description: Mapped[str] = mapped_column(String(200), default="")
+    events: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    secret: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    tenant: Mapped[Tenant] = relationship()
+
+
+class WebhookDelivery(Base):
+    """One event sent (or to be sent) to one endpoint, with every attempt so far: the message
+    id (`webhook-id`) stays the same across attempts and redeliveries, so receivers can drop
+    duplicates."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_endpoint_created", "endpoint_id", "created_at"),
+        Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    endpoint_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_endpoints.id", ondelete="CASCADE")
+    )
+    message_id: Mapped[str] = mapped_column(String(32))
+    event_type: Mapped[str] = mapped_column(String(64))
+    # The body as sent: {"type", "timestamp", "data"}.
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    status: Mapped[DeliveryStatus] = mapped_column(
+        _str_enum(DeliveryStatus, "delivery_status"), default=DeliveryStatus.PENDING
+    )
+    # Attempts made; each is {"attempt", "at", "status_code", "latency_ms", "error"}.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    attempt_log: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
+    # Attempts allowed in this round (a redelivery grants a fresh round).
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(default=None)
+    # A worker sending an attempt holds the delivery until then (a duplicate task waits out).
+    claimed_until: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    endpoint: Mapped[WebhookEndpoint] = relationship()

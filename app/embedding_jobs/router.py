@@ -1,11 +1,12 @@
-"""Bulk embedding job routes: create, list, read, events, cancel, files, download."""
+"""Bulk embedding job routes: create, list, read, rename, delete, events, cancel, files,
+download."""
 
 from __future__ import annotations
 
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import RedirectResponse, StreamingResponse
 
 from app.db.models import EmbeddingJob
@@ -29,8 +30,15 @@ from app.errors import (
 )
 from app.jobs import lifecycle, queue
 from app.jobs import service as jobs
-from app.jobs.router import MAX_EVENT_ID
-from app.jobs.schemas import JobEventList, JobEventRead
+from app.jobs.router import (
+    EventsAfter,
+    EventsLimit,
+    cancel_and_revoke,
+    delete_any_job,
+    events_page,
+)
+from app.jobs.schemas import JobEventList, JobUpdate
+from app.metadata import METADATA_FILTER_PARAMETER, metadata_filter
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +73,21 @@ def create_embedding_job(
     return job
 
 
-@router.get("", response_model=EmbeddingJobList, responses=responses(Unauthorized,
-                                                                    InvalidRequest))
-def list_embedding_jobs(session: SessionDep, tenant: CurrentTenant,
-                        page: PageDep) -> EmbeddingJobList:
-    """List the tenant's bulk embedding jobs, newest first."""
-    rows, count = service.list_embedding_jobs(session, tenant, page)
+@router.get("", response_model=EmbeddingJobList,
+            responses=responses(Unauthorized, InvalidRequest),
+            openapi_extra={"parameters": [METADATA_FILTER_PARAMETER]})
+def list_embedding_jobs(
+    request: Request,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    page: PageDep,
+    name: Annotated[str | None, Query(max_length=200, description="Only jobs of this name.")]
+    = None,
+) -> EmbeddingJobList:
+    """List the tenant's bulk embedding jobs, newest first; `?name=` and
+    `?metadata[key]=value` filter them."""
+    wanted = metadata_filter(request.query_params)
+    rows, count = service.list_embedding_jobs(session, tenant, page, name, wanted)
     return EmbeddingJobList(data=[EmbeddingJobRead.model_validate(row) for row in rows],
                             count=count)
 
@@ -81,20 +98,33 @@ def get_embedding_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -
     return service.get_embedding_job(session, tenant, job_id)
 
 
+@router.patch("/{job_id}", response_model=EmbeddingJobRead, responses=READ_ERRORS)
+def update_embedding_job(
+    job_id: str, update: JobUpdate, session: SessionDep, tenant: CurrentTenant
+) -> EmbeddingJob:
+    """Rename a bulk embedding job or replace its metadata (fields left out keep theirs)."""
+    return jobs.update_job(service.get_embedding_job(session, tenant, job_id), update)  # type: ignore[return-value]
+
+
+@router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT, responses=READ_ERRORS)
+def delete_embedding_job(
+    job_id: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep
+) -> None:
+    """Delete a bulk embedding job and its stored vectors; a queued or running one is cancelled
+    first (its shards go once it has stopped)."""
+    delete_any_job(session, store, service.get_embedding_job(session, tenant, job_id))
+
+
 @router.get("/{job_id}/events", response_model=JobEventList, responses=READ_ERRORS)
 def list_embedding_job_events(
     job_id: str,
     session: SessionDep,
     tenant: CurrentTenant,
-    after: Annotated[
-        int | None, Query(ge=0, le=MAX_EVENT_ID, description="Only events with a larger id.")
-    ] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: EventsAfter = None,
+    limit: EventsLimit = 100,
 ) -> JobEventList:
     """List a bulk embedding job's events oldest first; poll with `after` = the last id seen."""
-    job = service.get_embedding_job(session, tenant, job_id)
-    rows, count = jobs.list_events(session, job, after, limit)
-    return JobEventList(data=[JobEventRead.model_validate(row) for row in rows], count=count)
+    return events_page(session, service.get_embedding_job(session, tenant, job_id), after, limit)
 
 
 @router.post(
@@ -105,11 +135,7 @@ def list_embedding_job_events(
 def cancel_embedding_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> EmbeddingJob:
     """Cancel a bulk embedding job: a queued one stops at once, a running one at its next
     progress report (shards already stored stay listed)."""
-    job, task_id = jobs.cancel_job(session, service.get_embedding_job(session, tenant, job_id))
-    session.commit()
-    if task_id is not None:
-        queue.revoke_task(task_id)
-    return job  # type: ignore[return-value]
+    return cancel_and_revoke(session, service.get_embedding_job(session, tenant, job_id))  # type: ignore[return-value]
 
 
 @router.get("/{job_id}/files", response_model=EmbeddingFileList, responses=READ_ERRORS)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from app.db.models import JobStatus
+from app.metadata import Metadata, Name
 from app.schemas import ReadSchema
 
 
@@ -31,12 +32,16 @@ class EmbeddingJobCreate(BaseModel):
     shard_documents: int | None = Field(
         default=None, ge=1, le=1_000_000,
         description="Documents per shard file (default: the deployment's setting).")
+    name: Name | None = None
+    metadata: Metadata = Field(default_factory=dict)
 
 
 class EmbeddingJobRead(ReadSchema):
     """A bulk embedding job: its request, progress and, once succeeded, its counts."""
 
     id: str = Field(examples=["emb_5d1c0e9a2b7f4c6d8e0a1b2c"])
+    name: str | None
+    metadata: dict[str, str] = Field(validation_alias=AliasChoices("metadata_", "metadata"))
     model: str
     corpus_id: str
     spec: dict[str, Any] = Field(description="The request with its defaults filled in.")

@@ -21,6 +21,8 @@ from app.embedding_jobs.schemas import EmbeddingJobCreate
 from app.errors import InvalidRequest, InvalidState, NotFound, UnknownModel
 from app.ids import new_id
 from app.jobs import lifecycle
+from app.logs import current_fields
+from app.metadata import matches
 from app.models.tenant_models import find_tenant_model, is_tenant_model
 from app.quotas import check_concurrent_jobs
 from app.settings import Settings
@@ -73,7 +75,9 @@ def create_embedding_job(
         "shard_documents": request.shard_documents or settings.embed_job_shard_documents,
     }
     job = EmbeddingJob(id=new_id("emb"), tenant_id=tenant.id, corpus_id=corpus.id,
-                       model=request.model, spec=spec)
+                       model=request.model, spec=spec, name=request.name,
+                       metadata_=dict(request.metadata),
+                       request_id=current_fields().get("request_id"))
     session.add(job)
     lifecycle.mark_queued(session, job)
     session.flush()
@@ -82,14 +86,21 @@ def create_embedding_job(
 
 def get_embedding_job(session: Session, tenant: Tenant, job_id: str) -> EmbeddingJob:
     """The tenant's bulk embedding job `job_id` (404 otherwise)."""
-    return owned(session, EmbeddingJob, tenant.id, job_id, "embedding_job")
+    return owned(session, EmbeddingJob, tenant.id, job_id, "embedding_job",
+                 EmbeddingJob.deleted_at.is_(None))
 
 
 def list_embedding_jobs(
-    session: Session, tenant: Tenant, page: Page
+    session: Session, tenant: Tenant, page: Page, name: str | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> tuple[list[EmbeddingJob], int]:
-    """A page of the tenant's bulk embedding jobs, newest first, and their total."""
-    return newest_first(session, EmbeddingJob, page, EmbeddingJob.tenant_id == tenant.id)
+    """A page of the tenant's bulk embedding jobs (with this name, holding these metadata
+    pairs), newest first, and their total."""
+    where = [EmbeddingJob.tenant_id == tenant.id, EmbeddingJob.deleted_at.is_(None),
+             *matches(EmbeddingJob.metadata_, metadata or {})]
+    if name is not None:
+        where.append(EmbeddingJob.name == name)
+    return newest_first(session, EmbeddingJob, page, *where)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from app.metrics import observe_batch
+
 log = logging.getLogger(__name__)
 
 Runner = Callable[[list[Any]], np.ndarray]
@@ -232,6 +234,7 @@ class Batcher:
             for request in failed:
                 request.resolve(exc)
             return
+        observe_batch(len(live), len(live) * max(row.cost for row in live))
         done: list[_Request] = []
         with self._cond:
             self.batches += 1

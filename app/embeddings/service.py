@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from app.db.models import Tenant
 from app.embeddings.batching import Batcher, Overloaded
 from app.errors import Unavailable
+from app.metrics import MODEL_CACHE
 from app.models.service import get_base_spec, get_tenant_model
 from app.models.tenant_models import ModelFilesMissing, is_tenant_model, unpack_stored_model
 from app.settings import Settings
@@ -151,13 +152,16 @@ class EmbeddingModels:
         with self._lock:
             if key in self._loaded:
                 self._loaded.move_to_end(key)
+                MODEL_CACHE.labels("hit").inc()
                 return self._loaded[key]
             key_lock = self._loading.setdefault(key, threading.Lock())
         # One thread loads a given model; others asking for it wait for that load.
         with key_lock:
             with self._lock:
                 if key in self._loaded:
+                    MODEL_CACHE.labels("hit").inc()
                     return self._loaded[key]
+            MODEL_CACHE.labels("miss").inc()
             served = load()
             with self._lock:
                 self._loaded[key] = served
@@ -198,6 +202,7 @@ class EmbeddingModels:
             served = self._loaded.get(source.cache_key)
             if served is not None:
                 self._loaded.move_to_end(source.cache_key)
+                MODEL_CACHE.labels("hit").inc()
                 return served
         return await run_in_threadpool(self.loaded, source)
 
@@ -210,6 +215,12 @@ class EmbeddingModels:
         except Overloaded as exc:
             raise Unavailable(f"the embedding queue is full ({exc}); retry shortly",
                               headers={"Retry-After": "1"}) from exc
+
+    def forget(self, cache_key: str) -> None:
+        """Drop one model from the loaded set and its unpacked folder (a deleted model)."""
+        with self._lock:
+            self._loaded.pop(cache_key, None)
+        remove_cached(self.cache_dir, cache_key)
 
     def clear(self) -> None:
         """Forget every loaded model (tests; memory pressure)."""

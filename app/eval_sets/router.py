@@ -1,4 +1,4 @@
-"""Eval set routes: upload, list, read."""
+"""Eval set routes: upload, list, read, delete."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from app.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
+    ResourceInUse,
     StorageQuotaExceeded,
     Unauthorized,
     responses,
@@ -19,6 +20,7 @@ from app.errors import (
 from app.eval_sets import service
 from app.eval_sets.schemas import EVAL_SET_UPLOAD_BODY, EvalSetList, EvalSetRead
 from app.quotas import check_storage
+from app.storage import delete_objects
 from app.uploads import UploadRules, form_text, multipart_form, spool, upload_folder
 
 router = APIRouter(prefix="/v1/eval-sets", tags=["eval sets"])
@@ -76,3 +78,18 @@ def list_eval_sets(session: SessionDep, tenant: CurrentTenant, page: PageDep) ->
 def get_eval_set(eval_set_id: str, session: SessionDep, tenant: CurrentTenant) -> EvalSet:
     """Read one eval set."""
     return service.get_eval_set(session, tenant, eval_set_id)
+
+
+@router.delete(
+    "/{eval_set_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=responses(Unauthorized, NotFound, ResourceInUse, InvalidRequest),
+)
+def delete_eval_set(
+    eval_set_id: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep
+) -> None:
+    """Delete a eval set and its stored files; 409 (naming them in `job_ids`) while a job that
+    uses it has not finished."""
+    row = service.delete_eval_set(session, tenant, eval_set_id)
+    session.commit()
+    delete_objects(store, service.eval_set_prefix(row.id))

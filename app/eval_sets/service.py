@@ -7,10 +7,9 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from app.corpora.service import get_corpus, on_live_corpus
+from app.corpora.service import get_corpus
+from app.corpus_sets import EVAL_SETS
 from app.db.models import Corpus, EvalSet, Tenant
-from app.db.tenant_rows import newest_first, owned
-from app.deps import Page
 from app.errors import InvalidEvalSet
 from app.ids import new_id
 from app.storage import ObjectStore, stored_until_committed
@@ -100,13 +99,7 @@ def create_eval_set(
     return eval_set
 
 
-def get_eval_set(session: Session, tenant: Tenant, eval_set_id: str) -> EvalSet:
-    """The tenant's eval set `eval_set_id` (404 otherwise)."""
-    live = on_live_corpus(EvalSet.corpus_id)
-    return owned(session, EvalSet, tenant.id, eval_set_id, "eval_set", live)
-
-
-def list_eval_sets(session: Session, tenant: Tenant, page: Page) -> tuple[list[EvalSet], int]:
-    """A page of the tenant's eval sets, newest first, and their total."""
-    mine = (EvalSet.tenant_id == tenant.id, on_live_corpus(EvalSet.corpus_id))
-    return newest_first(session, EvalSet, page, *mine)
+get_eval_set = EVAL_SETS.get
+list_eval_sets = EVAL_SETS.list
+delete_eval_set = EVAL_SETS.delete
+eval_set_prefix = EVAL_SETS.prefix

@@ -7,8 +7,10 @@ Every status write and every event on a job's timeline goes through here, for bo
 job: training jobs (`job_...`, stage by stage) and bulk embedding jobs (`emb_...`, one stage);
 a job's id names its tables (app.db.models.job_tables). The functions work on the caller's
 session and never commit: the API commits once per request, the worker in short transactions
-(never one held across a stage). This module imports only the database layer, so the worker
-uses it without importing the HTTP layer.
+(never one held across a stage). Each finish (succeeded, failed, cancelled) and each completed
+stage also queues the tenant's webhooks in the same session (app.webhooks.events), so a change
+and its event commit together whichever side made it. This module imports only the database
+layer, so the worker uses it without importing the HTTP layer.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from app.db.models import (
     job_tables,
 )
 from app.ids import new_id
+from app.webhooks import events as webhooks
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +115,7 @@ def fail_enqueue(session: Session, job: AnyJob, error: Exception, stage: str = "
     """queued -> failed: the job's first task (of `stage`) could not be sent."""
     _fail(job, stage, "enqueue_failed", f"{type(error).__name__}: {error}")
     _status_event(session, job, "failed: the task could not be queued")
+    webhooks.emit(session, job, webhooks.JOB_FAILED)
     session.flush()
 
 
@@ -122,6 +126,7 @@ def request_cancel(session: Session, job: AnyJob) -> bool:
         session, job, JobStatus.QUEUED, status=JobStatus.CANCELLED, finished_at=utcnow()
     ):
         _status_event(session, job, "cancelled before it started")
+        webhooks.emit(session, job, webhooks.JOB_CANCELLED)
         session.flush()
         return True
     if job.status == JobStatus.RUNNING and _compare_and_set(
@@ -275,6 +280,9 @@ def record_stage(
         add_event(
             session, job_id, EventKind.METRIC, f"{stage} metrics", stage=stage, data=outcome.metrics
         )
+    if not outcome.skipped:  # a skipped stage was announced when it finished the first time
+        webhooks.emit(session, job, webhooks.JOB_STAGE_COMPLETED, completed_stage=stage,
+                      seconds=outcome.seconds, counts=outcome.counts)
 
 
 def advance(session: Session, job_id: str, next_stage: str, task_id: str) -> None:
@@ -332,6 +340,7 @@ def succeed(session: Session, job_id: str, model: TunedModel, report: Mapping[st
         progress=1.0,
         data={"status": "succeeded", "model_id": model.id, "recommended": recommended},
     )
+    webhooks.emit(session, job, webhooks.JOB_SUCCEEDED)
 
 
 def complete(
@@ -348,6 +357,7 @@ def complete(
     job.finished_at = utcnow()
     add_event(session, job_id, EventKind.STATUS, message, stage=stage, progress=1.0,
               data={"status": "succeeded", **metrics})
+    webhooks.emit(session, job, webhooks.JOB_SUCCEEDED)
 
 
 def fail(
@@ -367,6 +377,7 @@ def fail(
         stage=stage,
         data={"status": "failed", "error": code, **data},
     )
+    webhooks.emit(session, job, webhooks.JOB_FAILED)
 
 
 def cancel(
@@ -387,6 +398,7 @@ def _cancel(session: Session, job: AnyJob, stage: str | None, message: str) -> N
     job.status = JobStatus.CANCELLED
     job.finished_at = utcnow()
     add_event(session, job.id, EventKind.STATUS, message, stage=stage, data={"status": "cancelled"})
+    webhooks.emit(session, job, webhooks.JOB_CANCELLED)
 
 
 def _fail(job: AnyJob, stage: str, code: str, detail: str) -> None:

@@ -1,14 +1,15 @@
-"""Job routes: create, list, read, events, cancel, report (JSON and page)."""
+"""Job routes: create, list, read, rename, delete, events, cancel, report (JSON and page)."""
 
 from __future__ import annotations
 
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import HTMLResponse
+from sqlalchemy.orm import Session
 
-from app.db.models import Job
+from app.db.models import FINISHED_JOB_STATUSES, AnyJob, Job
 from app.deps import CurrentTenant, PageDep, RegistryDep, SessionDep, SettingsDep, StoreDep
 from app.errors import (
     IdempotencyConflict,
@@ -21,10 +22,20 @@ from app.errors import (
     UnknownModel,
     responses,
 )
-from app.jobs import lifecycle, queue, service
-from app.jobs.schemas import JobCreate, JobEventList, JobEventRead, JobList, JobRead, JobReport
+from app.jobs import lifecycle, queue, retention, service
+from app.jobs.schemas import (
+    JobCreate,
+    JobEventList,
+    JobEventRead,
+    JobList,
+    JobRead,
+    JobReport,
+    JobUpdate,
+)
 from app.logs import bind
+from app.metadata import METADATA_FILTER_PARAMETER, metadata_filter
 from app.reports import render_report_html, report_csp
+from app.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +95,19 @@ def create_job(
     return job
 
 
-@router.get("", response_model=JobList, responses=responses(Unauthorized, InvalidRequest))
-def list_jobs(session: SessionDep, tenant: CurrentTenant, page: PageDep) -> JobList:
-    """List the tenant's jobs, newest first."""
-    rows, count = service.list_jobs(session, tenant, page)
+@router.get("", response_model=JobList, responses=responses(Unauthorized, InvalidRequest),
+            openapi_extra={"parameters": [METADATA_FILTER_PARAMETER]})
+def list_jobs(
+    request: Request,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    page: PageDep,
+    name: Annotated[str | None, Query(max_length=200, description="Only jobs of this name.")]
+    = None,
+) -> JobList:
+    """List the tenant's jobs, newest first; `?name=` and `?metadata[key]=value` filter them."""
+    wanted = metadata_filter(request.query_params)
+    rows, count = service.list_jobs(session, tenant, page, name, wanted)
     return JobList(data=[JobRead.model_validate(row) for row in rows], count=count)
 
 
@@ -99,6 +119,63 @@ def get_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> Job:
     return service.get_job(session, tenant, job_id)
 
 
+@router.patch(
+    "/{job_id}", response_model=JobRead, responses=responses(Unauthorized, NotFound, InvalidRequest)
+)
+def update_job(job_id: str, update: JobUpdate, session: SessionDep, tenant: CurrentTenant) -> Job:
+    """Rename a job or replace its metadata (fields left out keep their values)."""
+    return service.update_job(service.get_job(session, tenant, job_id), update)
+
+
+def cancel_and_revoke(session: Session, job: AnyJob) -> AnyJob:
+    """Cancel a job of either kind and revoke its queued task once the cancel is committed."""
+    job, task_id = service.cancel_job(session, job)
+    session.commit()
+    if task_id is not None:
+        queue.revoke_task(task_id)
+    return job
+
+
+# The events routes of both kinds of job: poll with `after` = the last id seen.
+EventsAfter = Annotated[
+    int | None, Query(ge=0, le=MAX_EVENT_ID, description="Only events with a larger id.")
+]
+EventsLimit = Annotated[int, Query(ge=1, le=1000)]
+
+
+def events_page(session: Session, job: AnyJob, after: int | None, limit: int) -> JobEventList:
+    rows, count = service.list_events(session, job, after, limit)
+    return JobEventList(data=[JobEventRead.model_validate(row) for row in rows], count=count)
+
+
+def delete_any_job(session: Session, store: ObjectStore, job: AnyJob) -> None:
+    """Delete a job of either kind (app.jobs.service.delete_job), revoke its queued task, and
+    remove its objects now if it has stopped (else the workers' sweep does once it stops)."""
+    task_id = service.delete_job(session, job)
+    session.commit()
+    if task_id is not None:
+        queue.revoke_task(task_id)
+    if job.status in FINISHED_JOB_STATUSES:
+        try:
+            retention.purge_job_objects(store, session, job)
+            session.commit()
+        except Exception:  # the sweep tries again
+            log.exception("could not remove the objects of deleted job %s", job.id)
+            session.rollback()
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=responses(Unauthorized, NotFound, InvalidRequest),
+)
+def delete_job(job_id: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep) -> None:
+    """Delete a job: a queued or running one is cancelled first; its stage outputs and report
+    go with it (at once, or once a running stage has stopped). A tuned model it produced
+    stays: delete it with DELETE /v1/models/{id}."""
+    delete_any_job(session, store, service.get_job(session, tenant, job_id))
+
+
 @router.get(
     "/{job_id}/events",
     response_model=JobEventList,
@@ -108,15 +185,11 @@ def list_job_events(
     job_id: str,
     session: SessionDep,
     tenant: CurrentTenant,
-    after: Annotated[
-        int | None, Query(ge=0, le=MAX_EVENT_ID, description="Only events with a larger id.")
-    ] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: EventsAfter = None,
+    limit: EventsLimit = 100,
 ) -> JobEventList:
     """List a job's events oldest first; poll with `after` = the last id seen."""
-    job = service.get_job(session, tenant, job_id)
-    rows, count = service.list_events(session, job, after, limit)
-    return JobEventList(data=[JobEventRead.model_validate(row) for row in rows], count=count)
+    return events_page(session, service.get_job(session, tenant, job_id), after, limit)
 
 
 @router.post(
@@ -126,11 +199,7 @@ def list_job_events(
 )
 def cancel_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> Job:
     """Cancel a job: a queued job stops at once, a running one at its next progress report."""
-    job, task_id = service.cancel_job(session, service.get_job(session, tenant, job_id))
-    session.commit()
-    if task_id is not None:
-        queue.revoke_task(task_id)
-    return job
+    return cancel_and_revoke(session, service.get_job(session, tenant, job_id))  # type: ignore[return-value]
 
 
 @router.get(

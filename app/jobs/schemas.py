@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from app.db.models import EventKind, JobStatus, Recommendation
+from app.metadata import Metadata, Name
 from app.schemas import ReadSchema
 from ml_core.config import PRESETS, QueryType
 
@@ -26,6 +27,9 @@ class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     corpus_id: str = Field(examples=["crp_5d1c0e9a2b7f4c6d8e0a1b2c"])
+    name: Name | None = Field(default=None, description="Your label for the job; its tuned "
+                              "model takes it as its name.")
+    metadata: Metadata = Field(default_factory=dict)
     base_model: str = Field(default="minilm-l6", description="Student model to specialize: a "
                             "base model's name, or one of your own models' `mdl_` id (one you "
                             "uploaded, or one a job tuned, to tune it again).")
@@ -55,6 +59,8 @@ class JobRead(ReadSchema):
     """A job's request, resolved recipe and progress."""
 
     id: str = Field(examples=["job_5d1c0e9a2b7f4c6d8e0a1b2c"])
+    name: str | None
+    metadata: dict[str, str] = Field(validation_alias=AliasChoices("metadata_", "metadata"))
     corpus_id: str
     eval_set_id: str | None
     query_set_id: str | None
@@ -82,6 +88,16 @@ class JobRead(ReadSchema):
         if self.status != JobStatus.SUCCEEDED:
             self.model_id = None
         return self
+
+
+class JobUpdate(BaseModel):
+    """New values for a job's name or metadata; fields left out keep theirs. `metadata`
+    replaces the whole set (send `{}` to clear it), `name: null` clears the name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name | None = None
+    metadata: Metadata | None = None
 
 
 class JobList(BaseModel):

@@ -1,5 +1,5 @@
-"""Job rules: create (idempotently), read, list, events, cancel, report. Status and events are
-written by app.jobs.lifecycle, shared with the worker."""
+"""Job rules: create (idempotently), read, list, rename, delete, events, cancel, report. Status
+and events are written by app.jobs.lifecycle, shared with the worker."""
 
 from __future__ import annotations
 
@@ -13,7 +13,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.corpora.service import get_corpus
-from app.db.models import AnyJob, AnyJobEvent, Job, JobStatus, Tenant, job_tables
+from app.db.base import utcnow
+from app.db.models import (
+    ACTIVE_JOB_STATUSES,
+    AnyJob,
+    AnyJobEvent,
+    EventKind,
+    Job,
+    JobStatus,
+    Tenant,
+    job_tables,
+)
 from app.db.tenant_rows import newest_first, owned
 from app.deps import Page
 from app.errors import IdempotencyConflict, InvalidRequest, InvalidState, NotFound
@@ -21,7 +31,9 @@ from app.eval_sets.service import get_eval_set
 from app.ids import new_id
 from app.jobs import lifecycle
 from app.jobs.recipe import check_models, resolve_recipe
-from app.jobs.schemas import JobCreate
+from app.jobs.schemas import JobCreate, JobUpdate
+from app.logs import current_fields
+from app.metadata import matches
 from app.models.tenant_models import find_tenant_model, is_tenant_model
 from app.query_sets.service import get_query_set
 from app.quotas import check_concurrent_jobs
@@ -107,6 +119,9 @@ def create_job(
         request_hash=digest,
         spec=request.model_dump(mode="json"),
         recipe=recipe.model_dump(mode="json"),
+        name=request.name,
+        metadata_=dict(request.metadata),
+        request_id=current_fields().get("request_id"),
     )
     session.add(job)
     lifecycle.mark_queued(session, job)
@@ -125,13 +140,50 @@ def create_job(
 
 
 def get_job(session: Session, tenant: Tenant, job_id: str) -> Job:
-    """The tenant's job `job_id` (404 otherwise)."""
-    return owned(session, Job, tenant.id, job_id, "job")
+    """The tenant's job `job_id` (404 otherwise, and once deleted)."""
+    return owned(session, Job, tenant.id, job_id, "job", Job.deleted_at.is_(None))
 
 
-def list_jobs(session: Session, tenant: Tenant, page: Page) -> tuple[list[Job], int]:
-    """A page of the tenant's jobs, newest first, and their total."""
-    return newest_first(session, Job, page, Job.tenant_id == tenant.id)
+def list_jobs(
+    session: Session, tenant: Tenant, page: Page, name: str | None = None,
+    metadata: dict[str, str] | None = None,
+) -> tuple[list[Job], int]:
+    """A page of the tenant's jobs (with this name, holding these metadata pairs), newest
+    first, and their total."""
+    where = [Job.tenant_id == tenant.id, Job.deleted_at.is_(None)]
+    if name is not None:
+        where.append(Job.name == name)
+    where += matches(Job.metadata_, metadata or {})
+    return newest_first(session, Job, page, *where)
+
+
+def update_job(job: AnyJob, update: JobUpdate) -> AnyJob:
+    """Rename a job of either kind or replace its metadata (only the fields the request
+    sets)."""
+    if "name" in update.model_fields_set:
+        job.name = update.name
+    if "metadata" in update.model_fields_set:
+        job.metadata_ = dict(update.metadata or {})
+    return job
+
+
+def delete_job(session: Session, job: AnyJob) -> str | None:
+    """Delete a job of either kind: one still queued or running is cancelled first (a running
+    one stops at its next progress check). Its objects go once it has stopped
+    (app.jobs.retention), its events with it; a tuned model it produced stays (delete that on
+    its own). Returns the task id to revoke after commit."""
+    task_id = None
+    if job.status in ACTIVE_JOB_STATUSES:
+        lifecycle.request_cancel(session, job)
+        if job.status == JobStatus.CANCELLED:
+            task_id = job.celery_task_id
+    job.deleted_at = utcnow()
+    if isinstance(job, Job):
+        job.idempotency_key = None  # a retry with that key creates a new job
+    lifecycle.add_event(session, job.id, EventKind.STATUS, "deleted",
+                        data={"status": job.status.value, "deleted": True})
+    session.flush()
+    return task_id
 
 
 def list_events(

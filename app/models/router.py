@@ -1,7 +1,8 @@
-"""Model routes: list, read, download."""
+"""Model routes: upload, list, read, rename, delete, download."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,27 +19,41 @@ from app.errors import (
     NotFound,
     PayloadTooLarge,
     RangeNotSatisfiable,
+    ResourceInUse,
     StorageQuotaExceeded,
     Unauthorized,
     responses,
 )
+from app.metadata import METADATA_FILTER_PARAMETER, metadata_filter
 from app.models import service
 from app.models.onnx_archive import ensure_onnx_archive
-from app.models.schemas import ModelList, ModelRead
+from app.models.schemas import ModelList, ModelRead, ModelUpdate
+from app.models.tenant_models import model_keys
 from app.models.upload import MODEL_UPLOAD_BODY, create_uploaded_model
 from app.quotas import check_storage
 from app.storage import ObjectNotFound
 from app.uploads import UploadRules, form_text, multipart_form, spool, upload_folder
 
+log = logging.getLogger(__name__)
+
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-@router.get("", response_model=ModelList, responses=responses(Unauthorized, InvalidRequest))
+@router.get("", response_model=ModelList, responses=responses(Unauthorized, InvalidRequest),
+            openapi_extra={"parameters": [METADATA_FILTER_PARAMETER]})
 def list_models(
-    session: SessionDep, tenant: CurrentTenant, registry: RegistryDep, page: PageDep
+    request: Request,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    registry: RegistryDep,
+    page: PageDep,
+    name: Annotated[str | None, Query(max_length=200, description="Only models of this name.")]
+    = None,
 ) -> ModelList:
-    """List the base models on offer and the tenant's own models (tuned and uploaded)."""
-    rows, count = service.list_models(session, tenant, registry, page)
+    """List the base models on offer and the tenant's own models (tuned and uploaded);
+    `?name=` and `?metadata[key]=value` filter them."""
+    wanted = metadata_filter(request.query_params)
+    rows, count = service.list_models(session, tenant, registry, page, name, wanted)
     return ModelList(data=rows, count=count)
 
 
@@ -86,6 +101,41 @@ def get_model(
 ) -> ModelRead:
     """Read one of your models (`mdl_...`, tuned or uploaded) or a base model (by name)."""
     return service.get_model(session, tenant, registry, model_id)
+
+
+@router.patch(
+    "/{model_id}",
+    response_model=ModelRead,
+    responses=responses(Unauthorized, NotFound, InvalidRequest),
+)
+def update_model(
+    model_id: str, update: ModelUpdate, session: SessionDep, tenant: CurrentTenant
+) -> ModelRead:
+    """Rename one of your models (tuned or uploaded) or replace its metadata."""
+    model = service.update_model(service.get_tenant_model(session, tenant, model_id), update)
+    session.flush()
+    return service.tenant_read(model)
+
+
+@router.delete(
+    "/{model_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=responses(Unauthorized, NotFound, ResourceInUse, InvalidRequest),
+)
+def delete_model(
+    model_id: str, request: Request, session: SessionDep, tenant: CurrentTenant, store: StoreDep
+) -> None:
+    """Delete one of your models (tuned or uploaded): its archives (the ONNX one too) and this
+    server's loaded and unpacked copies go; 409 while a job that uses it has not finished.
+    The job that tuned it stays."""
+    model = service.get_tenant_model(session, tenant, model_id)
+    service.delete_model(session, tenant, model)
+    session.commit()
+    request.app.state.embedding_models.forget(model_id)
+    try:
+        store.delete_prefix(model_keys(model_id)[0].rpartition("/")[0] + "/")
+    except Exception:  # the row is gone: nothing can reach these objects any more
+        log.exception("could not delete the objects of model %s", model_id)
 
 
 DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.metadata import Metadata, Name
 
 
 class ModelRead(BaseModel):
@@ -24,7 +26,19 @@ class ModelRead(BaseModel):
         default=None, description="Tuned model: whether evaluation recommends it over its base."
     )
     licence: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict, description="Your own pairs "
+                                     "(tuned and uploaded models).")
     created_at: datetime | None = None
+
+
+class ModelUpdate(BaseModel):
+    """New values for one of your models' name or metadata; fields left out keep theirs.
+    `metadata` replaces the whole set (send `{}` to clear it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name | None = None
+    metadata: Metadata | None = None
 
 
 class ModelList(BaseModel):

@@ -1,5 +1,5 @@
 """Look up models: base students in the registry, a tenant's own (tuned or uploaded) models in
-its rows."""
+its rows; rename and delete the tenant's own."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.db.models import Tenant, TunedModel, UploadedModel
+from app.dependants import active_jobs_using, refuse_if_used
 from app.deps import Page
-from app.errors import NotFound
-from app.models.schemas import ModelRead
+from app.errors import InvalidRequest, NotFound
+from app.metadata import matches
+from app.models.schemas import ModelRead, ModelUpdate
 from app.models.tenant_models import (
     TENANT_MODEL_PREFIX,
     TenantModel,
@@ -34,7 +36,7 @@ def tuned_read(model: TunedModel) -> ModelRead:
     return ModelRead(
         id=model.id, kind="tuned", name=model.name, base_model=model.base_model, dim=model.dim,
         job_id=model.job_id, metrics=model.metrics, recommended=model.recommended,
-        created_at=model.created_at,
+        metadata=model.metadata_ or {}, created_at=model.created_at,
     )
 
 
@@ -42,7 +44,7 @@ def uploaded_read(model: UploadedModel) -> ModelRead:
     """The API view of a model the tenant uploaded."""
     return ModelRead(
         id=model.id, kind="uploaded", name=model.name, base_model=None, dim=model.dim,
-        created_at=model.created_at,
+        metadata=model.metadata_ or {}, created_at=model.created_at,
     )
 
 
@@ -79,12 +81,35 @@ def get_model(
     return base_read(get_base_spec(registry, model_id))
 
 
+def update_model(model: TenantModel, update: ModelUpdate) -> TenantModel:
+    """Rename one of the tenant's models or replace its metadata (the fields the request
+    sets)."""
+    if "name" in update.model_fields_set:
+        if update.name is None:
+            raise InvalidRequest("a model's name cannot be cleared", field="name")
+        model.name = update.name
+    if "metadata" in update.model_fields_set:
+        model.metadata_ = dict(update.metadata or {})
+    return model
+
+
+def delete_model(session: Session, tenant: Tenant, model: TenantModel) -> None:
+    """Delete one of the tenant's models (its row; the caller removes its objects and cached
+    copies after the commit). 409 naming the jobs not yet finished that use it."""
+    refuse_if_used("model", model.id, active_jobs_using(session, tenant.id, model_id=model.id))
+    session.delete(model)
+    session.flush()
+
+
 def list_models(
-    session: Session, tenant: Tenant, registry: ModelRegistry, page: Page
+    session: Session, tenant: Tenant, registry: ModelRegistry, page: Page,
+    name: str | None = None, metadata: dict[str, str] | None = None,
 ) -> tuple[list[ModelRead], int]:
     """A page of base students followed by the tenant's own models (tuned and uploaded, newest
-    first), and their total."""
-    base = [base_read(spec) for spec in registry.list("student")]
+    first), and their total. `name` and `metadata` filter them (base models have no
+    metadata: a metadata filter lists only the tenant's own)."""
+    base = [base_read(spec) for spec in registry.list("student")
+            if not metadata and name in (None, spec.name)]
     page_items = base[page.offset : page.offset + page.limit]
     # The tenant's models of both tables as one newest-first list: each table's newest rows up
     # to the end of the page are enough to cut the page from their merge.
@@ -93,11 +118,13 @@ def list_models(
     own: list[TenantModel] = []
     total = len(base)
     for table in (TunedModel, UploadedModel):
-        mine = table.tenant_id == tenant.id
-        total += session.scalar(select(func.count()).select_from(table).where(mine)) or 0
+        mine = [table.tenant_id == tenant.id, *matches(table.metadata_, metadata or {})]
+        if name is not None:
+            mine.append(table.name == name)
+        total += session.scalar(select(func.count()).select_from(table).where(*mine)) or 0
         if remaining > 0:
             own += session.scalars(
-                select(table).where(mine)
+                select(table).where(*mine)
                 .order_by(table.created_at.desc(), table.id.desc()).limit(skip + remaining)
             )
     own.sort(key=lambda row: (row.created_at, row.id), reverse=True)

@@ -1,4 +1,4 @@
-"""Query set routes: upload, list, read."""
+"""Query set routes: upload, list, read, delete."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from app.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
+    ResourceInUse,
     StorageQuotaExceeded,
     Unauthorized,
     responses,
@@ -19,6 +20,7 @@ from app.errors import (
 from app.query_sets import service
 from app.query_sets.schemas import QUERY_SET_UPLOAD_BODY, QuerySetList, QuerySetRead
 from app.quotas import check_storage
+from app.storage import delete_objects
 from app.uploads import UploadRules, form_text, multipart_form, spool, upload_folder
 
 router = APIRouter(prefix="/v1/query-sets", tags=["query sets"])
@@ -75,3 +77,18 @@ def list_query_sets(session: SessionDep, tenant: CurrentTenant, page: PageDep) -
 def get_query_set(query_set_id: str, session: SessionDep, tenant: CurrentTenant) -> QuerySet:
     """Read one query set."""
     return service.get_query_set(session, tenant, query_set_id)
+
+
+@router.delete(
+    "/{query_set_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=responses(Unauthorized, NotFound, ResourceInUse, InvalidRequest),
+)
+def delete_query_set(
+    query_set_id: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep
+) -> None:
+    """Delete a query set and its stored files; 409 (naming them in `job_ids`) while a job that
+    uses it has not finished."""
+    row = service.delete_query_set(session, tenant, query_set_id)
+    session.commit()
+    delete_objects(store, service.query_set_prefix(row.id))

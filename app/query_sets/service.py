@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from app.corpora.service import get_corpus, on_live_corpus
+from app.corpora.service import get_corpus
+from app.corpus_sets import QUERY_SETS
 from app.db.models import QuerySet, Tenant
-from app.db.tenant_rows import newest_first, owned
-from app.deps import Page
 from app.errors import InvalidQuerySet
 from app.ids import new_id
 from app.storage import ObjectStore, stored_until_committed
@@ -52,13 +51,7 @@ def create_query_set(
     return query_set
 
 
-def get_query_set(session: Session, tenant: Tenant, query_set_id: str) -> QuerySet:
-    """The tenant's query set `query_set_id` (404 otherwise)."""
-    live = on_live_corpus(QuerySet.corpus_id)
-    return owned(session, QuerySet, tenant.id, query_set_id, "query_set", live)
-
-
-def list_query_sets(session: Session, tenant: Tenant, page: Page) -> tuple[list[QuerySet], int]:
-    """A page of the tenant's query sets, newest first, and their total."""
-    mine = (QuerySet.tenant_id == tenant.id, on_live_corpus(QuerySet.corpus_id))
-    return newest_first(session, QuerySet, page, *mine)
+get_query_set = QUERY_SETS.get
+list_query_sets = QUERY_SETS.list
+delete_query_set = QUERY_SETS.delete
+query_set_prefix = QUERY_SETS.prefix

@@ -16,6 +16,7 @@ from tailor_client.errors import (
     TailorError,
 )
 from tailor_client.resources import WaitTimeout
+from tailor_client.webhooks import WebhookVerificationError
 
 __all__ = [
     "APIConnectionError",
@@ -32,4 +33,5 @@ __all__ = [
     "ServerError",
     "TailorError",
     "WaitTimeout",
+    "WebhookVerificationError",
 ]

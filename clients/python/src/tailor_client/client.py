@@ -6,7 +6,15 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from tailor_client.resources import Corpora, EvalSets, Jobs, Models, QuerySets
+from tailor_client.resources import (
+    ApiKeys,
+    Corpora,
+    EmbeddingJobs,
+    EvalSets,
+    Jobs,
+    Models,
+    QuerySets,
+)
 from tailor_client.transport import Transport
 from tailor_client.types import (
     EmbedResponse,
@@ -14,7 +22,10 @@ from tailor_client.types import (
     InputType,
     OpenAIEmbeddingResponse,
     Readiness,
+    RerankModel,
+    RerankResponse,
 )
+from tailor_client.webhooks import Webhooks
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 
@@ -54,6 +65,9 @@ class Client:
         self.query_sets = QuerySets(self.transport)
         self.jobs = Jobs(self.transport)
         self.models = Models(self.transport)
+        self.embedding_jobs = EmbeddingJobs(self.transport)
+        self.api_keys = ApiKeys(self.transport)
+        self.webhooks = Webhooks(self.transport)
 
     def close(self) -> None:
         self.transport.close()
@@ -94,6 +108,32 @@ class Client:
         return self.transport.json(
             "POST", "/v1/embeddings", json={k: v for k, v in body.items() if v is not None}
         )
+
+    def rerank(
+        self,
+        model: str,
+        query: str,
+        documents: str | Sequence[str],
+        *,
+        top_n: int | None = None,
+        return_documents: bool = False,
+        raw_scores: bool = False,
+    ) -> RerankResponse:
+        """Order documents by relevance to the query with a cross-encoder (a teacher from
+        `rerank_models()`): results most relevant first, each with its index in `documents`
+        and a score in 0..1 (the model's raw score with `raw_scores`)."""
+        body: dict[str, Any] = {
+            "model": model, "query": query,
+            "documents": [documents] if isinstance(documents, str) else list(documents),
+            "return_documents": return_documents, "raw_scores": raw_scores,
+        }
+        if top_n is not None:
+            body["top_n"] = top_n
+        return self.transport.json("POST", "/v1/rerank", json=body)
+
+    def rerank_models(self) -> list[RerankModel]:
+        """The models /v1/rerank serves."""
+        return self.transport.json("GET", "/v1/rerank/models")["data"]
 
     def health(self) -> Health:
         """Liveness: the API process answers."""

@@ -10,20 +10,24 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from tailor_client.types import Job, Report
+from tailor_client.types import EmbeddingJob, Job, Report, RerankResponse
 
 PRIMARY = "ndcg@10"
 METRIC_NAMES = {"ndcg@10": "nDCG@10", "ndcg@100": "nDCG@100", "recall@10": "Recall@10",
                 "recall@100": "Recall@100", "mrr@10": "MRR@10"}
 STATUS_STYLES = {"succeeded": "green", "failed": "red", "cancelled": "yellow",
-                 "cancelling": "yellow", "running": "cyan", "queued": "dim"}
+                 "cancelling": "yellow", "running": "cyan", "queued": "dim",
+                 "active": "green", "expired": "yellow", "revoked": "red",
+                 "pending": "cyan"}
 
 # Column name -> how to show a field of the row; lists print these columns in order.
 Column = tuple[str, Callable[[Mapping[str, Any]], str | Text]]
 # What a narrow terminal leaves out first, in this order; ids are never cut short (people copy
 # them into the next command), so the other columns give way.
-NARROW_DROPS = ("created", "bytes", "licence", "judgements", "base model", "stage", "dim",
-                "corpus", "progress", "kind", "documents", "queries", "recommended", "name")
+NARROW_DROPS = ("created", "description", "next attempt", "sha256", "source", "bytes",
+                "licence", "judgements", "base model", "stage", "dim", "expires", "prefix",
+                "corpus", "progress", "kind", "documents", "queries", "rows", "recommended",
+                "events", "name")
 ID_COLUMNS = {"id", "corpus", "model"}
 LONG_VALUE = 160
 
@@ -46,6 +50,16 @@ def status(row: Mapping[str, Any]) -> Text:
     return Text(value, style=STATUS_STYLES.get(value, ""))
 
 
+def last_answer(row: Mapping[str, Any]) -> str:
+    """A delivery's latest attempt: the receiver's status code, or what went wrong."""
+    log = row.get("attempt_log") or []
+    if not log:
+        return ""
+    last = log[-1]
+    return str(last["status_code"]) if last.get("status_code") is not None else \
+        str(last.get("error") or "")
+
+
 COLUMNS: dict[str, list[Column]] = {
     "corpora": [("id", field("id")), ("name", field("name")), ("documents", field("documents")),
                 ("bytes", field("size_bytes")), ("created", when("created_at"))],
@@ -54,12 +68,34 @@ COLUMNS: dict[str, list[Column]] = {
                   ("created", when("created_at"))],
     "query-sets": [("id", field("id")), ("corpus", field("corpus_id")), ("name", field("name")),
                    ("queries", field("queries")), ("created", when("created_at"))],
-    "jobs": [("id", field("id")), ("status", status), ("stage", field("stage")),
+    "jobs": [("id", field("id")), ("name", field("name")), ("status", status),
+             ("stage", field("stage")),
              ("progress", percent), ("model", field("model_id")),
              ("recommended", field("recommended")), ("created", when("created_at"))],
-    "models": [("id", field("id")), ("kind", field("kind")), ("base model", field("base_model")),
-               ("dim", field("dim")), ("recommended", field("recommended")),
-               ("licence", field("licence"))],
+    "models": [("id", field("id")), ("kind", field("kind")), ("name", field("name")),
+               ("base model", field("base_model")), ("dim", field("dim")),
+               ("recommended", field("recommended")), ("licence", field("licence"))],
+    "embedding-jobs": [("id", field("id")), ("name", field("name")), ("status", status),
+                       ("progress", percent),
+                       ("model", field("model")), ("corpus", field("corpus_id")),
+                       ("rows", lambda row: str((row.get("metrics") or {}).get("rows", ""))),
+                       ("created", when("created_at"))],
+    "api-keys": [("id", field("id")), ("name", field("name")), ("scope", field("scope")),
+                 ("prefix", field("prefix")), ("status", status),
+                 ("expires", when("expires_at")), ("created", when("created_at"))],
+    "embedding-files": [("name", field("name")), ("kind", field("kind")),
+                        ("shard", field("shard")), ("rows", field("rows")),
+                        ("bytes", field("size")), ("sha256", field("sha256"))],
+    "webhooks": [("id", field("id")), ("url", field("url")),
+                 ("events", lambda row: ",".join(row.get("events") or [])),
+                 ("enabled", field("enabled")), ("description", field("description")),
+                 ("created", when("created_at"))],
+    "webhook-deliveries": [("id", field("id")), ("event", field("event_type")),
+                           ("status", status), ("attempts", field("attempts")),
+                           ("last answer", last_answer), ("next attempt", when("next_attempt_at")),
+                           ("created", when("created_at"))],
+    "rerank-models": [("id", field("id")), ("licence", field("licence")),
+                      ("source", field("source"))],
 }
 
 
@@ -256,3 +292,32 @@ def job_summary(job: Job) -> Text:
         error = job["error"] or {}
         text.append(f": {error.get('error', 'error')}: {error.get('detail', '')}")
     return text
+
+
+def embedding_job_summary(job: EmbeddingJob) -> Text:
+    """One line when a bulk embedding job ends: how it ended and what it stored."""
+    text = Text.assemble(f"embedding job {job['id']} ", status(job))
+    metrics = job.get("metrics") or {}
+    if job["status"] == "succeeded":
+        text.append(f": {metrics.get('rows', '?')} vectors of {metrics.get('documents', '?')} "
+                    f"documents, dim {metrics.get('dim', '?')}, "
+                    f"{metrics.get('shards', '?')} shards")
+    elif job.get("error"):
+        error = job["error"] or {}
+        text.append(f": {error.get('error', 'error')}: {error.get('detail', '')}")
+    return text
+
+
+def rerank_table(response: RerankResponse, documents: list[str]) -> Table:
+    """Reranked documents, most relevant first: rank, position in the request, score, text."""
+    table = Table(box=None, header_style="bold", title=f"Reranked by {response['model']}")
+    table.add_column("rank", justify="right")
+    table.add_column("index", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("document")
+    for rank, result in enumerate(response["results"], 1):
+        document = result.get("document")
+        text = document["text"] if document else documents[result["index"]]
+        table.add_row(str(rank), str(result["index"]), f"{result['relevance_score']:.4f}",
+                      Text(text if len(text) <= LONG_VALUE else text[:LONG_VALUE] + "..."))
+    return table

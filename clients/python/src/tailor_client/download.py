@@ -1,4 +1,5 @@
-"""Saving a model archive and unpacking it into a folder SentenceTransformer can load."""
+"""Saving a streamed download, and unpacking an archive (a model's .tar.gz, a bulk embedding
+job's .tar) into a folder of its own."""
 
 from __future__ import annotations
 
@@ -44,14 +45,15 @@ def save_stream(response: httpx.Response, path: Path, on_progress: ProgressFn | 
 
 @contextmanager
 def unpacked_into(directory: Path) -> Iterator[Path]:
-    """Yields a path to download the .tar.gz to; on leaving, unpacks it as `directory`. The
-    archive holds one top folder (the model id); its contents become `directory` itself."""
+    """Yields a path to download the archive (.tar.gz or .tar) to; on leaving, unpacks it as
+    `directory`. The archive holds one top folder (the model's or job's id); its contents
+    become `directory` itself."""
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise FileExistsError(f"{directory}: exists and is not an empty folder")
     parent = directory.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=parent, prefix=".tailor-download-") as scratch:
-        archive = Path(scratch) / "model.tar.gz"
+        archive = Path(scratch) / "download.tar"
         yield archive
         unpacked = Path(scratch) / "unpacked"
         top = _extract(archive, unpacked)
@@ -64,11 +66,11 @@ def _extract(archive: Path, into: Path) -> Path:
     """Extract safely (no absolute paths, no escaping links); returns the archive's single top
     folder, or `into` when the files sit at the top."""
     try:
-        with tarfile.open(archive, "r:gz") as tar:
+        with tarfile.open(archive, "r:*") as tar:  # gzip or not, as the archive says
             members = tar.getmembers()
             tar.extractall(into, filter="data")
     except (tarfile.TarError, OSError) as exc:
-        raise ArchiveError(f"{archive.name}: cannot unpack the model archive: {exc}") from exc
+        raise ArchiveError(f"the downloaded archive cannot be unpacked: {exc}") from exc
     tops = {PurePosixPath(m.name).parts[0] for m in members if PurePosixPath(m.name).parts}
     if len(tops) == 1 and (into / next(iter(tops))).is_dir():
         return into / next(iter(tops))

@@ -1,9 +1,10 @@
 """Exceptions: every API error carries the API's own code, detail and context.
 
-The API answers every error with one JSON shape, `{"error": code, "detail": message, ...context}`
-(context such as `field` and `line` for an invalid upload). `APIError.from_response` turns it
-into the subclass for its HTTP status, so callers can catch broadly (`APIError`) or narrowly
-(`NotFoundError`), and branch on `code` (e.g. "invalid_corpus", "idempotency_conflict").
+The API answers every error with one JSON shape, `{"error": code, "detail": message,
+"request_id": id, ...context}` (context such as `field` and `line` for an invalid upload).
+`APIError.from_response` turns it into the subclass for its HTTP status, so callers can catch
+broadly (`APIError`) or narrowly (`NotFoundError`), and branch on `code` (e.g.
+"invalid_corpus", "idempotency_conflict").
 """
 
 from __future__ import annotations
@@ -40,6 +41,13 @@ class APIError(TailorError):
         self.detail = detail
         self.context = dict(context or {})
         self.headers = headers if headers is not None else httpx.Headers()
+
+    @property
+    def request_id(self) -> str | None:
+        """The request's id, to quote when reporting a problem: the body's `request_id`, or
+        the `X-Request-ID` header when the body is not the API's (a proxy's page)."""
+        value = self.context.get("request_id") or self.headers.get("X-Request-ID")
+        return str(value) if value else None
 
     @property
     def field(self) -> str | None:

@@ -14,6 +14,7 @@ import email.utils
 import enum
 import random
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
@@ -107,6 +108,7 @@ class Transport:
         """Send one request (again, as the policy allows); returns a 2xx/3xx response or raises
         APIError / APIConnectionError."""
         params = _drop_none(params)
+        headers = {**_request_id(), **(headers or {})}
         for attempt in self._attempts(retry):
             with ExitStack() as opened:
                 try:
@@ -133,7 +135,8 @@ class Transport:
         """A streamed response (downloads), following redirects; retried until the body starts.
         httpx drops the Authorization header when a redirect leaves the API's host (a
         presigned object-store URL needs none)."""
-        request = self.http.build_request(method, path, params=_drop_none(params))
+        request = self.http.build_request(method, path, params=_drop_none(params),
+                                          headers=_request_id())
         for attempt in self._attempts(Retry.SAFE):
             try:
                 response = self.http.send(request, stream=True, follow_redirects=True)
@@ -204,6 +207,12 @@ class _Attempt:
             raise error  # the server asks for longer than the caller is willing to block
         self.transport.sleep(wait)
         return False
+
+
+def _request_id() -> dict[str, str]:
+    """One X-Request-ID per call, the same on each of its retries: the server logs every try
+    under it, and errors quote it."""
+    return {"X-Request-ID": f"req_{uuid.uuid4().hex}"}
 
 
 def _drop_none(params: Mapping[str, Any] | None) -> dict[str, Any] | None:

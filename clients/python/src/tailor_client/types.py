@@ -67,6 +67,8 @@ class Job(TypedDict):
     spec: dict[str, Any]
     recipe: dict[str, Any]
     attempts: int
+    name: str | None
+    metadata: dict[str, str]
     created_at: str
     started_at: str | None
     finished_at: str | None
@@ -115,7 +117,7 @@ class Report(TypedDict):
 
 class Model(TypedDict):
     id: str
-    kind: Literal["base", "tuned"]
+    kind: Literal["base", "tuned", "uploaded"]
     name: str
     base_model: str | None
     dim: int | None
@@ -123,6 +125,7 @@ class Model(TypedDict):
     metrics: dict[str, Any]
     recommended: bool | None
     licence: str | None
+    metadata: dict[str, str]
     created_at: str | None
 
 
@@ -162,3 +165,139 @@ class Health(TypedDict):
 class Readiness(TypedDict):
     status: str
     checks: dict[str, str]
+
+
+class RerankResultDocument(TypedDict):
+    text: str
+
+
+class RerankResult(TypedDict):
+    """One document: its position in the request and how relevant it is (0..1 unless
+    `raw_scores`)."""
+
+    index: int
+    relevance_score: float
+    document: RerankResultDocument | None
+
+
+class RerankResponse(TypedDict):
+    """Results, most relevant first."""
+
+    id: str
+    model: str
+    results: list[RerankResult]
+
+
+class RerankModel(TypedDict):
+    id: str
+    licence: str | None
+    source: str | None
+
+
+KeyScope = Literal["train", "embed"]
+
+
+class ApiKey(TypedDict):
+    """An API key, without its secret."""
+
+    id: str
+    name: str
+    scope: KeyScope
+    prefix: str
+    created_at: str
+    expires_at: str | None
+    revoked_at: str | None
+    status: Literal["active", "expired", "revoked"]
+
+
+class ApiKeyCreated(ApiKey):
+    """A new key with its secret (`key`): the only answer that shows it."""
+
+    key: str
+
+
+class EmbeddingJob(TypedDict):
+    """A bulk embedding job; `metrics` once succeeded: documents, rows, dim, shards, ..."""
+
+    id: str
+    model: str
+    corpus_id: str
+    spec: dict[str, Any]
+    status: JobStatus
+    progress: float
+    metrics: dict[str, Any]
+    error: dict[str, Any] | None
+    attempts: int
+    name: str | None
+    metadata: dict[str, str]
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    updated_at: str
+
+
+class EmbeddingFile(TypedDict):
+    """A stored file of a bulk embedding job: the manifest, or a shard's vectors or ids."""
+
+    name: str
+    kind: Literal["manifest", "vectors", "ids"]
+    shard: int | None
+    rows: int | None
+    size: int
+    sha256: str | None
+    url: str
+
+
+class EmbeddingFileList(TypedDict):
+    """The files stored so far; `complete` once every document is in."""
+
+    data: list[EmbeddingFile]
+    count: int
+    complete: bool
+
+
+WebhookEvent = Literal["job.succeeded", "job.failed", "job.cancelled", "job.stage_completed"]
+DeliveryStatus = Literal["pending", "succeeded", "failed"]
+
+
+class Webhook(TypedDict):
+    """A webhook endpoint, without its secret."""
+
+    id: str
+    url: str
+    events: list[str]
+    description: str
+    enabled: bool
+    created_at: str
+    updated_at: str
+
+
+class WebhookCreated(Webhook):
+    """A new endpoint with its signing secret (`whsec_...`): the only answer that shows it."""
+
+    secret: str
+
+
+class DeliveryAttempt(TypedDict):
+    attempt: int
+    at: str
+    status_code: int | None
+    latency_ms: float
+    error: str | None
+
+
+class WebhookDelivery(TypedDict):
+    """One event sent to one endpoint and its attempts so far."""
+
+    id: str
+    endpoint_id: str
+    message_id: str
+    event_type: str
+    payload: dict[str, Any]
+    status: DeliveryStatus
+    attempts: int
+    max_attempts: int
+    next_attempt_at: str | None
+    attempt_log: list[DeliveryAttempt]
+    created_at: str
+    updated_at: str

@@ -1,7 +1,9 @@
-"""Following a job in the terminal: an overall bar and one bar per stage, fed by the job's
-events; Ctrl-C asks whether to cancel the job or leave it running."""
+"""Following a job (training or bulk embedding) in the terminal: an overall bar and one bar per
+stage, fed by the job's events; Ctrl-C asks whether to cancel the job or leave it running."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -16,9 +18,9 @@ from rich.progress import (
 from rich.prompt import Confirm
 from rich.text import Text
 
-from tailor_client.client import Client
 from tailor_client.errors import ConflictError
-from tailor_client.types import Job, JobEvent
+from tailor_client.resources import Runs
+from tailor_client.types import JobEvent
 
 DONE_WORDS = ("finished", "skipped")
 
@@ -37,7 +39,7 @@ class StageBars:
             self.stages[stage] = self.progress.add_task(f"  {stage}", total=1.0, message="")
         return self.stages[stage]
 
-    def job(self, job: Job) -> None:
+    def job(self, job: Any) -> None:
         self.progress.update(self.overall, completed=job["progress"], message=job["status"])
 
     def event(self, event: JobEvent) -> None:
@@ -59,6 +61,11 @@ class StageBars:
         elif kind == "status" and (event.get("data") or {}).get("status") in ("failed",
                                                                                  "cancelled"):
             self.progress.update(task, message=f"[red]{message}[/]")
+        elif kind == "status" and (event.get("data") or {}).get("status") == "succeeded":
+            # A job with one stage (bulk embedding) ends that stage with its status event.
+            seconds = (event.get("data") or {}).get("seconds")
+            note = f"done in {seconds:.1f} s" if isinstance(seconds, int | float) else "done"
+            self.progress.update(task, completed=1.0, message=note)
 
 
 class RunningTime(TimeElapsedColumn):
@@ -82,12 +89,13 @@ def new_progress(console: Console) -> Progress:
     )
 
 
-def follow(client: Client, job_id: str, console: Console, poll_interval: float = 1.0) -> Job:
+def follow(runs: Runs[Any], job_id: str, console: Console,
+           poll_interval: float = 1.0) -> Any:
     """Show the job's progress until it finishes; returns the finished job."""
     with new_progress(console) as progress:
         bars = StageBars(progress)
-        job: Job | None = None
-        for job, events in client.jobs.watch(job_id, poll_interval=poll_interval):
+        job: Any = None
+        for job, events in runs.watch(job_id, poll_interval=poll_interval):
             bars.job(job)
             for event in events:
                 bars.event(event)
@@ -95,26 +103,27 @@ def follow(client: Client, job_id: str, console: Console, poll_interval: float =
     return job
 
 
-def follow_or_cancel(client: Client, job_id: str, console: Console,
-                     poll_interval: float = 1.0) -> Job | None:
+def follow_or_cancel(runs: Runs[Any], job_id: str, console: Console,
+                     poll_interval: float = 1.0, noun: str = "job") -> Any | None:
     """`follow`, where Ctrl-C asks whether to cancel the job: yes cancels it and follows it
     to the end, no leaves it running and returns None."""
     try:
-        return follow(client, job_id, console, poll_interval)
+        return follow(runs, job_id, console, poll_interval)
     except KeyboardInterrupt:
         pass
     console.print()
     try:
-        cancel = Confirm.ask(f"Cancel job {job_id}?", default=False, console=console)
+        cancel = Confirm.ask(f"Cancel {noun} {job_id}?", default=False, console=console)
     except (EOFError, KeyboardInterrupt):
         cancel = False
     if not cancel:
-        console.print(f"job {job_id} keeps running; follow it again with "
-                      f"`tailor-client jobs wait {job_id}`")
+        group = runs.path.rsplit("/", 1)[-1]  # "jobs", "embedding-jobs": the command's group
+        console.print(f"{noun} {job_id} keeps running; follow it again with "
+                      f"`tailor-client {group} wait {job_id}`")
         return None
     try:
-        client.jobs.cancel(job_id)
-        console.print(f"cancelling job {job_id} ...")
+        runs.cancel(job_id)
+        console.print(f"cancelling {noun} {job_id} ...")
     except ConflictError as exc:  # it finished meanwhile: show how
         console.print(f"not cancelled: {exc.detail}")
-    return follow(client, job_id, console, poll_interval)
+    return follow(runs, job_id, console, poll_interval)

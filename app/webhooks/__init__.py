@@ -1,0 +1,1 @@
+"""Webhooks: tenant endpoints, signed job events, deliveries with retries."""
