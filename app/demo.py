@@ -1,6 +1,6 @@
 """The embedded demo: the whole customer loop on one machine, nothing to start by hand.
 
-    python -m app.demo [--preset quick] [--keep]
+    python -m app.demo [--preset quick] [--keep] [--base-model minilm-l6]
 
 Starts the API (uvicorn) and one Celery worker on the embedded default (SQLite, a local folder
 object store, kombu's filesystem broker), then acts as a customer over HTTP: uploads the
@@ -100,7 +100,7 @@ def _bar(progress: float, width: int = 30) -> str:
     return "#" * filled + "-" * (width - filled)
 
 
-def run(preset: str, keep: bool) -> int:
+def run(preset: str, keep: bool, base_model: str = "minilm-l6") -> int:
     if not keep and VAR.exists():
         shutil.rmtree(VAR)
     VAR.mkdir(parents=True, exist_ok=True)
@@ -167,7 +167,7 @@ def run(preset: str, keep: bool) -> int:
                     json={
                         "corpus_id": corpus["id"],
                         "eval_set_id": eval_set["id"],
-                        "base_model": "minilm-l6",
+                        "base_model": base_model,
                         "preset": preset,
                     },
                 )
@@ -234,6 +234,24 @@ def _follow(client: httpx.Client, job_id: str) -> dict:
 
 def _print_report(report: dict) -> None:
     print("7. " + "\n   ".join(report_lines(report)))
+    print("   in short: " + verdict(report))
+
+
+def verdict(report: dict) -> str:
+    """One plain sentence: base and tuned nDCG@10, the gain, its 95% interval, and what the
+    interval says about it."""
+    base, tuned = report["base"]["ndcg@10"], report["tuned"]["ndcg@10"]
+    text = f"nDCG@10 base {base:.4f} -> tuned {tuned:.4f}, gain {tuned - base:+.4f}"
+    if report.get("base_kept"):
+        return text + ": training never beat the base on the dev split, so the base is kept"
+    sig = report.get("significance")
+    if sig:
+        low, high = sig["ci95"]
+        reading = ("above 0: the tuned model is better" if low > 0 else
+                   "below 0: the tuned model is worse" if high < 0 else
+                   "includes 0: not distinguishable from the base on these queries")
+        text += f", 95% interval [{low:+.4f}, {high:+.4f}] {reading}"
+    return text + f"; recommended: {report['recommended']}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,8 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--keep", action="store_true", help="keep var/demo from a previous run")
+    parser.add_argument("--base-model", default="minilm-l6",
+                        help="the student to tune (a model of the catalogue, e.g. bge-small)")
     args = parser.parse_args(argv)
-    return run(args.preset, args.keep)
+    return run(args.preset, args.keep, args.base_model)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # no averaging with the base, as other tools ship it) is all that differs from the default.
     "infonce-e8": {"training": {"loss": "infonce", "base_merge": 0.0, **_TRAINING},
                    "candidates": _LISTS},
+    # The default with the embeddings and the lower half of the student's layers frozen.
+    "top3-e8": {"training": {"loss": "listwise", "base_merge": MERGE_SHARE, "train_layers": 3,
+                             **_TRAINING},
+                "candidates": _LISTS},
     "supplied-e8": {"generation": {"synthetic": False},
                     "training": {"loss": "listwise", "base_merge": MERGE_SHARE, **_TRAINING},
                     "candidates": _LISTS},

@@ -211,6 +211,10 @@ class TrainingConfig(_Section):
     # 2109.01903; 0: as trained): training overfits a few hundred synthetic queries, and the
     # average gives back less elsewhere (docs/benchmarks.md, "Averaging with the base").
     base_merge: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+    # Train only the top N transformer layers, the embeddings and lower layers frozen (None:
+    # all): less drift from the base, and a cheaper backward pass (docs/benchmarks.md, "Top
+    # layers only").
+    train_layers: Annotated[int | None, Field(ge=1, le=256)] = None
 
     @model_validator(mode="after")
     def _micro_batch_fits(self) -> TrainingConfig:
@@ -260,13 +264,15 @@ class RecipeConfig(_Section):
 # Presets are partial overrides applied on top of the defaults.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
-    # The demo on a 2-core machine: a few hundred queries, short lists, few epochs.
+    # The demo on a 2-core machine: a few hundred queries, short lists, few epochs. A quarter
+    # of the queries select the checkpoint: a dev split of ~5 queries could not tell the tuned
+    # model from the base (docs/benchmarks.md, "Demo dev split").
     "quick": {
-        "generation": {"passages": 72, "query_types": ["claims", "keywords", "titles"],
+        "generation": {"passages": 128, "query_types": ["claims", "keywords", "titles"],
                        "max_new_tokens": 24},
         "candidates": {"top_k": 10, "student_top_n": 10},
-        "training": {"list_size": 8, "batch_size": 16, "micro_batch_size": 16, "max_epochs": 2,
-                     "max_passage_length": 128},
+        "training": {"list_size": 8, "batch_size": 16, "micro_batch_size": 16, "max_epochs": 4,
+                     "max_passage_length": 128, "dev_fraction": 0.25},
         "evaluation": {"teacher_check_queries": 40, "teacher_check_depth": 10},
     },
 }

@@ -93,6 +93,21 @@ def load_encoder(folder: Path) -> PreTrainedModel:
         hf_logging.set_verbosity(verbosity)
 
 
+def freeze_lower_layers(model: nn.Module, train_layers: int) -> int:
+    """Leave only the top `train_layers` transformer layers trainable: the embeddings and every
+    layer below are frozen, so a few hundred queries cannot move the token embeddings of their
+    own words away from the rest of the vocabulary. Returns the number of frozen layers."""
+    layers = getattr(getattr(model, "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"training.train_layers: cannot find the transformer layers of a "
+                         f"{type(model).__name__} (a BERT-style encoder.layer list is needed)")
+    frozen = max(0, len(layers) - train_layers)
+    for module in (getattr(model, "embeddings", None), *layers[:frozen]):
+        for param in module.parameters() if module is not None else ():
+            param.requires_grad_(False)
+    return frozen
+
+
 class Student(nn.Module):
     """A bi-encoder student: encoder + tokenizer + the spec's pooling, prefixes and norm."""
 

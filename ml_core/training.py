@@ -34,7 +34,7 @@ from ml_core.config import TrainingConfig
 from ml_core.gradcache import GradCache, all_reduce_gradients, distributed_world
 from ml_core.losses import DistillationObjective, passage_keys
 from ml_core.records import Passage, ProgressFn, Query, ScoredList, no_progress
-from ml_core.student import Student, passage_text, resolve_precision
+from ml_core.student import Student, freeze_lower_layers, passage_text, resolve_precision
 
 STATE_FILE = "checkpoint.pt"
 CONFIG_FILE = "training_config.json"
@@ -163,6 +163,8 @@ def train_student(
         raise ValueError(f"need at least {run.world} training and dev lists (one per rank)")
     run_id = _run_id(cfg, seed, train, dev, student)
     disable_dropout(student)
+    if cfg.train_layers is not None:
+        freeze_lower_layers(student.model, cfg.train_layers)
     params = [p for p in student.parameters() if p.requires_grad]
     # Weight decay on weight matrices only: decaying biases and LayerNorm gains just shrinks them.
     optimizer = torch.optim.AdamW(

@@ -311,3 +311,24 @@ def test_p_values_print_for_people() -> None:
     assert format_p(1 / 10_001) == "p < 0.001"
     assert format_p(0.0005) == "p = 0.001"
     assert format_p(0.0137) == "p = 0.014"
+
+
+def test_the_demo_states_the_gain_and_what_its_interval_says() -> None:
+    from app.demo import verdict
+
+    check = {"method": "judged_rerank", "queries": 50, "teacher": 0.6, "student": 0.4}
+    base_scores = {f"q{i}": 0.4 + 0.01 * (i % 5) for i in range(60)}
+    base = {**_metrics(0.42, 60), "per_query": base_scores}
+    lifted = {q: v + 0.05 for q, v in base_scores.items()}
+    wobbly = {q: v + (0.3 if i % 2 else -0.29) for i, (q, v) in enumerate(base_scores.items())}
+    clear = build_report(base, {**_metrics(0.47, 60), "per_query": lifted}, check,
+                         EvaluationConfig(), "customer")
+    assert verdict(clear) == ("nDCG@10 base 0.4200 -> tuned 0.4700, gain +0.0500, 95% interval "
+                              "[+0.0500, +0.0500] above 0: the tuned model is better; "
+                              "recommended: tuned")
+    noisy = build_report(base, {**_metrics(0.425, 60), "per_query": wobbly}, check,
+                         EvaluationConfig(), "customer")
+    assert "includes 0: not distinguishable from the base" in verdict(noisy)
+    kept = build_report(base, base, check, EvaluationConfig(), "customer", base_kept=True)
+    assert verdict(kept).endswith("training never beat the base on the dev split, so the base "
+                                  "is kept")

@@ -321,3 +321,25 @@ def test_training_precision_picks_the_encoders_number_format(
     # auto is bf16 on native hardware ...
     assert all(torch.equal(final["auto-native"][k], final["bf16"][k]) for k in final["bf16"])
     assert diff["auto-emulated"] == 0  # ... and fp32 where bf16 would be emulated
+
+
+def test_train_layers_freezes_the_embeddings_and_the_layers_below_the_top(
+    model_store: Path, tmp_path: Path
+) -> None:
+    student = _student(model_store)
+    base = _weights(student)
+    cfg = CFG.model_copy(update={"train_layers": 1, "max_epochs": 1})
+    result = train_student(student, _lists()[:8], _lists()[:8], _passages(), _queries(), cfg,
+                           tmp_path, seed=1)
+    assert result.best_epoch == 1  # it trained, and the trained epoch was kept
+    trained = _weights(type(student).load(result.best_dir))
+    moved = {name for name in base if not torch.equal(trained[name], base[name])}
+    assert moved and all(name.startswith("model.encoder.layer.1.") for name in moved)
+    assert not any(p.requires_grad for p in student.model.embeddings.parameters())
+
+
+def test_train_layers_names_a_model_without_a_layer_list() -> None:
+    from ml_core.student import freeze_lower_layers
+
+    with pytest.raises(ValueError, match="train_layers.*Linear"):
+        freeze_lower_layers(nn.Linear(2, 2), 1)
