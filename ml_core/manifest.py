@@ -30,6 +30,7 @@ _ADDED_SETTINGS: dict[tuple[str, str], Any] = {
     ("candidates", "co_teachers"): [],
     ("candidates", "round_trip_scope"): "passage",
     ("generation", "synthetic"): True,
+    ("training", "train_layers"): None,
 }
 
 

@@ -467,7 +467,7 @@ def test_a_helper_that_is_not_a_registered_bi_encoder_is_named(
 
 
 def test_a_setting_added_later_leaves_the_fingerprints_of_earlier_stages_alone() -> None:
-    """candidates.helpers and candidates.round_trip_scope came after jobs had run: at their
+    """candidates.helpers, co_teachers and round_trip_scope came after jobs had run: at their
     neutral values (no helpers, the passage round trip) the filter's hash is the one computed
     before the settings existed, so a resumed job is not re-filtered."""
     import hashlib
@@ -479,6 +479,7 @@ def test_a_setting_added_later_leaves_the_fingerprints_of_earlier_stages_alone()
     before = config.model_dump(mode="json")
     del before["candidates"]["helpers"]  # the recipe as it was before the settings
     del before["candidates"]["round_trip_scope"]
+    del before["candidates"]["co_teachers"]
     picked = {}
     for name in _STAGE_SECTIONS["filter"]:
         section, _, field = name.partition(".")
@@ -682,3 +683,27 @@ def test_the_report_compares_bm25_hybrid_and_whole_documents_on_its_own_queries(
     assert section["best"]["setup"] == rows[section["best"]["id"]]["setup"]
     manifest = json.loads((finished_run.stage_dir("evaluate") / "manifest.json").read_text())
     assert manifest["metrics"]["best_setup"] == section["best"]["setup"]
+
+
+def test_training_all_layers_keeps_the_distill_fingerprint_of_earlier_jobs() -> None:
+    """training.train_layers came after jobs had run: unset (every layer trains, as before) it
+    stays out of the distill stage's hash; set, it changes it."""
+    import hashlib
+
+    from ml_core.pipeline import _STAGE_SECTIONS, section_hash
+
+    config = build_config("default", TINY_RECIPE)
+    before = config.model_dump(mode="json")
+    for section, key in (("training", "train_layers"), ("candidates", "helpers"),
+                         ("candidates", "co_teachers"), ("candidates", "round_trip_scope"),
+                         ("generation", "synthetic")):
+        del before[section][key]
+    picked = {}
+    for name in _STAGE_SECTIONS["distill"]:
+        section, _, field = name.partition(".")
+        picked[name] = before[section][field] if field else before[section]
+    old = hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
+    assert section_hash(config, "distill") == old
+    frozen = build_config("default", {**TINY_RECIPE, "training": {
+        **TINY_RECIPE.get("training", {}), "train_layers": 2}})
+    assert section_hash(frozen, "distill") != old
