@@ -192,8 +192,10 @@ def run(preset: str, keep: bool, base_model: str = "minilm-l6") -> int:
                 )
             )
             vector = vectors["data"][0]["embedding"]
+            which = ("the tuned model" if report.get("recommended") == "tuned" else
+                     f"the job's model (the report recommends the base model, {base_model})")
             print(
-                f"8. /v1/embed with tuned model {model_id}: {len(vector)}-d vector, "
+                f"8. /v1/embed with {which} {model_id}: {len(vector)}-d vector, "
                 f"first values {[round(v, 4) for v in vector[:4]]}"
             )
             print(
