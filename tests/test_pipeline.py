@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ml_core.__main__ import main as cli_main
-from ml_core.config import build_config
+from ml_core.config import RecipeConfig, build_config
 from ml_core.pipeline import STAGES, StageContext, StageError, is_finished, run_stage
 from ml_core.registry import ModelRegistry
 from ml_core.student import resolve_precision
@@ -466,32 +466,52 @@ def test_a_helper_that_is_not_a_registered_bi_encoder_is_named(
     assert not (tmp_path / "filter" / "manifest.json").exists()
 
 
+def _hash_without(config: RecipeConfig, stage: str, *removed: tuple[str, str]) -> str:
+    """The stage's settings hash computed as before the `removed` settings existed."""
+    import hashlib
+
+    from ml_core.pipeline import _STAGE_SECTIONS
+
+    before = config.model_dump(mode="json")
+    for section, key in removed:
+        del before[section][key]
+    picked = {}
+    for name in _STAGE_SECTIONS[stage]:
+        section, _, field = name.partition(".")
+        picked[name] = before[section][field] if field else before[section]
+    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
+
+
 def test_a_setting_added_later_leaves_the_fingerprints_of_earlier_stages_alone() -> None:
     """candidates.helpers, co_teachers and round_trip_scope came after jobs had run: at their
     neutral values (no helpers, the passage round trip) the filter's hash is the one computed
     before the settings existed, so a resumed job is not re-filtered."""
-    import hashlib
-
-    from ml_core.pipeline import _STAGE_SECTIONS, section_hash
+    from ml_core.pipeline import section_hash
 
     config = build_config("default", TINY_RECIPE)
     assert config.candidates.helpers == [] and config.candidates.round_trip_scope == "passage"
-    before = config.model_dump(mode="json")
-    del before["candidates"]["helpers"]  # the recipe as it was before the settings
-    del before["candidates"]["round_trip_scope"]
-    del before["candidates"]["co_teachers"]
-    picked = {}
-    for name in _STAGE_SECTIONS["filter"]:
-        section, _, field = name.partition(".")
-        picked[name] = before[section][field] if field else before[section]
-    old = hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
+    old = _hash_without(config, "filter", ("candidates", "helpers"),
+                        ("candidates", "round_trip_scope"), ("candidates", "co_teachers"))
     assert section_hash(config, "filter") == old
     helped = build_config("default", {**TINY_RECIPE, "candidates": {
         **TINY_RECIPE["candidates"], "helpers": ["bge-small"]}})
     assert section_hash(helped, "filter") != old
-    by_document = build_config("default", {**TINY_RECIPE, "candidates": {
-        **TINY_RECIPE["candidates"], "round_trip_scope": "document"}})
-    assert section_hash(by_document, "filter") != old
+
+
+def test_training_all_layers_keeps_the_distill_fingerprint_of_earlier_jobs() -> None:
+    """training.train_layers came after jobs had run: unset (every layer trains, as before) it
+    stays out of the distill stage's hash; set, it changes it."""
+    from ml_core.pipeline import section_hash
+
+    config = build_config("default", TINY_RECIPE)
+    old = _hash_without(config, "distill", ("training", "train_layers"),
+                        ("candidates", "helpers"), ("candidates", "co_teachers"),
+                        ("candidates", "round_trip_scope"), ("generation", "synthetic"))
+    assert section_hash(config, "distill") == old
+    frozen = build_config("default", {**TINY_RECIPE, "training": {
+        **TINY_RECIPE.get("training", {}), "train_layers": 2}})
+    assert section_hash(frozen, "distill") != old
+
 
 
 def _queries_file(path: Path, texts: dict[str, str]) -> Path:
@@ -683,27 +703,3 @@ def test_the_report_compares_bm25_hybrid_and_whole_documents_on_its_own_queries(
     assert section["best"]["setup"] == rows[section["best"]["id"]]["setup"]
     manifest = json.loads((finished_run.stage_dir("evaluate") / "manifest.json").read_text())
     assert manifest["metrics"]["best_setup"] == section["best"]["setup"]
-
-
-def test_training_all_layers_keeps_the_distill_fingerprint_of_earlier_jobs() -> None:
-    """training.train_layers came after jobs had run: unset (every layer trains, as before) it
-    stays out of the distill stage's hash; set, it changes it."""
-    import hashlib
-
-    from ml_core.pipeline import _STAGE_SECTIONS, section_hash
-
-    config = build_config("default", TINY_RECIPE)
-    before = config.model_dump(mode="json")
-    for section, key in (("training", "train_layers"), ("candidates", "helpers"),
-                         ("candidates", "co_teachers"), ("candidates", "round_trip_scope"),
-                         ("generation", "synthetic")):
-        del before[section][key]
-    picked = {}
-    for name in _STAGE_SECTIONS["distill"]:
-        section, _, field = name.partition(".")
-        picked[name] = before[section][field] if field else before[section]
-    old = hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
-    assert section_hash(config, "distill") == old
-    frozen = build_config("default", {**TINY_RECIPE, "training": {
-        **TINY_RECIPE.get("training", {}), "train_layers": 2}})
-    assert section_hash(frozen, "distill") != old
