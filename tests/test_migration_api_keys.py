@@ -3,11 +3,6 @@ key without expiry, and the migration goes down and up again."""
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import Iterator
-from pathlib import Path
-
-import psycopg
 import pytest
 from alembic import command
 from sqlalchemy import text
@@ -19,29 +14,8 @@ from app.db.models import KeyScope
 from app.db.session import make_engine
 from app.ids import api_key_lookup_prefix, hash_api_key, new_api_key
 from app.tenants.service import verify_key
-from tests.api_fixtures import PG_ADMIN_URL
 
 pytest_plugins = ["tests.api_fixtures"]
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty database of each kind."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fresh.db'}"
-        return
-    name = f"tailor_migration_{secrets.token_hex(6)}"
-    try:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3) as admin:
-            admin.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.Error:
-        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}")
-    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    try:
-        yield f"{base}/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_a_key_from_before_the_migration_becomes_a_train_key(fresh_url: str) -> None:

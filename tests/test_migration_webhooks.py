@@ -3,11 +3,6 @@ the database refuses an unknown delivery status, and the migration goes down and
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import Iterator
-from pathlib import Path
-
-import psycopg
 import pytest
 from alembic import command
 from sqlalchemy import inspect, text
@@ -15,27 +10,8 @@ from sqlalchemy import inspect, text
 from app.db.base import utcnow
 from app.db.migrate import alembic_config, upgrade
 from app.db.session import make_engine
-from tests.api_fixtures import PG_ADMIN_URL
 
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty database of each kind."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fresh.db'}"
-        return
-    name = f"tailor_migration_{secrets.token_hex(6)}"
-    try:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3) as admin:
-            admin.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.Error:
-        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}")
-    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    try:
-        yield f"{base}/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+pytest_plugins = ["tests.api_fixtures"]
 
 
 def test_webhook_tables_come_and_go(fresh_url: str) -> None:
