@@ -4,7 +4,7 @@ one shard at a time so an interrupted run resumes after its last finished shard.
 How a document maps to rows. Documents are read in corpus order, `shard_documents` per shard.
 A document that fits the model's length is one row, its id the document's. A longer one, with
 `long_documents="chunk"` (the default), is split exactly as Tailor's training and evaluation
-split it (`ml_core.corpus.chunk_passages`: windows on word boundaries overlapping by 32 tokens,
+split it (`ml_core.passages.chunk_passages`: windows on word boundaries overlapping by 32 tokens,
 the title repeated on each): one row per chunk, ids `<document id>#<k>` from 0, each with the
 character span `[start, end)` of its text in the document's `text`. With "truncate" it is one
 row cut at the model's length, like /v1/embed with `truncate=true`.
@@ -93,7 +93,7 @@ def _rows(student: Any, documents: Sequence[Passage], long_documents: LongDocume
     """The passages to encode and each one's row record, in row order."""
     if long_documents == "truncate":
         return list(documents), [{"id": d.id, "document_id": d.id} for d in documents]
-    from ml_core.corpus import chunk_spans
+    from ml_core.passages import chunk_spans
 
     spans = chunk_spans(documents, student.tokenizer, student.max_seq_length,
                         CHUNK_OVERLAP_TOKENS, reserved_tokens=student.prefix_tokens(kind))

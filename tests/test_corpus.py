@@ -10,17 +10,13 @@ from pathlib import Path
 import pytest
 
 from ml_core.config import CorpusConfig
-from ml_core.corpus import (
-    CorpusError,
+from ml_core.corpus import CorpusError, iter_corpus, read_qrels, read_queries, validate_corpus
+from ml_core.passages import (
     chunk_passages,
     clean_passages,
     find_containers,
-    iter_corpus,
     normalise,
-    read_qrels,
-    read_queries,
     sample_passages,
-    validate_corpus,
 )
 from ml_core.records import Passage
 

@@ -13,13 +13,13 @@ from rich.console import Console
 from tailor_client.display import report_view
 
 from app.reports import render_report_html
-from ml_core.corpus import chunk_passages
 from ml_core.evaluation import (
     evaluate_retriever,
     first_stage_documents,
     metrics_from_rankings,
     paired_difference,
 )
+from ml_core.passages import chunk_passages
 from ml_core.records import Passage, Query
 from ml_core.registry import ModelRegistry
 from ml_core.report import report_lines

@@ -14,7 +14,8 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
     """Clean and chunk the corpus, sample passages for generation and split them by passage;
     returns (document, passage and split counts, {"hygiene": what hygiene dropped})."""
     from ml_core.candidates import split_by_passage
-    from ml_core.corpus import chunk_passages, clean_passages, iter_corpus, sample_passages
+    from ml_core.corpus import iter_corpus
+    from ml_core.passages import chunk_passages, clean_passages, sample_passages
     from ml_core.student import Student
 
     cfg = ctx.config
