@@ -90,4 +90,9 @@ def setup_lines(report: dict[str, Any]) -> list[str]:
     for model, sig in (section.get("chunking") or {}).items():
         lines.append(f"chunking ({model}): {sig['difference']:+.4f} nDCG@10 over whole documents, "
                      f"{format_significance(sig)}")
+    gain = section.get("whole_gain")
+    if gain:
+        first, last = gain["models"]
+        lines.append(f"on whole documents, {last} - {first}: {gain['difference']:+.4f} nDCG@10, "
+                     f"{format_significance(gain)}")
     return lines

@@ -119,10 +119,11 @@ def compare_setups(
     batch_size: int = ENCODE_BATCH_SIZE,
 ) -> dict[str, Any]:
     """The report's "retrievers" section: one row per set-up (BM25 on documents; each model on
-    chunks, and the reference model also on whole documents when any document was chunked; each
-    of those fused with BM25), each with nDCG@10, Recall@100, MRR@10 and its paired difference
+    chunks, and also on whole documents when any document was chunked; each of those fused with
+    BM25), each with nDCG@10, Recall@100, MRR@10 and its paired difference
     against the reference (the last model on chunks: the tuned model, or the base when training
-    kept it); "chunking" (chunks minus whole, paired, for the reference model) and "best" (the
+    kept it); "chunking" (chunks minus whole, paired, per model); "whole_gain" (the reference
+    minus the first model, both on whole documents, paired; None without them); "best" (the
     highest nDCG@10; ties go to the reference, then to the earlier row; "ties": the rows whose
     paired interval against it reaches 0, i.e. as good within noise).
 
@@ -148,9 +149,10 @@ def compare_setups(
         dense = {"chunks": _dense_documents(
             query_vectors, model.passage_vectors, [p.id for p in passages], queries, chunk_k,
             document_of)}
-        # Whole documents cost an encoding of every chunked document, so only the reference
-        # model (the one the customer would serve) pays it.
-        if chunked and model is models[-1]:
+        # Whole documents cost an encoding of every chunked document; every model pays it, so
+        # that tuning is also paired on the index a customer calling /v1/embed on whole
+        # documents builds (a model may lose on chunks what it keeps whole, or the reverse).
+        if chunked:
             vectors, encoded = whole_document_vectors(
                 model.encoder, passages, documents, model.passage_vectors, batch_size)
             encoded_documents += encoded
@@ -204,6 +206,13 @@ def compare_setups(
                                       scored[f"{model.name}-chunks"]["per_query"])
         for model in models if f"{model.name}-whole" in scored
     }
+    # What tuning buys on whole documents: the reference against the first model (the base),
+    # paired, beside the chunked figure the report leads with.
+    whole_gain = None
+    first, last = models[0].name, models[-1].name
+    if first != last and f"{first}-whole" in scored and f"{last}-whole" in scored:
+        whole_gain = {"models": [first, last], **paired_difference(
+            scored[f"{first}-whole"]["per_query"], scored[f"{last}-whole"]["per_query"])}
     return {
         "version": VERSION,
         "metric": PRIMARY,
@@ -217,6 +226,7 @@ def compare_setups(
         "queries": scored[reference]["queries"],
         "rows": rows,
         "chunking": chunking,
+        "whole_gain": whole_gain,
         "best": best,
     }
 

@@ -22,7 +22,7 @@ from ml_core.evaluation import (
 from ml_core.passages import chunk_passages
 from ml_core.records import Passage, Query
 from ml_core.registry import ModelRegistry
-from ml_core.report import report_lines
+from ml_core.report import report_lines, setup_lines
 from ml_core.retrieval import BM25Index, reciprocal_rank_fusion
 from ml_core.setups import RRF_K, DenseModel, compare_setups, whole_document_vectors
 from ml_core.student import Student
@@ -53,6 +53,20 @@ def _lexical_corpus(n: int = 24, seed: int = 3) -> tuple[list[Passage], list[Que
 def student(registry: ModelRegistry) -> Student:
     model = Student.load(registry.path("tiny-student"))
     model.encode_precision = "fp32"
+    return model
+
+
+@pytest.fixture(scope="module")
+def other_student(registry: ModelRegistry) -> Student:
+    """The tiny student with its weights moved: a "tuned" model that ranks differently."""
+    import torch
+
+    model = Student.load(registry.path("tiny-student"))
+    model.encode_precision = "fp32"
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for parameter in model.model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
     return model
 
 
@@ -170,6 +184,37 @@ def test_chunks_find_what_a_whole_document_cut_at_the_models_length_never_sees(
     assert np.array_equal(whole[-1], vectors[row])
     direct = student.encode_passages(documents[:1])
     assert np.allclose(whole[0], direct[0], atol=1e-5)
+
+
+def test_every_model_gets_whole_rows_and_tuning_is_paired_on_whole_documents(
+    student: Student, other_student: Student,
+) -> None:
+    """Base and tuned each get a whole-document row; whole_gain pairs them on whole documents."""
+    rng = random.Random(7)
+    documents, queries, qrels = [], [], {}
+    for i in range(10):
+        text = " ".join(rng.choice(COMMON) for _ in range(90))
+        documents.append(Passage(id=f"d{i}", text=text, title=""))
+        queries.append(Query(id=f"q{i}", text=" ".join(text.split()[3:9])))
+        qrels[f"q{i}"] = {f"d{i}": 1}
+    passages, base_vectors = _setup(student, documents)
+    tuned_vectors = other_student.encode_passages(passages)
+    section = compare_setups(
+        [DenseModel("base", student, base_vectors, student.max_seq_length),
+         DenseModel("tuned", other_student, tuned_vectors, other_student.max_seq_length)],
+        passages, documents, queries, qrels, chunk_tokens=32, chunk_overlap_tokens=8)
+    rows = {row["id"]: row for row in section["rows"]}
+    assert {"base-whole", "tuned-whole", "base+bm25-whole", "tuned+bm25-whole"} <= set(rows)
+    assert section["encoded_documents"] == 2 * section["chunked_documents"] > 0
+    assert set(section["chunking"]) == {"base", "tuned"}
+    gain = section["whole_gain"]
+    assert gain["models"] == ["base", "tuned"]
+    assert gain["difference"] == pytest.approx(
+        rows["tuned-whole"]["ndcg@10"] - rows["base-whole"]["ndcg@10"])
+    lines = "\n".join(setup_lines({"retrievers": section}))
+    assert "on whole documents, tuned - base" in lines
+    html = render_report_html({**sample_report(queries=40), "retrievers": section})
+    assert "On whole documents, tuned against base" in html
 
 
 def test_without_chunked_documents_there_is_no_whole_row(student: Student) -> None:
