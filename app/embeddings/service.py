@@ -46,6 +46,11 @@ def resolve_source(
     if is_tenant_model(model):
         own = get_tenant_model(session, tenant, model)
         return ModelSource(cache_key=own.id, archive_key=own.object_key)
+    return base_source(registry, model)
+
+
+def base_source(registry: ModelRegistry, model: str) -> ModelSource:
+    """The base model `model` of the store (404 naming the known ones otherwise)."""
     spec = _base_spec(registry, model)
     return ModelSource(cache_key=f"base:{spec.name}", folder=spec.folder)
 
