@@ -4,6 +4,7 @@ the object store into a local cache folder. Imports torch (through ml_core.stude
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 from collections import OrderedDict
@@ -122,6 +123,24 @@ def default_batch_tokens() -> int:
     return 65_536 if torch.cuda.is_available() else 8_192
 
 
+def default_encoders() -> int:
+    """Encoder threads when the settings leave it to the hardware: one on a GPU; on a CPU one
+    per core (up to 4), each with its share of the cores as torch threads. On 2 cores, two
+    encoders of one torch thread each served single queries faster than one encoder of two
+    threads, whose threads wait for each other whenever the event loop takes a core."""
+    import torch
+
+    from ml_core.student import limit_threads
+
+    if torch.cuda.is_available():
+        return 1
+    affinity = getattr(os, "sched_getaffinity", None)
+    cores = len(affinity(0)) if affinity else (os.cpu_count() or 1)
+    encoders = max(1, min(cores, 4))
+    limit_threads(cores // encoders)
+    return encoders
+
+
 class EmbeddingModels:
     """Loaded students, least recently used evicted past `capacity`; safe across threads.
 
@@ -147,7 +166,7 @@ class EmbeddingModels:
                 self._batcher = Batcher(
                     token_budget=settings.embed_batch_tokens or default_batch_tokens(),
                     max_wait_s=settings.embed_batch_wait_ms / 1000,
-                    encoders=settings.embed_encoders,
+                    encoders=settings.embed_encoders or default_encoders(),
                     max_queued_rows=settings.embed_max_queued_inputs,
                     name="embed-encoder",
                 )
