@@ -160,3 +160,31 @@ def test_the_encoders_fit_the_cost_model_as_they_run() -> None:
     batcher.close()
     overhead = batcher._queues["m"].cost.overhead_tokens()
     assert overhead is not None and 10 < overhead < 200  # about 2 ms / 0.05 ms = 40 tokens
+
+
+def test_a_cpu_server_runs_one_encoder_per_core_with_the_cores_shared(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import os
+
+    import torch
+
+    from app.embeddings.service import default_encoders
+    from ml_core import student
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU default")
+    monkeypatch.delenv("TAILOR_TORCH_THREADS", raising=False)
+    monkeypatch.setattr(student, "_THREADS", None)
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+        assert default_encoders() == 2 and torch.get_num_threads() == 1
+        student.configure_threads()  # a model loaded later keeps the server's share
+        assert torch.get_num_threads() == 1
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+        assert default_encoders() == 4 and torch.get_num_threads() == 4
+        monkeypatch.setenv("TAILOR_TORCH_THREADS", "3")  # the operator's word wins
+        assert student.configure_threads() == 3
+    finally:
+        torch.set_num_threads(before)

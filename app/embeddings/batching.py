@@ -6,8 +6,10 @@ their own forward pass, up to one per request at once on two cores. Here every r
 takes rows from the queue into a window of at most `token_budget` tokens, fairly across the
 requests waiting (one row of each in turn, so a 2,048-input request does not hold back the
 single queries that arrive after it), sorts the window by length and runs it as batches whose
-padded size stays within the budget. An idle encoder waits at most `max_wait_s` for more rows
-before running a small batch; a busy one finds its next window already gathered.
+padded size stays within the budget, cut where a cost model fitted to the batches already run
+(a fixed cost per batch plus a cost per padded token) says the window is cheapest. An idle
+encoder waits at most `max_wait_s` for more rows before running a small batch; a busy one finds
+its next window already gathered.
 
 Each request gets its own rows back in its own order through an asyncio future; the event loop
 never runs a forward pass. The same queue serves any model: a `Runner` turns a list of payloads
