@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,22 +57,28 @@ def base_source(registry: ModelRegistry, model: str) -> ModelSource:
     return ModelSource(cache_key=f"base:{spec.name}", folder=spec.folder)
 
 
-# Base specs read from the store, by spec file: (its mtime, the spec). Reading and validating
-# the JSON on every request cost more than the rest of a request's lookup.
-_BASE_SPECS: dict[Path, tuple[int, ModelSpec]] = {}
+# Base specs read from the store, by spec file: (its mtime, when it was last checked, the spec).
+# Reading and validating the JSON on every request cost more than the rest of a request's
+# lookup, and so did a stat of the file under load: it is checked again once a second.
+_BASE_SPECS: dict[Path, tuple[int, float, ModelSpec]] = {}
+SPEC_RECHECK_S = 1.0
 
 
 def _base_spec(registry: ModelRegistry, name: str) -> ModelSpec:
     path = registry.store / name / SPEC_FILE
+    now = time.monotonic()
+    cached = _BASE_SPECS.get(path)
+    if cached is not None and now - cached[1] < SPEC_RECHECK_S:
+        return cached[2]
     try:
         mtime = path.stat().st_mtime_ns
     except OSError:
         mtime = -1
-    cached = _BASE_SPECS.get(path)
     if cached is not None and cached[0] == mtime:
-        return cached[1]
+        _BASE_SPECS[path] = (mtime, now, cached[2])
+        return cached[2]
     spec = get_base_spec(registry, name)
-    _BASE_SPECS[path] = (mtime, spec)
+    _BASE_SPECS[path] = (mtime, now, spec)
     return spec
 
 
