@@ -2,17 +2,22 @@
 
 `python -m bench.serve` encodes the same inputs with the same model folder in one run:
 (a) in process with Tailor's own code (Student.encode, batches of 32), (b) Tailor's /v1/embed and
-/v1/embeddings over real HTTP (a uvicorn subprocess, SQLite, one API key), (c) Infinity
+/v1/embeddings over real HTTP (a uvicorn subprocess, SQLite, one API key), optionally (b') the
+same from another checkout (`--baseline-repo`: before and after in one run), (c) Infinity
 (`infinity-emb[server,torch]`, installed with torch==2.13.0 into its own virtualenv, by default
-var/bench-infinity-venv: created on first use; Tailor does not depend on it). Patterns: single
-queries from 32 concurrent clients, 32 queries per request from 4 clients, 16 passages per
-request from 8 clients. Prints throughput (inputs/s), p50 and p99 latency, errors and the
-ratios to in-process encoding, checks every server returns the in-process vectors, measures
-what a request costs on the way and how much of it is authentication, and writes JSON.
+var/bench-infinity-venv: created on first use; Tailor does not depend on it), and (d) a trivial
+endpoint that measures what the clients cost alone. Patterns: single queries from 32 concurrent
+clients, 32 queries per request from 4 clients, 16 passages per request from 8 clients. Every
+system runs each pattern `--repeats` times, the order rotated between repetitions, each measured
+run after an unmeasured burst of the same pattern. Prints throughput (inputs/s), p50 and p99
+latency, errors, the clients' CPU per request and the ratios to in-process encoding, checks
+every server returns the in-process vectors, measures what a sequential request costs, and
+writes JSON.
 
 The model folder is a copy of the store's, completed as a sentence-transformers folder, so
-every server cuts at the same 256 tokens. Clients run in this process: the numbers include
-their cost, as a search application's would.
+every server cuts at the same 256 tokens. Clients run in this process (bench.loadgen: the same
+light keep-alive client for every server): the numbers include their cost, as a search
+application's would.
 """
 
 from __future__ import annotations
