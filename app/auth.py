@@ -11,6 +11,7 @@ from app.errors import InsufficientScope, TooManyRequests, Unauthorized
 from app.logs import bind
 from app.ratelimit import Limiter, MemoryLimiter, Rate, RedisLimiter
 from app.settings import Settings
+from app.tenants.key_cache import VerifiedKey
 from app.tenants.service import cached_key, is_expired, verify_key
 
 # The routes an `embed` key may call (route templates); a `train` key may call every route.
@@ -67,6 +68,31 @@ def authorize(request: Request, session: Session, key: str | None) -> Tenant:
         if verified is None:
             limiter.take(address, failures)
             raise Unauthorized("invalid or revoked API key")
+    admit(request, verified)
+    return session.merge(verified.tenant, load=False)
+
+
+def authorize_cached(request: Request, key: str | None) -> Tenant | None:
+    """`authorize` without a session or a thread when it can be: the key verified a moment
+    ago in this process and the rate limit kept in this process. The tenant is a detached copy
+    (its columns loaded). None when the full check is needed (`authorize` on a worker thread)."""
+    settings: Settings = request.app.state.settings
+    if key is None:
+        raise Unauthorized("missing bearer API key")
+    if settings.rate_limit_per_second > 0 and not isinstance(request.app.state.limiter,
+                                                             MemoryLimiter):
+        return None  # a Redis round trip: not on the event loop
+    verified = cached_key(key, settings.api_key_cache_ttl_s)
+    if verified is None:
+        return None
+    admit(request, verified)
+    return verified.tenant
+
+
+def admit(request: Request, verified: VerifiedKey) -> None:
+    """Whether the verified key may call this route now: its expiry, scope and rate limit
+    (401, 403 or 429); binds its ids to the request's log lines."""
+    settings: Settings = request.app.state.settings
     if is_expired(verified):
         raise Unauthorized("expired API key")
     bind(tenant_id=verified.tenant_id, key_id=verified.key_id)
@@ -76,6 +102,7 @@ def authorize(request: Request, session: Session, key: str | None) -> Tenant:
             f"use a train key", scope=verified.scope.value, required=KeyScope.TRAIN.value,
         )
     if settings.rate_limit_per_second > 0:
+        limiter: Limiter = request.app.state.limiter
         rate = Rate(settings.rate_limit_per_second, settings.rate_limit_burst)
         decision = limiter.take(f"key:{verified.key_id}", rate)
         headers = decision.headers()
@@ -86,4 +113,3 @@ def authorize(request: Request, session: Session, key: str | None) -> Tenant:
                 f"bursts of {rate.burst}); retry in {headers['Retry-After']} s",
                 headers=headers, limit="requests",
             )
-    return session.merge(verified.tenant, load=False)

@@ -9,16 +9,20 @@ from typing import Annotated
 from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from app.auth import authorize
+from app.auth import authorize, authorize_cached
 from app.db.models import Tenant
 from app.db.session import transaction
 from app.settings import Settings
 from app.storage import ObjectStore
 from ml_core.registry import ModelRegistry
 
+# Dependencies that only read the app's state are `async def`: FastAPI runs a plain `def`
+# dependency on a worker thread, a thread hop per dependency per request.
 
-def _settings(request: Request) -> Settings:
+
+async def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
@@ -55,14 +59,37 @@ def _current_tenant(
 CurrentTenant = Annotated[Tenant, Depends(_current_tenant)]
 
 
-def _store(request: Request) -> ObjectStore:
+async def _serving_tenant(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Tenant:
+    # The serving routes' caller: a key verified a moment ago is answered on the event loop,
+    # without a session or a thread; otherwise the full check runs on a worker thread in its
+    # own transaction. The tenant is detached (its columns loaded): these routes open a session
+    # only to look a tenant model up (app.embeddings.router.source_for).
+    key = credentials.credentials if credentials else None
+    tenant = authorize_cached(request, key)
+    if tenant is not None:
+        return tenant
+
+    def check() -> Tenant:
+        with transaction(request.app.state.session_factory) as session:
+            return authorize(request, session, key)
+
+    return await run_in_threadpool(check)
+
+
+ServingTenant = Annotated[Tenant, Depends(_serving_tenant)]
+
+
+async def _store(request: Request) -> ObjectStore:
     return request.app.state.store
 
 
 StoreDep = Annotated[ObjectStore, Depends(_store)]
 
 
-def _registry(settings: SettingsDep) -> ModelRegistry:
+async def _registry(settings: SettingsDep) -> ModelRegistry:
     return ModelRegistry(settings.model_store)
 
 

@@ -87,11 +87,11 @@ class Settings(BaseSettings):
     embed_cache_dir: Path = VAR / "cache" / "models"
     # Concurrent requests share micro-batches (docs/serving.md): a batch holds at most
     # embed_batch_tokens padded tokens (0: 8,192 on a CPU, 65,536 on a GPU); an idle encoder
-    # waits up to embed_batch_wait_ms for more inputs; embed_encoders threads run batches (one
-    # on a CPU: its torch threads already use every core).
+    # waits up to embed_batch_wait_ms for more inputs; embed_encoders threads run batches (0:
+    # one on a GPU; on a CPU one per core, up to 4, the cores shared among their torch threads).
     embed_batch_tokens: int = Field(default=0, ge=0)
     embed_batch_wait_ms: float = Field(default=2.0, ge=0, le=1000)
-    embed_encoders: int = Field(default=1, ge=1, le=64)
+    embed_encoders: int = Field(default=0, ge=0, le=64)
     # Inputs per request (/v1/embed, /v1/embeddings, documents per /v1/rerank), and queued
     # inputs per model past which requests get a 503 with Retry-After.
     embed_max_inputs: int = Field(default=2048, ge=1)

@@ -2,23 +2,27 @@
 
 `python -m bench.serve` encodes the same inputs with the same model folder in one run:
 (a) in process with Tailor's own code (Student.encode, batches of 32), (b) Tailor's /v1/embed and
-/v1/embeddings over real HTTP (a uvicorn subprocess, SQLite, one API key), (c) Infinity
+/v1/embeddings over real HTTP (a uvicorn subprocess, SQLite, one API key), optionally (b') the
+same from another checkout (`--baseline-repo`: before and after in one run), (c) Infinity
 (`infinity-emb[server,torch]`, installed with torch==2.13.0 into its own virtualenv, by default
-var/bench-infinity-venv: created on first use; Tailor does not depend on it). Patterns: single
-queries from 32 concurrent clients, 32 queries per request from 4 clients, 16 passages per
-request from 8 clients. Prints throughput (inputs/s), p50 and p99 latency, errors and the
-ratios to in-process encoding, checks every server returns the in-process vectors, measures
-what a request costs on the way and how much of it is authentication, and writes JSON.
+var/bench-infinity-venv: created on first use; Tailor does not depend on it), and (d) a trivial
+endpoint that measures what the clients cost alone. Patterns: single queries from 32 concurrent
+clients, 32 queries per request from 4 clients, 16 passages per request from 8 clients. Every
+system runs each pattern `--repeats` times, the order rotated between repetitions, each measured
+run after an unmeasured burst of the same pattern. Prints throughput (inputs/s), p50 and p99
+latency, errors, the clients' CPU per request and the ratios to in-process encoding, checks
+every server returns the in-process vectors, measures what a sequential request costs, and
+writes JSON.
 
 The model folder is a copy of the store's, completed as a sentence-transformers folder, so
-every server cuts at the same 256 tokens. Clients run in this process: the numbers include
-their cost, as a search application's would.
+every server cuts at the same 256 tokens. Clients run in this process (bench.loadgen: the same
+light keep-alive client for every server): the numbers include their cost, as a search
+application's would.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -34,6 +38,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from bench import loadgen
 from bench.quality import DATASETS_ROOT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,72 +94,6 @@ def prepare_store(source: Path, work: Path, model: str) -> Path:
     return store
 
 
-# --------------------------------------------------------------------------------------------
-# Load generation
-
-
-@dataclass
-class Run:
-    seconds: float
-    latencies: list[float]
-    errors: int
-    inputs: int
-    vectors: dict[int, np.ndarray]
-
-
-async def drive(url: str, make_body: Any, decode: Any, texts: list[str], per_request: int,
-                clients: int, headers: dict[str, str]) -> Run:
-    """Send `texts` in requests of `per_request` from `clients` concurrent clients."""
-    chunks = [(i, texts[i:i + per_request]) for i in range(0, len(texts), per_request)]
-    queue: asyncio.Queue[tuple[int, list[str]]] = asyncio.Queue()
-    for chunk in chunks:
-        queue.put_nowait(chunk)
-    latencies: list[float] = []
-    vectors: dict[int, np.ndarray] = {}
-    errors = 0
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(timeout=120, limits=limits, headers=headers) as client:
-        async def worker() -> None:
-            nonlocal errors
-            while not queue.empty():
-                start, chunk = queue.get_nowait()
-                began = time.perf_counter()
-                try:
-                    response = await client.post(url, json=make_body(chunk))
-                    ok = response.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                latencies.append(time.perf_counter() - began)
-                if not ok:
-                    errors += 1
-                    continue
-                for j, row in enumerate(decode(response.json())):
-                    vectors[start + j] = row
-
-        began = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        seconds = time.perf_counter() - began
-    return Run(seconds, latencies, errors, len(texts), vectors)
-
-
-def summary(run: Run, expected: np.ndarray | None) -> dict[str, Any]:
-    lat = sorted(run.latencies)
-    row: dict[str, Any] = {
-        "inputs_per_s": run.inputs / run.seconds,
-        "p50_ms": 1000 * statistics.median(lat) if lat else None,
-        "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
-        "errors": run.errors,
-        "requests": len(lat),
-        "seconds": run.seconds,
-    }
-    if expected is not None and run.vectors:
-        index = sorted(run.vectors)
-        got = np.stack([run.vectors[i] for i in index])
-        row["max_abs_diff"] = float(np.abs(got - expected[index]).max())
-        row["answered"] = len(index)
-    return row
-
-
 def _rows(body: dict[str, Any]) -> list[np.ndarray]:
     data = sorted(body["data"], key=lambda d: d["index"])
     return [np.asarray(d["embedding"], dtype=np.float32) for d in data]
@@ -186,32 +125,49 @@ def _wait(url: str, process: subprocess.Popen[bytes], timeout: float, log: Path)
     raise SystemExit(f"server not ready after {timeout:.0f} s; see {log}")
 
 
-def start_tailor(work: Path, store: Path) -> tuple[subprocess.Popen[bytes], str, str]:
-    """Tailor's API (uvicorn, SQLite) on a free port; returns (process, url, api key)."""
+def start_tailor(work: Path, store: Path, repo: Path = REPO,
+                 extra_env: dict[str, str] | None = None
+                 ) -> tuple[subprocess.Popen[bytes], str, str]:
+    """Tailor's API (uvicorn, SQLite) from the checkout `repo` on a free port; returns
+    (process, url, api key)."""
+    work.mkdir(parents=True, exist_ok=True)
     db = work / "tailor.db"
     db.unlink(missing_ok=True)
     env = {**os.environ, "TAILOR_DATABASE_URL": f"sqlite:///{db}",
            "TAILOR_MODEL_STORE": str(store), "TAILOR_OBJECT_STORE_URL": f"file://{work / 'obj'}",
            "TAILOR_EMBED_CACHE_DIR": str(work / "cache"), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": f"{repo}{os.pathsep}{repo / 'clients' / 'python' / 'src'}",
            # The benchmark measures serving, not the per-key limit (429s past 50/s by default)
            # or one JSON log line per request.
-           "TAILOR_RATE_LIMIT_PER_SECOND": "0", "TAILOR_LOG_LEVEL": "WARNING"}
+           "TAILOR_RATE_LIMIT_PER_SECOND": "0", "TAILOR_LOG_LEVEL": "WARNING",
+           **(extra_env or {})}
     python = sys.executable
-    subprocess.run([python, "-m", "app.cli", "migrate"], env=env, check=True, cwd=REPO,
+    subprocess.run([python, "-m", "app.cli", "migrate"], env=env, check=True, cwd=repo,
                    capture_output=True)
     out = subprocess.run([python, "-m", "app.cli", "create-tenant", "bench"], env=env,
-                         check=True, cwd=REPO, capture_output=True, text=True).stdout
+                         check=True, cwd=repo, capture_output=True, text=True).stdout
     key = next(line.split()[-1] for line in out.splitlines() if line.startswith("api_key"))
     port = _free_port()
     log = work / "tailor.log"
     process = subprocess.Popen(
         [python, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
          "--log-level", "warning", "--no-access-log"],
-        env=env, cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+        env=env, cwd=repo, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     _wait(url + "/healthz", process, 120, log)
     return process, url, key
+
+
+def start_trivial(work: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """bench.loadgen's trivial endpoint: what the clients cost with (almost) no server."""
+    port = _free_port()
+    log = work / "trivial.log"
+    process = subprocess.Popen([sys.executable, "-m", "bench.loadgen", str(port)], cwd=REPO,
+                               stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    _wait(url + "/", process, 30, log)
+    return process, url
 
 
 def ensure_infinity(venv: Path) -> Path:
@@ -301,6 +257,26 @@ def request_cost(url: str, key: str, work: Path, student: Any, query: str,
             "auth_share_of_request_path": auth_ms / path_ms if path_ms > 0 else None}
 
 
+@dataclass(frozen=True)
+class System:
+    """A server under test: its URL, request body, response decoder and headers."""
+
+    url: str
+    body: Any  # kind -> (chunk -> JSON body)
+    headers: dict[str, str]
+    check: bool = True  # compare its vectors with the in-process ones
+
+
+def tailor_systems(prefix: str, url: str, key: str) -> dict[str, System]:
+    auth = {"Authorization": f"Bearer {key}"}
+    return {
+        f"{prefix} /v1/embed": System(url + "/v1/embed", lambda kind: lambda chunk: {
+            "model": "bench", "inputs": chunk, "input_type": kind}, auth),
+        f"{prefix} /v1/embeddings": System(url + "/v1/embeddings", lambda kind: lambda chunk: {
+            "model": f"bench:{kind}", "input": chunk, "encoding_format": "float"}, auth),
+    }
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -315,59 +291,93 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     print(f"model {args.model} ({folder}), {len(inputs['query'])} queries, "
           f"{len(inputs['passage'])} passages from {args.dataset}", flush=True)
     local, student = in_process(folder, inputs)
-    results: dict[str, Any] = {"in-process": {}, "tailor /v1/embed": {},
-                               "tailor /v1/embeddings": {}}
-    for p in PATTERNS:
-        results["in-process"][p.name] = {"inputs_per_s": local[p.kind]["inputs_per_s"],
-                                         "errors": 0}
-        print(f"  {'in-process':<22} {p.name:<36} {local[p.kind]['inputs_per_s']:8.1f}/s",
-              flush=True)
-    servers: dict[str, tuple[str, Any, Any, dict[str, str]]] = {}
-    tailor, url, key = start_tailor(work, bench_store)
-    auth = {"Authorization": f"Bearer {key}"}
-    servers["tailor /v1/embed"] = (
-        url + "/v1/embed", lambda kind: lambda chunk: {"model": "bench", "inputs": chunk,
-                                                       "input_type": kind}, _rows, auth)
-    servers["tailor /v1/embeddings"] = (
-        url + "/v1/embeddings", lambda kind: lambda chunk: {
-            "model": f"bench:{kind}", "input": chunk, "encoding_format": "float"}, _rows, auth)
+    processes: list[subprocess.Popen[bytes]] = []
+    systems: dict[str, System] = {}
+    results: dict[str, Any] = {}
     try:
-        _run_patterns(servers, inputs, local, results)
+        trivial, turl = start_trivial(work)
+        processes.append(trivial)
+        systems["client alone"] = System(turl + "/", lambda kind: lambda chunk: {
+            "inputs": chunk}, {}, check=False)
+        if args.baseline_repo:
+            base, burl, bkey = start_tailor(work / "baseline", bench_store, args.baseline_repo)
+            processes.append(base)
+            systems.update(tailor_systems("baseline", burl, bkey))
+        tailor, url, key = start_tailor(work, bench_store)
+        processes.append(tailor)
+        systems.update(tailor_systems("tailor", url, key))
+        if not args.skip_infinity:
+            command = ensure_infinity(args.infinity_venv)
+            infinity, iurl = start_infinity(command, folder.resolve(), work, 32)
+            processes.append(infinity)
+            # Infinity has no query/passage prompts; MiniLM has none either, so vectors compare.
+            systems["infinity"] = System(iurl + "/embeddings", lambda kind: lambda chunk: {
+                "model": "bench", "input": chunk}, {})
+        for system in systems.values():  # load the models, fill caches
+            loadgen.run(loadgen.drive(system.url, system.body("query"), _rows,
+                                      inputs["query"][:64], 1, 8, system.headers))
+        results = run_rotated(systems, inputs, local, student, args.repeats)
         results["request_cost"] = request_cost(url, key, work, student, inputs["query"][0])
+        if args.baseline_repo:
+            results["request_cost_baseline"] = request_cost(
+                burl, bkey, work / "baseline", student, inputs["query"][0])
     finally:
-        _stop(tailor)
-    if not args.skip_infinity:
-        command = ensure_infinity(args.infinity_venv)
-        infinity, iurl = start_infinity(command, folder.resolve(), work, 32)
-        results["infinity"] = {}
-        # Infinity has no query/passage prompts; MiniLM has none either, so vectors compare.
-        servers = {"infinity": (iurl + "/embeddings", lambda kind: lambda chunk: {
-            "model": "bench", "input": chunk}, _rows, {})}
-        try:
-            _run_patterns(servers, inputs, local, results)
-        finally:
-            _stop(infinity)
+        for process in processes:
+            _stop(process)
     return results
 
 
-def _run_patterns(servers: dict[str, Any], inputs: dict[str, list[str]],
-                  local: dict[str, Any], results: dict[str, Any]) -> None:
-    for name, (url, body, decode, headers) in servers.items():
-        # Warm up: load the model, fill caches.
-        asyncio.run(drive(url, body("query"), decode, inputs["query"][:64], 1, 8, headers))
-        for p in PATTERNS:
-            texts = inputs[p.kind]
-            run = asyncio.run(drive(url, body(p.kind), decode, texts, p.per_request,
-                                    p.clients, headers))
-            results[name][p.name] = summary(run, local[p.kind]["vectors"])
-            row = results[name][p.name]
-            print(f"  {name:<22} {p.name:<36} {row['inputs_per_s']:8.1f}/s "
-                  f"p99 {row['p99_ms']:7.1f} ms errors {row['errors']}", flush=True)
+def run_rotated(systems: dict[str, System], inputs: dict[str, list[str]],
+                local: dict[str, Any], student: Any, repeats: int) -> dict[str, Any]:
+    """Each pattern `repeats` times on every system, in-process encoding included, the order
+    rotated from one repetition to the next; before each measured run the system gets an
+    unmeasured burst of the same pattern, so none pays another's warm-up or cool-down."""
+    names = ["in-process", *systems]
+    runs: dict[str, dict[str, list[Any]]] = {n: {p.name: [] for p in PATTERNS} for n in names}
+    local_rates: dict[str, list[float]] = {p.name: [] for p in PATTERNS}
+    step = 0
+    for p in PATTERNS:
+        texts = inputs[p.kind]
+        warm = texts[:max(p.clients * p.per_request * 4, len(texts) // 8)]
+        for _ in range(repeats):
+            order = names[step % len(names):] + names[:step % len(names)]
+            step += 1
+            for name in order:
+                if name == "in-process":
+                    student.encode(warm, p.kind, batch_size=32)
+                    began = time.perf_counter()
+                    student.encode(texts, p.kind, batch_size=32)
+                    local_rates[p.name].append(len(texts) / (time.perf_counter() - began))
+                    print(f"  {name:<26} {p.name:<36} {local_rates[p.name][-1]:8.1f}/s",
+                          flush=True)
+                    continue
+                system = systems[name]
+                loadgen.run(loadgen.drive(system.url, system.body(p.kind), _rows, warm,
+                                          p.per_request, p.clients, system.headers))
+                run = loadgen.run(loadgen.drive(system.url, system.body(p.kind), _rows, texts,
+                                                p.per_request, p.clients, system.headers))
+                runs[name][p.name].append(run)
+                lat = sorted(run.latencies)
+                print(f"  {name:<26} {p.name:<36} {run.inputs / run.seconds:8.1f}/s "
+                      f"p99 {1000 * lat[int(0.99 * (len(lat) - 1))]:7.1f} ms "
+                      f"errors {run.errors} client {1000 * run.client_cpu_s / len(lat):.2f} "
+                      f"ms CPU/request", flush=True)
+    results: dict[str, Any] = {"order": names, "repeats": repeats, "in-process": {}}
+    for p in PATTERNS:
+        rates = local_rates[p.name]
+        results["in-process"][p.name] = {"inputs_per_s": statistics.fmean(rates),
+                                         "runs_inputs_per_s": rates, "errors": 0}
+    for name, system in systems.items():
+        results[name] = {
+            p.name: loadgen.summary(runs[name][p.name],
+                                    local[p.kind]["vectors"] if system.check else None)
+            for p in PATTERNS}
+    return results
 
 
 def print_table(results: dict[str, Any]) -> None:
-    systems = [s for s in ("in-process", "tailor /v1/embed", "tailor /v1/embeddings",
-                           "infinity") if s in results]
+    systems = [s for s in results if isinstance(results[s], dict)
+               and PATTERNS[0].name in results[s]]
     print()
     print("| pattern | " + " | ".join(systems) + " |")
     print("|---" * (len(systems) + 1) + "|")
@@ -379,21 +389,25 @@ def print_table(results: dict[str, Any]) -> None:
             cell = f"{row['inputs_per_s']:.0f}/s"
             if system != "in-process":
                 cell += (f" ({row['inputs_per_s'] / base:.2f}x; p50 {row['p50_ms']:.0f} ms, "
-                         f"p99 {row['p99_ms']:.0f} ms; {row['errors']} errors)")
+                         f"p99 {row['p99_ms']:.0f} ms; {row['errors']} errors; client "
+                         f"{row['client_cpu_ms_per_request']:.2f} ms CPU/req)")
             cells.append(cell)
         print(f"| {p.name} | " + " | ".join(cells) + " |")
     if "infinity" in results:
         first = PATTERNS[0].name
-        for system in ("tailor /v1/embed", "tailor /v1/embeddings"):
-            ratio = (results[system][first]["inputs_per_s"]
-                     / results["infinity"][first]["inputs_per_s"])
-            print(f"{system} / infinity at {first}: {ratio:.2f}x")
-    cost = results.get("request_cost")
-    if cost:
-        print(f"one request, sequential: {cost['http_single_query_ms']:.1f} ms over HTTP, "
-              f"{cost['encode_single_query_ms']:.1f} ms of it encoding; the request path "
-              f"{cost['request_path_ms']:.1f} ms, authentication {cost['auth_ms']:.2f} ms of it "
-              f"({100 * (cost['auth_share_of_request_path'] or 0):.0f}%)")
+        for system in systems:
+            if system.startswith(("tailor", "baseline")):
+                ratio = (results[system][first]["inputs_per_s"]
+                         / results["infinity"][first]["inputs_per_s"])
+                print(f"{system} / infinity at {first}: {ratio:.2f}x")
+    for label in ("request_cost", "request_cost_baseline"):
+        cost = results.get(label)
+        if cost:
+            print(f"{label}: one request, sequential: {cost['http_single_query_ms']:.1f} ms "
+                  f"over HTTP, {cost['encode_single_query_ms']:.1f} ms of it encoding; the "
+                  f"request path {cost['request_path_ms']:.1f} ms, authentication "
+                  f"{cost['auth_ms']:.2f} ms of it "
+                  f"({100 * (cost['auth_share_of_request_path'] or 0):.0f}%)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -407,6 +421,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--infinity-venv", type=Path,
                         default=REPO / "var" / "bench-infinity-venv")
     parser.add_argument("--skip-infinity", action="store_true")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="measured runs of each pattern on each system (rotated order)")
+    parser.add_argument("--baseline-repo", type=Path, default=None,
+                        help="another checkout of Tailor served beside this one (before/after)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/serve.json"))
     args = parser.parse_args(argv)
     results = measure(args)

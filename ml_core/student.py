@@ -58,16 +58,31 @@ def resolve_precision(wanted: str, device: str | torch.device = "cpu",
     return "bf16" if cpu_has_native_bf16(cpuinfo) else "fp32"
 
 
+# Torch threads this process asked for (`limit_threads`); TAILOR_TORCH_THREADS still wins.
+_THREADS: int | None = None
+
+
 def configure_threads() -> int:
-    """Use every CPU this process may run on for torch (once); returns the thread count."""
-    if not torch.cuda.is_available() and "TAILOR_TORCH_THREADS" not in os.environ:
+    """Use every CPU this process may run on for torch (once), or what `limit_threads` or
+    TAILOR_TORCH_THREADS asked for; returns the thread count."""
+    if "TAILOR_TORCH_THREADS" in os.environ or torch.cuda.is_available():
+        wanted = int(os.environ.get("TAILOR_TORCH_THREADS", torch.get_num_threads()))
+    elif _THREADS is not None:
+        wanted = _THREADS
+    else:
         affinity = getattr(os, "sched_getaffinity", None)
         wanted = len(affinity(0)) if affinity else os.cpu_count()
-    else:
-        wanted = int(os.environ.get("TAILOR_TORCH_THREADS", torch.get_num_threads()))
     if wanted and torch.get_num_threads() != wanted:
         torch.set_num_threads(wanted)
     return torch.get_num_threads()
+
+
+def limit_threads(threads: int) -> int:
+    """Give torch `threads` intra-op threads in this process from now on (a server running
+    several encoder threads side by side), unless TAILOR_TORCH_THREADS says otherwise."""
+    global _THREADS
+    _THREADS = max(1, threads)
+    return configure_threads()
 
 
 def passage_text(passage: Passage | str) -> str:

@@ -179,3 +179,23 @@ def test_stored_bytes_are_a_quota_named_in_its_403(quota_api: Api) -> None:
                 and not any(c["id"] in key for c in corpora)]
     assert caller.delete(f"/v1/corpora/{corpora[0]['id']}").status_code == 204
     assert caller.upload_corpus(corpus_bytes(5)).status_code == 201
+
+
+def test_the_embedding_routes_keep_the_rate_limit_on_their_fast_path(limited_api: Api) -> None:
+    # /v1/embed and /v1/embeddings authorize a cached key on the event loop (in-process
+    # buckets) or on a worker thread (Redis buckets): the same limit, headers and 429 either way.
+    caller = limited_api.tenant()
+    embed = {"model": "tiny-student", "inputs": ["wing"]}
+    openai = {"model": "tiny-student", "input": "wing"}
+    for remaining, (path, body) in zip((2, 1, 0), [("/v1/embed", embed),
+                                                    ("/v1/embeddings", openai),
+                                                    ("/v1/embed", embed)], strict=True):
+        response = caller.post(path, json=body)
+        assert response.status_code == 200, response.text
+        assert response.headers["x-ratelimit-remaining"] == str(remaining)
+        assert response.headers["x-request-id"].startswith("req_")
+    refused = caller.post("/v1/embeddings", json=openai)
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["error"]["request_id"] == refused.headers["x-request-id"]

@@ -116,3 +116,75 @@ def test_a_full_queue_refuses_new_requests() -> None:
 
     asyncio.run(main())
     batcher.close()
+
+
+def test_a_fitted_cost_model_cuts_a_window_into_batches_of_similar_length() -> None:
+    from app.embeddings.batching import CostModel, _Row
+
+    model = CostModel()
+    assert model.overhead_tokens() is None  # no fit before enough batches
+    for tokens in (64, 128, 256, 512, 1024, 96, 300, 700):
+        model.add(tokens, 0.004 + tokens * 0.0001)  # 4 ms a batch, 0.1 ms a token
+    assert model.overhead_tokens() == pytest.approx(40, rel=1e-6)
+
+    batcher = Batcher(token_budget=8192, max_wait_s=0.0)
+    costs = [60, 58, 12, 10, 11, 9, 10, 12, 11, 10, 9, 12]
+    rows = [_Row(None, i, cost) for i, cost in enumerate(costs)]  # type: ignore[arg-type]
+    padded_one = len(rows) * max(costs)
+    cut = [[row.cost for row in batch] for batch in batcher.split(rows, 40)]
+    assert cut == [[60, 58], [12, 12, 12, 11, 11, 10, 10, 10, 9, 9]]
+    assert sorted(c for batch in cut for c in batch) == sorted(costs)
+    padded = sum(len(batch) * batch[0] for batch in cut)
+    assert padded + 40 * len(cut) < padded_one + 40  # cheaper than one padded batch
+    # A fixed cost that outweighs the padding keeps the window in one batch.
+    assert len(batcher.split(rows, 10_000)) == 1
+    # The token budget still bounds every batch.
+    small = Batcher(token_budget=100, max_wait_s=0.0)
+    assert all(len(b) * b[0].cost <= 100 for b in small.split(rows, 40))
+
+
+def test_the_encoders_fit_the_cost_model_as_they_run() -> None:
+    batcher = Batcher(token_budget=1_000, max_wait_s=0.0)
+
+    def runner(payloads: list[int]) -> np.ndarray:
+        time.sleep(0.002 + 0.00005 * len(payloads) * max(payloads))
+        return np.array([[p] for p in payloads], dtype=np.float32)
+
+    async def main() -> None:
+        for n in range(1, 13):
+            rows = [5 * n] * n
+            got = await batcher.run("m", runner, rows, rows)
+            assert got[:, 0].tolist() == rows
+
+    asyncio.run(main())
+    batcher.close()
+    overhead = batcher._queues["m"].cost.overhead_tokens()
+    assert overhead is not None and 10 < overhead < 200  # about 2 ms / 0.05 ms = 40 tokens
+
+
+def test_a_cpu_server_runs_one_encoder_per_core_with_the_cores_shared(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import os
+
+    import torch
+
+    from app.embeddings.service import default_encoders
+    from ml_core import student
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU default")
+    monkeypatch.delenv("TAILOR_TORCH_THREADS", raising=False)
+    monkeypatch.setattr(student, "_THREADS", None)
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+        assert default_encoders() == 2 and torch.get_num_threads() == 1
+        student.configure_threads()  # a model loaded later keeps the server's share
+        assert torch.get_num_threads() == 1
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+        assert default_encoders() == 4 and torch.get_num_threads() == 4
+        monkeypatch.setenv("TAILOR_TORCH_THREADS", "3")  # the operator's word wins
+        assert student.configure_threads() == 3
+    finally:
+        torch.set_num_threads(before)

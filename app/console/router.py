@@ -244,7 +244,7 @@ async def embed_try(
             raise ValueError(f"at most {MAX_PASSAGES} passages, one per line")
         body = EmbedRequest(model=model, inputs=[query.strip()], input_type="query")
         # The /v1/embed path itself: the same model lookup, tokenization and batching.
-        source = await source_for(session, user.tenant, registry, body.model)
+        source = await source_for(request, user.tenant, registry, body.model)
         vectors, _ = await embed_texts(encoder, source, body.inputs, "query", True, None,
                                        "query")
         query_vector = vectors[0]

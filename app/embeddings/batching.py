@@ -6,8 +6,10 @@ their own forward pass, up to one per request at once on two cores. Here every r
 takes rows from the queue into a window of at most `token_budget` tokens, fairly across the
 requests waiting (one row of each in turn, so a 2,048-input request does not hold back the
 single queries that arrive after it), sorts the window by length and runs it as batches whose
-padded size stays within the budget. An idle encoder waits at most `max_wait_s` for more rows
-before running a small batch; a busy one finds its next window already gathered.
+padded size stays within the budget, cut where a cost model fitted to the batches already run
+(a fixed cost per batch plus a cost per padded token) says the window is cheapest. An idle
+encoder waits at most `max_wait_s` for more rows before running a small batch; a busy one finds
+its next window already gathered.
 
 Each request gets its own rows back in its own order through an asyncio future; the event loop
 never runs a forward pass. The same queue serves any model: a `Runner` turns a list of payloads
@@ -74,11 +76,41 @@ class _Queue:
     requests: deque[_Request] = field(default_factory=deque)
     queued_tokens: int = 0
     queued_rows: int = 0
+    cost: CostModel = field(default_factory=lambda: CostModel())
 
     @property
     def oldest(self) -> float:
         """When the request waiting longest arrived (monotonic seconds)."""
         return self.requests[0].arrived
+
+
+class CostModel:
+    """What a batch of this model costs here: seconds = overhead + per_token x padded tokens,
+    fitted by least squares to the batches run lately (so it follows the hardware: a GPU's
+    overhead is worth thousands of tokens, a CPU's a few dozen)."""
+
+    def __init__(self, samples: int = 64, minimum: int = 8) -> None:
+        self.minimum = minimum
+        self._samples: deque[tuple[float, float]] = deque(maxlen=samples)
+
+    def add(self, padded_tokens: int, seconds: float) -> None:
+        self._samples.append((float(padded_tokens), seconds))
+
+    def overhead_tokens(self) -> float | None:
+        """A batch's fixed cost in tokens (overhead / per_token); None until the fit is sound."""
+        n = len(self._samples)
+        if n < self.minimum:
+            return None
+        mean_x = sum(x for x, _ in self._samples) / n
+        mean_y = sum(y for _, y in self._samples) / n
+        sxx = sum((x - mean_x) ** 2 for x, _ in self._samples)
+        if sxx <= 0:
+            return None
+        per_token = sum((x - mean_x) * (y - mean_y) for x, y in self._samples) / sxx
+        overhead = mean_y - per_token * mean_x
+        if per_token <= 0 or overhead < 0:
+            return None
+        return overhead / per_token
 
 
 @dataclass(frozen=True)
@@ -161,11 +193,11 @@ class Batcher:
             taken = self._take()
             if taken is None:
                 return
-            runner, window = taken
-            for batch in self.split(window):
-                self._run(runner, batch)
+            queue, window = taken
+            for batch in self.split(window, queue.cost.overhead_tokens()):
+                self._run(queue, batch)
 
-    def _take(self) -> tuple[Runner, list[_Row]] | None:
+    def _take(self) -> tuple[_Queue, list[_Row]] | None:
         """Wait for rows, then take a window of them from the queue waiting longest."""
         with self._cond:
             while True:
@@ -181,7 +213,7 @@ class Batcher:
                 if queue.queued_tokens < self.token_budget and delay > 0 and not self._closed:
                     self._cond.wait(delay)
                     continue
-                return queue.runner, self._window(queue)
+                return queue, self._window(queue)
 
     def _window(self, queue: _Queue) -> list[_Row]:
         """Rows up to the token budget, one from each waiting request in turn (fairness)."""
@@ -205,26 +237,60 @@ class Batcher:
         queue.queued_rows -= len(window)
         return window
 
-    def split(self, window: list[_Row]) -> list[list[_Row]]:
+    def split(self, window: list[_Row], overhead_tokens: float | None = None
+              ) -> list[list[_Row]]:
         """The window sorted by length (longest first) and cut into batches whose padded size
-        (rows x longest row) stays within the token budget."""
+        (rows x longest row) stays within the token budget.
+
+        Without `overhead_tokens` (a batch's fixed cost in tokens) each batch takes rows while
+        they fit. With it, the cut minimises overhead x batches + padded tokens: 32 queries of
+        7 to 60 tokens run as a few batches of similar length, not as one padded to 60."""
         ordered = sorted(window, key=lambda row: -row.cost)
-        batches: list[list[_Row]] = []
-        for row in ordered:
-            if batches and (len(batches[-1]) + 1) * max(batches[-1][0].cost, 1) \
-                    <= self.token_budget:
-                batches[-1].append(row)
-            else:
-                batches.append([row])
+        if overhead_tokens is None:
+            batches: list[list[_Row]] = []
+            for row in ordered:
+                if batches and (len(batches[-1]) + 1) * max(batches[-1][0].cost, 1) \
+                        <= self.token_budget:
+                    batches[-1].append(row)
+                else:
+                    batches.append([row])
+            return batches
+        # Rows of one length stay together; best[j]: the cheapest cut of the first j groups.
+        bounds = [0] + [i for i in range(1, len(ordered))
+                        if ordered[i].cost != ordered[i - 1].cost] + [len(ordered)]
+        groups = len(bounds) - 1
+        best = [0.0] + [float("inf")] * groups
+        start = [0] * (groups + 1)
+        for j in range(1, groups + 1):
+            for i in range(j):
+                width = max(ordered[bounds[i]].cost, 1)
+                rows = bounds[j] - bounds[i]
+                per_batch = max(1, self.token_budget // width)
+                cost = best[i] + -(-rows // per_batch) * overhead_tokens + rows * width
+                if cost < best[j]:
+                    best[j], start[j] = cost, i
+        segments = []
+        j = groups
+        while j > 0:
+            segments.append((bounds[start[j]], bounds[j]))
+            j = start[j]
+        batches = []
+        for low, high in reversed(segments):
+            per_batch = max(1, self.token_budget // max(ordered[low].cost, 1))
+            batches.extend(ordered[k:min(k + per_batch, high)]
+                           for k in range(low, high, per_batch))
         return batches
 
-    def _run(self, runner: Runner, batch: list[_Row]) -> None:
+    def _run(self, queue: _Queue, batch: list[_Row]) -> None:
         live = [row for row in batch if not row.request.failed]
         if not live:
             return
+        padded = len(live) * max(row.cost for row in live)
         try:
-            vectors = np.asarray(runner([row.request.payloads[row.index] for row in live]),
+            began = time.perf_counter()
+            vectors = np.asarray(queue.runner([row.request.payloads[row.index] for row in live]),
                                  dtype=np.float32)
+            queue.cost.add(padded, time.perf_counter() - began)
         except BaseException as exc:  # the requests in this batch fail, the encoder goes on
             log.exception("a batch of %d inputs failed", len(live))
             with self._cond:
@@ -234,7 +300,7 @@ class Batcher:
             for request in failed:
                 request.resolve(exc)
             return
-        observe_batch(len(live), len(live) * max(row.cost for row in live))
+        observe_batch(len(live), padded)
         done: list[_Request] = []
         with self._cond:
             self.batches += 1

@@ -14,11 +14,11 @@ from typing import Annotated, Any
 import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.db.models import Tenant
-from app.deps import CurrentTenant, RegistryDep, SessionDep, SettingsDep
+from app.db.session import transaction
+from app.deps import RegistryDep, ServingTenant, SettingsDep
 from app.embeddings.openai_compat import OpenAIRoute, decode_token_ids
 from app.embeddings.schemas import (
     EmbedRequest,
@@ -32,9 +32,11 @@ from app.embeddings.service import (
     ModelSource,
     ServedStudent,
     Tokenized,
+    base_source,
     resolve_source,
 )
 from app.errors import InvalidRequest, NotFound, Unauthorized, Unavailable, responses
+from app.models.tenant_models import is_tenant_model
 from app.settings import Settings
 from ml_core.registry import ModelRegistry
 
@@ -46,7 +48,7 @@ QUERY_SUFFIXES = {":query": "query", ":passage": "passage"}
 INLINE_TOKENIZE_CHARS = 4_096
 
 
-def _models(request: Request) -> EmbeddingModels:
+async def _models(request: Request) -> EmbeddingModels:
     return request.app.state.embedding_models
 
 
@@ -69,18 +71,18 @@ def check_count(count: int, settings: Settings, field: str) -> None:
                              "request (embed_max_inputs)", field=field)
 
 
-async def source_for(session: Session, tenant: Tenant, registry: ModelRegistry,
+async def source_for(request: Request, tenant: Tenant, registry: ModelRegistry,
                      model: str) -> ModelSource:
-    """The model's source, with the request's database connection released: nothing holds a
-    connection while the request waits for its batch."""
-    if model.startswith("mdl_") or session.in_transaction():
+    """The model's source. A base model is found on the event loop; a tenant model's row is
+    read on a worker thread in a transaction of its own, closed before the request waits for
+    its batch, so no request holds a database connection while it waits."""
+    if is_tenant_model(model):
         def resolve() -> ModelSource:
-            source = resolve_source(session, tenant, registry, model)
-            session.commit()
-            return source
+            with transaction(request.app.state.session_factory) as session:
+                return resolve_source(session, tenant, registry, model)
 
         return await run_in_threadpool(resolve)
-    return resolve_source(session, tenant, registry, model)
+    return base_source(registry, model)
 
 
 async def embed_texts(
@@ -126,15 +128,15 @@ def shorten(vectors: np.ndarray, served: ServedStudent, dimensions: int | None,
 @router.post("/embed", response_model=EmbedResponse, responses=ERRORS)
 async def embed(
     body: EmbedRequest,
-    session: SessionDep,
-    tenant: CurrentTenant,
+    request: Request,
+    tenant: ServingTenant,
     registry: RegistryDep,
     models: ModelsDep,
     settings: SettingsDep,
 ) -> Response:
     """Embed queries or passages with a base or tuned model."""
     check_count(len(body.inputs), settings, "inputs")
-    source = await source_for(session, tenant, registry, body.model)
+    source = await source_for(request, tenant, registry, body.model)
     vectors, tokenized = await embed_texts(models, source, body.inputs, body.input_type,
                                            body.truncate, body.dimensions, "inputs")
     return _json({
@@ -151,8 +153,8 @@ async def embed(
 )
 async def create_embeddings(
     body: OpenAIEmbeddingRequest,
-    session: SessionDep,
-    tenant: CurrentTenant,
+    request: Request,
+    tenant: ServingTenant,
     registry: RegistryDep,
     models: ModelsDep,
     settings: SettingsDep,
@@ -174,7 +176,7 @@ async def create_embeddings(
     else:
         texts = raw  # type: ignore[assignment]
     check_count(len(texts), settings, "input")
-    source = await source_for(session, tenant, registry, name)
+    source = await source_for(request, tenant, registry, name)
     vectors, tokenized = await embed_texts(models, source, texts, input_type or "passage",
                                            body.truncate, body.dimensions, "input")
     if body.encoding_format == "base64":

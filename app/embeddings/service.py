@@ -4,8 +4,10 @@ the object store into a local cache folder. Imports torch (through ml_core.stude
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,26 +48,37 @@ def resolve_source(
     if is_tenant_model(model):
         own = get_tenant_model(session, tenant, model)
         return ModelSource(cache_key=own.id, archive_key=own.object_key)
+    return base_source(registry, model)
+
+
+def base_source(registry: ModelRegistry, model: str) -> ModelSource:
+    """The base model `model` of the store (404 naming the known ones otherwise)."""
     spec = _base_spec(registry, model)
     return ModelSource(cache_key=f"base:{spec.name}", folder=spec.folder)
 
 
-# Base specs read from the store, by spec file: (its mtime, the spec). Reading and validating
-# the JSON on every request cost more than the rest of a request's lookup.
-_BASE_SPECS: dict[Path, tuple[int, ModelSpec]] = {}
+# Base specs read from the store, by spec file: (its mtime, when it was last checked, the spec).
+# Reading and validating the JSON on every request cost more than the rest of a request's
+# lookup, and so did a stat of the file under load: it is checked again once a second.
+_BASE_SPECS: dict[Path, tuple[int, float, ModelSpec]] = {}
+SPEC_RECHECK_S = 1.0
 
 
 def _base_spec(registry: ModelRegistry, name: str) -> ModelSpec:
     path = registry.store / name / SPEC_FILE
+    now = time.monotonic()
+    cached = _BASE_SPECS.get(path)
+    if cached is not None and now - cached[1] < SPEC_RECHECK_S:
+        return cached[2]
     try:
         mtime = path.stat().st_mtime_ns
     except OSError:
         mtime = -1
-    cached = _BASE_SPECS.get(path)
     if cached is not None and cached[0] == mtime:
-        return cached[1]
+        _BASE_SPECS[path] = (mtime, now, cached[2])
+        return cached[2]
     spec = get_base_spec(registry, name)
-    _BASE_SPECS[path] = (mtime, spec)
+    _BASE_SPECS[path] = (mtime, now, spec)
     return spec
 
 
@@ -117,6 +130,24 @@ def default_batch_tokens() -> int:
     return 65_536 if torch.cuda.is_available() else 8_192
 
 
+def default_encoders() -> int:
+    """Encoder threads when the settings leave it to the hardware: one on a GPU; on a CPU one
+    per core (up to 4), each with its share of the cores as torch threads. On 2 cores, two
+    encoders of one torch thread each served single queries faster than one encoder of two
+    threads, whose threads wait for each other whenever the event loop takes a core."""
+    import torch
+
+    from ml_core.student import limit_threads
+
+    if torch.cuda.is_available():
+        return 1
+    affinity = getattr(os, "sched_getaffinity", None)
+    cores = len(affinity(0)) if affinity else (os.cpu_count() or 1)
+    encoders = max(1, min(cores, 4))
+    limit_threads(cores // encoders)
+    return encoders
+
+
 class EmbeddingModels:
     """Loaded students, least recently used evicted past `capacity`; safe across threads.
 
@@ -142,7 +173,7 @@ class EmbeddingModels:
                 self._batcher = Batcher(
                     token_budget=settings.embed_batch_tokens or default_batch_tokens(),
                     max_wait_s=settings.embed_batch_wait_ms / 1000,
-                    encoders=settings.embed_encoders,
+                    encoders=settings.embed_encoders or default_encoders(),
                     max_queued_rows=settings.embed_max_queued_inputs,
                     name="embed-encoder",
                 )

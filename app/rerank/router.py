@@ -9,7 +9,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
-from app.deps import CurrentTenant, RegistryDep, SessionDep, SettingsDep
+from app.deps import CurrentTenant, RegistryDep, ServingTenant, SettingsDep
 from app.errors import InvalidRequest, NotFound, Unauthorized, Unavailable, responses
 from app.rerank.schemas import (
     RerankModel,
@@ -24,7 +24,7 @@ from app.rerank.service import Rerankers, get_teacher_spec, relevance
 router = APIRouter(prefix="/v1/rerank", tags=["rerank"])
 
 
-def _rerankers(request: Request) -> Rerankers:
+async def _rerankers(request: Request) -> Rerankers:
     return request.app.state.rerankers
 
 
@@ -35,8 +35,7 @@ RerankersDep = Annotated[Rerankers, Depends(_rerankers)]
              responses=responses(Unauthorized, NotFound, InvalidRequest, Unavailable))
 async def rerank(
     body: RerankRequest,
-    session: SessionDep,
-    tenant: CurrentTenant,
+    tenant: ServingTenant,
     registry: RegistryDep,
     rerankers: RerankersDep,
     settings: SettingsDep,
@@ -48,8 +47,6 @@ async def rerank(
         raise InvalidRequest(f"documents: {len(body.documents)} documents; at most "
                              f"{settings.embed_max_inputs} per request (embed_max_inputs)",
                              field="documents")
-    if session.in_transaction():  # release the connection while the request waits
-        await run_in_threadpool(session.commit)
     spec = get_teacher_spec(registry, body.model)
     teacher = rerankers.loaded(spec.name) or await run_in_threadpool(rerankers.teacher, spec)
     texts = [d if isinstance(d, str) else d.text for d in body.documents]
