@@ -19,8 +19,9 @@ the averaging with the base re-exports without training again). The variants:
                  the judged queries' texts (never their judgements), cross-fitted (CROSS_FIT)
     mixed-e8     the default trained on its synthetic queries plus those supplied queries,
                  cross-fitted: what a job given a query set runs
-    x1000-e8     the default plus `extractive` queries (a seeded sentence of the passage, no
-                 generator call) on 1,000 sampled passages, the default's 160 among them
+    x640-e8      the default plus `extractive` queries (a seeded sentence of the passage, no
+                 generator call) on 640 sampled passages, the default's 160 among them
+    x1000-e8     the same on 1,000 passages
     xall-e8      the same on every passage of the corpus
 
 Beside them every table has the base (the student before tuning) and the teacher (the
@@ -83,6 +84,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
                              **_TRAINING},
                 "candidates": _LISTS},
     # The default's generated queries, unchanged, plus extractive ones over more of the corpus.
+    "x640-e8": {"generation": {"query_types": [*_GENERATED, "extractive"],
+                               "cheap_passages": 640},
+                "training": {"loss": "listwise", "base_merge": MERGE_SHARE, **_TRAINING},
+                "candidates": _LISTS},
     "x1000-e8": {"generation": {"query_types": [*_GENERATED, "extractive"],
                                 "cheap_passages": 1000},
                  "training": {"loss": "listwise", "base_merge": MERGE_SHARE, **_TRAINING},
