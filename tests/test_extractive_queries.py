@@ -194,3 +194,13 @@ def test_cheap_passages_widen_the_extractive_sample_only(
     run_stage("filter", wide)
     kept = [json.loads(x) for x in (wide.workdir / "filter" / "queries.jsonl").open()]
     assert any(q["source_id"] not in {row["id"] for row in base} for q in kept)
+
+    # bench.teacher_cost rebuilds exactly the pairs this filter scored, and times a teacher.
+    from bench.teacher_cost import job_pairs, time_teacher
+
+    lists = job_pairs(wide.workdir)
+    summary = json.loads((wide.workdir / "filter" / "filter.json").read_text())
+    assert len(lists) == len(many)
+    assert sum(map(len, lists.values())) == summary["pairs_scored"]
+    timing = time_teacher("tiny-teacher", registry, lists[many[0]["id"]])
+    assert timing["pairs"] == len(lists[many[0]["id"]]) and timing["seconds"] >= 0
