@@ -9,8 +9,8 @@ the lists of the same seeded sample of `--queries` queries (one call, so a late-
 teacher encodes each distinct passage of the sample once, as in a job), and the first teacher
 also scores every pair of the job in one call: its cost at the job's scale, where queries share
 passages more. Each gets a fresh scorer (no cached passages). Prints and writes pairs, distinct
-passages, seconds and pairs per second; run it with TAILOR_TORCH_THREADS=1 to compare with the
-stage times of bench.quality.
+passages, wall and CPU seconds and pairs per CPU second; run it with TAILOR_TORCH_THREADS=1 (one
+thread, so CPU seconds are a single core's).
 """
 
 from __future__ import annotations
@@ -46,14 +46,18 @@ def job_pairs(workdir: Path) -> dict[str, list[tuple[str, str]]]:
 
 def time_teacher(name: str, registry: ModelRegistry,
                  pairs: list[tuple[str, str]]) -> dict[str, Any]:
-    """Seconds and pairs/s of a fresh `name` scoring `pairs` in one call."""
+    """Wall and CPU seconds, and pairs per CPU second, of a fresh `name` scoring `pairs` in one
+    call. CPU time is the figure to compare on a shared machine, where wall time depends on
+    the other loads."""
     teacher = load_teacher(registry.get(name), registry, device="cpu")
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     teacher.score(pairs)
     seconds = time.perf_counter() - started
+    cpu_seconds = time.process_time() - cpu_started
     return {"teacher": name, "pairs": len(pairs),
             "distinct_passages": len({p for _, p in pairs}),
-            "seconds": round(seconds, 1), "pairs_per_second": round(len(pairs) / seconds, 1)}
+            "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
+            "pairs_per_cpu_second": round(len(pairs) / max(cpu_seconds, 1e-9), 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
