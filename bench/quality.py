@@ -19,6 +19,10 @@ the averaging with the base re-exports without training again). The variants:
                  the judged queries' texts (never their judgements), cross-fitted (CROSS_FIT)
     mixed-e8     the default trained on its synthetic queries plus those supplied queries,
                  cross-fitted: what a job given a query set runs
+    x640-e8      the default plus `extractive` queries (a seeded sentence of the passage, no
+                 generator call) on 640 sampled passages, the default's 160 among them
+    x1000-e8     the same on 1,000 passages
+    xall-e8      the same on every passage of the corpus
 
 Beside them every table has the base (the student before tuning) and the teacher (the
 cross-encoder re-ranking the base's top 20 on a seeded sample of at most 100 judged queries: the
@@ -64,6 +68,7 @@ QRELS = {"cranfield": "qrels/test.tsv", "scifact-dev": "qrels/dev.tsv"}
 MERGE_SHARE = 0.5
 _LISTS = {"teacher_signal": "fused", "top_k": 16}
 _TRAINING = {"list_size": 16, "max_epochs": 8, "kl_teacher_temperature": 0.05}
+_GENERATED = ["questions", "claims", "keywords", "titles"]
 # The variant that is the product's default recipe: the others are compared with it.
 DEFAULT_VARIANT = "l16-e8"
 
@@ -77,6 +82,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # The default with the embeddings and the lower half of the student's layers frozen.
     "top3-e8": {"training": {"loss": "listwise", "base_merge": MERGE_SHARE, "train_layers": 3,
                              **_TRAINING},
+                "candidates": _LISTS},
+    # The default's generated queries, unchanged, plus extractive ones over more of the corpus.
+    "x640-e8": {"generation": {"query_types": [*_GENERATED, "extractive"],
+                               "cheap_passages": 640},
+                "training": {"loss": "listwise", "base_merge": MERGE_SHARE, **_TRAINING},
+                "candidates": _LISTS},
+    "x1000-e8": {"generation": {"query_types": [*_GENERATED, "extractive"],
+                                "cheap_passages": 1000},
+                 "training": {"loss": "listwise", "base_merge": MERGE_SHARE, **_TRAINING},
+                 "candidates": _LISTS},
+    "xall-e8": {"generation": {"query_types": [*_GENERATED, "extractive"],
+                               "cheap_passages": 10_000_000},
+                "training": {"loss": "listwise", "base_merge": MERGE_SHARE, **_TRAINING},
                 "candidates": _LISTS},
     "supplied-e8": {"generation": {"synthetic": False},
                     "training": {"loss": "listwise", "base_merge": MERGE_SHARE, **_TRAINING},

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 class QueryType(StrEnum):
     """The six synthetic query types of the recipe (Tamber et al. 2025, section 3), which the
-    generator writes, and one extractive type that needs no generator."""
+    generator writes, and two extractive types read off the corpus with no generator."""
 
     QUESTIONS = "questions"
     CLAIMS = "claims"
@@ -30,10 +30,14 @@ class QueryType(StrEnum):
     FEW_SHOT_USER = "few_shot_user"
     # The passage's own title from the corpus, as is (one query per titled document).
     SOURCE_TITLES = "source_titles"
+    # A seeded sentence of the passage, or a span of it when sentences are long: the pseudo-query
+    # of the inverse cloze task (Lee et al. 2019, arXiv 1906.00300).
+    EXTRACTIVE = "extractive"
 
 
 ALL_QUERY_TYPES: tuple[QueryType, ...] = tuple(QueryType)
-EXTRACTIVE_QUERY_TYPES: frozenset[QueryType] = frozenset({QueryType.SOURCE_TITLES})
+EXTRACTIVE_QUERY_TYPES: frozenset[QueryType] = frozenset(
+    {QueryType.SOURCE_TITLES, QueryType.EXTRACTIVE})
 # The types an instruction LLM writes, each with its prompt.
 LLM_QUERY_TYPES: tuple[QueryType, ...] = tuple(
     t for t in QueryType if t not in EXTRACTIVE_QUERY_TYPES)
@@ -68,6 +72,10 @@ class GenerationConfig(_Section):
     # Passages sampled for generation, one query per passage per type (paper: up to 100k).
     # Sized so a whole run fits an hour on 2 CPU cores; raise it on a GPU worker.
     passages: Annotated[int, Field(ge=1, le=1_000_000)] = 160
+    # Passages the extractive types (extractive, source_titles) cover: the `passages` sample
+    # plus a seeded draw of more, up to the whole corpus, since they cost no generator call
+    # (None: the `passages` sample, like the generated types).
+    cheap_passages: Annotated[int | None, Field(ge=1, le=10_000_000)] = None
     # Off: no synthetic queries; the job trains on the queries it is given (the customer's own
     # unlabelled queries, e.g. a search log; StageContext.train_queries) and nothing else.
     synthetic: bool = True
@@ -89,6 +97,21 @@ class GenerationConfig(_Section):
     def _endpoint_for_openai(self) -> GenerationConfig:
         if self.backend == "openai" and not self.endpoint:
             raise ValueError("generation.endpoint is required when generation.backend is 'openai'")
+        return self
+
+    @model_validator(mode="after")
+    def _cheap_passages_for_extractive_types(self) -> GenerationConfig:
+        if self.cheap_passages is None:
+            return self
+        if not EXTRACTIVE_QUERY_TYPES.intersection(self.query_types):
+            raise ValueError(
+                "generation.cheap_passages sizes the extractive query types ("
+                + ", ".join(sorted(t.value for t in EXTRACTIVE_QUERY_TYPES))
+                + "), and generation.query_types has none of them")
+        if self.cheap_passages < self.passages:
+            raise ValueError(f"generation.cheap_passages ({self.cheap_passages}) must be at least "
+                             f"generation.passages ({self.passages}): the extractive types cover "
+                             "the generated types' sample and more")
         return self
 
 

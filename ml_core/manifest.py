@@ -30,6 +30,7 @@ _ADDED_SETTINGS: dict[tuple[str, str], Any] = {
     ("candidates", "co_teachers"): [],
     ("candidates", "round_trip_scope"): "passage",
     ("generation", "synthetic"): True,
+    ("generation", "cheap_passages"): None,
     ("training", "train_layers"): None,
 }
 
@@ -44,6 +45,8 @@ def settings_hash(config: RecipeConfig, settings: Sequence[str]) -> str:
     picked: dict[str, Any] = {}
     for name in settings:
         section, _, field = name.partition(".")
+        if field and field not in data[section]:  # an added setting at its neutral value
+            continue
         picked[name] = data[section][field] if field else data[section]
     return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
 

@@ -70,6 +70,7 @@ PIPELINE: dict[str, Stage] = {
             "student",
             "corpus",
             "generation.passages",
+            "generation.cheap_passages",
             "training.max_passage_length",
             "training.dev_fraction",
             "evaluation.test_fraction",

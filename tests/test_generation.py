@@ -246,7 +246,8 @@ def test_source_titles_are_the_corpus_titles_one_per_document_and_leave_the_rest
 
 def test_every_extractive_type_has_an_extractor() -> None:
     """The generator is never asked for an extractive type, so each one needs its extractor."""
-    titled = [Passage("a", "text of a.", title="Flow past a flat plate")]
+    titled = [Passage("a", "Text of a, one sentence of several words.",
+                      title="Flow past a flat plate")]
     for query_type in EXTRACTIVE_QUERY_TYPES:
         queries = generate_queries(titled, GenerationConfig(query_types=[query_type]), None, 1)
         assert [q.query_type for q in queries] == [query_type.value]

@@ -28,6 +28,10 @@ MIN_COPIED_WORDS = 10
 # A repeated word n-gram of this size marks a generation loop ("the impact and free-stream of
 # the impact and free-stream of ...").
 LOOP_NGRAM = 4
+# An extractive query is a sentence of at least this many words, or a span of this many up to
+# MAX_EXTRACT_WORDS words of a longer one (the length of a generated query).
+MIN_EXTRACT_WORDS = 5
+MAX_EXTRACT_WORDS = 20
 # Replies that were unusable are asked for again once with another seed: cheap, and it keeps
 # the per-type counts even when a small model misfires.
 RETRY_ROUNDS = 1
@@ -226,13 +230,44 @@ def source_title_query(title: str) -> str | None:
     return " ".join(words[:MAX_QUERY_WORDS])
 
 
-def _extracted(requests: list[_Request]) -> dict[int, str]:
-    """Answers of the extractive requests: one source-title query per document (the first
-    sampled chunk of it), none for a passage without a usable title."""
+def extractive_query(passage: Passage, seed: int) -> str | None:
+    """A pseudo-query cut from the passage, as the inverse cloze task does (Lee et al. 2019,
+    arXiv 1906.00300; GPL-style pipelines use it where generation is too costly): one of its
+    sentences of MIN_EXTRACT_WORDS+ words drawn with a seed of (seed, passage id), whitespace
+    collapsed and a trailing period dropped; of a sentence over MAX_EXTRACT_WORDS words, a
+    seeded span of MIN_EXTRACT_WORDS to MAX_EXTRACT_WORDS words. None when no sentence is long
+    enough. The passage is not changed: the query is a copy of part of it."""
+    rng = random.Random(f"{seed}:extractive:{passage.id}")  # str seeds hash deterministically
+    sentences = [s.split() for s in _SENTENCE_END.split(passage.text.strip())]
+    for words in sentences:
+        if words and words[-1] in {".", "!", "?"}:  # Cranfield writes "... plate ."
+            words.pop()
+    candidates = [words for words in sentences if len(_words(" ".join(words))) >= MIN_EXTRACT_WORDS]
+    if not candidates:
+        return None
+    words = rng.choice(candidates)
+    if len(words) > MAX_EXTRACT_WORDS:
+        length = rng.randint(MIN_EXTRACT_WORDS, MAX_EXTRACT_WORDS)
+        start = rng.randint(0, len(words) - length)
+        words = words[start:start + length]
+    text = " ".join(words).rstrip(" ,;:")
+    if text.endswith(".") and not re.search(r"(?:^|\s)[^\W\d_]\.$", text):
+        text = text[:-1]  # a sentence's full stop, not an initial's ("h. l. dryden.")
+    return text if len(_words(text)) >= MIN_QUERY_WORDS else None
+
+
+def _extracted(requests: list[_Request], seed: int) -> dict[int, str]:
+    """Answers of the extractive requests: a sentence or span of each passage (`extractive`),
+    and one source-title query per document (the first sampled chunk of it), none for a
+    passage without a usable title."""
     answers: dict[int, str] = {}
     seen: set[str] = set()
     for i, request in enumerate(requests):
         if request.query_type not in EXTRACTIVE_QUERY_TYPES:
+            continue
+        if request.query_type == QueryType.EXTRACTIVE:
+            if (text := extractive_query(request.passage, seed)) is not None:
+                answers[i] = text
             continue
         if request.query_type != QueryType.SOURCE_TITLES:
             # generate_queries sends no extractive type to the generator: one without an
@@ -252,12 +287,16 @@ def generate_queries(
     generator: Generator | None,
     seed: int,
     progress: ProgressFn = no_progress,
+    extractive_only: list[Passage] | None = None,
 ) -> list[Query]:
     """Synthetic queries: one per passage per type in `cfg.query_types`, minus unusable replies.
 
-    `source_titles` queries are the passages' own titles (one per document, no generator call);
-    the other types' queries are the same with or without them. `generator` may be None only
-    when every type in `cfg.query_types` is extractive.
+    Extractive types need no generator call: `source_titles` queries are the passages' own
+    titles (one per document), `extractive` ones a seeded sentence or span of the passage
+    (extractive_query). They also cover `extractive_only`, passages the generated types skip
+    (generation.cheap_passages), whose queries come last. The generated types' queries are the
+    same with or without any of them. `generator` may be None only when every type in
+    `cfg.query_types` is extractive.
 
     Requests are batched by query type (`cfg.batch_size` rows sharing one random draw of
     few-shot examples, passages sorted by length); replies that clean to nothing are retried
@@ -266,9 +305,12 @@ def generate_queries(
     function of (passages, cfg, seed) and the generator.
     """
     requests = [_Request(p, t) for p in passages for t in cfg.query_types]
+    # Appended, so the generated types' requests keep their order (and so their batches).
+    requests += [_Request(p, t) for p in extractive_only or [] for t in cfg.query_types
+                 if t in EXTRACTIVE_QUERY_TYPES]
     # Extractive types are read off the passage; only the rest go to the generator, batched and
     # seeded exactly as they would be without them.
-    answers: dict[int, str] = _extracted(requests)
+    answers: dict[int, str] = _extracted(requests, seed)
     pending = [i for i, r in enumerate(requests) if r.query_type not in EXTRACTIVE_QUERY_TYPES]
     if pending and generator is None:
         needing = sorted({requests[i].query_type.value for i in pending})

@@ -48,9 +48,17 @@ def load_passages(ctx: StageContext) -> list[Passage]:
 
 
 def load_splits(ctx: StageContext) -> dict[str, str]:
-    """Sampled passage id -> "test" | "train" | "dev"."""
+    """Sampled passage id -> "test" | "train" | "dev" (the extractive types' extra passages
+    included)."""
     rows = (json.loads(line) for line in (ctx.stage_dir("prepare") / "sample.jsonl").open())
     return {row["id"]: row["split"] for row in rows}
+
+
+def load_cheap_only(ctx: StageContext) -> set[str]:
+    """Ids of the sampled passages only the extractive query types cover
+    (generation.cheap_passages)."""
+    rows = (json.loads(line) for line in (ctx.stage_dir("prepare") / "sample.jsonl").open())
+    return {row["id"] for row in rows if row.get("cheap_only")}
 
 
 def load_queries(path: Path) -> list[Query]:

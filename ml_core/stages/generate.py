@@ -14,6 +14,7 @@ from ml_core.stages.context import (
     StageContext,
     StageError,
     StageOutput,
+    load_cheap_only,
     load_passages,
     load_splits,
 )
@@ -36,7 +37,9 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
         return {"queries": len(supplied), "per_type": {SUPPLIED: len(supplied)}}, {}
     splits = load_splits(ctx)
     by_id = {p.id: p for p in load_passages(ctx)}
-    sample = [by_id[pid] for pid in splits]
+    cheap_only = load_cheap_only(ctx)
+    sample = [by_id[pid] for pid in splits if pid not in cheap_only]
+    extra = [by_id[pid] for pid in splits if pid in cheap_only]
     generator = None  # extractive query types only: no model to load
     if any(t in LLM_QUERY_TYPES for t in cfg.generation.query_types):
         # A hosted model behind an OpenAI-compatible endpoint is named, not stored locally.
@@ -45,7 +48,8 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
             else ctx.registry.get(cfg.generator)
         )
         generator = load_generator(cfg.generation, source, ctx.registry)
-    queries = generate_queries(sample, cfg.generation, generator, cfg.seed, ctx.progress)
+    queries = generate_queries(sample, cfg.generation, generator, cfg.seed, ctx.progress,
+                               extractive_only=extra)
     queries = [dataclasses.replace(q, split=splits[q.source_id]) for q in queries]
     if not queries:
         raise StageError("the generator produced no usable queries")
