@@ -81,14 +81,19 @@ def ok(done: subprocess.CompletedProcess, stack: ServiceStack) -> str:
     return done.stdout
 
 
-def tiny_job_options() -> list[str]:
+def tiny_job_options(training: dict[str, Any] | None = None) -> list[str]:
+    """The tiny job as CLI options; `training` overrides its training settings."""
+    hyperparameters = TINY_JOB["hyperparameters"]
+    if training:
+        hyperparameters = {**hyperparameters,
+                           "training": {**hyperparameters["training"], **training}}
     return [
         "--base-model", TINY_JOB["base_model"],
         "--teacher", TINY_JOB["teacher"],
         "--generator", TINY_JOB["generator"],
         "--query-types", ",".join(TINY_JOB["query_types"]),
         "--passages", str(TINY_JOB["passages"]),
-        "--hyperparameters", json.dumps(TINY_JOB["hyperparameters"]),
+        "--hyperparameters", json.dumps(hyperparameters),
     ]
 
 
@@ -237,8 +242,10 @@ def test_ctrl_c_while_waiting_asks_and_cancels_the_job(
     corpus_id = client.corpora.upload(synthetic_corpus(tmp_path / "c.jsonl", 30, 9))["id"]
     env = {**os.environ, "TAILOR_BASE_URL": stack.api_url, "TAILOR_API_KEY": stack.api_key}
     process = subprocess.Popen(
+        # Training long enough that the job is still running when Ctrl-C comes: a tiny job
+        # at its usual two epochs can finish within the half second below.
         [str(BIN / "tailor-client"), "jobs", "create", "--corpus", corpus_id,
-         *tiny_job_options(), "--wait"],
+         *tiny_job_options({"max_epochs": 100, "patience": 100}), "--wait"],
         env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
     )
