@@ -242,12 +242,14 @@ def test_ctrl_c_while_waiting_asks_and_cancels_the_job(
     corpus_id = client.corpora.upload(synthetic_corpus(tmp_path / "c.jsonl", 30, 9))["id"]
     env = {**os.environ, "TAILOR_BASE_URL": stack.api_url, "TAILOR_API_KEY": stack.api_key}
     process = subprocess.Popen(
-        # Training long enough that the job is still running when Ctrl-C comes: a tiny job
-        # at its usual two epochs can finish within the half second below.
+        # Training long enough that the job is still running when Ctrl-C comes.
         [str(BIN / "tailor-client"), "jobs", "create", "--corpus", corpus_id,
          *tiny_job_options({"max_epochs": 100, "patience": 100}), "--wait"],
         env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
+        # A suite started in the background by a shell inherits SIGINT ignored, and Python
+        # then never turns Ctrl-C into KeyboardInterrupt: give the client a terminal's default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert process.stderr is not None and process.stdin is not None
