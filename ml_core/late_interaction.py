@@ -40,7 +40,7 @@ import torch
 from ml_core.records import ProgressFn, no_progress
 from ml_core.registry import ModelSpec
 from ml_core.student import configure_threads
-from ml_core.teacher import CHECK_PAIRS, Teacher
+from ml_core.teacher import CHECK_PAIRS, Teacher, cpu_onnx_session
 
 QUERY_TOKENS = 32
 QUERY_MARKER = "[unused0]"
@@ -268,15 +268,8 @@ class OnnxLateInteraction(LateInteractionTeacher):
 
     def __init__(self, spec: ModelSpec, threads: int | None = None,
                  cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
-        import onnxruntime as ort
-
         super().__init__(spec, cache_bytes)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or configure_threads()
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(spec.weights), options,
-                                            providers=["CPUExecutionProvider"])
-        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.session, self.input_names = cpu_onnx_session(spec, threads)
         self.encode_batch = 1
         output = self.session.get_outputs()[0]
         if len(output.shape) != 3:

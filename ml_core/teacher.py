@@ -16,6 +16,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -110,20 +111,25 @@ class TorchCrossEncoder(Teacher):
         return self.model(**inputs).logits[:, 0].float().cpu().numpy()
 
 
+def cpu_onnx_session(spec: ModelSpec, threads: int | None = None) -> tuple[Any, list[str]]:
+    """An onnxruntime CPU session of the spec's graph (intra-op threads: `threads`, else the
+    process's torch threads; one inter-op thread) and its input names."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or configure_threads()
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(spec.weights), options, providers=["CPUExecutionProvider"])
+    return session, [i.name for i in session.get_inputs()]
+
+
 class OnnxCrossEncoder(Teacher):
     """An ONNX cross-encoder on onnxruntime (inputs input_ids, attention_mask[, token_type_ids];
     output logits [batch, 1] or [batch])."""
 
     def __init__(self, spec: ModelSpec, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
         super().__init__(spec)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or configure_threads()
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(spec.weights), options,
-                                            providers=["CPUExecutionProvider"])
-        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.session, self.input_names = cpu_onnx_session(spec, threads)
 
     def _logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         feeds = {name: batch[name].astype(np.int64) for name in self.input_names if name in batch}
