@@ -19,6 +19,7 @@ from ml_core.stages.context import (
 )
 
 if TYPE_CHECKING:
+    from ml_core.registry import ModelSpec
     from ml_core.student import Student
     from ml_core.teacher import Teacher
 
@@ -92,14 +93,8 @@ def _load_helper(ctx: StageContext, name: str) -> Student:
     """A helper retriever (candidates.helpers) from the registry: a bi-encoder, not trained."""
     from ml_core.student import Student, resolve_precision
 
-    try:
-        spec = ctx.registry.get(name)
-    except KeyError as exc:
-        raise StageError(f"candidates.helpers: {exc.args[0]}") from None
-    if spec.role != "student":
-        raise StageError(f"candidates.helpers: model {name!r} is a {spec.role}, not a bi-encoder "
-                         "(role student)")
-    helper = Student.load(spec)
+    helper = Student.load(_spec_of(ctx, name, "candidates.helpers", "student",
+                                   "a bi-encoder (role student)"))
     helper.encode_precision = resolve_precision(ctx.config.encode_precision, helper.device)
     return helper
 
@@ -108,11 +103,17 @@ def _load_co_teacher(ctx: StageContext, name: str) -> Teacher:
     """A co-teacher (candidates.co_teachers) from the registry."""
     from ml_core.teacher import load_teacher
 
+    return load_teacher(_spec_of(ctx, name, "candidates.co_teachers", "teacher", "a teacher"),
+                        ctx.registry)
+
+
+def _spec_of(ctx: StageContext, name: str, setting: str, role: str, what: str) -> ModelSpec:
+    """The registry's spec of `name`, named by `setting`; a StageError when it is missing or
+    not of `role`."""
     try:
         spec = ctx.registry.get(name)
     except KeyError as exc:
-        raise StageError(f"candidates.co_teachers: {exc.args[0]}") from None
-    if spec.role != "teacher":
-        raise StageError(f"candidates.co_teachers: model {name!r} is a {spec.role}, not a "
-                         "teacher")
-    return load_teacher(spec, ctx.registry)
+        raise StageError(f"{setting}: {exc.args[0]}") from None
+    if spec.role != role:
+        raise StageError(f"{setting}: model {name!r} is a {spec.role}, not {what}")
+    return spec
