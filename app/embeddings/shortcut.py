@@ -16,6 +16,7 @@ on to the app unchanged, its body replayed, and gets the app's own answer or err
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import orjson
 from fastapi.routing import APIRoute
@@ -48,13 +49,15 @@ async def _app_error_response(request: Request, exc: Exception) -> Response:
     raise exc
 
 
+@dataclass(frozen=True)
 class _Route:
     """One route the shortcut answers: its FastAPI route (for logs, metrics and the key's
     scope check), schema, handler, and how its errors are rendered."""
 
-    def __init__(self, route: APIRoute, schema: type[BaseModel], handler: Handler,
-                 errors: ErrorRenderer) -> None:
-        self.route, self.schema, self.handler, self.errors = route, schema, handler, errors
+    route: APIRoute
+    schema: type[BaseModel]
+    handler: Handler
+    errors: ErrorRenderer
 
 
 def _routes() -> dict[str, _Route]:
