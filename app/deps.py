@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -59,15 +62,11 @@ def _current_tenant(
 CurrentTenant = Annotated[Tenant, Depends(_current_tenant)]
 
 
-async def _serving_tenant(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Tenant:
-    # The serving routes' caller: a key verified a moment ago is answered on the event loop,
-    # without a session or a thread; otherwise the full check runs on a worker thread in its
-    # own transaction. The tenant is detached (its columns loaded): these routes open a session
-    # only to look a tenant model up (app.embeddings.router.source_for).
-    key = credentials.credentials if credentials else None
+async def serving_tenant(request: Request, key: str | None) -> Tenant:
+    """The serving routes' caller: a key verified a moment ago is answered on the event loop,
+    without a session or a thread; otherwise the full check runs on a worker thread in its own
+    transaction. The tenant is detached (its columns loaded): these routes open a session only
+    to look a tenant model up (app.embeddings.router.source_for)."""
     tenant = authorize_cached(request, key)
     if tenant is not None:
         return tenant
@@ -77,6 +76,19 @@ async def _serving_tenant(
             return authorize(request, session, key)
 
     return await run_in_threadpool(check)
+
+
+def bearer_key(request: Request) -> str | None:
+    """The API key of `Authorization: Bearer <key>`, None without one (what `_bearer` gives)."""
+    scheme, key = get_authorization_scheme_param(request.headers.get("Authorization"))
+    return key if key and scheme.lower() == "bearer" else None
+
+
+async def _serving_tenant(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Tenant:
+    return await serving_tenant(request, credentials.credentials if credentials else None)
 
 
 ServingTenant = Annotated[Tenant, Depends(_serving_tenant)]
@@ -89,8 +101,15 @@ async def _store(request: Request) -> ObjectStore:
 StoreDep = Annotated[ObjectStore, Depends(_store)]
 
 
+@functools.lru_cache(maxsize=8)
+def registry_at(store: Path) -> ModelRegistry:
+    """The model registry of `store`, one per store: it holds no state but the folder, and the
+    serving routes ask for it on every request."""
+    return ModelRegistry(store)
+
+
 async def _registry(settings: SettingsDep) -> ModelRegistry:
-    return ModelRegistry(settings.model_store)
+    return registry_at(settings.model_store)
 
 
 RegistryDep = Annotated[ModelRegistry, Depends(_registry)]

@@ -18,6 +18,7 @@ from app.embedding_jobs.router import router as embedding_jobs_router
 from app.embeddings.router import openai_router
 from app.embeddings.router import router as embeddings_router
 from app.embeddings.service import EmbeddingModels
+from app.embeddings.shortcut import EmbeddingShortcut
 from app.errors import install_error_handlers
 from app.eval_sets.router import router as eval_sets_router
 from app.health.router import router as health_router
@@ -83,6 +84,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.rerankers = Rerankers(lambda: app.state.embedding_models.batcher)
     app.state.limiter = limiter_for(settings)
     install_error_handlers(app)
+    # Added first, so it runs inside the request context (ids, headers, log line, metrics).
+    app.add_middleware(EmbeddingShortcut)
     app.add_middleware(RequestContextMiddleware)
     for router in (
         health_router,

@@ -278,7 +278,7 @@ def tailor_systems(prefix: str, url: str, key: str) -> dict[str, System]:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    work: Path = args.work
+    work: Path = args.work.resolve()  # the servers run in their checkouts
     work.mkdir(parents=True, exist_ok=True)
     inputs = load_inputs(args.dataset, args.queries, args.passages)
     store = prepare_store(args.store, work, args.model)

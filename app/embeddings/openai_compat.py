@@ -60,6 +60,23 @@ def _handler_for(request: Request, exc: Exception) -> Callable[..., Any] | None:
     return None
 
 
+async def openai_error_response(request: Request, exc: Exception) -> Response:
+    """The response the app's handler gives `exc`, its body in OpenAI's shape (same status
+    code and headers); re-raises `exc` when no handler takes it."""
+    app_handler = _handler_for(request, exc)
+    if app_handler is None:
+        raise exc
+    rendered = await app_handler(request, exc)
+    try:
+        body = json.loads(bytes(rendered.body))
+    except ValueError:
+        return rendered
+    headers = {k: v for k, v in rendered.headers.items()
+               if k.lower() not in ("content-length", "content-type")}
+    return JSONResponse(openai_error_body(rendered.status_code, body),
+                        status_code=rendered.status_code, headers=headers)
+
+
 class OpenAIRoute(APIRoute):
     """A route whose errors have OpenAI's body (same status codes and headers)."""
 
@@ -70,18 +87,7 @@ class OpenAIRoute(APIRoute):
             try:
                 return await handle(request)
             except Exception as exc:
-                app_handler = _handler_for(request, exc)
-                if app_handler is None:
-                    raise
-                rendered = await app_handler(request, exc)
-                try:
-                    body = json.loads(bytes(rendered.body))
-                except ValueError:
-                    return rendered
-                headers = {k: v for k, v in rendered.headers.items()
-                           if k.lower() not in ("content-length", "content-type")}
-                return JSONResponse(openai_error_body(rendered.status_code, body),
-                                    status_code=rendered.status_code, headers=headers)
+                return await openai_error_response(request, exc)
 
         return openai_handler
 

@@ -57,28 +57,32 @@ def base_source(registry: ModelRegistry, model: str) -> ModelSource:
     return ModelSource(cache_key=f"base:{spec.name}", folder=spec.folder)
 
 
-# Base specs read from the store, by spec file: (its mtime, when it was last checked, the spec).
-# Reading and validating the JSON on every request cost more than the rest of a request's
-# lookup, and so did a stat of the file under load: it is checked again once a second.
-_BASE_SPECS: dict[Path, tuple[int, float, ModelSpec]] = {}
+# Base specs read from the store, by (store, name): (the spec file's mtime, when it was last
+# checked, the spec). Reading and validating the JSON on every request cost more than the rest of
+# a request's lookup, and so did a stat of the file under load: it is checked again once a second.
+# A name has many spellings ("./x", "x/"): past BASE_SPECS_KEPT entries the cache starts over.
+_BASE_SPECS: dict[tuple[Path, str], tuple[int, float, ModelSpec]] = {}
 SPEC_RECHECK_S = 1.0
+BASE_SPECS_KEPT = 1024
 
 
 def _base_spec(registry: ModelRegistry, name: str) -> ModelSpec:
-    path = registry.store / name / SPEC_FILE
+    key = (registry.store, name)
     now = time.monotonic()
-    cached = _BASE_SPECS.get(path)
+    cached = _BASE_SPECS.get(key)
     if cached is not None and now - cached[1] < SPEC_RECHECK_S:
         return cached[2]
     try:
-        mtime = path.stat().st_mtime_ns
+        mtime = (registry.store / name / SPEC_FILE).stat().st_mtime_ns
     except OSError:
         mtime = -1
     if cached is not None and cached[0] == mtime:
-        _BASE_SPECS[path] = (mtime, now, cached[2])
+        _BASE_SPECS[key] = (mtime, now, cached[2])
         return cached[2]
     spec = get_base_spec(registry, name)
-    _BASE_SPECS[path] = (mtime, now, spec)
+    if len(_BASE_SPECS) >= BASE_SPECS_KEPT:
+        _BASE_SPECS.clear()
+    _BASE_SPECS[key] = (mtime, now, spec)
     return spec
 
 
