@@ -52,9 +52,15 @@ def openai_error_body(status: int, body: dict[str, Any]) -> dict[str, Any]:
     }}
 
 
-def _handler_for(request: Request, exc: Exception) -> Callable[..., Any] | None:
+def app_handler_for(request: Request, exc: Exception,
+                    catch_all: bool = True) -> Callable[..., Any] | None:
+    """The app's exception handler for `exc` (by its classes, most specific first); without
+    `catch_all`, not one registered for `Exception` itself (ExceptionMiddleware leaves that to
+    the outer layers)."""
     handlers = request.app.exception_handlers
     for cls in type(exc).__mro__:
+        if cls is Exception and not catch_all:
+            return None
         if cls in handlers:
             return handlers[cls]
     return None
@@ -63,7 +69,7 @@ def _handler_for(request: Request, exc: Exception) -> Callable[..., Any] | None:
 async def openai_error_response(request: Request, exc: Exception) -> Response:
     """The response the app's handler gives `exc`, its body in OpenAI's shape (same status
     code and headers); re-raises `exc` when no handler takes it."""
-    app_handler = _handler_for(request, exc)
+    app_handler = app_handler_for(request, exc)
     if app_handler is None:
         raise exc
     rendered = await app_handler(request, exc)

@@ -26,7 +26,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.deps import bearer_key, registry_at, serving_tenant
-from app.embeddings.openai_compat import openai_error_response
+from app.embeddings.openai_compat import app_handler_for, openai_error_response
 from app.embeddings.router import create_embeddings, embed, openai_router, router
 from app.embeddings.schemas import EmbedRequest, OpenAIEmbeddingRequest
 
@@ -40,13 +40,10 @@ ErrorRenderer = Callable[[Request, Exception], Awaitable[Response]]
 async def _app_error_response(request: Request, exc: Exception) -> Response:
     """What the app's ExceptionMiddleware answers `exc` with; re-raises what it leaves to the
     outer layers (an unexpected error: a 500 from app.request_context)."""
-    handlers = request.app.exception_handlers
-    for cls in type(exc).__mro__:
-        if cls is Exception:
-            break
-        if cls in handlers:
-            return await handlers[cls](request, exc)
-    raise exc
+    handler = app_handler_for(request, exc, catch_all=False)
+    if handler is None:
+        raise exc
+    return await handler(request, exc)
 
 
 @dataclass(frozen=True)
