@@ -19,6 +19,7 @@ the averaging with the base re-exports without training again). The variants:
                  the judged queries' texts (never their judgements), cross-fitted (CROSS_FIT)
     mixed-e8     the default trained on its synthetic queries plus those supplied queries,
                  cross-fitted: what a job given a query set runs
+    drop-e8      the default with dropout 0.1 while the student trains
     x640-e8      the default plus `extractive` queries (a seeded sentence of the passage, no
                  generator call) on 640 sampled passages, the default's 160 among them
     x1000-e8     the same on 1,000 passages
@@ -81,6 +82,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
                    "candidates": _LISTS},
     # The default with the embeddings and the lower half of the student's layers frozen.
     "top3-e8": {"training": {"loss": "listwise", "base_merge": MERGE_SHARE, "train_layers": 3,
+                             **_TRAINING},
+                "candidates": _LISTS},
+    # The default with the student's dropout on while it trains (the default trains without).
+    "drop-e8": {"training": {"loss": "listwise", "base_merge": MERGE_SHARE, "dropout": 0.1,
                              **_TRAINING},
                 "candidates": _LISTS},
     # The default's generated queries, unchanged, plus extractive ones over more of the corpus.

@@ -234,6 +234,10 @@ class TrainingConfig(_Section):
     # 2109.01903; 0: as trained): training overfits a few hundred synthetic queries, and the
     # average gives back less elsewhere (docs/benchmarks.md, "Averaging with the base").
     base_merge: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+    # Every dropout probability of the student while it trains (0: none, as the paper trains
+    # at 4,096 queries per step). The gradient cache replays each chunk's random state, so its
+    # gradients stay exact with dropout on; dev loss and export run without it.
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     # Train only the top N transformer layers, the embeddings and lower layers frozen (None:
     # all): less drift from the base, and a cheaper backward pass (docs/benchmarks.md, "Top
     # layers only").

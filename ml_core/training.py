@@ -3,8 +3,8 @@
 The method is Tamber et al. 2025 (arXiv 2502.19712; docs/recipe.md): lists of `list_size`
 passages per query scored by a cross-encoder teacher, loss KL + 0.1 x InfoNCE
 (ml_core/losses.py), large batches through GradCache (ml_core/gradcache.py), AdamW with warmup
-and linear decay, dropout 0, dev loss before every epoch, keep the best checkpoint, stop after
-`patience` epochs without improvement.
+and linear decay, dropout `cfg.dropout` (0 by default), dev loss before every epoch, keep the
+best checkpoint, stop after `patience` epochs without improvement.
 
 Distributed: when torch.distributed is initialised (gloo on CPU, nccl on GPU) every rank runs
 `train_student` with the same arguments. All ranks build the same global batches; each encodes a
@@ -162,7 +162,7 @@ def train_student(
     if len(train) < run.world or len(dev) < run.world:
         raise ValueError(f"need at least {run.world} training and dev lists (one per rank)")
     run_id = _run_id(cfg, seed, train, dev, student)
-    disable_dropout(student)
+    set_dropout(student, cfg.dropout)
     if cfg.train_layers is not None:
         freeze_lower_layers(student.model, cfg.train_layers)
     params = [p for p in student.parameters() if p.requires_grad]
@@ -339,15 +339,15 @@ def learning_rate(step: int, warmup_steps: int, total_steps: int, cfg: TrainingC
     return cfg.learning_rate * max(cfg.min_lr_ratio, 1.0 - (1.0 - cfg.min_lr_ratio) * progress)
 
 
-def disable_dropout(model: nn.Module) -> None:
-    """Set every dropout probability in the model to 0 (the recipe trains without dropout)."""
+def set_dropout(model: nn.Module, probability: float) -> None:
+    """Set every dropout probability in the model (0: the recipe's default, no dropout)."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
-            module.p = 0.0
+            module.p = probability
         # Some HF attention modules keep a float copied from the config and call F.dropout.
         for name in ("attention_dropout", "dropout_p", "dropout_prob"):
             if isinstance(getattr(module, name, None), float):
-                setattr(module, name, 0.0)
+                setattr(module, name, probability)
 
 
 class _Run:

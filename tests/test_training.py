@@ -18,8 +18,8 @@ from ml_core.training import (
     average_with_base,
     batch_order,
     build_examples,
-    disable_dropout,
     learning_rate,
+    set_dropout,
     train_student,
 )
 
@@ -131,8 +131,8 @@ def test_batches_never_leave_a_rank_without_queries() -> None:
     assert batches == batch_order(9, 4, world_size=2, shuffle_seed="s")
 
 
-def test_disable_dropout_zeroes_every_dropout_module() -> None:
-    model = BertModel(
+def _tiny_bert() -> BertModel:
+    return BertModel(
         BertConfig(
             hidden_size=8,
             num_hidden_layers=1,
@@ -141,11 +141,27 @@ def test_disable_dropout_zeroes_every_dropout_module() -> None:
             vocab_size=10,
         )
     )
-    disable_dropout(model)
+
+
+def test_set_dropout_zero_turns_every_dropout_off() -> None:
+    model = _tiny_bert()
+    set_dropout(model, 0.0)
     model.train()
     ids = torch.tensor([[1, 2, 3]])
     assert torch.equal(model(ids).last_hidden_state, model(ids).last_hidden_state)
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, nn.Dropout))
+
+
+def test_set_dropout_sets_every_probability_and_acts_only_in_train_mode() -> None:
+    model = _tiny_bert()
+    set_dropout(model, 0.3)
+    assert all(m.p == 0.3 for m in model.modules() if isinstance(m, nn.Dropout))
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    model.train()
+    torch.manual_seed(0)
+    assert not torch.equal(model(ids).last_hidden_state, model(ids).last_hidden_state)
+    model.eval()
+    assert torch.equal(model(ids).last_hidden_state, model(ids).last_hidden_state)
 
 
 def test_training_lowers_the_loss_and_exports_the_best_checkpoint(
@@ -179,6 +195,23 @@ def test_training_lowers_the_loss_and_exports_the_best_checkpoint(
     fractions = [fraction for fraction, _ in reports]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert sum("step" in message for _, message in reports) == 4  # one report per step
+
+
+def test_dropout_acts_on_training_steps_only_and_is_seeded(
+    model_store: Path, tmp_path: Path
+) -> None:
+    def run(dropout: float, folder: str):
+        cfg = CFG.model_copy(update={"dropout": dropout, "max_epochs": 1})
+        train, dev = _lists()[:8], _lists()[:8]
+        return train_student(_student(model_store), train, dev, _passages(), _queries(), cfg,
+                             tmp_path / folder, seed=1).history
+
+    plain, dropped, again = run(0.0, "plain"), run(0.3, "dropped"), run(0.3, "again")
+    # The dev loss before training is the same model in eval mode either way.
+    assert dropped[0]["dev_loss"] == plain[0]["dev_loss"]
+    # The steps see dropout masks, so the training loss differs; the masks follow the seed.
+    assert dropped[1]["train_loss"] != plain[1]["train_loss"]
+    assert dropped == again
 
 
 def test_base_model_is_kept_when_training_only_hurts_dev_loss(
