@@ -236,7 +236,9 @@ class TrainingConfig(_Section):
     base_merge: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
     # Every dropout probability of the student while it trains (0: none, as the paper trains
     # at 4,096 queries per step). The gradient cache replays each chunk's random state, so its
-    # gradients stay exact with dropout on; dev loss and export run without it.
+    # gradients stay exact with dropout on; dev loss and export run without it. It did not
+    # help and costs memory: lower micro_batch_size with it (docs/benchmarks.md, "Dropout while
+    # training").
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     # Train only the top N transformer layers, the embeddings and lower layers frozen (None:
     # all): less drift from the base, and a cheaper backward pass (docs/benchmarks.md, "Top
