@@ -20,6 +20,8 @@ the averaging with the base re-exports without training again). The variants:
     mixed-e8     the default trained on its synthetic queries plus those supplied queries,
                  cross-fitted: what a job given a query set runs
     drop-e8      the default with dropout 0.1 while the student trains
+    qside-e8     the default with only the query side trained (training.tune "queries"): the
+                 passages keep the base model's vectors
     x640-e8      the default plus `extractive` queries (a seeded sentence of the passage, no
                  generator call) on 640 sampled passages, the default's 160 among them
     x1000-e8     the same on 1,000 passages
@@ -88,6 +90,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "drop-e8": {"training": {"loss": "listwise", "base_merge": MERGE_SHARE, "dropout": 0.1,
                              **_TRAINING},
                 "candidates": _LISTS},
+    # The default with only the query side trained: passages keep the base's vectors.
+    "qside-e8": {"training": {"loss": "listwise", "base_merge": MERGE_SHARE, "tune": "queries",
+                              **_TRAINING},
+                 "candidates": _LISTS},
     # The default's generated queries, unchanged, plus extractive ones over more of the corpus.
     "x640-e8": {"generation": {"query_types": [*_GENERATED, "extractive"],
                                "cheap_passages": 640},

@@ -187,6 +187,8 @@ class GradCache:
                 else:
                     with state.replay():
                         rep = encode(chunk)
+                if not rep.requires_grad:
+                    break  # a frozen encoder (constant reps): no parameter to reach
                 # Equivalent to (rep * grad).sum().backward(): the chain rule through the reps.
                 torch.autograd.backward(rep, grad_tensors=grad)
         return {name: float(value.detach()) for name, value in terms.items()}

@@ -32,6 +32,7 @@ _ADDED_SETTINGS: dict[tuple[str, str], Any] = {
     ("generation", "synthetic"): True,
     ("generation", "cheap_passages"): None,
     ("training", "train_layers"): None,
+    ("training", "tune"): "both",
 }
 
 

@@ -14,6 +14,7 @@ the gradient shares are summed, and rank 0 alone writes checkpoints.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -363,14 +364,32 @@ class _Run:
         # Never train on longer inputs than the model is used with (its spec's limits).
         self.query_length = min(cfg.max_query_length, student.spec.max_query_length)
         self.passage_length = min(cfg.max_passage_length, student.spec.max_passage_length)
+        # Query-side tuning: passages are encoded by a frozen copy of the starting weights, each
+        # once (its vector never changes), and carry no graph, so the cache skips them.
+        self.passage_tower: Student | None = None
+        self.passage_vectors: dict[str, torch.Tensor] = {}
+        if cfg.tune == "queries":
+            self.passage_tower = copy.deepcopy(student).eval()
+            self.passage_tower.requires_grad_(False)
 
     def _encode_queries(self, texts: list[str]) -> torch.Tensor:
         with self._autocast():
             return self.student.forward_queries(texts, self.query_length).float()
 
     def _encode_passages(self, texts: list[str]) -> torch.Tensor:
+        if self.passage_tower is not None:
+            return self._frozen_passages(texts)
         with self._autocast():
             return self.student.forward_passages(texts, self.passage_length).float()
+
+    def _frozen_passages(self, texts: list[str]) -> torch.Tensor:
+        assert self.passage_tower is not None
+        missing = list(dict.fromkeys(t for t in texts if t not in self.passage_vectors))
+        if missing:
+            with torch.no_grad(), self._autocast():
+                vectors = self.passage_tower.forward_passages(missing, self.passage_length)
+            self.passage_vectors.update(zip(missing, vectors.float(), strict=True))
+        return torch.stack([self.passage_vectors[t] for t in texts])
 
     def _autocast(self) -> torch.autocast:
         # bf16 encoders where the hardware has it (TrainingConfig.precision), as the recipe on

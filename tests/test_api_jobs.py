@@ -120,6 +120,8 @@ def test_models_must_exist_with_the_right_role(sqlite_api: Api, fields: dict, fi
          "hyperparameters.training.no_such_knob"),
         ({"hyperparameters": {"training": {"batch_size": 4, "micro_batch_size": 8}}},
          "invalid_recipe", "hyperparameters.training"),
+        ({"hyperparameters": {"training": {"tune": "queries"}}}, "invalid_recipe",
+         "hyperparameters.training.tune"),  # not served: the export is one encoder
         ({"hyperparameters": {"generation": {"endpoint": "http://attacker.example"}}},
          "invalid_recipe", "hyperparameters.generation.endpoint"),
         ({"passages": 0}, "invalid_recipe", "passages"),

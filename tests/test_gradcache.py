@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 
 import pytest
@@ -191,3 +192,38 @@ def test_rng_snapshot_leaves_an_unused_cuda_alone(monkeypatch: pytest.MonkeyPatc
     before = torch.rand(3)
     with state.replay():
         assert torch.equal(torch.rand(3), before)  # the CPU stream is replayed as before
+
+
+def test_a_frozen_stream_gets_constant_reps_and_no_second_pass() -> None:
+    # Query-side tuning: the passages come from a frozen copy of the model. The cached
+    # gradients equal one graph over the queries with the passages' reps as constants.
+    model, batch = _tiny_bert(dropout=0.0), _batch()
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    objective = DistillationObjective(TrainingConfig())
+    encode, frozen_encode = _encoder(model), _encoder(frozen)
+    calls = []
+
+    def counting(inputs: Tensor) -> Tensor:
+        calls.append(len(inputs))
+        with torch.no_grad():
+            return frozen_encode(inputs)
+
+    model.zero_grad()
+    passages = frozen_encode(batch["passages"]).detach()
+    objective(encode(batch["queries"]), passages, batch["teacher"], batch["ids"]).backward()
+    reference = _grads(model)
+    model.zero_grad()
+    GradCache(objective).step(
+        [(encode, batch["queries"].split(MICRO)),
+         (counting, batch["passages"].split(MICRO * LIST_SIZE))],
+        teacher_scores=batch["teacher"],
+        passage_ids=batch["ids"],
+    )
+    chunks = BATCH // MICRO
+    assert calls[:chunks] == [MICRO * LIST_SIZE] * chunks
+    assert len(calls) == chunks + 1  # the cache pass stops at the first constant chunk
+    assert _max_abs_diff(_grads(model), reference) < 1e-5
+    assert all(p.grad is None for p in frozen.parameters())

@@ -354,6 +354,36 @@ def test_evaluate_scores_a_kept_base_once(finished_run: StageContext, tmp_path: 
     assert trained["base"] == report["base"] and trained["tuned"] != trained["base"]
 
 
+def test_query_side_tuning_is_evaluated_on_the_base_passage_vectors(
+    finished_run: StageContext, tmp_path: Path
+) -> None:
+    """training.tune "queries": the report's tuned rows search the base's passage vectors with
+    the tuned query side; only distill and evaluate run again."""
+    from ml_core.evaluation import evaluate_retriever
+    from ml_core.stages.context import load_passages
+    from ml_core.stages.evaluate import QueryTuned, _synthetic_judgements
+    from ml_core.student import Student
+
+    workdir = tmp_path / "qside"
+    shutil.copytree(finished_run.workdir, workdir)
+    recipe = json.loads(json.dumps(TINY_RECIPE))
+    recipe.setdefault("training", {})["tune"] = "queries"
+    ctx = StageContext(workdir, finished_run.corpus_path, build_config("default", recipe),
+                       finished_run.registry)
+    skipped = {stage: run_stage(stage, ctx).skipped for stage in STAGES}
+    assert [stage for stage, was in skipped.items() if not was] == ["distill", "evaluate"]
+    report = json.loads((workdir / "evaluate" / "report.json").read_text())
+    assert report["recipe"]["training"]["tune"] == "queries"
+    base = Student.load(finished_run.registry.path("tiny-student"))
+    tuned = Student.load(workdir / "distill" / "model")
+    base_vectors = np.load(workdir / "filter" / "base_passage_vectors.npy")
+    passages = load_passages(ctx)
+    queries, _, qrels = _synthetic_judgements(ctx, passages)
+    expected = evaluate_retriever(QueryTuned(tuned, base), passages, queries, qrels,
+                                  passage_vectors=base_vectors)
+    assert report["tuned"]["ndcg@10"] == pytest.approx(expected["ndcg@10"], abs=1e-9)
+
+
 def test_base_merge_averages_the_best_checkpoint_without_training_again(
     finished_run: StageContext, tmp_path: Path
 ) -> None:
@@ -499,18 +529,22 @@ def test_a_setting_added_later_leaves_the_fingerprints_of_earlier_stages_alone()
 
 
 def test_training_all_layers_keeps_the_distill_fingerprint_of_earlier_jobs() -> None:
-    """training.train_layers came after jobs had run: unset (every layer trains, as before) it
-    stays out of the distill stage's hash; set, it changes it."""
+    """training.train_layers and tune came after jobs had run: unset or "both" (every layer of
+    one encoder trains, as before) they stay out of the distill stage's hash; set, they change
+    it."""
     from ml_core.pipeline import section_hash
 
     config = build_config("default", TINY_RECIPE)
-    old = _hash_without(config, "distill", ("training", "train_layers"),
+    old = _hash_without(config, "distill", ("training", "train_layers"), ("training", "tune"),
                         ("candidates", "helpers"), ("candidates", "co_teachers"),
                         ("candidates", "round_trip_scope"), ("generation", "synthetic"))
     assert section_hash(config, "distill") == old
     frozen = build_config("default", {**TINY_RECIPE, "training": {
         **TINY_RECIPE.get("training", {}), "train_layers": 2}})
     assert section_hash(frozen, "distill") != old
+    queries_only = build_config("default", {**TINY_RECIPE, "training": {
+        **TINY_RECIPE.get("training", {}), "tune": "queries"}})
+    assert section_hash(queries_only, "distill") != old
 
 
 

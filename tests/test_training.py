@@ -376,3 +376,42 @@ def test_train_layers_names_a_model_without_a_layer_list() -> None:
 
     with pytest.raises(ValueError, match="train_layers.*Linear"):
         freeze_lower_layers(nn.Linear(2, 2), 1)
+
+
+def test_query_side_tuning_encodes_passages_with_the_starting_weights_once(
+    model_store: Path,
+) -> None:
+    from ml_core.training import _Run
+
+    texts = TOPICS[:4]
+    student = _student(model_store)
+    run = _Run(student, CFG.model_copy(update={"tune": "queries"}))
+    shared = _Run(student, CFG)
+    with torch.no_grad():
+        before = shared._encode_passages(texts)
+        for parameter in student.parameters():
+            parameter.add_(0.05)  # the student moves, as a training step would move it
+        after = shared._encode_passages(texts)
+    assert not torch.allclose(before, after, atol=1e-3)
+    frozen = run._encode_passages(texts)
+    assert torch.allclose(frozen, before, atol=1e-6) and not frozen.requires_grad
+    assert len(run.passage_vectors) == 4  # each passage encoded once, then looked up
+    assert torch.equal(run._encode_passages(texts[::-1]), frozen.flip(0))
+
+
+def test_query_side_tuning_trains_the_queries_against_fixed_passages(
+    model_store: Path, tmp_path: Path
+) -> None:
+    cfg = CFG.model_copy(update={"tune": "queries"})
+    student = _student(model_store)
+    base = _weights(student)
+    result = train_student(student, _lists()[:8], _lists()[:8], _passages(), _queries(), cfg,
+                           tmp_path, seed=1)
+    dev_losses = [entry["dev_loss"] for entry in result.history]
+    assert dev_losses[-1] < dev_losses[0] and result.best_epoch > 0
+    trained = _weights(type(student).load(result.best_dir))
+    assert any(not torch.equal(trained[name], base[name]) for name in base)
+    # Another run with both sides training reaches other weights from the same lists.
+    both = train_student(_student(model_store), _lists()[:8], _lists()[:8], _passages(),
+                         _queries(), CFG, tmp_path / "both", seed=1)
+    assert both.history[-1]["dev_loss"] != result.history[-1]["dev_loss"]

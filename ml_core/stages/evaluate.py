@@ -7,9 +7,11 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from ml_core.candidates import Encoder
 from ml_core.manifest import read_manifest
 from ml_core.records import Passage, Query
 from ml_core.stages.context import (
@@ -22,6 +24,21 @@ from ml_core.stages.context import (
 from ml_core.stages.generate import query_key
 
 Qrels = dict[str, dict[str, int]]
+
+
+class QueryTuned:
+    """A query-side tuned model as it searches: its own query vectors against the base
+    model's passage vectors (training.tune "queries")."""
+
+    def __init__(self, queries: Encoder, passages: Encoder) -> None:
+        self.queries = queries
+        self.passages = passages
+
+    def encode_queries(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        return self.queries.encode_queries(texts, batch_size=batch_size)
+
+    def encode_passages(self, passages: Any, batch_size: int = 32) -> np.ndarray:
+        return self.passages.encode_passages(passages, batch_size=batch_size)
 
 
 def run(ctx: StageContext, out: Path) -> StageOutput:
@@ -74,12 +91,18 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
         tuned_metrics = copy.deepcopy(base_metrics)
     else:
         ctx.progress(0.3, "evaluating tuned model")
-        tuned = Student.load(ctx.stage_dir("distill") / "model")
-        tuned.encode_precision = precision
-        tuned_vectors = tuned.encode_passages(passages, batch_size=ENCODE_BATCH_SIZE)
+        tuned_student = Student.load(ctx.stage_dir("distill") / "model")
+        tuned_student.encode_precision = precision
+        tuned: Encoder = tuned_student
+        if cfg.training.tune == "queries":
+            # Only the query side trained: the passages keep the base's vectors.
+            tuned = QueryTuned(tuned_student, base)
+            tuned_vectors = base_vectors
+        else:
+            tuned_vectors = tuned.encode_passages(passages, batch_size=ENCODE_BATCH_SIZE)
         tuned_metrics = evaluate_retriever(tuned, passages, queries, qrels,
                                            passage_vectors=tuned_vectors)
-        dense.append(DenseModel("tuned", tuned, tuned_vectors, tuned.max_seq_length))
+        dense.append(DenseModel("tuned", tuned, tuned_vectors, tuned_student.max_seq_length))
     ctx.progress(0.55, "comparing BM25, hybrid and whole-document retrieval")
     retrievers = compare_setups(
         dense, passages, corpus_documents(ctx.corpus_path, passages), queries, qrels,
