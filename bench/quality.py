@@ -22,6 +22,8 @@ the averaging with the base re-exports without training again). The variants:
     drop-e8      the default with dropout 0.1 while the student trains
     qside-e8     the default with only the query side trained (training.tune "queries"): the
                  passages keep the base model's vectors
+    pside-e8     the default with only the passage side trained ("passages"): the queries
+                 keep the base model's vectors
     x640-e8      the default plus `extractive` queries (a seeded sentence of the passage, no
                  generator call) on 640 sampled passages, the default's 160 among them
     x1000-e8     the same on 1,000 passages
@@ -92,6 +94,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
                 "candidates": _LISTS},
     # The default with only the query side trained: passages keep the base's vectors.
     "qside-e8": {"training": {"loss": "listwise", "base_merge": MERGE_SHARE, "tune": "queries",
+                              **_TRAINING},
+                 "candidates": _LISTS},
+    # The default with only the passage side trained: queries keep the base's vectors.
+    "pside-e8": {"training": {"loss": "listwise", "base_merge": MERGE_SHARE, "tune": "passages",
                               **_TRAINING},
                  "candidates": _LISTS},
     # The default's generated queries, unchanged, plus extractive ones over more of the corpus.

@@ -244,11 +244,12 @@ class TrainingConfig(_Section):
     # all): less drift from the base, and a cheaper backward pass (docs/benchmarks.md, "Top
     # layers only").
     train_layers: Annotated[int | None, Field(ge=1, le=256)] = None
-    # Which side trains: "both" (one encoder for queries and passages, as the recipe) or
-    # "queries" (query-side fine-tuning: every passage keeps the base model's vector, computed
-    # once, so only the query side moves; docs/benchmarks.md, "Query tower only"). A benchmark
-    # setting: job specs refuse it, since a job's export is one encoder for both.
-    tune: Literal["both", "queries"] = "both"
+    # Which side trains: "both" (one encoder for queries and passages, as the recipe),
+    # "queries" (query-side fine-tuning: every passage keeps the base model's vector) or
+    # "passages" (every query keeps the base's vector); the frozen side's vectors are computed
+    # once (docs/benchmarks.md, "Query tower only"). A benchmark setting: job specs refuse it,
+    # since a job's export is one encoder for both.
+    tune: Literal["both", "queries", "passages"] = "both"
 
     @model_validator(mode="after")
     def _micro_batch_fits(self) -> TrainingConfig:

@@ -364,32 +364,38 @@ class _Run:
         # Never train on longer inputs than the model is used with (its spec's limits).
         self.query_length = min(cfg.max_query_length, student.spec.max_query_length)
         self.passage_length = min(cfg.max_passage_length, student.spec.max_passage_length)
-        # Query-side tuning: passages are encoded by a frozen copy of the starting weights, each
-        # once (its vector never changes), and carry no graph, so the cache skips them.
-        self.passage_tower: Student | None = None
-        self.passage_vectors: dict[str, torch.Tensor] = {}
-        if cfg.tune == "queries":
-            self.passage_tower = copy.deepcopy(student).eval()
-            self.passage_tower.requires_grad_(False)
+        # One side tuned (training.tune): the other side is a frozen copy of the starting
+        # weights that encodes each text once (its vector never changes) and carries no graph,
+        # so the gradient cache skips it.
+        self.frozen: Student | None = None
+        self.frozen_vectors: dict[tuple[str, str], torch.Tensor] = {}
+        if cfg.tune != "both":
+            self.frozen = copy.deepcopy(student).eval()
+            self.frozen.requires_grad_(False)
 
     def _encode_queries(self, texts: list[str]) -> torch.Tensor:
+        if self.cfg.tune == "passages":
+            return self._frozen_side(texts, "query")
         with self._autocast():
             return self.student.forward_queries(texts, self.query_length).float()
 
     def _encode_passages(self, texts: list[str]) -> torch.Tensor:
-        if self.passage_tower is not None:
-            return self._frozen_passages(texts)
+        if self.cfg.tune == "queries":
+            return self._frozen_side(texts, "passage")
         with self._autocast():
             return self.student.forward_passages(texts, self.passage_length).float()
 
-    def _frozen_passages(self, texts: list[str]) -> torch.Tensor:
-        assert self.passage_tower is not None
-        missing = list(dict.fromkeys(t for t in texts if t not in self.passage_vectors))
+    def _frozen_side(self, texts: list[str], kind: str) -> torch.Tensor:
+        assert self.frozen is not None
+        missing = list(dict.fromkeys(t for t in texts if (kind, t) not in self.frozen_vectors))
         if missing:
             with torch.no_grad(), self._autocast():
-                vectors = self.passage_tower.forward_passages(missing, self.passage_length)
-            self.passage_vectors.update(zip(missing, vectors.float(), strict=True))
-        return torch.stack([self.passage_vectors[t] for t in texts])
+                vectors = (self.frozen.forward_queries(missing, self.query_length)
+                           if kind == "query"
+                           else self.frozen.forward_passages(missing, self.passage_length))
+            self.frozen_vectors.update(
+                ((kind, t), v) for t, v in zip(missing, vectors.float(), strict=True))
+        return torch.stack([self.frozen_vectors[kind, t] for t in texts])
 
     def _autocast(self) -> torch.autocast:
         # bf16 encoders where the hardware has it (TrainingConfig.precision), as the recipe on

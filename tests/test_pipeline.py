@@ -354,33 +354,39 @@ def test_evaluate_scores_a_kept_base_once(finished_run: StageContext, tmp_path: 
     assert trained["base"] == report["base"] and trained["tuned"] != trained["base"]
 
 
-def test_query_side_tuning_is_evaluated_on_the_base_passage_vectors(
-    finished_run: StageContext, tmp_path: Path
+@pytest.mark.parametrize("tune", ["queries", "passages"])
+def test_one_side_tuning_is_evaluated_with_the_base_on_the_other_side(
+    finished_run: StageContext, tmp_path: Path, tune: str
 ) -> None:
-    """training.tune "queries": the report's tuned rows search the base's passage vectors with
-    the tuned query side; only distill and evaluate run again."""
+    """training.tune "queries" ("passages"): the report's tuned rows search with the tuned
+    query (passage) side and the base's passage (query) side; only distill and evaluate run
+    again."""
     from ml_core.evaluation import evaluate_retriever
     from ml_core.stages.context import load_passages
-    from ml_core.stages.evaluate import QueryTuned, _synthetic_judgements
+    from ml_core.stages.evaluate import TwoTowers, _synthetic_judgements
     from ml_core.student import Student
 
-    workdir = tmp_path / "qside"
+    workdir = tmp_path / tune
     shutil.copytree(finished_run.workdir, workdir)
     recipe = json.loads(json.dumps(TINY_RECIPE))
-    recipe.setdefault("training", {})["tune"] = "queries"
+    recipe.setdefault("training", {})["tune"] = tune
     ctx = StageContext(workdir, finished_run.corpus_path, build_config("default", recipe),
                        finished_run.registry)
     skipped = {stage: run_stage(stage, ctx).skipped for stage in STAGES}
     assert [stage for stage, was in skipped.items() if not was] == ["distill", "evaluate"]
     report = json.loads((workdir / "evaluate" / "report.json").read_text())
-    assert report["recipe"]["training"]["tune"] == "queries"
+    assert report["recipe"]["training"]["tune"] == tune
     base = Student.load(finished_run.registry.path("tiny-student"))
     tuned = Student.load(workdir / "distill" / "model")
-    base_vectors = np.load(workdir / "filter" / "base_passage_vectors.npy")
     passages = load_passages(ctx)
     queries, _, qrels = _synthetic_judgements(ctx, passages)
-    expected = evaluate_retriever(QueryTuned(tuned, base), passages, queries, qrels,
-                                  passage_vectors=base_vectors)
+    if tune == "queries":
+        model = TwoTowers(tuned, base)
+        vectors = np.load(workdir / "filter" / "base_passage_vectors.npy")
+    else:
+        model = TwoTowers(base, tuned)
+        vectors = tuned.encode_passages(passages)
+    expected = evaluate_retriever(model, passages, queries, qrels, passage_vectors=vectors)
     assert report["tuned"]["ndcg@10"] == pytest.approx(expected["ndcg@10"], abs=1e-9)
 
 

@@ -395,7 +395,7 @@ def test_query_side_tuning_encodes_passages_with_the_starting_weights_once(
     assert not torch.allclose(before, after, atol=1e-3)
     frozen = run._encode_passages(texts)
     assert torch.allclose(frozen, before, atol=1e-6) and not frozen.requires_grad
-    assert len(run.passage_vectors) == 4  # each passage encoded once, then looked up
+    assert len(run.frozen_vectors) == 4  # each passage encoded once, then looked up
     assert torch.equal(run._encode_passages(texts[::-1]), frozen.flip(0))
 
 
@@ -415,3 +415,21 @@ def test_query_side_tuning_trains_the_queries_against_fixed_passages(
     both = train_student(_student(model_store), _lists()[:8], _lists()[:8], _passages(),
                          _queries(), CFG, tmp_path / "both", seed=1)
     assert both.history[-1]["dev_loss"] != result.history[-1]["dev_loss"]
+
+
+def test_passage_side_tuning_encodes_queries_with_the_starting_weights(
+    model_store: Path,
+) -> None:
+    from ml_core.training import _Run
+
+    texts = [" ".join(topic.split()[:2]) for topic in TOPICS[:4]]
+    student = _student(model_store)
+    run = _Run(student, CFG.model_copy(update={"tune": "passages"}))
+    with torch.no_grad():
+        before = _Run(student, CFG)._encode_queries(texts)
+        for parameter in student.parameters():
+            parameter.add_(0.05)
+    frozen = run._encode_queries(texts)
+    assert torch.allclose(frozen, before, atol=1e-6) and not frozen.requires_grad
+    assert run._encode_passages(TOPICS[:2]).requires_grad  # the passage side trains
+    assert set(run.frozen_vectors) == {("query", t) for t in texts}

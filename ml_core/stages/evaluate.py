@@ -26,9 +26,9 @@ from ml_core.stages.generate import query_key
 Qrels = dict[str, dict[str, int]]
 
 
-class QueryTuned:
-    """A query-side tuned model as it searches: its own query vectors against the base
-    model's passage vectors (training.tune "queries")."""
+class TwoTowers:
+    """A model tuned on one side only (training.tune) as it searches: one encoder for the
+    queries, the other for the passages."""
 
     def __init__(self, queries: Encoder, passages: Encoder) -> None:
         self.queries = queries
@@ -96,9 +96,11 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
         tuned: Encoder = tuned_student
         if cfg.training.tune == "queries":
             # Only the query side trained: the passages keep the base's vectors.
-            tuned = QueryTuned(tuned_student, base)
+            tuned = TwoTowers(tuned_student, base)
             tuned_vectors = base_vectors
         else:
+            if cfg.training.tune == "passages":
+                tuned = TwoTowers(base, tuned_student)  # the queries keep the base's
             tuned_vectors = tuned.encode_passages(passages, batch_size=ENCODE_BATCH_SIZE)
         tuned_metrics = evaluate_retriever(tuned, passages, queries, qrels,
                                            passage_vectors=tuned_vectors)
