@@ -247,8 +247,8 @@ class TrainingConfig(_Section):
     # Which side trains: "both" (one encoder for queries and passages, as the recipe),
     # "queries" (query-side fine-tuning: every passage keeps the base model's vector) or
     # "passages" (every query keeps the base's vector); the frozen side's vectors are computed
-    # once (docs/benchmarks.md, "Query tower only"). A benchmark setting: job specs refuse it,
-    # since a job's export is one encoder for both.
+    # once. Either side alone gained less than both tied (docs/benchmarks.md, "Query tower
+    # only"). A benchmark setting: job specs refuse it, since a job's export is one encoder.
     tune: Literal["both", "queries", "passages"] = "both"
 
     @model_validator(mode="after")
