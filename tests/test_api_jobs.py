@@ -122,6 +122,8 @@ def test_models_must_exist_with_the_right_role(sqlite_api: Api, fields: dict, fi
          "invalid_recipe", "hyperparameters.training"),
         ({"hyperparameters": {"training": {"tune": "queries"}}}, "invalid_recipe",
          "hyperparameters.training.tune"),  # not served: the export is one encoder
+        ({"hyperparameters": {"training": {"tune": "passages"}}}, "invalid_recipe",
+         "hyperparameters.training.tune"),
         ({"hyperparameters": {"generation": {"endpoint": "http://attacker.example"}}},
          "invalid_recipe", "hyperparameters.generation.endpoint"),
         ({"passages": 0}, "invalid_recipe", "passages"),

@@ -125,12 +125,12 @@ def _check_resolved(overrides: dict[str, Any], recipe: RecipeConfig) -> None:
         raise InvalidRecipe(f"hyperparameters.seed: must be between 0 and {MAX_SEED}",
                             field="hyperparameters.seed")
     if recipe.training.tune != "both":
-        # Query-side tuning yields a query encoder that needs the base for passages; the job's
+        # One-sided tuning yields an encoder that needs the base for the other side; a job's
         # export and /v1/embed serve one encoder for both, so it stays a benchmark setting.
         field = "hyperparameters.training.tune"
         raise InvalidRecipe(f"{field}: only 'both' is served: a job's model encodes queries "
-                            f"and passages alike ('queries' is a benchmark setting)",
-                            field=field)
+                            f"and passages alike ('queries' and 'passages' are benchmark "
+                            f"settings)", field=field)
     types = recipe.generation.query_types
     if len(set(types)) != len(types):
         field = _field_for(("generation", "query_types"))
