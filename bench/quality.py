@@ -24,10 +24,17 @@ the averaging with the base re-exports without training again). The variants:
                  passages keep the base model's vectors
     pside-e8     the default with only the passage side trained ("passages"): the queries
                  keep the base model's vectors
+    ce-e8        the default trained on the cross-encoder's scores alone (the paper's signal,
+                 `teacher_signal: cross_encoder`): no BM25 or student ranks in the target
     x640-e8      the default plus `extractive` queries (a seeded sentence of the passage, no
                  generator call) on 640 sampled passages, the default's 160 among them
     x1000-e8     the same on 1,000 passages
     xall-e8      the same on every passage of the corpus
+
+Every trained variant also records the report's set-up rows (BM25, hybrid, whole documents) with
+their per-query nDCG@10, and the table pairs the hybrid with BM25 (chunks) of the tuned model
+against the base's, and across variants: whether tuning helps the set-up a customer runs beside
+BM25.
 
 Beside them every table has the base (the student before tuning) and the teacher (the
 cross-encoder re-ranking the base's top 20 on a seeded sample of at most 100 judged queries: the
@@ -62,6 +69,7 @@ from ml_core.pipeline import StageContext, section_hash
 from ml_core.records import no_progress
 from ml_core.registry import ModelRegistry
 from ml_core.report import format_p, format_significance
+from ml_core.stages.evaluate import SETUP_SCORES
 from ml_core.training import training_run_settings
 
 DATASETS_ROOT = Path(
@@ -100,6 +108,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "pside-e8": {"training": {"loss": "listwise", "base_merge": MERGE_SHARE, "tune": "passages",
                               **_TRAINING},
                  "candidates": _LISTS},
+    # The default with the teacher alone as the target: nothing of BM25 in what it learns.
+    "ce-e8": {"training": {"loss": "listwise", "base_merge": MERGE_SHARE, **_TRAINING},
+              "candidates": {**_LISTS, "teacher_signal": "cross_encoder"}},
     # The default's generated queries, unchanged, plus extractive ones over more of the corpus.
     "x640-e8": {"generation": {"query_types": [*_GENERATED, "extractive"],
                                "cheap_passages": 640},
@@ -224,6 +235,9 @@ def run_dataset(
             rows[variant]["training_of"] = reused_training
             rows[variant]["base_merge"] = config.training.base_merge
         rows[variant]["filter"] = filtered
+        setups = _setup_rows(workdir / "evaluate", report)
+        if setups:
+            rows[variant]["setups"] = setups
         # The report's teacher check: the teacher re-ranking the base student's top 20 on (a
         # seeded sample of) the same judged queries, next to the student on those queries.
         check = report.get("teacher_check") or {}
@@ -237,6 +251,44 @@ def run_dataset(
         if on_variant is not None:
             on_variant({"rows": rows, "seconds": times})
     return {"rows": rows, "seconds": times}
+
+
+# The set-up rows the table pairs: the hybrid of each model with BM25 on the job's chunks.
+HYBRID = {"base": "base+bm25-chunks", "tuned": "tuned+bm25-chunks"}
+
+
+def _setup_rows(evaluate_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """{row id: nDCG@10, Recall@100 and per-query nDCG@10} of a job's set-up rows; empty for
+    a job whose evaluate stage predates setup_scores.json."""
+    scores_path = evaluate_dir / SETUP_SCORES
+    retrievers = report.get("retrievers") or {}
+    if not scores_path.exists() or not retrievers:
+        return {}
+    per_query = json.loads(scores_path.read_text())
+    return {row["id"]: {"ndcg@10": row["ndcg@10"], "recall@100": row.get("recall@100"),
+                        "per_query": per_query[row["id"]]}
+            for row in retrievers["rows"] if row["id"] in per_query}
+
+
+def setup_comparisons(rows: dict[str, Any], reference: str = DEFAULT_VARIANT,
+                      pairs: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """Paired nDCG@10 differences of the hybrid with BM25 (chunks): each variant's tuned model
+    against the base in it, then `reference` against every other variant, then each of `pairs`
+    (the same pairs as the dense rows'). A variant whose training kept the base has no tuned
+    rows and is left out."""
+    hybrid = {name: row["setups"] for name, row in rows.items()
+              if name not in _COMMON_ROWS and HYBRID["tuned"] in row.get("setups", {})}
+    out: dict[str, Any] = {}
+    for name, setups in hybrid.items():
+        out[f"{name}: tuned+BM25 - base+BM25"] = paired_difference(
+            setups[HYBRID["base"]]["per_query"], setups[HYBRID["tuned"]]["per_query"])
+    wanted = [(reference, other) for other in hybrid if other != reference]
+    wanted += [pair for pair in pairs or [] if pair not in wanted]
+    for a, b in wanted:
+        if a in hybrid and b in hybrid:
+            out[f"{a} - {b} (tuned+BM25)"] = paired_difference(
+                hybrid[b][HYBRID["tuned"]]["per_query"], hybrid[a][HYBRID["tuned"]]["per_query"])
+    return out
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -276,6 +328,16 @@ def print_table(results: dict[str, Any]) -> None:
         for label, sig in result.get("comparisons", {}).items():
             print(f"  {label}: {sig['difference']:+.4f} nDCG@10, {format_significance(sig)} "
                   f"({sig['better']} queries better, {sig['worse']} worse)")
+        hybrids = {name: row["setups"] for name, row in rows.items()
+                   if HYBRID["tuned"] in row.get("setups", {})}
+        if hybrids:
+            base_hybrid = next(iter(hybrids.values()))[HYBRID["base"]]["ndcg@10"]
+            print(f"  hybrid with BM25 (RRF, chunks), nDCG@10: base {base_hybrid:.4f}"
+                  + "".join(f", {name} {setups[HYBRID['tuned']]['ndcg@10']:.4f}"
+                            for name, setups in hybrids.items()))
+        for label, sig in result.get("setup_comparisons", {}).items():
+            print(f"  {label}: {sig['difference']:+.4f} nDCG@10, {format_significance(sig)} "
+                  f"({sig['better']} queries better, {sig['worse']} worse)")
         for variant, stages in result["seconds"].items():
             spent = ", ".join(f"{stage} {sec:.0f}s" for stage, sec in stages.items())
             print(f"  time [{variant}]: {spent}")
@@ -302,6 +364,9 @@ def add_comparisons(
         }
         if comparisons:
             result["comparisons"] = comparisons
+        hybrids = setup_comparisons(rows, reference, pairs)
+        if hybrids:
+            result["setup_comparisons"] = hybrids
 
 
 def _without_per_query(row: dict[str, Any]) -> dict[str, Any]:

@@ -117,6 +117,7 @@ def compare_setups(
     chunk_overlap_tokens: int,
     rrf_k: int = RRF_K,
     batch_size: int = ENCODE_BATCH_SIZE,
+    per_query: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """The report's "retrievers" section: one row per set-up (BM25 on documents; each model on
     chunks, and also on whole documents when any document was chunked; each of those fused with
@@ -128,7 +129,8 @@ def compare_setups(
     paired interval against it reaches 0, i.e. as good within noise).
 
     `passages` are the job's chunks with each model's vectors of them in `models`; `documents`
-    the corpus documents those chunks come from, whole (ids are document ids).
+    the corpus documents those chunks come from, whole (ids are document ids). `per_query`, when
+    given, is filled with {row id: {query id: nDCG@10}}, for pairing rows across jobs.
     """
     if not models:
         raise ValueError("compare_setups needs at least one dense model")
@@ -170,6 +172,8 @@ def compare_setups(
     scored = {rid: metrics_from_rankings(r, qrels, keep_per_query=True)
               for rid, r in rankings.items()}
     reference_scores = scored[reference]["per_query"]
+    if per_query is not None:
+        per_query.update({rid: dict(metrics["per_query"]) for rid, metrics in scored.items()})
     rows: list[dict[str, Any]] = []
     for rid, metrics in scored.items():
         spec = specs[rid]

@@ -1,6 +1,6 @@
 """Evaluate: the tuned model + test queries -> report.json (base vs tuned nDCG@10, BM25, hybrid
 and whole-document retrieval beside them (ml_core.setups), the teacher check, and whether to use
-the tuned model)."""
+the tuned model), and setup_scores.json (each set-up row's nDCG@10 per query)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from ml_core.stages.context import (
 from ml_core.stages.generate import query_key
 
 Qrels = dict[str, dict[str, int]]
+SETUP_SCORES = "setup_scores.json"
 
 
 class TwoTowers:
@@ -106,11 +107,16 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
                                            passage_vectors=tuned_vectors)
         dense.append(DenseModel("tuned", tuned, tuned_vectors, tuned_student.max_seq_length))
     ctx.progress(0.55, "comparing BM25, hybrid and whole-document retrieval")
+    setup_scores: dict[str, dict[str, float]] = {}
     retrievers = compare_setups(
         dense, passages, corpus_documents(ctx.corpus_path, passages), queries, qrels,
         chunk_tokens=min(cfg.training.max_passage_length, base.max_passage_length),
         chunk_overlap_tokens=cfg.corpus.chunk_overlap_tokens,
+        per_query=setup_scores,
     )
+    # Each set-up row's nDCG@10 per query, beside the report (which keeps only the rows'
+    # means): what pairs one job's set-ups with another's on the same judgements.
+    (out / SETUP_SCORES).write_text(json.dumps(setup_scores))
     ctx.progress(0.75, "checking the teacher against the student")
     teacher = load_teacher(ctx.registry.get(cfg.teacher), ctx.registry)
     check = teacher_check(
