@@ -72,8 +72,6 @@ def test_variants_reuse_the_shared_stages_they_agree_on(tmp_path, capsys, model_
         "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\t{d}\t1\n" for i, d in enumerate(ids))
     )
     default = quality.VARIANTS[quality.DEFAULT_VARIANT]
-    monkeypatch.setitem(quality.VARIANTS, "cross-encoder", {
-        **default, "candidates": {**default["candidates"], "teacher_signal": "cross_encoder"}})
     monkeypatch.setitem(quality.VARIANTS, "as-trained", {
         **default, "training": {**default["training"], "base_merge": 0.0}})
     recipe = {**TINY_RECIPE, "generation": {**TINY_RECIPE["generation"], "passages": 12}}
@@ -82,7 +80,7 @@ def test_variants_reuse_the_shared_stages_they_agree_on(tmp_path, capsys, model_
     recipe["training"] = {**{k: v for k, v in recipe["training"].items()
                              if k not in ("list_size", "max_epochs")}, "patience": 1}
     monkeypatch.setattr(quality, "DATASETS_ROOT", tmp_path / "data")
-    variants = [quality.DEFAULT_VARIANT, "infonce-e8", "cross-encoder", "as-trained"]
+    variants = [quality.DEFAULT_VARIANT, "infonce-e8", "ce-e8", "as-trained"]
     saved: list[list[str]] = []
     result = quality.run_dataset(
         "cranfield", "default", variants, tmp_path / "work",
@@ -97,7 +95,7 @@ def test_variants_reuse_the_shared_stages_they_agree_on(tmp_path, capsys, model_
               for variant, block in blocks.items()}
     assert reused == {quality.DEFAULT_VARIANT: set(),
                       "infonce-e8": {"prepare", "generate", "filter"},
-                      "cross-encoder": {"prepare", "generate"},
+                      "ce-e8": {"prepare", "generate"},
                       "as-trained": {"prepare", "generate", "filter"}}
     assert set(result["rows"]) >= {"base", *variants}
     assert blocks["as-trained"].startswith(f"as-trained (training of {quality.DEFAULT_VARIANT})")
@@ -116,6 +114,31 @@ def test_variants_reuse_the_shared_stages_they_agree_on(tmp_path, capsys, model_
     state = Path("distill") / "state" / "checkpoint.pt"
     assert (work / "as-trained" / state).stat().st_mtime == (
         work / quality.DEFAULT_VARIANT / state).stat().st_mtime
+    # Each variant keeps its report's set-up rows with their per-query nDCG@10; the table
+    # pairs each tuned model's hybrid with BM25 against the base's, and the variants' hybrids.
+    for variant in variants:
+        report = json.loads((work / variant / "evaluate" / "report.json").read_text())
+        setups = result["rows"][variant]["setups"]
+        assert set(setups) == {r["id"] for r in report["retrievers"]["rows"]}
+        for row in setups.values():
+            assert set(row["per_query"]) == {"q0", "q1", "q2"}
+            assert sum(row["per_query"].values()) / 3 == pytest.approx(row["ndcg@10"])
+    tuned = [v for v in variants if quality.HYBRID["tuned"] in result["rows"][v]["setups"]]
+    assert quality.DEFAULT_VARIANT in tuned and "ce-e8" in tuned
+    results = {"datasets": {"cranfield": result}}
+    quality.add_comparisons(results)
+    hybrid = result["setup_comparisons"]
+    rows = result["rows"]
+    for variant in tuned:
+        setups = rows[variant]["setups"]
+        assert hybrid[f"{variant}: tuned+BM25 - base+BM25"]["difference"] == pytest.approx(
+            setups[quality.HYBRID["tuned"]]["ndcg@10"] - setups[quality.HYBRID["base"]]["ndcg@10"])
+    versus = hybrid[f"{quality.DEFAULT_VARIANT} - ce-e8 (tuned+BM25)"]
+    assert versus["difference"] == pytest.approx(
+        rows[quality.DEFAULT_VARIANT]["setups"][quality.HYBRID["tuned"]]["ndcg@10"]
+        - rows["ce-e8"]["setups"][quality.HYBRID["tuned"]]["ndcg@10"])
+    quality.print_table(results)
+    assert "hybrid with BM25 (RRF, chunks), nDCG@10: base" in capsys.readouterr().out
 
 
 def test_the_bench_default_is_the_product_default_and_infonce_differs_only_in_its_loss():

@@ -199,11 +199,23 @@ def test_every_model_gets_whole_rows_and_tuning_is_paired_on_whole_documents(
         qrels[f"q{i}"] = {f"d{i}": 1}
     passages, base_vectors = _setup(student, documents)
     tuned_vectors = other_student.encode_passages(passages)
+    per_query: dict[str, dict[str, float]] = {}
     section = compare_setups(
         [DenseModel("base", student, base_vectors, student.max_seq_length),
          DenseModel("tuned", other_student, tuned_vectors, other_student.max_seq_length)],
-        passages, documents, queries, qrels, chunk_tokens=32, chunk_overlap_tokens=8)
+        passages, documents, queries, qrels, chunk_tokens=32, chunk_overlap_tokens=8,
+        per_query=per_query)
     rows = {row["id"]: row for row in section["rows"]}
+    # Every row's per-query nDCG@10 (what pairs set-ups across jobs): one score per judged
+    # query, averaging to the row's own figure, and what its interval against the reference
+    # pairs.
+    assert set(per_query) == set(rows)
+    for rid, scores in per_query.items():
+        assert set(scores) == set(qrels)
+        assert np.mean(list(scores.values())) == pytest.approx(rows[rid]["ndcg@10"])
+        if rid != section["reference"]:
+            assert rows[rid]["vs_reference"] == paired_difference(
+                per_query[section["reference"]], scores)
     assert {"base-whole", "tuned-whole", "base+bm25-whole", "tuned+bm25-whole"} <= set(rows)
     assert section["encoded_documents"] == 2 * section["chunked_documents"] > 0
     assert set(section["chunking"]) == {"base", "tuned"}
