@@ -270,14 +270,19 @@ def _setup_rows(evaluate_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
             for row in retrievers["rows"] if row["id"] in per_query}
 
 
+def _tuned_setups(rows: dict[str, Any]) -> dict[str, Any]:
+    """{variant: its set-up rows} of the variants with a tuned model in the hybrid (a variant
+    whose training kept the base has none)."""
+    return {name: row["setups"] for name, row in rows.items()
+            if HYBRID["tuned"] in row.get("setups", {})}
+
+
 def setup_comparisons(rows: dict[str, Any], reference: str = DEFAULT_VARIANT,
                       pairs: list[tuple[str, str]] | None = None) -> dict[str, Any]:
     """Paired nDCG@10 differences of the hybrid with BM25 (chunks): each variant's tuned model
     against the base in it, then `reference` against every other variant, then each of `pairs`
-    (the same pairs as the dense rows'). A variant whose training kept the base has no tuned
-    rows and is left out."""
-    hybrid = {name: row["setups"] for name, row in rows.items()
-              if name not in _COMMON_ROWS and HYBRID["tuned"] in row.get("setups", {})}
+    (the same pairs as the dense rows')."""
+    hybrid = _tuned_setups(rows)
     out: dict[str, Any] = {}
     for name, setups in hybrid.items():
         out[f"{name}: tuned+BM25 - base+BM25"] = paired_difference(
@@ -328,8 +333,7 @@ def print_table(results: dict[str, Any]) -> None:
         for label, sig in result.get("comparisons", {}).items():
             print(f"  {label}: {sig['difference']:+.4f} nDCG@10, {format_significance(sig)} "
                   f"({sig['better']} queries better, {sig['worse']} worse)")
-        hybrids = {name: row["setups"] for name, row in rows.items()
-                   if HYBRID["tuned"] in row.get("setups", {})}
+        hybrids = _tuned_setups(rows)
         if hybrids:
             base_hybrid = next(iter(hybrids.values()))[HYBRID["base"]]["ndcg@10"]
             print(f"  hybrid with BM25 (RRF, chunks), nDCG@10: base {base_hybrid:.4f}"
