@@ -3,7 +3,8 @@ measured on the dataset's judged queries.
 
     python -m bench.teacher_signal [--datasets cranfield scifact-dev] [--helpers bge-small]
                                    [--teachers ms-marco-minilm-l12 answerai-colbert-small]
-                                   [--queries N] [--work var/bench-teacher-signal]
+                                   [--residual BETA ...] [--queries N]
+                                   [--work var/bench-teacher-signal]
                                    [--out bench/results/teacher-signal.json]
 
 Distillation can only teach the student the order its target gives, so the target's quality is
@@ -18,11 +19,14 @@ the default, and `li_fused`), and with two teachers by their average (`teachers`
 `teachers_fused`: candidates.co_teachers), as ml_core.candidates.teacher_signal computes them,
 followed by the rest of the student's ranking and pooled to documents. Prints nDCG@10 per
 signal and its paired difference from the default recipe's signal (the fused one on the
-student + BM25 list), each teacher's speed on the same pairs (scored in alternating slices of
-the queries, so a change of load falls on both), and writes JSON. The judged queries are the
-dataset's real ones, not the synthetic queries the filter sees: a proxy for the target's
-quality, never data that training or the quality benchmark's scores select on. Encodings are
-cached in the work folder.
+student + BM25 list); the same ordering fused with BM25 as the report's hybrid rows fuse (RRF
+with BM25 on whole documents, ml_core.setups), paired against the student fused with it: what
+a student that learned the signal could add to a hybrid search (`--residual` adds targets that
+subtract BM25's score, for a student meant to complement it); and each teacher's speed on the
+same pairs (scored in alternating slices of the queries, so a change of load falls on both).
+Writes JSON. The judged queries are the dataset's real ones, not the synthetic queries the
+filter sees: a proxy for the target's quality, never data that training or the quality
+benchmark's scores select on. Encodings are cached in the work folder.
 """
 
 from __future__ import annotations
@@ -48,8 +52,11 @@ from ml_core.evaluation import metrics_from_rankings, paired_difference, pool_to
 from ml_core.pipeline import StageContext, load_passages, run_stage
 from ml_core.records import Passage, Query
 from ml_core.registry import ModelRegistry
+from ml_core.retrieval import BM25Index
+from ml_core.setups import DEPTH, corpus_documents, fuse_rankings
 from ml_core.student import Student, passage_text, resolve_precision
 from ml_core.teacher import load_teacher
+from ml_core.teacher_signals import minmax
 
 # Deep enough for the student's tail behind a re-ordered head (documents, after pooling).
 TAIL_DEPTH = 200
@@ -60,6 +67,8 @@ SPEED_SLICES = 4
 # A signal's name for a teacher scored alone and fused with the ranks, by its scoring.
 ALONE = {"cross_encoder": ("cross_encoder", "fused"),
          "late_interaction": ("late_interaction", "li_fused")}
+# The signals a residual target (`--residual`) is formed from.
+RESIDUAL_OF = ("fused", "cross_encoder")
 
 
 def _encoder(registry: ModelRegistry, name: str, config: RecipeConfig) -> Student:
@@ -109,12 +118,21 @@ def score_side_by_side(teachers: list[Any], pairs: list[tuple[str, str]], texts:
     return scores, speed
 
 
+def residual_name(signal: str, beta: float) -> str:
+    return f"{signal}-{beta:g}bm25"
+
+
 def run(data: Path, qrels_path: Path, helpers: list[str], work: Path,
         registry: ModelRegistry, config: RecipeConfig | None = None,
-        max_queries: int = 0, teacher_names: list[str] | None = None) -> dict[str, Any]:
+        max_queries: int = 0, teacher_names: list[str] | None = None,
+        residual: list[float] | None = None) -> dict[str, Any]:
     """nDCG@10 of every signal on the judged queries of one BEIR folder (see the module doc);
     on a seeded sample of `max_queries` of them when that is not 0. `teacher_names`: the
-    job's teacher first (default: the config's), then a co-teacher."""
+    job's teacher first (default: the config's), then a co-teacher. `residual`: weights beta
+    of residual targets, each RESIDUAL_OF signal minus beta x the candidates' BM25 scores
+    (min-max within the list): the order a student would learn if BM25's score were added to
+    its own before the softmax, so that the sum matched the signal."""
+    residual = residual or []
     config = config or build_config("default")
     teacher_names = teacher_names or [config.teacher]
     work.mkdir(parents=True, exist_ok=True)
@@ -180,17 +198,34 @@ def run(data: Path, qrels_path: Path, helpers: list[str], work: Path,
                        float(np.percentile(values, cfg.norm_high_percentile)))
     signal_config = {name: cfg.model_copy(update={"teacher_signal": setting})
                      for name, (_, setting) in sources.items()}
+    residuals = {residual_name(signal, beta): (signal, beta)
+                 for signal in RESIDUAL_OF if signal in sources for beta in residual}
+    bm25_scores: dict[str, dict[str, float]] = {}
+    if residuals:
+        found, found_ids = BM25Index(passages).search([q.text for q in queries], len(passages))
+        bm25_scores = {q.id: dict(zip(ids, values, strict=True))
+                       for q, values, ids in zip(queries, found, found_ids, strict=True)}
+
+    def signal_values(query: Query, suffix: str, signal: str) -> np.ndarray:
+        cand = pools[suffix][query.id]
+        raw_by = sources[signal][0][query.id]
+        raw_values = np.array([raw_by[pid] for pid in cand.passage_ids])
+        low, high = spans[signal]
+        return teacher_signal(cand.passage_ids, raw_values, cand, low, high,
+                              signal_config[signal])
 
     def ordered(query: Query, suffix: str, signal: str) -> list[str]:
         cand = pools[suffix][query.id]
         pids = cand.passage_ids
         if signal == "rrf":
             values = np.asarray(cand.rrf)
+        elif signal in residuals:
+            base, beta = residuals[signal]
+            bm25 = np.array([bm25_scores[query.id].get(pid, 0.0) for pid in pids])
+            values = signal_values(query, suffix, base) - beta * minmax(bm25, bm25.min(),
+                                                                        bm25.max())
         else:
-            raw_by = sources[signal][0][query.id]
-            raw_values = np.array([raw_by[pid] for pid in pids])
-            low, high = spans[signal]
-            values = teacher_signal(pids, raw_values, cand, low, high, signal_config[signal])
+            values = signal_values(query, suffix, signal)
         head = [pids[i] for i in np.argsort(-values, kind="stable")]
         in_head = set(head)
         tail = [pid for pid in cand.student_ids if pid not in in_head]
@@ -201,16 +236,32 @@ def run(data: Path, qrels_path: Path, helpers: list[str], work: Path,
                     for q in queries},
     }
     for suffix in pools:
-        for signal in ("rrf", *sources):
+        for signal in ("rrf", *sources, *(residuals if suffix == "" else ())):
             rankings[signal + suffix] = {q.id: ordered(q, suffix, signal) for q in queries}
     metrics = {name: metrics_from_rankings(r, qrels, (10, 100), keep_per_query=True)
                for name, r in rankings.items()}
+    # Each ordering as a student that learned it would rank, fused with BM25 as the report's
+    # hybrid rows fuse (whole documents, RRF): what the signal could add to a hybrid search.
+    start = time.perf_counter()
+    documents = corpus_documents(data / "corpus.jsonl", passages)
+    _, bm25_ids = BM25Index(documents).search([q.text for q in queries], DEPTH)
+    bm25_docs = {q.id: ids for q, ids in zip(queries, bm25_ids, strict=True)}
+    hybrid = {name: metrics_from_rankings(fuse_rankings(r, bm25_docs), qrels, (10, 100),
+                                          keep_per_query=True)
+              for name, r in rankings.items()}
+    seconds["hybrid"] = time.perf_counter() - start
     reference = metrics[REFERENCE]["per_query"]
+    base_hybrid = hybrid["student"]["per_query"]
     rows: dict[str, Any] = {}
     for name, row in metrics.items():
         rows[name] = {key: value for key, value in row.items() if key != "per_query"}
         if name != REFERENCE:
             rows[name]["vs_" + REFERENCE] = paired_difference(reference, row["per_query"])
+        rows[name]["hybrid"] = {
+            key: value for key, value in hybrid[name].items() if key != "per_query"}
+        if name != "student":
+            rows[name]["hybrid"]["vs_student"] = paired_difference(
+                base_hybrid, hybrid[name]["per_query"])
     overlap = np.mean([
         len(set(pools[""][q.id].passage_ids) & set(pools["+helpers"][q.id].passage_ids))
         / len(pools[""][q.id].passage_ids) for q in queries
@@ -222,6 +273,8 @@ def run(data: Path, qrels_path: Path, helpers: list[str], work: Path,
         "helpers": helpers,
         "teacher": teacher_names[0],
         "teachers": teacher_names,
+        "residual": residual,
+        "fusion": {"method": "rrf", "with": "bm25 on whole documents", "depth": DEPTH},
         "pairs_scored": len(pairs),
         "speed": speed,
         "list_overlap": float(overlap),
@@ -234,14 +287,19 @@ def print_table(name: str, result: dict[str, Any]) -> None:
     print(f"\n{name}: {result['queries']} judged queries, candidate lists of {result['top_k']}, "
           f"helpers {', '.join(result['helpers']) or 'none'} (lists overlap "
           f"{result['list_overlap']:.0%}); nDCG@10 of the list ordered by each signal")
-    print(f"| {'signal':<22} | nDCG@10 | vs {REFERENCE} (the default) |")
-    print(f"|{'-' * 24}|---------|{'-' * 40}|")
-    for system, row in result["systems"].items():
-        diff = row.get("vs_" + REFERENCE)
-        text = "" if diff is None else (
+    print(f"| {'signal':<22} | nDCG@10 | vs {REFERENCE} (the default) {'':<8}"
+          f"| + BM25  | vs student + BM25 {'':<19}|")
+    print(f"|{'-' * 24}|---------|{'-' * 40}|---------|{'-' * 39}|")
+
+    def versus(diff: dict[str, Any] | None) -> str:
+        return "" if diff is None else (
             f"{diff['difference']:+.4f} [{diff['ci95'][0]:+.4f}, {diff['ci95'][1]:+.4f}], "
             f"p {diff['p_value']:.3f}")
-        print(f"| {system:<22} | {row['ndcg@10']:.4f}  | {text:<38} |")
+
+    for system, row in result["systems"].items():
+        hybrid = row["hybrid"]
+        print(f"| {system:<22} | {row['ndcg@10']:.4f}  | {versus(row.get('vs_' + REFERENCE)):<38} "
+              f"| {hybrid['ndcg@10']:.4f}  | {versus(hybrid.get('vs_student')):<37} |")
     print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result["seconds"].items()))
     print("teacher speed on the same pairs (shared machine): " + "; ".join(
         f"{row['teacher']} {row['pairs_per_s']:.1f} pairs/s ({row['pairs']} pairs in "
@@ -256,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--helpers", nargs="*", default=["bge-small"])
     parser.add_argument("--teachers", nargs="+", default=DEFAULT_TEACHERS,
                         help="the job's teacher, then a co-teacher (default: %(default)s)")
+    parser.add_argument("--residual", type=float, nargs="*", default=[],
+                        help="residual targets: the fused and cross-encoder signals minus "
+                             "BETA x BM25's score (min-max within the list), per BETA")
     parser.add_argument("--queries", type=int, default=0,
                         help="a seeded sample of this many judged queries (default: all)")
     parser.add_argument("--work", type=Path, default=Path("var/bench-teacher-signal"))
@@ -267,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.datasets:
         data = DATASETS_ROOT / name
         results[name] = run(data, data / QRELS[name], args.helpers, args.work / name, registry,
-                            max_queries=args.queries, teacher_names=args.teachers)
+                            max_queries=args.queries, teacher_names=args.teachers,
+                            residual=args.residual)
         print_table(name, results[name])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({

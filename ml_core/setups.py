@@ -90,9 +90,12 @@ def _dense_documents(
             for q, row in zip(queries, rows, strict=True)}
 
 
-def _fuse(first: Mapping[str, Sequence[str]], second: Mapping[str, Sequence[str]],
-          k: int) -> dict[str, list[str]]:
-    return {qid: reciprocal_rank_fusion([first[qid], second.get(qid, [])], k)[:DEPTH]
+def fuse_rankings(first: Mapping[str, Sequence[str]], second: Mapping[str, Sequence[str]],
+                  k: int = RRF_K) -> dict[str, list[str]]:
+    """{query id: the hybrid's top DEPTH}: RRF of each query's two rankings, each taken
+    DEPTH deep (the report's hybrid rows; bench.teacher_signal's hybrid column)."""
+    return {qid: reciprocal_rank_fusion([list(first[qid])[:DEPTH],
+                                         list(second.get(qid, []))[:DEPTH]], k)[:DEPTH]
             for qid in first}
 
 
@@ -164,7 +167,8 @@ def compare_setups(
         for fused in (False, True):
             for indexing, ranking in dense.items():
                 rid = f"{model.name}{'+bm25' if fused else ''}-{indexing}"
-                rankings[rid] = _fuse(ranking, rankings["bm25"], rrf_k) if fused else ranking
+                rankings[rid] = (fuse_rankings(ranking, rankings["bm25"], rrf_k) if fused
+                                 else ranking)
                 specs[rid] = {"retriever": "hybrid" if fused else "dense", "model": model.name,
                               "indexing": indexing, "whole_tokens": model.whole_tokens}
 

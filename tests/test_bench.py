@@ -416,11 +416,51 @@ def test_teacher_signal_bench_orders_both_candidate_lists_by_every_signal(tmp_pa
     student = Student.load(registry.path("tiny-student"))
     own = evaluate_retriever(student, passages, judged, qrels)
     assert result["systems"]["student"]["ndcg@10"] == pytest.approx(own["ndcg@10"], abs=1e-9)
+    # The hybrid column: the student's row fused with BM25 is the report's base + BM25 row.
+    from ml_core.setups import DenseModel, compare_setups, corpus_documents
+
+    documents = corpus_documents(demo / "corpus.jsonl", passages)
+    vectors = student.encode_passages(passages)
+    setups = compare_setups([DenseModel("base", student, vectors, 256)], passages, documents,
+                            judged, qrels, 128, 0)
+    base_hybrid = next(row for row in setups["rows"] if row["id"] == "base+bm25-chunks")
+    rows = result["systems"]
+    assert rows["student"]["hybrid"]["ndcg@10"] == pytest.approx(base_hybrid["ndcg@10"],
+                                                                 abs=1e-9)
+    assert "vs_student" not in rows["student"]["hybrid"]
+    fused_hybrid = rows["fused"]["hybrid"]
+    assert fused_hybrid["vs_student"]["difference"] == pytest.approx(
+        fused_hybrid["ndcg@10"] - base_hybrid["ndcg@10"], abs=1e-9)
     print_table("demo", result)
-    assert "fused+helpers" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fused+helpers" in out and "vs student + BM25" in out
     # A seeded sample of the judged queries, on the cached encodings.
     sample = run(demo, qrels_path, [], work, registry, config, max_queries=20)
     assert sample["queries"] == 20 and sample["list_overlap"] == 1.0  # no helper, same lists
+
+
+def test_teacher_signal_bench_residual_targets_subtract_bm25(tmp_path, registry):
+    """A residual target at weight 0 is its signal; a large weight turns the list toward
+    BM25's reverse, so the orderings differ where BM25 has something to say."""
+    from bench.teacher_signal import residual_name, run
+    from ml_core.config import build_config
+
+    demo = Path(__file__).resolve().parents[1] / "demo" / "cranfield"
+    config = build_config("default", {"student": "tiny-student", "teacher": "tiny-teacher",
+                                      "encode_precision": "fp32", "candidates": {"top_k": 6}})
+    result = run(demo, demo / "qrels" / "test.tsv", [], tmp_path / "work", registry, config,
+                 max_queries=30, residual=[0.0, 100.0])
+    rows = result["systems"]
+    assert result["residual"] == [0.0, 100.0]
+    names = [residual_name(s, b) for s in ("fused", "cross_encoder") for b in (0.0, 100.0)]
+    assert list(rows)[-4:] == names == ["fused-0bm25", "fused-100bm25", "cross_encoder-0bm25",
+                                        "cross_encoder-100bm25"]
+    for signal in ("fused", "cross_encoder"):
+        same, turned = rows[residual_name(signal, 0.0)], rows[residual_name(signal, 100.0)]
+        assert same["ndcg@10"] == pytest.approx(rows[signal]["ndcg@10"], abs=1e-12)
+        assert same["hybrid"]["ndcg@10"] == pytest.approx(rows[signal]["hybrid"]["ndcg@10"],
+                                                          abs=1e-12)
+        assert turned["ndcg@10"] != pytest.approx(rows[signal]["ndcg@10"], abs=1e-6)
 
 
 def test_teacher_signal_bench_with_a_late_interaction_co_teacher(tmp_path, registry, capsys):
