@@ -119,6 +119,7 @@ def score_side_by_side(teachers: list[Any], pairs: list[tuple[str, str]], texts:
 
 
 def residual_name(signal: str, beta: float) -> str:
+    """A residual target's row name, e.g. "fused-0.25bm25"."""
     return f"{signal}-{beta:g}bm25"
 
 
@@ -200,11 +201,17 @@ def run(data: Path, qrels_path: Path, helpers: list[str], work: Path,
                      for name, (_, setting) in sources.items()}
     residuals = {residual_name(signal, beta): (signal, beta)
                  for signal in RESIDUAL_OF if signal in sources for beta in residual}
+    # {query id: {candidate passage id: its BM25 score}} (absent: no matching term, 0).
     bm25_scores: dict[str, dict[str, float]] = {}
     if residuals:
-        found, found_ids = BM25Index(passages).search([q.text for q in queries], len(passages))
-        bm25_scores = {q.id: dict(zip(ids, values, strict=True))
-                       for q, values, ids in zip(queries, found, found_ids, strict=True)}
+        index = BM25Index(passages)
+        for start in range(0, len(queries), 64):  # every passage's score, a slice at a time
+            batch = queries[start:start + 64]
+            found, found_ids = index.search([q.text for q in batch], len(passages))
+            for query, values, ids in zip(batch, found, found_ids, strict=True):
+                listed = {pid for mined in pools.values() for pid in mined[query.id].passage_ids}
+                bm25_scores[query.id] = {pid: value for pid, value in zip(ids, values, strict=True)
+                                         if pid in listed}
 
     def signal_values(query: Query, suffix: str, signal: str) -> np.ndarray:
         cand = pools[suffix][query.id]
@@ -242,6 +249,8 @@ def run(data: Path, qrels_path: Path, helpers: list[str], work: Path,
                for name, r in rankings.items()}
     # Each ordering as a student that learned it would rank, fused with BM25 as the report's
     # hybrid rows fuse (whole documents, RRF): what the signal could add to a hybrid search.
+    # A ranking pooled from TAIL_DEPTH chunks may hold under DEPTH documents where documents
+    # have many chunks; the ones it lacks would rank below all it holds, where RRF adds little.
     start = time.perf_counter()
     documents = corpus_documents(data / "corpus.jsonl", passages)
     _, bm25_ids = BM25Index(documents).search([q.text for q in queries], DEPTH)
