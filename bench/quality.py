@@ -296,6 +296,11 @@ def setup_comparisons(rows: dict[str, Any], reference: str = DEFAULT_VARIANT,
     return out
 
 
+def _difference_line(label: str, sig: dict[str, Any]) -> str:
+    return (f"  {label}: {sig['difference']:+.4f} nDCG@10, {format_significance(sig)} "
+            f"({sig['better']} queries better, {sig['worse']} worse)")
+
+
 def print_table(results: dict[str, Any]) -> None:
     """One table per dataset: nDCG@10 and Recall@100, with gains over base."""
     for name, result in results["datasets"].items():
@@ -331,8 +336,7 @@ def print_table(results: dict[str, Any]) -> None:
                        if share else "; its checkpoint as trained, not averaged")
                 print(f"  {system}: reuses the training of {row['training_of']}{how}")
         for label, sig in result.get("comparisons", {}).items():
-            print(f"  {label}: {sig['difference']:+.4f} nDCG@10, {format_significance(sig)} "
-                  f"({sig['better']} queries better, {sig['worse']} worse)")
+            print(_difference_line(label, sig))
         hybrids = _tuned_setups(rows)
         if hybrids:
             base_hybrid = next(iter(hybrids.values()))[HYBRID["base"]]["ndcg@10"]
@@ -340,8 +344,7 @@ def print_table(results: dict[str, Any]) -> None:
                   + "".join(f", {name} {setups[HYBRID['tuned']]['ndcg@10']:.4f}"
                             for name, setups in hybrids.items()))
         for label, sig in result.get("setup_comparisons", {}).items():
-            print(f"  {label}: {sig['difference']:+.4f} nDCG@10, {format_significance(sig)} "
-                  f"({sig['better']} queries better, {sig['worse']} worse)")
+            print(_difference_line(label, sig))
         for variant, stages in result["seconds"].items():
             spent = ", ".join(f"{stage} {sec:.0f}s" for stage, sec in stages.items())
             print(f"  time [{variant}]: {spent}")
