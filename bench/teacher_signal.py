@@ -131,8 +131,9 @@ def run(data: Path, qrels_path: Path, helpers: list[str], work: Path,
     on a seeded sample of `max_queries` of them when that is not 0. `teacher_names`: the
     job's teacher first (default: the config's), then a co-teacher. `residual`: weights beta
     of residual targets, each RESIDUAL_OF signal minus beta x the candidates' BM25 scores
-    (min-max within the list): the order a student would learn if BM25's score were added to
-    its own before the softmax, so that the sum matched the signal."""
+    (min-max within the list), on the default's lists (no helpers): the order a student would
+    learn if BM25's score were added to its own before the softmax, so that the sum matched
+    the signal."""
     residual = residual or []
     config = config or build_config("default")
     teacher_names = teacher_names or [config.teacher]
