@@ -119,8 +119,9 @@ def score_side_by_side(teachers: list[Any], pairs: list[tuple[str, str]], texts:
 
 
 def residual_name(signal: str, beta: float) -> str:
-    """A residual target's row name, e.g. "fused-0.25bm25"."""
-    return f"{signal}-{beta:g}bm25"
+    """A residual target's row name, e.g. "fused-0.25bm25"; a negative weight adds BM25's
+    score, e.g. "fused+0.5bm25"."""
+    return f"{signal}{'-' if beta >= 0 else '+'}{abs(beta):g}bm25"
 
 
 def run(data: Path, qrels_path: Path, helpers: list[str], work: Path,
@@ -326,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the job's teacher, then a co-teacher (default: %(default)s)")
     parser.add_argument("--residual", type=float, nargs="*", default=[],
                         help="residual targets: the fused and cross-encoder signals minus "
-                             "BETA x BM25's score (min-max within the list), per BETA")
+                             "BETA x BM25's score (min-max within the list), per BETA; a "
+                             "negative BETA adds it")
     parser.add_argument("--queries", type=int, default=0,
                         help="a seeded sample of this many judged queries (default: all)")
     parser.add_argument("--work", type=Path, default=Path("var/bench-teacher-signal"))

@@ -441,26 +441,30 @@ def test_teacher_signal_bench_orders_both_candidate_lists_by_every_signal(tmp_pa
 
 def test_teacher_signal_bench_residual_targets_subtract_bm25(tmp_path, registry):
     """A residual target at weight 0 is its signal; a large weight turns the list toward
-    BM25's reverse, so the orderings differ where BM25 has something to say."""
+    BM25's reverse, a large negative one toward BM25's own order, so the orderings differ
+    where BM25 has something to say."""
     from bench.teacher_signal import residual_name, run
     from ml_core.config import build_config
 
     demo = Path(__file__).resolve().parents[1] / "demo" / "cranfield"
     config = build_config("default", {"student": "tiny-student", "teacher": "tiny-teacher",
                                       "encode_precision": "fp32", "candidates": {"top_k": 6}})
+    weights = [0.0, 100.0, -100.0]
     result = run(demo, demo / "qrels" / "test.tsv", [], tmp_path / "work", registry, config,
-                 max_queries=30, residual=[0.0, 100.0])
+                 max_queries=30, residual=weights)
     rows = result["systems"]
-    assert result["residual"] == [0.0, 100.0]
-    names = [residual_name(s, b) for s in ("fused", "cross_encoder") for b in (0.0, 100.0)]
-    assert list(rows)[-4:] == names == ["fused-0bm25", "fused-100bm25", "cross_encoder-0bm25",
-                                        "cross_encoder-100bm25"]
+    assert result["residual"] == weights
+    names = [residual_name(s, b) for s in ("fused", "cross_encoder") for b in weights]
+    assert list(rows)[-6:] == names == [
+        "fused-0bm25", "fused-100bm25", "fused+100bm25",
+        "cross_encoder-0bm25", "cross_encoder-100bm25", "cross_encoder+100bm25"]
     for signal in ("fused", "cross_encoder"):
-        same, turned = rows[residual_name(signal, 0.0)], rows[residual_name(signal, 100.0)]
+        same, down, up = (rows[residual_name(signal, beta)] for beta in weights)
         assert same["ndcg@10"] == pytest.approx(rows[signal]["ndcg@10"], abs=1e-12)
         assert same["hybrid"]["ndcg@10"] == pytest.approx(rows[signal]["hybrid"]["ndcg@10"],
                                                           abs=1e-12)
-        assert turned["ndcg@10"] != pytest.approx(rows[signal]["ndcg@10"], abs=1e-6)
+        assert down["ndcg@10"] != pytest.approx(rows[signal]["ndcg@10"], abs=1e-6)
+        assert up["ndcg@10"] != pytest.approx(down["ndcg@10"], abs=1e-6)
 
 
 def test_teacher_signal_bench_with_a_late_interaction_co_teacher(tmp_path, registry, capsys):
