@@ -630,23 +630,8 @@ def test_without_synthetic_queries_a_job_trains_on_the_supplied_ones_alone(
     assert not run_stage("distill", ctx).skipped
     counts = json.loads((workdir / "distill" / "manifest.json").read_text())["counts"]
     assert counts["train_queries"] >= 1
-    # A handful of queries: a quarter of them select the checkpoint, not 10% (none).
-    assert counts["supplied_dev_share"] == 0.25 and counts["dev_queries"] >= 1
     with pytest.raises(StageError, match="without synthetic queries .* needs judgements"):
         run_stage("evaluate", ctx)
-
-
-def test_a_small_query_set_holds_out_more_for_the_dev_loss() -> None:
-    """training.dev_fraction, raised toward 30 dev queries (the synthetic dev queries count),
-    never above a quarter of the supplied queries."""
-    from ml_core.stages.distill import supplied_dev_share
-
-    assert supplied_dev_share(84, 0, 0.1) == 0.25  # ~110 queries in a log, 84 kept: 21 dev
-    assert supplied_dev_share(200, 0, 0.1) == pytest.approx(30 / 200)
-    assert supplied_dev_share(303, 0, 0.1) == 0.1  # large enough already
-    assert supplied_dev_share(84, 24, 0.1) == 0.1  # beside 24 synthetic dev queries
-    assert supplied_dev_share(84, 24, 0.3) == 0.3  # a larger setting is kept
-    assert supplied_dev_share(0, 0, 0.1) == 0.1
 
 
 def test_a_bad_supplied_queries_line_is_named(finished_run: StageContext, tmp_path: Path) -> None:

@@ -27,8 +27,7 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
 
     cfg = ctx.config
     passages = {p.id: p for p in load_passages(ctx)}
-    queries, supplied_share = _split_supplied(
-        ctx, load_queries(ctx.stage_dir("generate") / "queries.jsonl"))
+    queries = _split_supplied(ctx, load_queries(ctx.stage_dir("generate") / "queries.jsonl"))
     train_lists, dev_lists = _training_lists(ctx, queries)
     student = Student.load(ctx.registry.path(cfg.student))
     result = train_student(
@@ -70,52 +69,24 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
     counts = {
         "train_queries": len(train_lists),
         "dev_queries": len(dev_lists),
-        **({"supplied_dev_share": round(supplied_share, 4)} if supplied_share is not None
-           else {}),
         "steps": result.steps,
         "precision": result.precision,
     }
     return counts, {"best_epoch": result.best_epoch}
 
 
-# The most of a query set held out for the dev loss when it is raised for a small set: enough
-# queries must stay to train on.
-MAX_SUPPLIED_DEV_SHARE = 0.25
-
-
-def supplied_dev_share(supplied: int, synthetic_dev: int, dev_fraction: float) -> float:
-    """The share of `supplied` queries (those the filter kept) held out for the dev loss:
-    training.dev_fraction, raised so that the dev split holds FEW_DEV_QUERIES queries with the
-    job's `synthetic_dev` ones, but never above MAX_SUPPLIED_DEV_SHARE. A search log of ~100
-    queries at 10% leaves ~8 dev queries, too few for the dev loss to let a better model
-    through; a quarter of them, ~20, tells more."""
-    from ml_core.evaluation import FEW_DEV_QUERIES
-
-    if supplied <= 0:
-        return dev_fraction
-    wanted = (FEW_DEV_QUERIES - synthetic_dev) / supplied
-    return max(dev_fraction, min(wanted, MAX_SUPPLIED_DEV_SHARE))
-
-
-def _split_supplied(ctx: StageContext, queries: list[Query]
-                    ) -> tuple[dict[str, Query], float | None]:
-    """(queries by id, the supplied ones' dev share or None without any): the supplied queries
-    the filter kept (no source passage to split by) split by themselves, seeded, into train
-    and dev, at supplied_dev_share."""
+def _split_supplied(ctx: StageContext, queries: list[Query]) -> dict[str, Query]:
+    """Queries by id, the supplied ones (no source passage to split by) split by themselves,
+    seeded, into train and dev."""
     from ml_core.candidates import split_by_passage
 
     by_id = {q.id: q for q in queries}
-    listed = {scored.query_id for scored in
-              read_jsonl(ctx.stage_dir("filter") / "candidates.jsonl", ScoredList)}
-    supplied = [qid for qid, q in by_id.items() if not q.source_id and qid in listed]
-    if not supplied:
-        return by_id, None
-    synthetic_dev = sum(1 for qid in listed if qid in by_id and by_id[qid].split == "dev")
-    dev = supplied_dev_share(len(supplied), synthetic_dev, ctx.config.training.dev_fraction)
+    supplied = [qid for qid, q in by_id.items() if not q.source_id]
+    dev = ctx.config.training.dev_fraction
     seed = ctx.config.seed
     for qid, split in split_by_passage(supplied, {"train": 1 - dev, "dev": dev}, seed).items():
         by_id[qid] = dataclasses.replace(by_id[qid], split=split)
-    return by_id, dev
+    return by_id
 
 
 def _training_lists(
