@@ -22,7 +22,8 @@ signal and its paired difference from the default recipe's signal (the fused one
 student + BM25 list); the same ordering fused with BM25 as the report's hybrid rows fuse (RRF
 with BM25 on whole documents, ml_core.setups), paired against the student fused with it: what
 a student that learned the signal could add to a hybrid search (`--residual` adds targets that
-subtract BM25's score, for a student meant to complement it); and each teacher's speed on the
+subtract BM25's score, for a student meant to complement it, or with a negative weight add it);
+and each teacher's speed on the
 same pairs (scored in alternating slices of the queries, so a change of load falls on both).
 Writes JSON. The judged queries are the dataset's real ones, not the synthetic queries the
 filter sees: a proxy for the target's quality, never data that training or the quality

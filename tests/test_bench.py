@@ -439,7 +439,7 @@ def test_teacher_signal_bench_orders_both_candidate_lists_by_every_signal(tmp_pa
     assert sample["queries"] == 20 and sample["list_overlap"] == 1.0  # no helper, same lists
 
 
-def test_teacher_signal_bench_residual_targets_subtract_bm25(tmp_path, registry):
+def test_teacher_signal_bench_residual_targets_subtract_or_add_bm25(tmp_path, registry):
     """A residual target at weight 0 is its signal; a large weight turns the list toward
     BM25's reverse, a large negative one toward BM25's own order, so the orderings differ
     where BM25 has something to say."""
