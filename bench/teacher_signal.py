@@ -23,11 +23,10 @@ student + BM25 list); the same ordering fused with BM25 as the report's hybrid r
 with BM25 on whole documents, ml_core.setups), paired against the student fused with it: what
 a student that learned the signal could add to a hybrid search (`--residual` adds targets that
 subtract BM25's score, for a student meant to complement it, or with a negative weight add it);
-and each teacher's speed on the
-same pairs (scored in alternating slices of the queries, so a change of load falls on both).
-Writes JSON. The judged queries are the dataset's real ones, not the synthetic queries the
-filter sees: a proxy for the target's quality, never data that training or the quality
-benchmark's scores select on. Encodings are cached in the work folder.
+and each teacher's speed on the same pairs (scored in alternating slices of the queries, so a
+change of load falls on both). Writes JSON. The judged queries are the dataset's real ones, not
+the synthetic queries the filter sees: a proxy for the target's quality, never data that
+training or the quality benchmark's scores select on. Encodings are cached in the work folder.
 """
 
 from __future__ import annotations
