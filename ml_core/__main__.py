@@ -1,6 +1,7 @@
-"""Command line: `python -m ml_core run|stage|provision|models`.
+"""Command line: `python -m ml_core run|stage|provision|add|models`.
 
 python -m ml_core provision [--store DIR] [NAME ...]
+python -m ml_core add NAME --role teacher|student|generator --from PATH [--store DIR] [...]
 python -m ml_core run --corpus PATH --out DIR [--config FILE] [--preset quick]
                       [--queries Q.jsonl --qrels QRELS.tsv] [--train-queries LOG.jsonl]
 python -m ml_core stage NAME --corpus PATH --out DIR [...]   # one stage on earlier outputs
@@ -37,6 +38,28 @@ def _parser() -> argparse.ArgumentParser:
     prov.add_argument("names", nargs="*", help="models to provision (default: all but those "
                       "installed on request, e.g. gemma3-270m)")
     prov.add_argument("--store", type=Path, default=None)
+
+    add = sub.add_parser(
+        "add", help="add a model of your own (a Hugging Face folder, an ONNX graph with its "
+        "tokenizer, or a GGUF generator) to the model store, checked")
+    add.add_argument("name", help="its name in the store and in job specs")
+    add.add_argument("--role", required=True, choices=("teacher", "student", "generator"))
+    add.add_argument("--from", dest="source", type=Path, required=True,
+                     help="the model's folder, or its .onnx / .gguf file")
+    add.add_argument("--scoring", choices=("cross_encoder", "late_interaction"), default=None,
+                     help="teachers: how it scores a pair (default cross_encoder)")
+    add.add_argument("--pooling", choices=("mean", "cls"), default=None,
+                     help="students: required unless its sentence-transformers files say")
+    add.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                     help="students: L2-normalise vectors (default: as its files say)")
+    add.add_argument("--query-prefix", default=None, help="students: text put before queries")
+    add.add_argument("--passage-prefix", default=None, help="students: text put before passages")
+    add.add_argument("--max-query-length", type=int, default=None, help="tokens")
+    add.add_argument("--max-passage-length", type=int, default=None, help="tokens")
+    add.add_argument("--licence", default="", help="the weights' licence, shown to customers")
+    add.add_argument("--source-note", default="", help="where the weights came from")
+    add.add_argument("--replace", action="store_true", help="overwrite a model of that name")
+    add.add_argument("--store", type=Path, default=None)
 
     models = sub.add_parser("models", help="list the models in the model store")
     models.add_argument("--store", type=Path, default=None)
@@ -103,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 
         provision(store, args.names or None)
         return 0
+    if args.command == "add":
+        return _add(args, store)
     if args.command == "models":
         for spec in ModelRegistry(store).list():
             print(f"{spec.name:<24} {spec.role:<10} {spec.format:<5} {spec.licence}")
@@ -135,6 +160,34 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if read_manifest(ctx.stage_dir("evaluate")) is not None:
         print_summary(args.out)
+    return 0
+
+
+def _add(args: argparse.Namespace, store: Path) -> int:
+    """`add`: copy, check and store one model; prints its spec and check as JSON."""
+    from ml_core.model_import import ModelImportError, ModelOptions, add_model
+
+    options = ModelOptions(
+        scoring=args.scoring, pooling=args.pooling, normalize=args.normalize,
+        query_prefix=args.query_prefix, passage_prefix=args.passage_prefix,
+        max_query_length=args.max_query_length, max_passage_length=args.max_passage_length,
+        licence=args.licence, source=args.source_note,
+    )
+    try:
+        added = add_model(args.source, args.name, args.role, store, options, replace=args.replace)
+    except ModelImportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    spec = added.spec
+    print(json.dumps({"name": spec.name, "role": spec.role, "format": spec.format,
+                      "scoring": spec.scoring if spec.role == "teacher" else None,
+                      "folder": str(spec.folder), "files": len(spec.sha256),
+                      "check": added.check}))
+    ordered, total = added.check.get("ordered"), added.check.get("check_queries")
+    if ordered is not None and ordered < total:
+        print(f"warning: {spec.name} scored the relevant passage higher for {ordered} of "
+              f"{total} check queries; a strong {spec.role} orders all of them (is it trained, "
+              "and is its pooling or logit the right one?)", file=sys.stderr)
     return 0
 
 
