@@ -26,6 +26,9 @@ the averaging with the base re-exports without training again). The variants:
                  keep the base model's vectors
     ce-e8        the default trained on the cross-encoder's scores alone (the paper's signal,
                  `teacher_signal: cross_encoder`): no BM25 or student ranks in the target
+    oracle-e8    supplied-e8 with the dataset's judgements as the teacher and the target
+                 (bench.oracle), cross-fitted: what a perfect teacher would buy on real
+                 queries at this training scale; analysis only, never a default
     x640-e8      the default plus `extractive` queries (a seeded sentence of the passage, no
                  generator call) on 640 sampled passages, the default's 160 among them
     x1000-e8     the same on 1,000 passages
@@ -51,6 +54,7 @@ $TAILOR_DATASETS (default var/datasets). Results and adoption rules: docs/benchm
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -62,6 +66,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.cross_fit import run_cross_fit, timed_stage
+from bench.oracle import ORACLE_VARIANTS, judgements_as_teacher
 from ml_core.__main__ import default_model_store
 from ml_core.config import RecipeConfig, build_config
 from ml_core.evaluation import paired_difference
@@ -129,10 +134,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
                     "candidates": _LISTS},
     "mixed-e8": {"training": {"loss": "listwise", "base_merge": MERGE_SHARE, **_TRAINING},
                  "candidates": _LISTS},
+    # The judgements as teacher (bench.oracle): the grade alone is the target.
+    "oracle-e8": {"generation": {"synthetic": False},
+                  "training": {"loss": "listwise", "base_merge": MERGE_SHARE, **_TRAINING},
+                  "candidates": {**_LISTS, "teacher_signal": "cross_encoder"}},
 }
 # Variants that train on the customer's own unjudged queries (ml_core's train_queries), with the
 # judged queries standing in for a search log, cut into this many seeded folds (bench.cross_fit).
-CROSS_FIT: dict[str, int] = {"supplied-e8": 2, "mixed-e8": 2}
+CROSS_FIT: dict[str, int] = {"supplied-e8": 2, "mixed-e8": 2, "oracle-e8": 2}
 
 SHARED_STAGES = ("prepare", "generate", "filter")
 # Rows every run of a dataset measures the same way (the base model, the teacher check).
@@ -207,10 +216,12 @@ def run_dataset(
                                        if reused_training else ""), flush=True)
         times[variant] = {}
         if variant in CROSS_FIT:
-            report, filtered = run_cross_fit(
-                workdir, corpus, config, registry, queries, qrels, CROSS_FIT[variant],
-                times[variant],
-            )
+            with (judgements_as_teacher(queries, qrels, workdir) if variant in ORACLE_VARIANTS
+                  else contextlib.nullcontext()):
+                report, filtered = run_cross_fit(
+                    workdir, corpus, config, registry, queries, qrels, CROSS_FIT[variant],
+                    times[variant],
+                )
         else:
             ctx = StageContext(workdir, corpus, config, registry, queries, qrels, no_progress)
             for stage in ("prepare", "generate", "filter", "distill", "evaluate"):
@@ -241,7 +252,9 @@ def run_dataset(
         # The report's teacher check: the teacher re-ranking the base student's top 20 on (a
         # seeded sample of) the same judged queries, next to the student on those queries.
         check = report.get("teacher_check") or {}
-        if "teacher" not in rows and check.get("teacher_metrics"):
+        # (Not the judgements' check: the oracle re-ranking with the answers is no teacher.)
+        if ("teacher" not in rows and check.get("teacher_metrics")
+                and variant not in ORACLE_VARIANTS):
             rows["teacher"] = dict(
                 check["teacher_metrics"],
                 sampled_queries=check["queries"],

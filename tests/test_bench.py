@@ -542,7 +542,31 @@ def test_the_cross_fitted_variants_are_the_default_on_other_queries():
     assert supplied.generation.synthetic is False and default.generation.synthetic is True
     assert supplied.model_dump(exclude={"generation": {"synthetic"}}) == default.model_dump(
         exclude={"generation": {"synthetic"}})
-    assert set(CROSS_FIT) == {"supplied-e8", "mixed-e8"}
+    assert set(CROSS_FIT) == {"supplied-e8", "mixed-e8", "oracle-e8"}
+    oracle = _config("default", "oracle-e8", {})
+    assert oracle.candidates.teacher_signal == "cross_encoder"
+    assert oracle.model_dump(exclude={"candidates": {"teacher_signal"}}) == supplied.model_dump(
+        exclude={"candidates": {"teacher_signal"}})
+
+
+def test_the_judgements_scorer_grades_a_pair_by_its_passages_document(tmp_path):
+    from bench.oracle import QrelsScorer
+    from ml_core.records import Passage, Query, write_jsonl
+
+    passages = [Passage(id="d1#0", parent_id="d1", title="Wings", text="lift on a wing"),
+                Passage(id="d1#1", parent_id="d1", title="Wings", text="more on lift"),
+                Passage(id="d2", title="", text="heat transfer")]
+    write_jsonl(tmp_path / "passages.jsonl", passages)
+    scorer = QrelsScorer([Query(id="q1", text="wing lift"), Query(id="q2", text="wing lift"),
+                          Query(id="q3", text="heat")],
+                         {"q1": {"d1": 2}, "q2": {"d1": 3, "d2": 1}, "q3": {"d2": 1}},
+                         tmp_path / "passages.jsonl")
+    scores = scorer.score([("wing lift", "Wings lift on a wing"),
+                           ("wing lift", "Wings more on lift"), ("wing lift", "heat transfer"),
+                           ("heat", "Wings lift on a wing"), ("unjudged", "heat transfer")])
+    # A text shared by two judged queries takes the higher grade; unjudged pairs score 0.
+    assert scores.tolist() == [3.0, 3.0, 1.0, 0.0, 0.0]
+    assert (scorer.pairs_scored, scorer.pairs_judged) == (5, 3)
 
 
 def test_a_cross_fitted_variant_never_grades_a_query_its_model_trained_on(
@@ -586,3 +610,61 @@ def test_a_cross_fitted_variant_never_grades_a_query_its_model_trained_on(
     assert rows["supplied-e8"]["filter"]["generated"] == 8  # each fold's 4 training queries
     assert set(result["seconds"]["supplied-e8"]) == {
         "prepare", "generate", "filter", "distill", "evaluate"}
+
+
+def test_the_oracle_variant_trains_on_the_other_folds_judgements_only(
+    tmp_path, model_store, monkeypatch
+):
+    import ml_core.teacher
+    from bench import quality
+    from ml_core.registry import ModelRegistry
+    from tests.test_pipeline import DEMO, TINY_RECIPE
+
+    data = tmp_path / "data" / "cranfield"
+    (data / "qrels").mkdir(parents=True)
+    corpus_lines = (DEMO / "corpus.jsonl").read_text().splitlines()[:60]
+    (data / "corpus.jsonl").write_text("\n".join(corpus_lines) + "\n")
+    docs = [json.loads(line)["_id"] for line in corpus_lines]
+    topics = ["wing flutter", "heat transfer", "shock wave", "boundary layer", "flat plate",
+              "supersonic cone", "laminar flow", "turbulent jet"]
+    (data / "queries.jsonl").write_text("".join(
+        json.dumps({"_id": f"q{i}", "text": t}) + "\n" for i, t in enumerate(topics)))
+    # Every query judges every other document, graded 1 to 3, so that the candidate lists of
+    # the (random) tiny student hold judged and unjudged passages both.
+    grade = {(f"q{i}", d): 1 + (i + j) % 3 for i in range(len(topics))
+             for j, d in enumerate(docs) if (i + j) % 2 == 0}
+    (data / "qrels" / "test.tsv").write_text(
+        "".join(f"{q}\t{d}\t{g}\n" for (q, d), g in grade.items()))
+    monkeypatch.setattr(quality, "DATASETS_ROOT", tmp_path / "data")
+    original = ml_core.teacher.load_teacher
+    recipe = {**TINY_RECIPE, "training": {k: v for k, v in TINY_RECIPE["training"].items()
+                                          if k not in ("list_size", "max_epochs")},
+              "candidates": {k: v for k, v in TINY_RECIPE["candidates"].items()
+                             if k not in ("top_k", "teacher_signal")}}
+    result = quality.run_dataset("cranfield", "default", ["oracle-e8"], tmp_path / "work",
+                                 ModelRegistry(model_store), recipe)
+    assert ml_core.teacher.load_teacher is original  # the judgements are a teacher only inside
+    work = tmp_path / "work" / "cranfield" / "oracle-e8"
+    document_of = {row["id"]: row.get("parent_id") or row["id"] for row in map(
+        json.loads, (work / "fold0" / "prepare" / "passages.jsonl").open())}
+    texts = {row["text"]: row["_id"] for row in map(json.loads, (data / "queries.jsonl").open())}
+    for f in (0, 1):
+        fold = work / f"fold{f}"
+        trained = {json.loads(x)["_id"] for x in (fold / "inputs" / "train.jsonl").open()}
+        report = json.loads((fold / "evaluate" / "report.json").read_text())
+        assert trained and not trained & set(report["per_query"])
+        # Every scored pair of the filter carries its judged grade (0 when unjudged), and only
+        # the training fold's queries were scored.
+        rows = [json.loads(x) for x in (fold / "filter" / "teacher_scores.jsonl").open()]
+        queries = {row["id"]: row for row in map(
+            json.loads, (fold / "generate" / "queries.jsonl").open())}
+        assert rows and {texts[queries[r["query_id"]]["text"]] for r in rows} <= trained
+        judged = 0
+        for row in rows:
+            qid = texts[queries[row["query_id"]]["text"]]
+            expected = [grade.get((qid, document_of[pid]), 0) for pid in row["passage_ids"]]
+            assert row["raw_scores"] == expected
+            judged += sum(1 for g in expected if g)
+        assert 0 < judged < sum(len(row["raw_scores"]) for row in rows)
+    assert "teacher" not in result["rows"]  # the judgements' own check is no teacher row
+    assert result["rows"]["oracle-e8"]["significance"]["queries"] == 8
