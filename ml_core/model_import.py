@@ -13,6 +13,7 @@ sentence-transformers files or from the command line, never from a default.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -34,6 +35,10 @@ from ml_core.registry import (
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 # Weight files: a source folder's other weights are not copied beside the one chosen.
 _WEIGHT_SUFFIXES = (".onnx", ".onnx_data", ".gguf", ".safetensors", ".bin", ".pt", ".pth")
+# What a Hugging Face folder may carry for other runtimes (ONNX, OpenVINO, TensorFlow, Flax,
+# Rust): not what torch loads, so not copied.
+_OTHER_RUNTIMES = (".onnx", ".onnx_data", ".gguf", ".h5", ".msgpack", ".ot")
+_OTHER_RUNTIME_FOLDERS = ("onnx", "openvino")
 _HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                "pytorch_model.bin.index.json")
 
@@ -103,8 +108,6 @@ def locate(source: Path) -> _Source:
 
 def build_spec(name: str, role: Role, where: _Source, options: ModelOptions) -> ModelSpec:
     """The spec for the model in `where` (not yet bound to a folder or hashed)."""
-    import json
-
     config: dict[str, Any] = {}
     if (where.folder / "config.json").is_file():
         try:
@@ -199,20 +202,16 @@ def _copy_ignoring_other_weights(where: _Source) -> Callable[[str, list[str]], l
         top = Path(directory) == where.folder
         skipped = []
         for name in names:
-            if name in (SPEC_FILE, ".git") or name.endswith(".staging"):
+            if name in (SPEC_FILE, ".git", ".cache") or name.endswith(".staging"):
                 skipped.append(name)
             elif keep is not None and top and name.endswith(_WEIGHT_SUFFIXES) and name != keep:
+                skipped.append(name)
+            elif keep is None and top and (name.endswith(_OTHER_RUNTIMES)
+                                           or name in _OTHER_RUNTIME_FOLDERS):
                 skipped.append(name)
         return skipped
 
     return ignore
-
-
-# The check pairs: relevant then irrelevant, for each of four queries (the teacher's own).
-def _check_pairs() -> list[tuple[str, str]]:
-    from ml_core.teacher import CHECK_PAIRS
-
-    return list(CHECK_PAIRS)
 
 
 def check_model(spec: ModelSpec, device: str | None = None) -> dict[str, Any]:
@@ -224,7 +223,9 @@ def check_model(spec: ModelSpec, device: str | None = None) -> dict[str, Any]:
     reported, not enforced: a model in training may order them any way, and four pairs do not
     grade a model; a strong teacher orders all four.
     """
-    pairs = _check_pairs()
+    from ml_core.teacher import CHECK_PAIRS
+
+    pairs = list(CHECK_PAIRS)  # each query with a relevant, then an unrelated passage
     try:
         if spec.role == "teacher":
             from ml_core.teacher import load_teacher

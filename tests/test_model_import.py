@@ -35,6 +35,10 @@ def _store_is_clean(store: Path, *names: str) -> None:
 def test_a_cross_encoder_folder_becomes_a_teacher_jobs_can_name(
         registry: ModelRegistry, tmp_path: Path) -> None:
     source = _bare_copy(registry.get("tiny-teacher").folder, tmp_path / "reranker")
+    # A hub snapshot also carries weights for other runtimes: not copied.
+    (source / "onnx").mkdir()
+    (source / "onnx" / "model.onnx").write_bytes(b"not for torch")
+    (source / "tf_model.h5").write_bytes(b"not for torch")
     store = tmp_path / "store"
     added = add_model(source, "strong-reranker", "teacher", store,
                       ModelOptions(licence="apache-2.0", source="our mirror"))
@@ -44,6 +48,7 @@ def test_a_cross_encoder_folder_becomes_a_teacher_jobs_can_name(
     assert (spec.licence, spec.source, spec.max_passage_length) == ("apache-2.0", "our mirror", 512)
     assert spec.folder == (store / "strong-reranker").resolve()
     assert verify_files(spec) == [] and "model.safetensors" in spec.sha256
+    assert not {"tf_model.h5", "onnx/model.onnx"} & set(spec.sha256)
     # The check ran the model on the four check queries' pairs and reported their order.
     assert added.check["check_queries"] == 4 and 0 <= added.check["ordered"] <= 4
     assert len(added.check["scores"]) == 8
