@@ -29,6 +29,7 @@ from ml_core.registry import (
     ModelSpec,
     Role,
     folder_sha256,
+    staged_folder,
 )
 
 # A store folder name, also what job specs and /v1/models call the model.
@@ -308,11 +309,7 @@ def add_model(
         raise ModelImportError(f"{name!r} is already in {store}; pass --replace to overwrite it")
     where = locate(Path(source).resolve())
     spec = build_spec(name, role, where, options)
-    staging = store / f".{name}.staging"
-    if staging.exists():
-        shutil.rmtree(staging)
-    store.mkdir(parents=True, exist_ok=True)
-    try:
+    with staged_folder(store, name) as staging:
         shutil.copytree(where.folder, staging, ignore=_copy_ignoring_other_weights(where))
         for path in staging.rglob("*"):
             path.chmod(0o755 if path.is_dir() else 0o644)
@@ -324,10 +321,4 @@ def add_model(
             from ml_core.export import complete_student_folder
 
             complete_student_folder(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return AddedModel(ModelSpec.read(target), check)

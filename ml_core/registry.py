@@ -13,7 +13,8 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -173,18 +174,32 @@ class ModelRegistry:
         Replaces an existing model of that name. The copy is staged beside the target and moved
         in, so a crash never leaves a half-copied model under its real name.
         """
-        target = self.store / name
-        staging = self.store / f".{name}.staging"
-        if staging.exists():
-            shutil.rmtree(staging)
-        self.store.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(folder, staging)
-        (staging / SPEC_FILE).unlink(missing_ok=True)
-        written = spec.model_copy(update={"name": name}).write(staging)
+        with staged_folder(self.store, name) as staging:
+            shutil.copytree(folder, staging)
+            (staging / SPEC_FILE).unlink(missing_ok=True)
+            written = spec.model_copy(update={"name": name}).write(staging)
+        return written.model_copy(update={"folder": (self.store / name).resolve()})
+
+
+@contextmanager
+def staged_folder(store: Path, name: str) -> Iterator[Path]:
+    """`<store>/.<name>.staging` (not yet created; any leftover of an earlier crash removed) for
+    the caller to fill; on a clean exit it replaces `<store>/<name>`. An error removes it and
+    leaves the model already under that name as it was, so a crash never leaves a half-copied
+    model under its real name."""
+    store = Path(store)
+    staging, target = store / f".{name}.staging", store / name
+    if staging.exists():
+        shutil.rmtree(staging)
+    store.mkdir(parents=True, exist_ok=True)
+    try:
+        yield staging
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
-        return written.model_copy(update={"folder": target.resolve()})
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 @dataclass(frozen=True)
