@@ -573,24 +573,41 @@ def test_the_judgements_scorer_grades_a_pair_by_its_passages_document(tmp_path):
     assert (scorer.pairs_scored, scorer.pairs_judged) == (5, 3)
 
 
+# Eight topical queries over the demo corpus's first 60 documents: a tiny stand-in for a judged
+# development dataset (bench.quality's DATASETS_ROOT layout).
+_TOPICS = ["wing flutter", "heat transfer", "shock wave", "boundary layer", "flat plate",
+           "supersonic cone", "laminar flow", "turbulent jet"]
+
+
+def _tiny_dataset(root, grades):
+    """root/cranfield with the demo corpus's first 60 documents, the eight _TOPICS as queries
+    q0..q7 and qrels from `grades` (a function of (query index, document index, document id)
+    to a grade, or None for unjudged); returns the corpus's document ids."""
+    from tests.test_pipeline import DEMO
+
+    data = root / "cranfield"
+    (data / "qrels").mkdir(parents=True)
+    corpus_lines = (DEMO / "corpus.jsonl").read_text().splitlines()[:60]
+    (data / "corpus.jsonl").write_text("\n".join(corpus_lines) + "\n")
+    docs = [json.loads(line)["_id"] for line in corpus_lines]
+    (data / "queries.jsonl").write_text("".join(
+        json.dumps({"_id": f"q{i}", "text": t}) + "\n" for i, t in enumerate(_TOPICS)))
+    rows = [(f"q{i}", d, grades(i, j, d)) for i in range(len(_TOPICS))
+            for j, d in enumerate(docs)]
+    (data / "qrels" / "test.tsv").write_text(
+        "".join(f"{q}\t{d}\t{g}\n" for q, d, g in rows if g is not None))
+    return docs
+
+
 def test_a_cross_fitted_variant_never_grades_a_query_its_model_trained_on(
     tmp_path, model_store, monkeypatch
 ):
     from bench import quality
     from ml_core.registry import ModelRegistry
-    from tests.test_pipeline import DEMO, TINY_RECIPE
+    from tests.test_pipeline import TINY_RECIPE
 
-    data = tmp_path / "data" / "cranfield"
-    (data / "qrels").mkdir(parents=True)
-    corpus_lines = (DEMO / "corpus.jsonl").read_text().splitlines()[:60]
-    (data / "corpus.jsonl").write_text("\n".join(corpus_lines) + "\n")
-    ids = [json.loads(line)["_id"] for line in corpus_lines[:8]]
-    topics = ["wing flutter", "heat transfer", "shock wave", "boundary layer", "flat plate",
-              "supersonic cone", "laminar flow", "turbulent jet"]
-    (data / "queries.jsonl").write_text("".join(
-        json.dumps({"_id": f"q{i}", "text": t}) + "\n" for i, t in enumerate(topics)))
-    (data / "qrels" / "test.tsv").write_text(
-        "".join(f"q{i}\t{d}\t1\n" for i, d in enumerate(ids)))
+    # Query i judges document i, grade 1.
+    _tiny_dataset(tmp_path / "data", lambda i, j, doc: 1 if i == j else None)
     monkeypatch.setattr(quality, "DATASETS_ROOT", tmp_path / "data")
     recipe = {**TINY_RECIPE, "training": {k: v for k, v in TINY_RECIPE["training"].items()
                                           if k not in ("list_size", "max_epochs")},
@@ -622,23 +639,17 @@ def test_the_oracle_variant_trains_on_the_other_folds_judgements_only(
     import ml_core.teacher
     from bench import quality
     from ml_core.registry import ModelRegistry
-    from tests.test_pipeline import DEMO, TINY_RECIPE
+    from tests.test_pipeline import TINY_RECIPE
 
-    data = tmp_path / "data" / "cranfield"
-    (data / "qrels").mkdir(parents=True)
-    corpus_lines = (DEMO / "corpus.jsonl").read_text().splitlines()[:60]
-    (data / "corpus.jsonl").write_text("\n".join(corpus_lines) + "\n")
-    docs = [json.loads(line)["_id"] for line in corpus_lines]
-    topics = ["wing flutter", "heat transfer", "shock wave", "boundary layer", "flat plate",
-              "supersonic cone", "laminar flow", "turbulent jet"]
-    (data / "queries.jsonl").write_text("".join(
-        json.dumps({"_id": f"q{i}", "text": t}) + "\n" for i, t in enumerate(topics)))
     # Every query judges every other document, graded 1 to 3, so that the candidate lists of
     # the (random) tiny student hold judged and unjudged passages both.
-    grade = {(f"q{i}", d): 1 + (i + j) % 3 for i in range(len(topics))
-             for j, d in enumerate(docs) if (i + j) % 2 == 0}
-    (data / "qrels" / "test.tsv").write_text(
-        "".join(f"{q}\t{d}\t{g}\n" for (q, d), g in grade.items()))
+    def graded(i, j, doc):
+        return 1 + (i + j) % 3 if (i + j) % 2 == 0 else None
+
+    docs = _tiny_dataset(tmp_path / "data", graded)
+    data = tmp_path / "data" / "cranfield"
+    grade = {(f"q{i}", d): graded(i, j, d) for i in range(len(_TOPICS))
+             for j, d in enumerate(docs) if graded(i, j, d) is not None}
     monkeypatch.setattr(quality, "DATASETS_ROOT", tmp_path / "data")
     original = ml_core.teacher.load_teacher
     recipe = {**TINY_RECIPE, "training": {k: v for k, v in TINY_RECIPE["training"].items()
