@@ -180,7 +180,7 @@ def _student_fields(where: _Source, options: ModelOptions) -> dict[str, Any]:
             f"{where.folder}: no sentence-transformers files (modules.json) say how this "
             "student pools; pass --pooling mean or --pooling cls (and --query-prefix if it has "
             "one): a wrong guess silently ruins retrieval")
-    chosen = {
+    return {
         "pooling": pooling,
         "normalize": options.normalize if options.normalize is not None
         else read.get("normalize", False),
@@ -191,7 +191,6 @@ def _student_fields(where: _Source, options: ModelOptions) -> dict[str, Any]:
         "max_query_length": options.max_query_length or read.get("max_query_length", 64),
         "max_passage_length": options.max_passage_length or read.get("max_passage_length", 256),
     }
-    return chosen
 
 
 def _copy_ignoring_other_weights(where: _Source) -> Callable[[str, list[str]], list[str]]:

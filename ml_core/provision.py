@@ -355,8 +355,7 @@ def provision_model(entry: CatalogueEntry, store: Path, wheel_dir: Path) -> Mode
         spec.write(staging)
         if spec.role == "student" and spec.format == "hf":
             complete_student_folder(staging)
-    target = store / name
-    return ModelSpec.read(target)
+    return ModelSpec.read(store / name)
 
 
 def provision_models(
