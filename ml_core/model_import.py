@@ -242,9 +242,9 @@ def check_model(spec: ModelSpec, device: str | None = None) -> dict[str, Any]:
             if queries.shape != passages.shape or queries.ndim != 2:
                 raise ModelImportError(f"{spec.name}: query vectors {queries.shape} and passage "
                                        f"vectors {passages.shape} do not match")
-            q = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
-            p = passages / np.maximum(np.linalg.norm(passages, axis=1, keepdims=True), 1e-12)
-            scores = [float(v) for v in (q * p).sum(axis=1)]
+            # Each pair's cosine (a student may leave its vectors unnormalised).
+            norms = np.linalg.norm(queries, axis=1) * np.linalg.norm(passages, axis=1)
+            scores = [float(v) for v in (queries * passages).sum(axis=1) / np.maximum(norms, 1e-12)]
             if spec.dim is not None and queries.shape[1] != spec.dim:
                 raise ModelImportError(f"{spec.name}: vectors have {queries.shape[1]} dimensions"
                                        f", the spec says {spec.dim}")
