@@ -250,6 +250,12 @@ class TrainingConfig(_Section):
     # once. Either side alone gained less than both tied (docs/benchmarks.md, "Query tower
     # only"). A benchmark setting: job specs refuse it, since a job's export is one encoder.
     tune: Literal["both", "queries", "passages"] = "both"
+    # Weight of a pull toward the base model while training: the mean squared distance between
+    # each text's normalised vector and the one the starting weights give it (queries and
+    # passages weighted alike), added to the loss. 0: no pull; the export's averaging with the
+    # base (base_merge) is the default's guard against drift (docs/benchmarks.md, "A pull
+    # toward the base while training").
+    base_anchor: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
 
     @model_validator(mode="after")
     def _micro_batch_fits(self) -> TrainingConfig:

@@ -156,6 +156,13 @@ class InfoNCELoss(nn.Module):
         return self.compute_loss_from_embeddings(queries, passages, passage_ids, teacher_scores)
 
 
+def anchor_distance(reps: Tensor, base_reps: Tensor) -> Tensor:
+    """Mean squared distance between each row's normalised vector and the base model's vector
+    for the same text (2 - 2 x their cosine: 0 where the two agree, at most 4)."""
+    return (F.normalize(reps, dim=-1) - F.normalize(base_reps.to(reps), dim=-1)).square().sum(
+        -1).mean()
+
+
 class DistillationObjective(nn.Module):
     """The training objective chosen by `TrainingConfig.loss`.
 
@@ -166,6 +173,10 @@ class DistillationObjective(nn.Module):
       false-negative filter. Exact duplicates of the positive are still removed: that is not
       de-noising but avoiding a contradictory target (the same passage as positive and negative).
       It exists to show customers why we distil, not as a recommended setting.
+
+    With `base_anchor` > 0 either objective adds base_anchor x the pull toward the base: the
+    mean of `anchor_distance` over the queries and over the passages, given the starting
+    model's vectors for the same texts (`base_queries`, `base_passages`).
     """
 
     def __init__(self, cfg: TrainingConfig) -> None:
@@ -175,25 +186,56 @@ class DistillationObjective(nn.Module):
         ratio = cfg.false_negative_ratio if cfg.loss == "listwise" else None
         self.infonce = InfoNCELoss(cfg.infonce_temperature, ratio)
         self.infonce_weight = cfg.infonce_weight
+        self.anchor_weight = cfg.base_anchor
 
     def compute_terms(
-        self, queries: Tensor, passages: Tensor, teacher_scores: Tensor, passage_ids: PassageIds
+        self,
+        queries: Tensor,
+        passages: Tensor,
+        teacher_scores: Tensor,
+        passage_ids: PassageIds,
+        base_queries: Tensor | None = None,
+        base_passages: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Returns {"loss", "infonce"} and, for the listwise objective, "kl": scalar tensors."""
+        """Returns {"loss", "infonce"}, for the listwise objective "kl", and with a pull toward
+        the base "anchor": scalar tensors."""
         if self.kind == "infonce":
             infonce = self.infonce(queries, passages, passage_ids, None)
-            return {"loss": infonce, "infonce": infonce}
-        kl = self.kl(queries, passages, teacher_scores)
-        infonce = self.infonce(queries, passages, passage_ids, teacher_scores)
-        return {"loss": kl + self.infonce_weight * infonce, "kl": kl, "infonce": infonce}
+            terms = {"loss": infonce, "infonce": infonce}
+        else:
+            kl = self.kl(queries, passages, teacher_scores)
+            infonce = self.infonce(queries, passages, passage_ids, teacher_scores)
+            terms = {"loss": kl + self.infonce_weight * infonce, "kl": kl, "infonce": infonce}
+        if self.anchor_weight > 0:
+            if base_queries is None or base_passages is None:
+                raise ValueError("base_anchor needs the base model's vectors of the same texts")
+            anchor = (anchor_distance(queries, base_queries)
+                      + anchor_distance(passages, base_passages)) / 2
+            terms["anchor"] = anchor
+            terms["loss"] = terms["loss"] + self.anchor_weight * anchor
+        return terms
 
     def compute_loss_from_embeddings(
-        self, queries: Tensor, passages: Tensor, teacher_scores: Tensor, passage_ids: PassageIds
+        self,
+        queries: Tensor,
+        passages: Tensor,
+        teacher_scores: Tensor,
+        passage_ids: PassageIds,
+        base_queries: Tensor | None = None,
+        base_passages: Tensor | None = None,
     ) -> Tensor:
         """Returns the scalar training loss."""
-        return self.compute_terms(queries, passages, teacher_scores, passage_ids)["loss"]
+        return self.compute_terms(queries, passages, teacher_scores, passage_ids, base_queries,
+                                  base_passages)["loss"]
 
     def forward(
-        self, queries: Tensor, passages: Tensor, teacher_scores: Tensor, passage_ids: PassageIds
+        self,
+        queries: Tensor,
+        passages: Tensor,
+        teacher_scores: Tensor,
+        passage_ids: PassageIds,
+        base_queries: Tensor | None = None,
+        base_passages: Tensor | None = None,
     ) -> Tensor:
-        return self.compute_loss_from_embeddings(queries, passages, teacher_scores, passage_ids)
+        return self.compute_loss_from_embeddings(queries, passages, teacher_scores, passage_ids,
+                                                 base_queries, base_passages)

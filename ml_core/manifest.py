@@ -33,6 +33,7 @@ _ADDED_SETTINGS: dict[tuple[str, str], Any] = {
     ("generation", "cheap_passages"): None,
     ("training", "train_layers"): None,
     ("training", "tune"): "both",
+    ("training", "base_anchor"): 0.0,
 }
 
 

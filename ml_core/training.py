@@ -150,9 +150,10 @@ def train_student(
     training_config.json) and out_dir/"state"/checkpoint.pt (a TrainingState, saved at the end
     of every epoch; a state from another starting model, config, seed or data is ignored).
     Returns a TrainingResult whose history has one entry per dev evaluation: epoch (0 = base
-    model), step, dev_loss, dev_kl, dev_infonce, best, and for trained epochs train_loss and
-    learning_rate. `progress` gets (fraction of planned steps, message) every step and may raise
-    to stop the run, which then resumes from the last finished epoch when called again.
+    model), step, dev_loss, dev_kl, dev_infonce (dev_anchor with training.base_anchor), best,
+    and for trained epochs train_loss and learning_rate. `progress` gets (fraction of planned
+    steps, message) every step and may raise to stop the run, which then resumes from the last
+    finished epoch when called again.
     """
     out_dir = Path(out_dir)
     state_path = out_dir / "state" / STATE_FILE
@@ -366,10 +367,11 @@ class _Run:
         self.passage_length = min(cfg.max_passage_length, student.spec.max_passage_length)
         # One side tuned (training.tune): the other side is a frozen copy of the starting
         # weights that encodes each text once (its vector never changes) and carries no graph,
-        # so the gradient cache skips it.
+        # so the gradient cache skips it. The pull toward the base (training.base_anchor) reads
+        # the same copy's vectors of every text the batch encodes.
         self.frozen: Student | None = None
         self.frozen_vectors: dict[tuple[str, str], torch.Tensor] = {}
-        if cfg.tune != "both":
+        if cfg.tune != "both" or cfg.base_anchor > 0:
             self.frozen = copy.deepcopy(student).eval()
             self.frozen.requires_grad_(False)
 
@@ -418,13 +420,19 @@ class _Run:
         ]
 
     def loss_inputs(self, batch: list[TrainingExample]) -> dict[str, torch.Tensor]:
-        """Teacher scores and passage keys of the whole global batch (every rank builds them)."""
-        return {
+        """Teacher scores and passage keys of the whole global batch (every rank builds them),
+        and with a pull toward the base its vectors of the batch's queries and passages."""
+        inputs = {
             "teacher_scores": torch.tensor(
                 [e.teacher_scores for e in batch], dtype=torch.float32, device=self.device
             ),
             "passage_ids": passage_keys([e.passage_ids for e in batch], self.device),
         }
+        if self.cfg.base_anchor > 0:
+            inputs["base_queries"] = self._frozen_side([e.query for e in batch], "query")
+            inputs["base_passages"] = self._frozen_side(
+                [p for e in batch for p in e.passages], "passage")
+        return inputs
 
     def dev_loss(self, examples: list[TrainingExample]) -> dict[str, float]:
         """Mean loss terms over the dev set, batched like training (in order, no gradient)."""

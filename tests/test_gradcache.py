@@ -71,9 +71,10 @@ def _grads(model: BertModel) -> dict[str, Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-def _cached_grads(model: BertModel, batch: dict, replay_rng: bool = True) -> dict[str, Tensor]:
+def _cached_grads(model: BertModel, batch: dict, replay_rng: bool = True,
+                  cfg: TrainingConfig | None = None, **inputs: Tensor) -> dict[str, Tensor]:
     model.zero_grad()
-    objective = DistillationObjective(TrainingConfig())
+    objective = DistillationObjective(cfg or TrainingConfig())
     encode = _encoder(model)
     torch.manual_seed(7)
     GradCache(objective, replay_rng=replay_rng).step(
@@ -83,6 +84,7 @@ def _cached_grads(model: BertModel, batch: dict, replay_rng: bool = True) -> dic
         ],
         teacher_scores=batch["teacher"],
         passage_ids=batch["ids"],
+        **inputs,
     )
     return _grads(model)
 
@@ -129,6 +131,29 @@ def test_cached_gradients_equal_one_forward_over_the_whole_batch_without_dropout
     model, batch = _tiny_bert(dropout=0.0), _batch()
     reference = _full_batch_grads(model, batch, chunked_forward=False)
     assert _max_abs_diff(_cached_grads(model, batch), reference) < 1e-5
+
+
+def test_cached_gradients_of_the_pull_toward_the_base_equal_full_batch_gradients() -> None:
+    """training.base_anchor: the base's vectors enter as loss inputs, and the cache still gives
+    the one-graph gradient."""
+    model, batch = _tiny_bert(dropout=0.0), _batch()
+    base = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for parameter in base.parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))
+        inputs = {"base_queries": _encoder(base)(batch["queries"]),
+                  "base_passages": _encoder(base)(batch["passages"])}
+    cfg = TrainingConfig(base_anchor=5.0)
+    model.zero_grad()
+    encode = _encoder(model)
+    objective = DistillationObjective(cfg)
+    terms = objective.compute_terms(encode(batch["queries"]), encode(batch["passages"]),
+                                    batch["teacher"], batch["ids"], **inputs)
+    assert terms["anchor"].item() > 0
+    terms["loss"].backward()
+    reference = _grads(model)
+    assert _max_abs_diff(_cached_grads(model, batch, cfg=cfg, **inputs), reference) < 1e-5
+    assert _max_abs_diff(_cached_grads(model, batch), reference) > 1e-4  # the pull counts
 
 
 def test_step_leaves_the_rng_stream_as_one_pass_would() -> None:

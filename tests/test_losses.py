@@ -155,3 +155,37 @@ def test_gradients_flow_to_both_sides() -> None:
     DistillationObjective(TrainingConfig())(queries, passages, _teacher(), IDS).backward()
     assert queries.grad is not None and queries.grad.abs().sum() > 0
     assert passages.grad is not None and passages.grad.abs().sum() > 0
+
+
+def test_pull_toward_the_base_adds_the_mean_distance_of_each_side() -> None:
+    """base_anchor adds weight x (mean over queries + mean over passages) / 2 of the squared
+    distance between normalised vectors: 2 - 2 cos of the angle each text moved."""
+    cfg = TrainingConfig(list_size=3, base_anchor=2.0)
+    queries, passages = _unit(QUERY_ANGLES, scale=3.0), _unit(PASSAGE_ANGLES)
+    moved_queries = [a + 0.3 for a in QUERY_ANGLES]  # the base put each query 0.3 rad away
+    base_passages = _unit(PASSAGE_ANGLES, scale=0.5)  # same directions: no distance
+    terms = DistillationObjective(cfg).compute_terms(
+        queries, passages, _teacher(), IDS, _unit(moved_queries), base_passages)
+    plain = DistillationObjective(TrainingConfig(list_size=3)).compute_terms(
+        queries, passages, _teacher(), IDS)
+    expected_anchor = ((2 - 2 * math.cos(0.3)) + 0.0) / 2
+    assert terms["anchor"].item() == pytest.approx(expected_anchor, rel=1e-9)
+    assert terms["loss"].item() == pytest.approx(
+        plain["loss"].item() + 2.0 * expected_anchor, rel=1e-9)
+    assert "anchor" not in plain
+
+
+def test_pull_toward_the_base_moves_vectors_back_and_needs_the_base() -> None:
+    cfg = TrainingConfig(list_size=3, base_anchor=1.0)
+    objective = DistillationObjective(cfg)
+    base_queries, base_passages = _unit(QUERY_ANGLES), _unit(PASSAGE_ANGLES)
+    queries = _unit([a + 0.5 for a in QUERY_ANGLES]).requires_grad_()
+    anchor = objective.compute_terms(queries, base_passages, _teacher(), IDS, base_queries,
+                                     base_passages)["anchor"]
+    anchor.backward()
+    with torch.no_grad():  # a small step down the anchor's gradient turns each query back
+        stepped = queries - 0.1 * queries.grad
+    cosine = torch.nn.functional.cosine_similarity
+    assert (cosine(stepped, base_queries) > cosine(queries, base_queries)).all()
+    with pytest.raises(ValueError, match="base_anchor"):
+        objective.compute_terms(queries, base_passages, _teacher(), IDS)

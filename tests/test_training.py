@@ -433,3 +433,35 @@ def test_passage_side_tuning_encodes_queries_with_the_starting_weights(
     assert torch.allclose(frozen, before, atol=1e-6) and not frozen.requires_grad
     assert run._encode_passages(TOPICS[:2]).requires_grad  # the passage side trains
     assert set(run.frozen_vectors) == {("query", t) for t in texts}
+
+
+def test_pull_toward_the_base_keeps_the_trained_vectors_nearer_the_base(
+    model_store: Path, tmp_path: Path
+) -> None:
+    """training.base_anchor: the dev loss reports the distance (0 for the base itself), and a
+    strong pull ends nearer the starting vectors than the same run without it."""
+    from ml_core.student import Student
+
+    texts = TOPICS[:6]
+
+    def vectors(model_dir: Path | None) -> torch.Tensor:
+        student = Student.load(model_dir) if model_dir else _student(model_store)
+        with torch.no_grad():
+            return torch.nn.functional.normalize(student.forward_passages(texts, 24), dim=-1)
+
+    def train(anchor: float, folder: str):
+        cfg = CFG.model_copy(update={"base_anchor": anchor, "max_epochs": 3})
+        return train_student(_student(model_store), _lists()[:8], _lists()[:8], _passages(),
+                             _queries(), cfg, tmp_path / folder, seed=1)
+
+    base = vectors(None)
+    free, pulled = train(0.0, "free"), train(50.0, "pulled")
+    assert "dev_anchor" not in free.history[0]
+    assert pulled.history[0]["dev_anchor"] == pytest.approx(0.0, abs=1e-6)
+    assert pulled.best_epoch > 0 and free.best_epoch > 0
+    assert pulled.history[pulled.best_epoch]["dev_anchor"] > 0
+
+    def drift(result) -> float:
+        return float((vectors(result.best_dir) - base).square().sum(-1).mean())
+
+    assert drift(pulled) < 0.5 * drift(free)
