@@ -26,6 +26,7 @@ the averaging with the base re-exports without training again). The variants:
                  keep the base model's vectors
     anchor-e8    the default with a pull toward the base model while training
                  (training.base_anchor 10): each text's vector kept near the starting one
+    anchor40-e8  the same with the pull at 40
     ce-e8        the default trained on the cross-encoder's scores alone (the paper's signal,
                  `teacher_signal: cross_encoder`): no BM25 or student ranks in the target
     oracle-e8    supplied-e8 with the dataset's judgements as the teacher and the target
@@ -121,6 +122,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "anchor-e8": {"training": {"loss": "listwise", "base_merge": MERGE_SHARE, "base_anchor": 10.0,
                                **_TRAINING},
                   "candidates": _LISTS},
+    "anchor40-e8": {"training": {"loss": "listwise", "base_merge": MERGE_SHARE,
+                                 "base_anchor": 40.0, **_TRAINING},
+                    "candidates": _LISTS},
     # The default with the teacher alone as the target: nothing of BM25 in what it learns.
     "ce-e8": {"training": {"loss": "listwise", "base_merge": MERGE_SHARE, **_TRAINING},
               "candidates": {**_LISTS, "teacher_signal": "cross_encoder"}},
