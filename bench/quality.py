@@ -33,6 +33,7 @@ the averaging with the base re-exports without training again). The variants:
                  (bench.oracle), cross-fitted: what a perfect teacher would buy on real
                  queries at this training scale; analysis only, never a default
     oracle-raw-e8  the same, the checkpoint as trained (not averaged with the base)
+    oracle-anchor-e8  oracle-e8 with anchor-e8's pull toward the base while training
     x640-e8      the default plus `extractive` queries (a seeded sentence of the passage, no
                  generator call) on 640 sampled passages, the default's 160 among them
     x1000-e8     the same on 1,000 passages
@@ -154,11 +155,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "oracle-raw-e8": {"generation": {"synthetic": False},
                       "training": {"loss": "listwise", "base_merge": 0.0, **_TRAINING},
                       "candidates": {**_LISTS, "teacher_signal": "cross_encoder"}},
+    # The same with the pull toward the base while training (anchor-e8's weight).
+    "oracle-anchor-e8": {"generation": {"synthetic": False},
+                         "training": {"loss": "listwise", "base_merge": MERGE_SHARE,
+                                      "base_anchor": 10.0, **_TRAINING},
+                         "candidates": {**_LISTS, "teacher_signal": "cross_encoder"}},
 }
 # Variants that train on the customer's own unjudged queries (ml_core's train_queries), with the
 # judged queries standing in for a search log, cut into this many seeded folds (bench.cross_fit).
 CROSS_FIT: dict[str, int] = {"supplied-e8": 2, "mixed-e8": 2, "oracle-e8": 2,
-                             "oracle-raw-e8": 2}
+                             "oracle-raw-e8": 2, "oracle-anchor-e8": 2}
 
 SHARED_STAGES = ("prepare", "generate", "filter")
 # Rows every run of a dataset measures the same way (the base model, the teacher check).
