@@ -24,6 +24,8 @@ the averaging with the base re-exports without training again). The variants:
                  passages keep the base model's vectors
     pside-e8     the default with only the passage side trained ("passages"): the queries
                  keep the base model's vectors
+    l16-raw-e8   the default's checkpoint as trained (base_merge 0; a re-export, no training)
+    l16-m25-e8   the same averaged a quarter with the base (base_merge 0.25)
     anchor-e8    the default with a pull toward the base model while training
                  (training.base_anchor 10): each text's vector kept near the starting one
     anchor40-e8  the same with the pull at 40
@@ -118,6 +120,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "pside-e8": {"training": {"loss": "listwise", "base_merge": MERGE_SHARE, "tune": "passages",
                               **_TRAINING},
                  "candidates": _LISTS},
+    # The default's checkpoint as trained (no average with the base) and a quarter averaged:
+    # re-exports of the default's training, no second run.
+    "l16-raw-e8": {"training": {"loss": "listwise", "base_merge": 0.0, **_TRAINING},
+                   "candidates": _LISTS},
+    "l16-m25-e8": {"training": {"loss": "listwise", "base_merge": 0.25, **_TRAINING},
+                   "candidates": _LISTS},
     # The default with a pull toward the base's vectors while it trains, as well as the
     # averaging with the base after it.
     "anchor-e8": {"training": {"loss": "listwise", "base_merge": MERGE_SHARE, "base_anchor": 10.0,

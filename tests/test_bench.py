@@ -542,7 +542,8 @@ def test_the_cross_fitted_variants_are_the_default_on_other_queries():
     assert supplied.generation.synthetic is False and default.generation.synthetic is True
     assert supplied.model_dump(exclude={"generation": {"synthetic"}}) == default.model_dump(
         exclude={"generation": {"synthetic"}})
-    assert set(CROSS_FIT) == {"supplied-e8", "mixed-e8", "oracle-e8", "oracle-raw-e8"}
+    assert set(CROSS_FIT) == {"supplied-e8", "mixed-e8", "oracle-e8", "oracle-raw-e8",
+                              "oracle-anchor-e8"}
     oracle = _config("default", "oracle-e8", {})
     assert oracle.candidates.teacher_signal == "cross_encoder"
     assert oracle.model_dump(exclude={"candidates": {"teacher_signal"}}) == supplied.model_dump(
@@ -551,6 +552,11 @@ def test_the_cross_fitted_variants_are_the_default_on_other_queries():
     assert raw.training.base_merge == 0.0 and raw.model_dump(
         exclude={"training": {"base_merge"}}) == oracle.model_dump(
         exclude={"training": {"base_merge"}})
+    pulled = _config("default", "oracle-anchor-e8", {})
+    assert pulled.training.base_anchor == _config("default", "anchor-e8", {}).training.base_anchor
+    assert pulled.training.base_anchor > 0 and pulled.model_dump(
+        exclude={"training": {"base_anchor"}}) == oracle.model_dump(
+        exclude={"training": {"base_anchor"}})
 
 
 def test_the_judgements_scorer_grades_a_pair_by_its_passages_document(tmp_path):

@@ -535,13 +535,14 @@ def test_a_setting_added_later_leaves_the_fingerprints_of_earlier_stages_alone()
 
 
 def test_training_all_layers_keeps_the_distill_fingerprint_of_earlier_jobs() -> None:
-    """training.train_layers and tune came after jobs had run: unset or "both" (every layer of
-    one encoder trains, as before) they stay out of the distill stage's hash; set, they change
-    it."""
+    """training.train_layers, tune and base_anchor came after jobs had run: unset, "both" or 0
+    (every layer of one encoder trains, unpulled, as before) they stay out of the distill
+    stage's hash; set, they change it."""
     from ml_core.pipeline import section_hash
 
     config = build_config("default", TINY_RECIPE)
     old = _hash_without(config, "distill", ("training", "train_layers"), ("training", "tune"),
+                        ("training", "base_anchor"),
                         ("candidates", "helpers"), ("candidates", "co_teachers"),
                         ("candidates", "round_trip_scope"), ("generation", "synthetic"))
     assert section_hash(config, "distill") == old
@@ -551,6 +552,9 @@ def test_training_all_layers_keeps_the_distill_fingerprint_of_earlier_jobs() -> 
     queries_only = build_config("default", {**TINY_RECIPE, "training": {
         **TINY_RECIPE.get("training", {}), "tune": "queries"}})
     assert section_hash(queries_only, "distill") != old
+    pulled = build_config("default", {**TINY_RECIPE, "training": {
+        **TINY_RECIPE.get("training", {}), "base_anchor": 1.0}})
+    assert section_hash(pulled, "distill") != old
 
 
 
