@@ -21,7 +21,7 @@ import numpy as np
 
 from ml_core.records import ProgressFn, Query, no_progress
 
-ORACLE_VARIANTS = ("oracle-e8", "oracle-raw-e8", "oracle-anchor-e8")
+ORACLE_VARIANTS = ("oracle-e8", "oracle-raw-e8", "oracle-anchor-e8", "oracle-easy-e8")
 
 
 class QrelsScorer:

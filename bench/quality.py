@@ -24,6 +24,9 @@ the averaging with the base re-exports without training again). The variants:
                  passages keep the base model's vectors
     pside-e8     the default with only the passage side trained ("passages"): the queries
                  keep the base model's vectors
+    easy-e8      the default with 4 of each list's 16 candidates drawn from the fused ranks
+                 below the other 12, down to 100 (candidates.easy_k): hard and easy, as the
+                 paper's top-100 lists
     l16-raw-e8   the default's checkpoint as trained (base_merge 0; a re-export, no training)
     l16-m25-e8   the same averaged a quarter with the base (base_merge 0.25)
     anchor-e8    the default with a pull toward the base model while training
@@ -36,6 +39,7 @@ the averaging with the base re-exports without training again). The variants:
                  queries at this training scale; analysis only, never a default
     oracle-raw-e8  the same, the checkpoint as trained (not averaged with the base)
     oracle-anchor-e8  oracle-e8 with anchor-e8's pull toward the base while training
+    oracle-easy-e8    oracle-e8 with easy-e8's lists of hard and easy candidates
     x640-e8      the default plus `extractive` queries (a seeded sentence of the passage, no
                  generator call) on 640 sampled passages, the default's 160 among them
     x1000-e8     the same on 1,000 passages
@@ -120,6 +124,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "pside-e8": {"training": {"loss": "listwise", "base_merge": MERGE_SHARE, "tune": "passages",
                               **_TRAINING},
                  "candidates": _LISTS},
+    # The default with a quarter of each list drawn from the fused ranks 13 to 100.
+    "easy-e8": {"training": {"loss": "listwise", "base_merge": MERGE_SHARE, **_TRAINING},
+                "candidates": {**_LISTS, "easy_k": 4, "easy_depth": 100}},
     # The default's checkpoint as trained (no average with the base) and a quarter averaged:
     # re-exports of the default's training, no second run.
     "l16-raw-e8": {"training": {"loss": "listwise", "base_merge": 0.0, **_TRAINING},
@@ -163,6 +170,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "oracle-raw-e8": {"generation": {"synthetic": False},
                       "training": {"loss": "listwise", "base_merge": 0.0, **_TRAINING},
                       "candidates": {**_LISTS, "teacher_signal": "cross_encoder"}},
+    # The same with easy-e8's lists: hard and easy candidates, the judgements scoring both.
+    "oracle-easy-e8": {"generation": {"synthetic": False},
+                       "training": {"loss": "listwise", "base_merge": MERGE_SHARE, **_TRAINING},
+                       "candidates": {**_LISTS, "teacher_signal": "cross_encoder", "easy_k": 4,
+                                      "easy_depth": 100}},
     # The same with the pull toward the base while training (anchor-e8's weight).
     "oracle-anchor-e8": {"generation": {"synthetic": False},
                          "training": {"loss": "listwise", "base_merge": MERGE_SHARE,
@@ -172,7 +184,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 # Variants that train on the customer's own unjudged queries (ml_core's train_queries), with the
 # judged queries standing in for a search log, cut into this many seeded folds (bench.cross_fit).
 CROSS_FIT: dict[str, int] = {"supplied-e8": 2, "mixed-e8": 2, "oracle-e8": 2,
-                             "oracle-raw-e8": 2, "oracle-anchor-e8": 2}
+                             "oracle-raw-e8": 2, "oracle-anchor-e8": 2, "oracle-easy-e8": 2}
 
 SHARED_STAGES = ("prepare", "generate", "filter")
 # Rows every run of a dataset measures the same way (the base model, the teacher check).

@@ -99,8 +99,14 @@ def mine_candidates(
     passage_vectors: np.ndarray | None = None,
     batch_size: int = ENCODE_BATCH_SIZE,
     helpers: Sequence[tuple[Encoder, np.ndarray | None]] = (),
+    seed: int = 0,
 ) -> dict[str, Candidates]:
     """{query id: Candidates}: the student's top list fused with BM25's by RRF, cut to cfg.top_k.
+
+    With cfg.easy_k the last easy_k of the top_k slots hold passages drawn (seeded by `seed`
+    and the query id) from the fused ranks below the others down to cfg.easy_depth, in rank
+    order, with their RRF scores over those deeper lists; the others are the fused top as
+    without them.
 
     The student list is max(top_k, student_top_n) deep so the round-trip filter can see the
     source passage's rank. `passage_vectors` (aligned with `passages`) skips re-encoding.
@@ -118,10 +124,11 @@ def mine_candidates(
         index = DenseIndex.build(vectors, ids)
         return index.search(encoder.encode_queries(texts, batch_size=batch_size), depth)[1]
 
-    student_lists = dense_lists(student, passage_vectors, max(cfg.top_k, cfg.student_top_n))
+    deep = cfg.easy_depth if cfg.easy_k else cfg.top_k
+    student_lists = dense_lists(student, passage_vectors, max(deep, cfg.student_top_n))
     bm25_lists: list[list[str]] = [[] for _ in queries]
     if cfg.use_bm25:
-        _, bm25_lists = BM25Index(passages).search(texts, cfg.top_k)
+        _, bm25_lists = BM25Index(passages).search(texts, deep)
     # helper_lists[h][i]: helper h's list for query i; per_query[i]: query i's helper lists.
     helper_lists = [dense_lists(encoder, vectors, cfg.top_k) for encoder, vectors in helpers]
     per_query = [list(lists) for lists in zip(*helper_lists, strict=True)] or [[] for _ in queries]
@@ -130,15 +137,29 @@ def mine_candidates(
     for query, student_ids, bm25_ids, helper_ids in zip(
         queries, student_lists, bm25_lists, per_query, strict=True
     ):
+        bm25_ids, bm25_deep = bm25_ids[: cfg.top_k], bm25_ids
         rankings = [student_ids[: cfg.top_k]] + ([bm25_ids] if cfg.use_bm25 else []) + helper_ids
-        fused = reciprocal_rank_fusion(rankings, cfg.rrf_k)[: cfg.top_k]
+        hard = cfg.top_k - cfg.easy_k
+        fused = reciprocal_rank_fusion(rankings, cfg.rrf_k)[:hard]
         scores = rrf_scores(rankings, cfg.rrf_k)
+        rrf = [scores[pid] for pid in fused]
+        if cfg.easy_k:
+            deep_rankings = [student_ids] + ([bm25_deep] if cfg.use_bm25 else [])
+            deep_scores = rrf_scores(deep_rankings, cfg.rrf_k)
+            taken = set(fused)
+            pool = [pid for pid in reciprocal_rank_fusion(deep_rankings, cfg.rrf_k)
+                    if pid not in taken][: cfg.easy_depth - hard]
+            rng = random.Random(f"{seed}:easy:{query.id}")
+            ranks = sorted(rng.sample(range(len(pool)), min(cfg.easy_k, len(pool))))
+            fused += [pool[i] for i in ranks]
+            rrf += [deep_scores[pool[i]] for i in ranks]
+        student_ids = student_ids[: max(cfg.top_k, cfg.student_top_n)]  # as deep as without easy
         in_student = query.source_id in student_ids
         source_rank = student_ids.index(query.source_id) + 1 if in_student else None
         result[query.id] = Candidates(
             query_id=query.id,
             passage_ids=fused,
-            rrf=[scores[pid] for pid in fused],
+            rrf=rrf,
             student_ids=student_ids,
             bm25_ids=bm25_ids,
             source_rank=source_rank,

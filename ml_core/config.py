@@ -155,6 +155,22 @@ class CandidateConfig(_Section):
     # candidate pool and vote in the fused signal, never trained (docs/benchmarks.md,
     # "Helper retriever").
     helpers: list[str] = []
+    # Easy candidates: this many of the top_k slots are drawn (seeded, per query) from the fused
+    # ranks below the rest, down to easy_depth, so a list spans hard and easy passages as the
+    # paper's top-100 lists do, for the teacher cost of top_k (0: the fused top_k alone;
+    # docs/benchmarks.md, "Lists mixing hard and easy candidates").
+    easy_k: Annotated[int, Field(ge=0, le=999)] = 0
+    easy_depth: Annotated[int, Field(ge=2, le=1000)] = 100
+
+    @model_validator(mode="after")
+    def _easy_within_the_list(self) -> CandidateConfig:
+        if self.easy_k and self.easy_k >= self.top_k:
+            raise ValueError(f"candidates.easy_k ({self.easy_k}) must be below candidates.top_k "
+                             f"({self.top_k}): a list keeps at least one hard candidate")
+        if self.easy_k and self.easy_depth <= self.top_k:
+            raise ValueError(f"candidates.easy_depth ({self.easy_depth}) must exceed "
+                             f"candidates.top_k ({self.top_k})")
+        return self
 
     @model_validator(mode="after")
     def _depth_within_top_k(self) -> CandidateConfig:

@@ -33,6 +33,8 @@ _ADDED_SETTINGS: dict[tuple[str, str], Any] = {
     ("generation", "cheap_passages"): None,
     ("training", "train_layers"): None,
     ("training", "tune"): "both",
+    ("candidates", "easy_k"): 0,
+    ("candidates", "easy_depth"): 100,
     ("training", "base_anchor"): 0.0,
 }
 

@@ -543,7 +543,7 @@ def test_the_cross_fitted_variants_are_the_default_on_other_queries():
     assert supplied.model_dump(exclude={"generation": {"synthetic"}}) == default.model_dump(
         exclude={"generation": {"synthetic"}})
     assert set(CROSS_FIT) == {"supplied-e8", "mixed-e8", "oracle-e8", "oracle-raw-e8",
-                              "oracle-anchor-e8"}
+                              "oracle-anchor-e8", "oracle-easy-e8"}
     oracle = _config("default", "oracle-e8", {})
     assert oracle.candidates.teacher_signal == "cross_encoder"
     assert oracle.model_dump(exclude={"candidates": {"teacher_signal"}}) == supplied.model_dump(
@@ -552,6 +552,10 @@ def test_the_cross_fitted_variants_are_the_default_on_other_queries():
     assert raw.training.base_merge == 0.0 and raw.model_dump(
         exclude={"training": {"base_merge"}}) == oracle.model_dump(
         exclude={"training": {"base_merge"}})
+    easy = _config("default", "oracle-easy-e8", {})
+    assert easy.candidates.easy_k == _config("default", "easy-e8", {}).candidates.easy_k > 0
+    assert easy.model_dump(exclude={"candidates": {"easy_k", "easy_depth"}}) == oracle.model_dump(
+        exclude={"candidates": {"easy_k", "easy_depth"}})
     pulled = _config("default", "oracle-anchor-e8", {})
     assert pulled.training.base_anchor == _config("default", "anchor-e8", {}).training.base_anchor
     assert pulled.training.base_anchor > 0 and pulled.model_dump(

@@ -91,6 +91,37 @@ def test_mine_candidates_reuses_given_passage_vectors_and_can_skip_bm25() -> Non
     assert mined["q"].bm25_ids == [] and mined["q"].passage_ids == mined["q"].student_ids
 
 
+def test_easy_candidates_fill_the_last_slots_from_deeper_ranks_seeded() -> None:
+    """candidates.easy_k: the hard part is the fused top as without it; the rest are drawn from
+    the fused ranks below it (down to easy_depth), in rank order, the same draw for a seed."""
+    passages = [Passage(f"d{i:02d}", " ".join(["wing"] * (30 - i) + ["plate"] * i))
+                for i in range(30)]
+    query = Query("q", "wing", source_id="d00")
+    hard_cfg = CandidateConfig(top_k=6, student_top_n=6)
+    easy_cfg = CandidateConfig(top_k=6, student_top_n=6, easy_k=2, easy_depth=20)
+    plain = mine_candidates([query], passages, KeywordStudent(), hard_cfg)["q"]
+    mixed = mine_candidates([query], passages, KeywordStudent(), easy_cfg, seed=3)["q"]
+    again = mine_candidates([query], passages, KeywordStudent(), easy_cfg, seed=3)["q"]
+    other = [mine_candidates([query], passages, KeywordStudent(), easy_cfg, seed=s)["q"]
+             for s in range(4, 10)]
+    assert mixed.passage_ids[:4] == plain.passage_ids[:4] and len(mixed.passage_ids) == 6
+    assert mixed.rrf[:4] == plain.rrf[:4]
+    easy = mixed.passage_ids[4:]
+    assert len(set(mixed.passage_ids)) == 6 and not set(easy) & set(plain.passage_ids[:4])
+    assert all(int(pid[1:]) < 20 for pid in easy)  # within easy_depth of the fused ranking
+    assert mixed.passage_ids == again.passage_ids
+    assert any(o.passage_ids[4:] != easy for o in other)  # the draw follows the seed
+    assert mixed.student_ids == plain.student_ids and mixed.bm25_ids == plain.bm25_ids
+    assert any(int(pid[1:]) >= 6 for o in other for pid in o.passage_ids[4:])  # below the top
+
+
+def test_easy_candidates_leave_a_hard_one_and_reach_below_the_list() -> None:
+    with pytest.raises(ValueError, match="easy_k"):
+        CandidateConfig(top_k=4, easy_k=4)
+    with pytest.raises(ValueError, match="easy_depth"):
+        CandidateConfig(top_k=16, easy_k=4, easy_depth=16)
+
+
 class PreferenceHelper:
     """A helper retriever that ranks every query's passages by a fixed preference."""
 

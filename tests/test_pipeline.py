@@ -527,11 +527,15 @@ def test_a_setting_added_later_leaves_the_fingerprints_of_earlier_stages_alone()
     config = build_config("default", TINY_RECIPE)
     assert config.candidates.helpers == [] and config.candidates.round_trip_scope == "passage"
     old = _hash_without(config, "filter", ("candidates", "helpers"),
-                        ("candidates", "round_trip_scope"), ("candidates", "co_teachers"))
+                        ("candidates", "round_trip_scope"), ("candidates", "co_teachers"),
+                        ("candidates", "easy_k"), ("candidates", "easy_depth"))
     assert section_hash(config, "filter") == old
     helped = build_config("default", {**TINY_RECIPE, "candidates": {
         **TINY_RECIPE["candidates"], "helpers": ["bge-small"]}})
     assert section_hash(helped, "filter") != old
+    mixed = build_config("default", {**TINY_RECIPE, "candidates": {
+        **TINY_RECIPE["candidates"], "easy_k": 2}})
+    assert section_hash(mixed, "filter") != old
 
 
 def test_training_all_layers_keeps_the_distill_fingerprint_of_earlier_jobs() -> None:
@@ -544,6 +548,7 @@ def test_training_all_layers_keeps_the_distill_fingerprint_of_earlier_jobs() -> 
     old = _hash_without(config, "distill", ("training", "train_layers"), ("training", "tune"),
                         ("training", "base_anchor"),
                         ("candidates", "helpers"), ("candidates", "co_teachers"),
+                        ("candidates", "easy_k"), ("candidates", "easy_depth"),
                         ("candidates", "round_trip_scope"), ("generation", "synthetic"))
     assert section_hash(config, "distill") == old
     frozen = build_config("default", {**TINY_RECIPE, "training": {

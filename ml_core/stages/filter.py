@@ -55,7 +55,7 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
                       + "".join(f" + {name}" for name in helper_names) + ", fused)")
     candidates = mine_candidates(
         queries, passages, student, cfg.candidates, passage_vectors=vectors,
-        helpers=list(zip(helpers, helper_vectors, strict=True)),
+        helpers=list(zip(helpers, helper_vectors, strict=True)), seed=ctx.config.seed,
     )
     result = score_and_filter(
         queries,
