@@ -21,6 +21,7 @@ the student normalises its output.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -215,27 +216,8 @@ class DistillationObjective(nn.Module):
             terms["loss"] = terms["loss"] + self.anchor_weight * anchor
         return terms
 
-    def compute_loss_from_embeddings(
-        self,
-        queries: Tensor,
-        passages: Tensor,
-        teacher_scores: Tensor,
-        passage_ids: PassageIds,
-        base_queries: Tensor | None = None,
-        base_passages: Tensor | None = None,
-    ) -> Tensor:
-        """Returns the scalar training loss."""
-        return self.compute_terms(queries, passages, teacher_scores, passage_ids, base_queries,
-                                  base_passages)["loss"]
+    def compute_loss_from_embeddings(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Returns the scalar training loss: `compute_terms`'s "loss", same arguments."""
+        return self.compute_terms(*args, **kwargs)["loss"]
 
-    def forward(
-        self,
-        queries: Tensor,
-        passages: Tensor,
-        teacher_scores: Tensor,
-        passage_ids: PassageIds,
-        base_queries: Tensor | None = None,
-        base_passages: Tensor | None = None,
-    ) -> Tensor:
-        return self.compute_loss_from_embeddings(queries, passages, teacher_scores, passage_ids,
-                                                 base_queries, base_passages)
+    forward = compute_loss_from_embeddings
