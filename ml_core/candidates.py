@@ -104,9 +104,9 @@ def mine_candidates(
     """{query id: Candidates}: the student's top list fused with BM25's by RRF, cut to cfg.top_k.
 
     With cfg.easy_k the last easy_k of the top_k slots hold passages drawn (seeded by `seed`
-    and the query id) from the fused ranks below the others down to cfg.easy_depth, in rank
-    order, with their RRF scores over those deeper lists; the others are the fused top as
-    without them.
+    and the query id) from the student's and BM25's lists fused to cfg.easy_depth (helpers
+    list only top_k), below the others, in rank order, with their RRF scores over those deeper
+    lists; the others are the fused top as without them.
 
     The student list is max(top_k, student_top_n) deep so the round-trip filter can see the
     source passage's rank. `passage_vectors` (aligned with `passages`) skips re-encoding.
