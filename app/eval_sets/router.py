@@ -88,7 +88,7 @@ def get_eval_set(eval_set_id: str, session: SessionDep, tenant: CurrentTenant) -
 def delete_eval_set(
     eval_set_id: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep
 ) -> None:
-    """Delete a eval set and its stored files; 409 (naming them in `job_ids`) while a job that
+    """Delete an eval set and its stored files; 409 (naming them in `job_ids`) while a job that
     uses it has not finished."""
     row = service.delete_eval_set(session, tenant, eval_set_id)
     session.commit()
