@@ -117,6 +117,10 @@ class Settings(BaseSettings):
     # that stage on another host waits until the lease lapses this long after the holder's last
     # heartbeat (on the holder's own host it takes over as soon as the holder's process is gone).
     lease_ttl_s: float = Field(default=300.0, gt=0)
+    # A stage whose process ended without a word (killed: out of memory, or its host lost) runs
+    # again, up to this many such losses; the next one fails the job (`worker_lost`) instead of
+    # the broker giving the task back for ever. A worker's shutdown is not counted.
+    max_stage_losses: int = Field(default=2, ge=0, le=100)
     # A cancelled or failed job's intermediate objects (stage outputs, partial shards) and work
     # folders are kept this long for a look, then removed; a deleted job's go at once. Workers
     # sweep for them every retention_sweep_s (app.jobs.retention).

@@ -276,6 +276,50 @@ def test_a_lost_host_is_resumed_by_the_lease_sweep_before_the_broker_redelivers(
     stack.start_worker("worker-after-lease")
 
 
+def test_a_stage_killed_every_time_fails_the_job_instead_of_running_for_ever(
+    stack: ServiceStack, corpus_id: str
+) -> None:
+    """The out-of-memory killer SIGKILLs the pool process running a stage that needs more memory
+    than the host has, on every delivery; the broker gives a lost task back with no count. The
+    claim counts the losses: past TAILOR_MAX_STAGE_LOSSES the job fails, naming the setting
+    that lowers the stage's memory, and the worker carries on."""
+    import os
+    import signal
+
+    from sqlalchemy import create_engine, text
+
+    for worker in stack.workers:
+        worker.stop(timeout=3)
+    stack.start_worker("worker-oom", max_stage_losses="1")
+    engine = create_engine(stack.env["TAILOR_DATABASE_URL"])
+    with stack.client() as client:
+        job = create_job(client, corpus_id, **LONG_TRAINING)
+        for attempt in (1, 2):
+            wait_for_event(
+                client, job["id"],
+                lambda e, n=attempt: stage_started("distill")(e) and e["data"]["attempt"] == n,
+                120, stack,
+            )
+            with engine.begin() as connection:  # the claim wrote the lease with the event
+                holder = connection.execute(
+                    text("SELECT lease_owner FROM jobs WHERE id = :id"), {"id": job["id"]}
+                ).scalar_one()
+            os.kill(int(holder.rsplit(":", 1)[1]), signal.SIGKILL)  # what the OOM killer does
+        done = wait_for_job(client, job["id"], lambda j: j["status"] == "failed", 120, stack)
+        timeline = events(client, job["id"])
+    engine.dispose()
+    assert done["error"]["error"] == "worker_lost" and done["error"]["stage"] == "distill"
+    assert "lost 2 times" in done["error"]["detail"]
+    assert "training.micro_batch_size" in done["error"]["detail"]
+    starts = [e for e in timeline if e["kind"] == "stage" and e["message"] == "distill started"]
+    lost = [e for e in timeline if e["kind"] == "warning" and "without finishing" in e["message"]]
+    assert len(starts) == 2 and len(lost) == 1, timeline
+    assert timeline[-1]["data"]["status"] == "failed" and timeline[-1]["data"]["losses"] == 2
+    assert stack.workers[-1].alive()  # only its pool processes died
+    stack.workers[-1].stop(timeout=3)
+    stack.start_worker("worker-after-oom")
+
+
 def test_a_person_uses_the_console_in_a_browser(stack: ServiceStack, tmp_path: Path) -> None:
     """Chromium signs in, uploads, starts a job, watches it finish, reads the report, downloads
     the model and tries it; screenshots land in tmp_path."""

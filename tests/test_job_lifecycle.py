@@ -10,7 +10,16 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db.models import Corpus, Job, JobEvent, JobStatus, Recommendation, Tenant, TunedModel
+from app.db.models import (
+    Corpus,
+    EventKind,
+    Job,
+    JobEvent,
+    JobStatus,
+    Recommendation,
+    Tenant,
+    TunedModel,
+)
 from app.db.session import session_scope
 from app.jobs import lifecycle
 from app.settings import get_settings
@@ -57,10 +66,13 @@ def _state(job_id: str) -> tuple[Job, list[JobEvent]]:
     return job, events
 
 
-def _claim(session: Session, stage: str, owner: str = "host:1", busy: bool = False) -> Job | None:
+def _claim(
+    session: Session, stage: str, owner: str = "host:1", busy: bool = False,
+    max_losses: int | None = None,
+) -> Job | None:
     return lifecycle.claim_stage(
         session, "job_1", stage, stages=STAGES, progress=0.1 * STAGES.index(stage), owner=owner,
-        lease_ttl_s=60, redelivered=False, held_elsewhere=lambda job: busy,
+        lease_ttl_s=60, redelivered=False, held_elsewhere=lambda job: busy, max_losses=max_losses,
     )
 
 
@@ -156,6 +168,73 @@ def test_a_stopped_task_cancels_only_a_job_whose_cancel_was_requested(database: 
     with session_scope() as session:
         assert lifecycle.cancel(session, job_id, "distill", "stopped", requested_only=True)
     assert _state(job_id)[0].status == JobStatus.CANCELLED
+
+
+def test_a_stage_whose_process_keeps_dying_fails_the_job_after_the_losses_allowed(
+    database: None,
+) -> None:
+    # Each claim by another process while the last one's lease was never given back is a
+    # delivery lost without a word (SIGKILL: the out-of-memory killer, a lost host).
+    job_id = _new_job()
+    with session_scope() as session:
+        assert _claim(session, "distill", owner="host:1", max_losses=2) is not None
+    for owner in ("host:2", "host:3"):
+        with session_scope() as session:
+            assert _claim(session, "distill", owner=owner, max_losses=2) is not None
+    job, events = _state(job_id)
+    assert job.status == JobStatus.RUNNING and job.lease_owner == "host:3"
+    lost = [e for e in events if e.kind == EventKind.WARNING]
+    assert [(e.stage, e.data) for e in lost] == [
+        ("distill", {"lease_owner": "host:1", "losses": 1}),
+        ("distill", {"lease_owner": "host:2", "losses": 2}),
+    ]
+    assert lost[1].message == (
+        "distill stopped without finishing (its process was killed or its host lost); "
+        "running it again (2 of the 2 losses allowed)"
+    )
+    with session_scope() as session:  # the third loss: the job fails, nothing runs
+        assert _claim(session, "distill", owner="host:4", max_losses=2) is None
+    job, events = _state(job_id)
+    assert job.status == JobStatus.FAILED and job.finished_at is not None
+    assert job.error is not None and job.error["error"] == "worker_lost"
+    assert job.error["stage"] == "distill"
+    assert "lost 3 times" in job.error["detail"]
+    assert "Lower training.micro_batch_size" in job.error["detail"]
+    assert events[-1].data == {"status": "failed", "error": "worker_lost",
+                               "lease_owner": "host:3", "losses": 3}
+    assert [e.data.get("attempt") for e in events if e.kind == EventKind.STAGE] == [1, 2, 3]
+    with session_scope() as session:  # a late delivery of the failed job runs nothing
+        assert _claim(session, "distill", owner="host:5", max_losses=2) is None
+    assert _state(job_id)[0].error == job.error
+
+
+def test_released_interrupted_and_own_deliveries_are_not_losses(database: None) -> None:
+    # With no loss allowed, any miscount would fail the job.
+    job_id = _new_job()
+    with session_scope() as session:
+        assert _claim(session, "generate", owner="host:1", max_losses=0) is not None
+    with session_scope() as session:  # the stage raised (a retry follows): lease given back
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.lease_owner, job.lease_expires_at = None, None
+    with session_scope() as session:
+        assert _claim(session, "generate", owner="host:2", max_losses=0) is not None
+    with session_scope() as session:  # the same process again: it was never lost
+        assert _claim(session, "generate", owner="host:2", max_losses=0) is not None
+    with session_scope() as session:  # its worker shut down under it (cold shutdown)
+        lifecycle.interrupted(session, job_id, "generate")
+    with session_scope() as session:
+        assert _claim(session, "generate", owner="host:3", max_losses=0) is not None
+    job, events = _state(job_id)
+    assert job.status == JobStatus.RUNNING and job.error is None
+    assert [e.message for e in events if e.kind == EventKind.WARNING] == [
+        "generate interrupted: its worker shut down, and another delivery runs it again"
+    ]
+    with session_scope() as session:  # but a loss after the interruption counts
+        job = _claim(session, "generate", owner="host:4", max_losses=0)
+    assert job is None
+    failed, _ = _state(job_id)
+    assert failed.error is not None and "Lower generation.batch_size" in failed.error["detail"]
 
 
 def test_a_failure_reads_the_same_from_the_api_and_the_worker(database: None) -> None:

@@ -55,7 +55,8 @@ class EmbeddingInputs:
 
 
 def claim_embedding(
-    job_id: str, redelivered: bool, owner: str = "", lease_ttl_s: float = 300.0
+    job_id: str, redelivered: bool, owner: str = "", lease_ttl_s: float = 300.0,
+    max_losses: int | None = None,
 ) -> EmbeddingInputs | None:
     """Decide whether this delivery runs: mark the job running and take its lease (None:
     nothing to do; StageBusy: another live process runs it)."""
@@ -70,6 +71,7 @@ def claim_embedding(
             lease_ttl_s=lease_ttl_s,
             redelivered=redelivered,
             held_elsewhere=lambda job: lease_held_by_another(job, owner),
+            max_losses=max_losses,
         )
         if job is None:
             return None

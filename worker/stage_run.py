@@ -78,7 +78,8 @@ class JobInputs:
 
 
 def claim(
-    job_id: str, stage: str, redelivered: bool, owner: str = "", lease_ttl_s: float = 300.0
+    job_id: str, stage: str, redelivered: bool, owner: str = "", lease_ttl_s: float = 300.0,
+    max_losses: int | None = None,
 ) -> JobInputs | None:
     """Decide whether this delivery should run; mark the job running and take its lease.
 
@@ -96,6 +97,7 @@ def claim(
             lease_ttl_s=lease_ttl_s,
             redelivered=redelivered,
             held_elsewhere=lambda job: lease_held_by_another(job, owner),
+            max_losses=max_losses,
         )
         if job is None:
             return None

@@ -67,7 +67,8 @@ def run_stage(self: Any, job_id: str, stage: str, transient_retries: int = 0) ->
         raise ValueError(f"unknown stage {stage!r}")
 
     def claim_stage(settings: Settings, owner: str, redelivered: bool) -> StageRun | None:
-        inputs = claim(job_id, stage, redelivered, owner, settings.lease_ttl_s)
+        inputs = claim(job_id, stage, redelivered, owner, settings.lease_ttl_s,
+                       settings.max_stage_losses)
         return None if inputs is None else StageRun(inputs, stage, settings, owner)
 
     return _run(self, job_id, stage, transient_retries, claim_stage)
@@ -79,7 +80,8 @@ def embed_corpus(self: Any, job_id: str, transient_retries: int = 0) -> str:
     its last finished shard; returns what happened."""
 
     def claim_job(settings: Settings, owner: str, redelivered: bool) -> EmbeddingRun | None:
-        inputs = claim_embedding(job_id, redelivered, owner, settings.lease_ttl_s)
+        inputs = claim_embedding(job_id, redelivered, owner, settings.lease_ttl_s,
+                                 settings.max_stage_losses)
         return None if inputs is None else EmbeddingRun(inputs, settings, owner)
 
     return _run(self, job_id, EMBED_STAGE, transient_retries, claim_job)
@@ -180,13 +182,15 @@ def _retry_recording(task: Any, job_id: str, stage: str, what: str, error: Excep
 def _on_terminated(job_id: str, stage: str) -> None:
     """The pool process is being terminated mid-stage: finish a requested cancel.
 
-    A terminate that is not a cancel (cold shutdown) leaves the row untouched: the message is
-    not acknowledged, so the broker redelivers the stage to another worker.
+    A terminate that is not a cancel (cold shutdown) only says so on the timeline, so the
+    stage's next delivery does not count it as a lost process: the message is not acknowledged,
+    and the broker (or the lease sweep) delivers the stage again.
     """
     try:
         with session_scope() as session:
             message = f"cancelled during {stage} (task terminated)"
-            lifecycle.cancel(session, job_id, stage, message, requested_only=True)
+            if not lifecycle.cancel(session, job_id, stage, message, requested_only=True):
+                lifecycle.interrupted(session, job_id, stage)
     except Exception:  # we are exiting; never mask the SystemExit
         log.exception("could not record termination of job %s", job_id)
 

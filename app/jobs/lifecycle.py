@@ -62,6 +62,20 @@ class StageBusy(Exception):
     """This stage of the job is running in another live process (it holds the job's lease)."""
 
 
+# Event texts after "<stage> " that the claim counts (so they are part of the timeline's format):
+# a delivery whose process ended without a word (killed: most often for lack of memory, or its
+# host lost), and one whose worker shut down under it (not counted against the stage).
+LOST = "stopped without finishing"
+INTERRUPTED = "interrupted: its worker shut down, and another delivery runs it again"
+WORKER_LOST = "worker_lost"
+# What lowers a stage's memory, named in the error of a job whose stage kept being killed.
+MEMORY_SETTINGS = {
+    "generate": "generation.batch_size",
+    "filter": "candidates.teacher_batch_size",
+    "distill": "training.micro_batch_size (gradients are the same at any micro-batch size)",
+}
+
+
 @dataclass(frozen=True)
 class StageOutcome:
     """What a finished (or skipped) stage reports: its manifest's counts, metrics and time."""
@@ -183,11 +197,13 @@ def claim_stage(
     lease_ttl_s: float,
     redelivered: bool,
     held_elsewhere: Callable[[AnyJob], bool],
+    max_losses: int | None = None,
 ) -> AnyJob | None:
     """Decide whether this delivery of `stage` runs: mark the job running at `stage` (overall
     progress at least `progress`) with `owner` holding its lease, and return the locked row.
 
-    None: nothing to do (the job is gone, finished, cancelled now, or past this stage).
+    None: nothing to do (the job is gone, finished, cancelled now, or past this stage, or it
+    failed here because the stage's process was lost more than `max_losses` times).
     StageBusy: `held_elsewhere(job)` says another live process runs this stage; try later.
     """
     job = locked_job(session, job_id)
@@ -211,6 +227,9 @@ def claim_stage(
         # timeout, or sent twice): running it too would share the work folder. Wait: it
         # is dropped as stale once the holder advances, and takes over if the holder dies.
         raise StageBusy(f"job {job_id} {stage} is running in {job.lease_owner}")
+    if _previous_delivery_lost(session, job, stage, owner):
+        if not _lost_again(session, job, stage, max_losses):
+            return None
     first_start = job.status == JobStatus.QUEUED
     started = f"{stage} started"
     # Deliveries of this stage so far: more than one means a redelivery (crash, lost host).
@@ -247,6 +266,78 @@ def claim_stage(
         data={"attempt": attempt, "redelivered": redelivered},
     )
     return job
+
+
+def _previous_delivery_lost(session: Session, job: AnyJob, stage: str, owner: str) -> bool:
+    """Whether the last delivery of `stage` ended without a word: it still names a lease holder
+    (or the sweep's "requeued" mark) that no live process renews. A stage that returned or
+    raised released its lease; one whose worker shut down under it said so (INTERRUPTED)."""
+    holder = job.lease_owner
+    if job.status != JobStatus.RUNNING or job.stage != stage or not holder or holder == owner:
+        return False
+    _, event_model = job_tables(job.id)
+    last = session.scalar(
+        select(event_model.message)
+        .where(
+            event_model.job_id == job.id,
+            event_model.stage == stage,
+            event_model.message.in_([f"{stage} started", f"{stage} {INTERRUPTED}"]),
+        )
+        .order_by(event_model.id.desc())
+        .limit(1)
+    )
+    return last == f"{stage} started"
+
+
+def _lost_again(session: Session, job: AnyJob, stage: str, max_losses: int | None) -> bool:
+    """Count one more loss of `stage`'s process; past `max_losses`, fail the job instead (a
+    broker gives a lost task back with no count of its own, so a stage that is killed every
+    time, out of memory, would otherwise be delivered for ever). False when it failed."""
+    _, event_model = job_tables(job.id)
+    losses = 1 + (
+        session.scalar(
+            select(func.count())
+            .select_from(event_model)
+            .where(
+                event_model.job_id == job.id,
+                event_model.stage == stage,
+                event_model.message.startswith(f"{stage} {LOST}"),
+            )
+        )
+        or 0
+    )
+    data = {"lease_owner": job.lease_owner, "losses": losses}
+    if max_losses is not None and losses > max_losses:
+        hint = MEMORY_SETTINGS.get(stage)
+        detail = (
+            f"the {stage} stage's process was lost {losses} times before it finished (killed, "
+            "most often for lack of memory); the job stopped instead of trying again. "
+            + (f"Lower {hint}, or run" if hint else "Run")
+            + " it on a worker with more memory."
+        )
+        _fail(job, stage, WORKER_LOST, detail)
+        add_event(session, job.id, EventKind.STATUS, f"{stage} failed: {detail}", stage=stage,
+                  progress=job.progress, data={"status": "failed", "error": WORKER_LOST, **data})
+        webhooks.emit(session, job, webhooks.JOB_FAILED)
+        log.error("job %s: %s lost %d times; failed", job.id, stage, losses)
+        return False
+    allowed = "" if max_losses is None else f" ({losses} of the {max_losses} losses allowed)"
+    add_event(
+        session, job.id, EventKind.WARNING,
+        f"{stage} {LOST} (its process was killed or its host lost); running it again{allowed}",
+        stage=stage, progress=job.progress, data=data,
+    )
+    log.warning("job %s: %s was lost (%s); running it again", job.id, stage, job.lease_owner)
+    return True
+
+
+def interrupted(session: Session, job_id: str, stage: str) -> None:
+    """The worker running `stage` is shutting down under it (not a cancel): say so, so the
+    next delivery does not count it as a lost process."""
+    job = locked_job(session, job_id)
+    if job is not None and job.status == JobStatus.RUNNING and job.stage == stage:
+        add_event(session, job_id, EventKind.WARNING, f"{stage} {INTERRUPTED}", stage=stage,
+                  progress=job.progress)
 
 
 def record_stage(
