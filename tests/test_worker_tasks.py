@@ -461,6 +461,15 @@ def test_a_stage_stopped_by_a_shutdown_is_swept_up_at_once(service: Path) -> Non
     job, _ = _state(job_id)
     assert job.lease_owner == lease_owner()  # kept, but lapsed
     assert sweep_lapsed_leases(300) == [job_id]
+    # The pool process said it was shut down, not lost: its stage's next delivery runs even
+    # with no loss allowed.
+    from worker.tasks import _on_terminated
+
+    _on_terminated(job_id, "distill")
+    assert claim(job_id, "distill", True, "another-host:2", 300, max_losses=0) is not None
+    job, events = _state(job_id)
+    assert job.status == JobStatus.RUNNING and job.lease_owner == "another-host:2"
+    assert not [e for e in events if "without finishing" in e.message]
 
 
 def test_deliberate_errors_fail_the_job_with_their_own_code(tmp_path: Path) -> None:
@@ -486,6 +495,35 @@ def test_deliberate_errors_fail_the_job_with_their_own_code(tmp_path: Path) -> N
     # A stray KeyError that merely mentions a model is a bug to report as internal.
     assert error_code(KeyError("model_type")) is None
     assert error_code(RuntimeError("boom")) is None
+
+
+def test_an_allocation_that_fails_names_the_setting_that_lowers_the_stages_memory(
+    service: Path,
+) -> None:
+    import torch
+
+    from worker.tasks import _record_failure, out_of_memory
+
+    job_id = _job(JobStatus.RUNNING, stage="distill")
+    # 1 PiB, past any x86-64 address space: the allocators really refuse.
+    with pytest.raises(RuntimeError) as refused:
+        torch.empty(2**50, dtype=torch.uint8)
+    with pytest.raises(MemoryError) as python:
+        bytearray(2**50)
+    assert out_of_memory(refused.value) and out_of_memory(python.value)
+    assert not out_of_memory(RuntimeError("boom")) and not out_of_memory(ValueError("memory"))
+    _record_failure(job_id, "distill", refused.value)
+    job, events = _state(job_id)
+    assert job.error == {
+        "error": "out_of_memory",
+        "stage": "distill",
+        "detail": "the distill stage ran out of memory. Lower training.micro_batch_size "
+                  "(gradients are the same at any micro-batch size), or run it on a worker "
+                  "with more memory.",
+    }
+    failed = [e for e in events if e.data.get("status") == "failed"][-1]
+    assert failed.data["exception"] == "RuntimeError"
+    assert "can't allocate memory" in failed.data["message"]
 
 
 def test_an_invalid_corpus_fails_the_job_naming_its_line(service: Path) -> None:

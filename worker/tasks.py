@@ -11,6 +11,7 @@ forced (revoke with terminate: SIGTERM to the pool process, see `_on_terminated`
 from __future__ import annotations
 
 import logging
+import sys
 import traceback
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -231,6 +232,19 @@ def error_code(error: Exception) -> str | None:
     return None
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether an allocation failed: Python's MemoryError, torch's CUDA out-of-memory error, or
+    its CPU allocator's RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    if isinstance(error, MemoryError):
+        return True
+    torch = sys.modules.get("torch")  # not imported: the error cannot be torch's
+    cuda_oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    if cuda_oom is not None and isinstance(error, cuda_oom):
+        return True
+    refusals = ("can't allocate memory", "not enough memory: you tried to allocate")
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in refusals)
+
+
 def _record_cancel(job_id: str, stage: str) -> None:
     with session_scope() as session:
         lifecycle.cancel(session, job_id, stage, f"cancelled during {stage}")
@@ -242,6 +256,11 @@ def _record_failure(job_id: str, stage: str, error: Exception) -> None:
     if code is not None:
         detail, data = str(error), {"exception": type(error).__name__}
         log.warning("job %s failed in %s: %s", job_id, stage, error)
+    elif out_of_memory(error):
+        code = "out_of_memory"
+        detail = f"the {stage} stage ran out of memory. {lifecycle.memory_advice(stage)}"
+        data = {"exception": type(error).__name__, "message": str(error)[:2000]}
+        log.error("job %s ran out of memory in %s: %s", job_id, stage, error)
     else:
         # The traceback goes into the event (operators), never into the API's error detail.
         code, detail = "internal_error", f"the {stage} stage failed unexpectedly"

@@ -268,6 +268,12 @@ def claim_stage(
     return job
 
 
+def memory_advice(stage: str) -> str:
+    """What a customer can do about a stage that needs more memory than its worker has."""
+    hint = MEMORY_SETTINGS.get(stage)
+    return (f"Lower {hint}, or run" if hint else "Run") + " it on a worker with more memory."
+
+
 def _previous_delivery_lost(session: Session, job: AnyJob, stage: str, owner: str) -> bool:
     """Whether the last delivery of `stage` ended without a word: it still names a lease holder
     (or the sweep's "requeued" mark) that no live process renews. A stage that returned or
@@ -308,12 +314,10 @@ def _lost_again(session: Session, job: AnyJob, stage: str, max_losses: int | Non
     )
     data = {"lease_owner": job.lease_owner, "losses": losses}
     if max_losses is not None and losses > max_losses:
-        hint = MEMORY_SETTINGS.get(stage)
         detail = (
             f"the {stage} stage's process was lost {losses} times before it finished (killed, "
             "most often for lack of memory); the job stopped instead of trying again. "
-            + (f"Lower {hint}, or run" if hint else "Run")
-            + " it on a worker with more memory."
+            + memory_advice(stage)
         )
         _fail(job, stage, WORKER_LOST, detail)
         add_event(session, job.id, EventKind.STATUS, f"{stage} failed: {detail}", stage=stage,
