@@ -319,10 +319,7 @@ def _lost_again(session: Session, job: AnyJob, stage: str, max_losses: int | Non
             "most often for lack of memory); the job stopped instead of trying again. "
             + memory_advice(stage)
         )
-        _fail(job, stage, WORKER_LOST, detail)
-        add_event(session, job.id, EventKind.STATUS, f"{stage} failed: {detail}", stage=stage,
-                  progress=job.progress, data={"status": "failed", "error": WORKER_LOST, **data})
-        webhooks.emit(session, job, webhooks.JOB_FAILED)
+        fail(session, job.id, stage, WORKER_LOST, detail, data)
         log.error("job %s: %s lost %d times; failed", job.id, stage, losses)
         return False
     allowed = "" if max_losses is None else f" ({losses} of the {max_losses} losses allowed)"
