@@ -208,6 +208,16 @@ def test_a_stage_whose_process_keeps_dying_fails_the_job_after_the_losses_allowe
     assert _state(job_id)[0].error == job.error
 
 
+def test_the_memory_advice_names_settings_the_recipe_has() -> None:
+    from ml_core.config import RecipeConfig
+    from ml_core.pipeline import STAGES as PIPELINE_STAGES
+
+    assert set(lifecycle.MEMORY_SETTINGS) <= set(PIPELINE_STAGES)
+    for advice in lifecycle.MEMORY_SETTINGS.values():
+        section, name = advice.split()[0].split(".")
+        assert name in RecipeConfig.model_fields[section].annotation.model_fields, advice
+
+
 def test_released_interrupted_and_own_deliveries_are_not_losses(database: None) -> None:
     # With no loss allowed, any miscount would fail the job.
     job_id = _new_job()
