@@ -505,11 +505,12 @@ def test_an_allocation_that_fails_names_the_setting_that_lowers_the_stages_memor
     from worker.tasks import _record_failure, out_of_memory
 
     job_id = _job(JobStatus.RUNNING, stage="distill")
-    # 1 PiB, past any x86-64 address space: the allocators really refuse.
+    # 4 EiB, past any 64-bit machine's address space (57-bit paging included): the allocators
+    # really refuse, whatever the kernel's overcommit policy.
     with pytest.raises(RuntimeError) as refused:
-        torch.empty(2**50, dtype=torch.uint8)
+        torch.empty(2**62, dtype=torch.uint8)
     with pytest.raises(MemoryError) as python:
-        bytearray(2**50)
+        bytearray(2**62)
     assert out_of_memory(refused.value) and out_of_memory(python.value)
     assert not out_of_memory(RuntimeError("boom")) and not out_of_memory(ValueError("memory"))
     _record_failure(job_id, "distill", refused.value)
