@@ -44,6 +44,10 @@ the averaging with the base re-exports without training again). The variants:
                  generator call) on 640 sampled passages, the default's 160 among them
     x1000-e8     the same on 1,000 passages
     xall-e8      the same on every passage of the corpus
+    like8-e8     the default with every query written like the customer's: 8 judged queries'
+                 texts (seeded, never their judgements) as generation.example_queries, one
+                 like_examples query on each of 640 passages (the default's 640 prompts);
+                 the 8 are left out of the evaluation, as a job leaves out its example queries
 
 Every trained variant also records the report's set-up rows (BM25, hybrid, whole documents) with
 their per-query nDCG@10, and the table pairs the hybrid with BM25 (chunks) of the tuned model
@@ -70,6 +74,7 @@ import json
 import math
 import os
 import platform
+import random
 import shutil
 import time
 from collections.abc import Callable
@@ -180,7 +185,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
                          "training": {"loss": "listwise", "base_merge": MERGE_SHARE,
                                       "base_anchor": 10.0, **_TRAINING},
                          "candidates": {**_LISTS, "teacher_signal": "cross_encoder"}},
+    "like8-e8": {"generation": {"query_types": ["like_examples"], "passages": 640},
+                 "training": {"loss": "listwise", "base_merge": MERGE_SHARE, **_TRAINING},
+                 "candidates": _LISTS},
 }
+# Variants given this many of the judged queries' texts as the customer's example queries
+# (generation.example_queries): drawn with the seed, and left out of the evaluation by the job.
+EXAMPLE_QUERIES: dict[str, int] = {"like8-e8": 8}
 # Variants that train on the customer's own unjudged queries (ml_core's train_queries), with the
 # judged queries standing in for a search log, cut into this many seeded folds (bench.cross_fit).
 CROSS_FIT: dict[str, int] = {"supplied-e8": 2, "mixed-e8": 2, "oracle-e8": 2,
@@ -208,6 +219,23 @@ def _config(preset: str, variant: str, overrides: dict[str, Any]) -> RecipeConfi
     return build_config(preset, merged)
 
 
+def _with_examples(variant: str, overrides: dict[str, Any], queries: Path,
+                   qrels: Path) -> dict[str, Any]:
+    """`overrides` plus, for an EXAMPLE_QUERIES variant, that many judged queries' texts as
+    generation.example_queries (a seeded draw; the judgements are not read, only which queries
+    have some)."""
+    if variant not in EXAMPLE_QUERIES:
+        return overrides
+    from ml_core.corpus import read_qrels, read_queries
+
+    judged = read_qrels(qrels)
+    texts = sorted((q.id, q.text) for q in read_queries(queries) if q.id in judged)
+    seed = overrides.get("seed", RecipeConfig().seed)
+    chosen = random.Random(f"{seed}:examples").sample(texts, EXAMPLE_QUERIES[variant])
+    generation = {**overrides.get("generation", {}), "example_queries": [t for _, t in chosen]}
+    return {**overrides, "generation": generation}
+
+
 def _training_run_hash(config: RecipeConfig) -> str:
     """What a distill stage's training depends on, leaving out settings applied after it."""
     return json.dumps([training_run_settings(config.training), config.seed], sort_keys=True)
@@ -233,7 +261,7 @@ def run_dataset(
     shared_from: dict[tuple[str, ...], Path] = {}
     trained_in: dict[tuple[Any, ...], tuple[str, Path]] = {}
     for variant in variants:
-        config = _config(preset, variant, overrides)
+        config = _config(preset, variant, _with_examples(variant, overrides, queries, qrels))
         workdir = workroot / name / variant
         # A variant starts from a copy of the longest run of shared stages whose settings it
         # agrees on: a teacher-signal variant re-filters the same queries, nothing more.

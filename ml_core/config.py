@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 
 class QueryType(StrEnum):
@@ -33,6 +40,10 @@ class QueryType(StrEnum):
     # A seeded sentence of the passage, or a span of it when sentences are long: the pseudo-query
     # of the inverse cloze task (Lee et al. 2019, arXiv 1906.00300).
     EXTRACTIVE = "extractive"
+    # Written like the customer's own example queries (generation.example_queries), each shown
+    # beside the corpus passage BM25 ranks first for it: Promptagator's few-shot prompting with
+    # a handful of the task's queries (Dai et al. 2022, arXiv 2209.11755).
+    LIKE_EXAMPLES = "like_examples"
 
 
 ALL_QUERY_TYPES: tuple[QueryType, ...] = tuple(QueryType)
@@ -41,6 +52,13 @@ EXTRACTIVE_QUERY_TYPES: frozenset[QueryType] = frozenset(
 # The types an instruction LLM writes, each with its prompt.
 LLM_QUERY_TYPES: tuple[QueryType, ...] = tuple(
     t for t in QueryType if t not in EXTRACTIVE_QUERY_TYPES)
+
+
+# The customer's example queries (generation.example_queries): a few are enough, as few-shot
+# examples; a search log belongs in a query set instead (StageContext.train_queries).
+MAX_EXAMPLE_QUERIES = 64
+ExampleQuery = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1,
+                                                max_length=500)]
 
 
 class _Section(BaseModel):
@@ -88,10 +106,25 @@ class GenerationConfig(_Section):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.3
     max_new_tokens: Annotated[int, Field(ge=4, le=256)] = 32
     few_shot_examples: Annotated[int, Field(ge=0, le=8)] = 3
+    # A handful of real queries from the customer's users, no judgements needed: the
+    # like_examples type writes queries in their style (docs/benchmarks.md, "Queries written
+    # like the customer's").
+    example_queries: Annotated[list[ExampleQuery], Field(max_length=MAX_EXAMPLE_QUERIES)] = []
     batch_size: Annotated[int, Field(ge=1, le=1024)] = 16
     # The in-process generator's number format (vLLM picks its own). "auto": bf16 where the
     # hardware computes it natively, else fp32 (docs/benchmarks.md, "bf16 generation").
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+    @model_validator(mode="after")
+    def _example_queries_for_like_examples(self) -> GenerationConfig:
+        wanted = QueryType.LIKE_EXAMPLES in self.query_types
+        if wanted and not self.example_queries:
+            raise ValueError("generation.query_types has like_examples, which writes queries "
+                             "like the customer's: give some in generation.example_queries")
+        if self.example_queries and not wanted:
+            raise ValueError("generation.example_queries is read only by the like_examples "
+                             "query type: add like_examples to generation.query_types")
+        return self
 
     @model_validator(mode="after")
     def _endpoint_for_openai(self) -> GenerationConfig:

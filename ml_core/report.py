@@ -32,7 +32,7 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     lines = [f"evaluation on {report['judgements']} judgements ({queries} queries)"]
     if report.get("excluded_trained_queries"):
         lines.append(f"left out: {report['excluded_trained_queries']} judged queries that were "
-                     "also training queries")
+                     "also training or example queries")
     lines.append(f"{'model':<10}" + "".join(f"{DISPLAY[m]:>12}" for m in metrics))
     for row in ("base", "tuned"):
         lines.append(f"{row:<10}" + "".join(f"{report[row][m]:>12.4f}" for m in metrics))

@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ml_core.config import EXTRACTIVE_QUERY_TYPES, GenerationConfig, QueryType
 from ml_core.generation.backends import Conversation, Generator
-from ml_core.generation.prompts import EXAMPLES, MAX_PASSAGE_CHARS, build_messages
+from ml_core.generation.prompts import (
+    EXAMPLES,
+    MAX_PASSAGE_CHARS,
+    Example,
+    build_messages,
+    customer_examples,
+)
 from ml_core.records import Passage, ProgressFn, Query, no_progress
 
 # A query longer than this is cut to it (the prompt asks for under 20 words; a few more are
@@ -204,17 +211,20 @@ def _batches(requests: list[_Request], pending: list[int], size: int) -> list[li
 
 
 def build_batch(
-    requests: list[_Request], cfg: GenerationConfig, examples_seed: str
+    requests: list[_Request], cfg: GenerationConfig, examples_seed: str,
+    customer_pool: Sequence[Example] = (),
 ) -> list[Conversation]:
     """The conversations of one batch: every row gets the same few-shot examples, drawn with
-    `examples_seed` (so each batch still sees a random 3 of the example pool)."""
+    `examples_seed` (so each batch still sees a random 3 of the example pool); the
+    like_examples type draws from `customer_pool`."""
     conversations = []
     for request in requests:
         # The title would hand the answer to the titles type; other types get it as context.
         title = "" if request.query_type == QueryType.TITLES else request.passage.title
         rng = random.Random(examples_seed)  # str seeds hash deterministically
+        pool = customer_pool if request.query_type == QueryType.LIKE_EXAMPLES else None
         conversations.append(build_messages(
-            request.passage.text, request.query_type, cfg.few_shot_examples, rng, title
+            request.passage.text, request.query_type, cfg.few_shot_examples, rng, title, pool
         ))
     return conversations
 
@@ -288,6 +298,7 @@ def generate_queries(
     seed: int,
     progress: ProgressFn = no_progress,
     extractive_only: list[Passage] | None = None,
+    examples: Sequence[tuple[str, str]] = (),
 ) -> list[Query]:
     """Synthetic queries: one per passage per type in `cfg.query_types`, minus unusable replies.
 
@@ -296,7 +307,8 @@ def generate_queries(
     (extractive_query). They also cover `extractive_only`, passages the generated types skip
     (generation.cheap_passages), whose queries come last. The generated types' queries are the
     same with or without any of them. `generator` may be None only when every type in
-    `cfg.query_types` is extractive.
+    `cfg.query_types` is extractive. `examples` are the like_examples type's (customer query,
+    passage text) pairs; a reply that repeats one of those queries is unusable.
 
     Requests are batched by query type (`cfg.batch_size` rows sharing one random draw of
     few-shot examples, passages sorted by length); replies that clean to nothing are retried
@@ -305,6 +317,8 @@ def generate_queries(
     function of (passages, cfg, seed) and the generator.
     """
     requests = [_Request(p, t) for p in passages for t in cfg.query_types]
+    customer_pool = customer_examples(examples)
+    customer_queries = frozenset(_normalised(query) for query, _ in examples)
     # Appended, so the generated types' requests keep their order (and so their batches).
     requests += [_Request(p, t) for p in extractive_only or [] for t in cfg.query_types
                  if t in EXTRACTIVE_QUERY_TYPES]
@@ -324,7 +338,8 @@ def generate_queries(
         for batch_index, batch in enumerate(_batches(requests, pending, cfg.batch_size)):
             query_type = requests[batch[0]].query_type.value
             examples_seed = f"{seed}:{round_index}:{query_type}:{batch_index}"
-            conversations = build_batch([requests[i] for i in batch], cfg, examples_seed)
+            conversations = build_batch([requests[i] for i in batch], cfg, examples_seed,
+                                        customer_pool)
             replies = generator.complete(
                 conversations,
                 temperature=cfg.temperature,
@@ -334,7 +349,7 @@ def generate_queries(
             )
             for i, reply in zip(batch, replies, strict=True):
                 text = clean_query(reply, requests[i].query_type, requests[i].passage)
-                if text is None:
+                if text is None or _normalised(text) in customer_queries:
                     failed.append(i)
                 else:
                     answers[i] = text

@@ -14,6 +14,7 @@ the model sees "Passage: ..." answered by a query several times, then a new pass
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ml_core.config import QueryType
@@ -53,6 +54,11 @@ INSTRUCTIONS: dict[QueryType, str] = {
         "You imitate web search users. Given a passage, write a short search query, like the ones "
         f"people type into a web search box, that the passage answers. {_RULES} of the query."
     ),
+    QueryType.LIKE_EXAMPLES: (
+        "You imitate the users of one search collection. Given a passage, write one query that "
+        "the passage answers, worded the way these users word their queries. "
+        f"{_RULES} of the query."
+    ),
 }
 
 # The recipe's zero-shot user type is defined by having no examples.
@@ -69,6 +75,7 @@ TASK_REMINDERS: dict[QueryType, str] = {
         "Write the casual search query a person would type to find this passage."
     ),
     QueryType.FEW_SHOT_USER: "Write a short web search query that this passage answers.",
+    QueryType.LIKE_EXAMPLES: "Write one query that this passage answers, as these users would.",
 }
 
 
@@ -202,23 +209,35 @@ def passage_snippet(text: str, title: str = "", max_chars: int = MAX_PASSAGE_CHA
     return cut + " ..."
 
 
+def customer_examples(pairs: Sequence[tuple[str, str]]) -> tuple[Example, ...]:
+    """The like_examples type's few-shot pool: each customer query with the passage text shown
+    beside it (its snippet, as the generator sees any passage)."""
+    return tuple(Example(passage_snippet(passage), {QueryType.LIKE_EXAMPLES: query})
+                 for query, passage in pairs)
+
+
 def build_messages(
     passage_text: str,
     query_type: QueryType | str,
     n_examples: int,
     rng: random.Random,
     title: str = "",
+    pool: Sequence[Example] | None = None,
 ) -> list[dict[str, str]]:
     """A chat conversation asking for one query of `query_type` about the passage.
 
     Returns [system instruction, (user passage, assistant query) x n_examples, user passage].
-    The examples are drawn from EXAMPLES with `rng` (none for the zero-shot type). Without
+    The examples are drawn with `rng` from `pool`, EXAMPLES when None (none for the zero-shot
+    type); the like_examples type needs the customer's pool (customer_examples). Without
     examples, the last turn restates the task after the passage (TASK_REMINDERS).
     """
     query_type = QueryType(query_type)
+    if query_type == QueryType.LIKE_EXAMPLES and not pool:
+        raise ValueError("the like_examples query type needs the customer's example queries")
+    examples = tuple(pool) if pool is not None else EXAMPLES
     messages = [{"role": "system", "content": INSTRUCTIONS[query_type]}]
-    n_examples = 0 if query_type in ZERO_SHOT_TYPES else min(n_examples, len(EXAMPLES))
-    for example in rng.sample(EXAMPLES, n_examples):
+    n_examples = 0 if query_type in ZERO_SHOT_TYPES else min(n_examples, len(examples))
+    for example in rng.sample(examples, n_examples):
         messages.append({"role": "user", "content": f"Passage: {example.passage}"})
         messages.append({"role": "assistant", "content": _example_query(example, query_type)})
     last = f"Passage: {passage_snippet(passage_text, title)}"

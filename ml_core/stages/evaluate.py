@@ -154,8 +154,9 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
 def _customer_judgements(
     ctx: StageContext, queries_path: Path, qrels_path: Path
 ) -> tuple[list[Query], Qrels, int]:
-    """The customer's judged queries, less those also given as training queries (which would
-    grade the model on its own homework); returns (queries, qrels, how many were left out)."""
+    """The customer's judged queries, less those also given as training queries or as example
+    queries (either would grade the model on its own homework); returns (queries, qrels, how
+    many were left out)."""
     from ml_core.corpus import read_qrels, read_queries
 
     queries = list(read_queries(queries_path))
@@ -165,7 +166,7 @@ def _customer_judgements(
         query_key(q.text)
         for q in load_queries(ctx.stage_dir("generate") / "queries.jsonl")
         if not q.source_id
-    }
+    } | {query_key(text) for text in ctx.config.generation.example_queries}
     kept = [q for q in queries if query_key(q.text) not in trained]
     return kept, qrels, len(queries) - len(kept)
 

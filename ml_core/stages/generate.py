@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ml_core.config import LLM_QUERY_TYPES
-from ml_core.records import Query, write_jsonl
+from ml_core.records import Passage, Query, write_jsonl
 from ml_core.stages.context import (
     StageContext,
     StageError,
@@ -40,6 +40,10 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
     cheap_only = load_cheap_only(ctx)
     sample = [by_id[pid] for pid in splits if pid not in cheap_only]
     extra = [by_id[pid] for pid in splits if pid in cheap_only]
+    examples = example_pairs(cfg.generation.example_queries, list(by_id.values()))
+    if examples:
+        write_jsonl(out / "examples.jsonl",
+                    ({"query": q, "passage_id": p.id} for q, p in examples))
     generator = None  # extractive query types only: no model to load
     if any(t in LLM_QUERY_TYPES for t in cfg.generation.query_types):
         # A hosted model behind an OpenAI-compatible endpoint is named, not stored locally.
@@ -49,7 +53,8 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
         )
         generator = load_generator(cfg.generation, source, ctx.registry)
     queries = generate_queries(sample, cfg.generation, generator, cfg.seed, ctx.progress,
-                               extractive_only=extra)
+                               extractive_only=extra,
+                               examples=[(q, p.text) for q, p in examples])
     queries = [dataclasses.replace(q, split=splits[q.source_id]) for q in queries]
     if not queries:
         raise StageError("the generator produced no usable queries")
@@ -59,9 +64,30 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
     for q in queries:
         per_type[q.query_type] = per_type.get(q.query_type, 0) + 1
     stats: dict[str, Any] = {"queries": len(queries), "per_type": per_type}
+    if examples:
+        stats["example_queries"] = len(examples)
     if isinstance(generator, TransformersGenerator):
         stats["precision"] = generator.precision
     return stats, {}
+
+
+def example_pairs(example_queries: list[str], passages: list[Passage]) -> list[tuple[str, Passage]]:
+    """Each of the customer's example queries beside the passage BM25 ranks first for it: the
+    like_examples type's few-shot turns (a passage, then the query a user wrote for it). No
+    judgement is read; an example that shares no word with the corpus is left out, and
+    StageError says so when that leaves none."""
+    if not example_queries:
+        return []
+    from ml_core.retrieval import BM25Index
+
+    _, ids = BM25Index(passages).search(example_queries, k=1)
+    by_id = {p.id: p for p in passages}
+    pairs = [(query, by_id[hits[0]]) for query, hits in zip(example_queries, ids, strict=True)
+             if hits]
+    if not pairs:
+        raise StageError("none of generation.example_queries shares a word with the corpus, so "
+                         "none can be shown beside a passage: give queries about this corpus")
+    return pairs
 
 
 def read_supplied_queries(path: Path) -> list[Query]:

@@ -322,7 +322,7 @@ def report_view(report: Report, job_id: str | None = None) -> Group:
     ]
     if report.get("excluded_trained_queries"):
         parts.append(Text(f"Left out: {report['excluded_trained_queries']} judged queries that "
-                          "were also training queries"))
+                          "were also training or example queries"))
     warnings = report.get("warnings") or []
     if warnings:
         listed = Table.grid(padding=(0, 1))
