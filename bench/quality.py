@@ -595,7 +595,11 @@ def main(argv: list[str] | None = None) -> int:
     try:  # refuse a malformed or conflicting --set before any stage runs
         overrides = parse_overrides(args.set)
         for variant in args.variants:
-            _config(args.preset, variant, overrides)
+            # An example-queries variant's texts are drawn per dataset; a stand-in checks it.
+            stand_in = ({"generation": {**overrides.get("generation", {}),
+                                        "example_queries": ["a query"]}}
+                        if variant in EXAMPLE_QUERIES else {})
+            _config(args.preset, variant, {**overrides, **stand_in})
     except (ValueError, KeyError) as exc:
         parser.error(str(exc))
     registry = ModelRegistry(default_model_store())
