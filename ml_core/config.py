@@ -27,7 +27,8 @@ from pydantic import (
 
 class QueryType(StrEnum):
     """The six synthetic query types of the recipe (Tamber et al. 2025, section 3), which the
-    generator writes, and two extractive types read off the corpus with no generator."""
+    generator writes, two extractive types read off the corpus with no generator, and one the
+    generator writes like the customer's own example queries."""
 
     QUESTIONS = "questions"
     CLAIMS = "claims"

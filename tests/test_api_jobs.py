@@ -73,6 +73,10 @@ def test_explicit_fields_and_hyperparameters_shape_the_recipe(sqlite_api: Api) -
     assert recipe["training"]["learning_rate"] == 3e-5
     assert recipe["training"]["max_epochs"] == 2
     assert recipe["seed"] == 7
+    styled = caller.job(corpus["id"], query_types=["like_examples", "questions"],
+                        hyperparameters={"generation": {"example_queries": [" panel flutter "]}})
+    assert styled["recipe"]["generation"]["query_types"] == ["like_examples", "questions"]
+    assert styled["recipe"]["generation"]["example_queries"] == ["panel flutter"]
 
 
 @pytest.mark.parametrize(
@@ -127,6 +131,13 @@ def test_models_must_exist_with_the_right_role(sqlite_api: Api, fields: dict, fi
         ({"hyperparameters": {"generation": {"endpoint": "http://attacker.example"}}},
          "invalid_recipe", "hyperparameters.generation.endpoint"),
         ({"passages": 0}, "invalid_recipe", "passages"),
+        # Queries written like the customer's need some of the customer's queries, and back.
+        ({"query_types": ["like_examples"]}, "invalid_recipe", "hyperparameters.generation"),
+        ({"hyperparameters": {"generation": {"example_queries": ["panel flutter"]}}},
+         "invalid_recipe", "hyperparameters.generation"),
+        ({"query_types": ["like_examples"],
+          "hyperparameters": {"generation": {"example_queries": ["panel flutter", " "]}}},
+         "invalid_recipe", "hyperparameters.generation.example_queries.1"),
         ({"preset": "turbo"}, "validation_error", "preset"),
         ({"query_types": ["riddles"]}, "validation_error", "query_types.0"),
         ({"loss": "mse"}, "validation_error", "loss"),

@@ -24,6 +24,7 @@ from ml_core.generation import (
     generate_queries,
     load_generator,
 )
+from ml_core.generation.prompts import customer_examples
 from ml_core.records import Passage
 
 PASSAGE = Passage(
@@ -38,9 +39,18 @@ PASSAGE = Passage(
 # Prompts
 
 
+CUSTOMER_POOL = customer_examples([
+    ("drag of a blunt cone at mach 6 .", "Blunt cones at Mach 6 were tested for drag."),
+    ("what is known about panel flutter .", "Panel flutter of thin plates in supersonic flow."),
+    ("heat transfer to a yawed cylinder .", "Heat transfer on a yawed cylinder was measured."),
+    ("buckling of thin shells under pressure", "Thin cylindrical shells buckle under pressure."),
+])
+
+
 @pytest.mark.parametrize("query_type", LLM_QUERY_TYPES)
 def test_prompt_states_the_recipe_rules_and_ends_with_the_passage(query_type: QueryType) -> None:
-    messages = build_messages(PASSAGE.text, query_type, 3, random.Random(0))
+    pool = CUSTOMER_POOL if query_type == QueryType.LIKE_EXAMPLES else None
+    messages = build_messages(PASSAGE.text, query_type, 3, random.Random(0), pool=pool)
     system = messages[0]["content"]
     assert messages[0]["role"] == "system"
     assert "under 20 words" in system and "Respond only with the plain text" in system
@@ -67,8 +77,41 @@ def test_few_shot_examples_are_seeded_and_vary_between_prompts() -> None:
     assert set(examples(1)) <= pool
 
 
+def test_like_examples_prompts_show_the_customer_queries_beside_their_passages() -> None:
+    messages = build_messages(PASSAGE.text, QueryType.LIKE_EXAMPLES, 3, random.Random(4),
+                              pool=CUSTOMER_POOL)
+    shown = list(zip(messages[1:-1:2], messages[2:-1:2], strict=True))
+    assert len(shown) == 3
+    by_query = {e.queries[QueryType.LIKE_EXAMPLES]: e.passage for e in CUSTOMER_POOL}
+    for user, assistant in shown:
+        assert user["content"] == f"Passage: {by_query[assistant['content']]}"
+    assert "worded the way these users word their queries" in messages[0]["content"]
+    # Our own examples never stand in for the customer's, and no pool is refused by name.
+    generic = {q for e in EXAMPLES for q in e.queries.values()}
+    assert not {a["content"] for _, a in shown} & generic
+    with pytest.raises(ValueError, match="like_examples query type needs the customer's"):
+        build_messages(PASSAGE.text, QueryType.LIKE_EXAMPLES, 3, random.Random(4))
+    # The other types keep drawing from our examples even when a customer pool is at hand.
+    plain = build_messages(PASSAGE.text, QueryType.QUESTIONS, 3, random.Random(4))
+    assert build_messages(PASSAGE.text, QueryType.QUESTIONS, 3, random.Random(4),
+                          pool=None) == plain
+
+
+def test_example_queries_and_the_like_examples_type_ask_for_each_other() -> None:
+    config = GenerationConfig(query_types=["like_examples", "questions"],
+                              example_queries=["  drag of a blunt cone  ", "panel flutter"])
+    assert config.example_queries == ["drag of a blunt cone", "panel flutter"]
+    with pytest.raises(ValueError, match="give some in generation.example_queries"):
+        GenerationConfig(query_types=["like_examples"])
+    with pytest.raises(ValueError, match="add like_examples to generation.query_types"):
+        GenerationConfig(example_queries=["panel flutter"])
+    with pytest.raises(ValueError, match="at least 1 character"):
+        GenerationConfig(query_types=["like_examples"], example_queries=["   "])
+
+
 def test_every_example_has_a_query_of_every_few_shot_type() -> None:
-    few_shot_types = set(LLM_QUERY_TYPES) - {QueryType.ZERO_SHOT_USER}
+    # like_examples draws on the customer's examples, never on ours.
+    few_shot_types = set(LLM_QUERY_TYPES) - {QueryType.ZERO_SHOT_USER, QueryType.LIKE_EXAMPLES}
     assert len(EXAMPLES) >= 8
     for example in EXAMPLES:
         assert set(example.queries) == few_shot_types
@@ -207,6 +250,34 @@ def test_generate_queries_one_per_passage_per_type_with_stable_ids() -> None:
         assert call["temperature"] == cfg.temperature
         assert call["max_new_tokens"] == cfg.max_new_tokens
     assert len({str(call["conversations"][0][1:-1]) for call in generator.calls}) > 1
+
+
+class CopyingGenerator:
+    """Copies the last few-shot example's query on the first call (as small models do), then
+    writes from the passage; records every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[list] = []
+
+    def complete(self, conversations, temperature, max_new_tokens, seed):
+        self.calls.append(conversations)
+        if len(self.calls) == 1:
+            return [c[-2]["content"] for c in conversations]
+        return [f"{c[-1]['content'].split()[1]} nozzle flow ." for c in conversations]
+
+
+def test_like_examples_replies_that_copy_a_customer_query_are_retried() -> None:
+    pairs = [("drag of a blunt cone at mach 6 .", "Blunt cones at Mach 6 were tested."),
+             ("what is known about panel flutter .", "Panel flutter of thin plates.")]
+    cfg = GenerationConfig(query_types=["like_examples"], example_queries=[q for q, _ in pairs],
+                           few_shot_examples=2)
+    generator = CopyingGenerator()
+    queries = generate_queries(_passages(2), cfg, generator, seed=5, examples=pairs)
+    assert [(q.id, q.text) for q in queries] == [
+        ("like_examples:id0", "doc0 nozzle flow ."), ("like_examples:id1", "doc1 nozzle flow .")]
+    assert len(generator.calls) == 2  # both first replies were copies, asked for again
+    shown = [m["content"] for m in generator.calls[0][0] if m["role"] == "assistant"]
+    assert sorted(shown) == sorted(q for q, _ in pairs)
 
 
 def test_generate_queries_retries_unusable_replies_once() -> None:

@@ -617,6 +617,45 @@ def test_supplied_queries_train_beside_synthetic_ones_and_leave_the_evaluation(
     assert report["base"]["queries"] == 2 and set(report["per_query"]) == {"q0", "q2"}
 
 
+def test_example_queries_prompt_beside_their_bm25_passage_and_leave_the_evaluation(
+    finished_run: StageContext, tmp_path: Path
+) -> None:
+    """A job given a handful of the customer's queries writes like_examples queries, each
+    example shown beside the passage BM25 ranks first for it; one that shares no word with the
+    corpus is dropped, and a judged query that is an example is not graded."""
+    examples = ["aerodynamics of a wing in a propeller slipstream",
+                "boundary layer in simple shear flow past a flat plate",
+                "zzqx wvvq"]
+    config = build_config("default", {**TINY_RECIPE, "generation": {
+        **TINY_RECIPE["generation"], "query_types": ["like_examples"],
+        "example_queries": examples}})
+    corpus_ids = [json.loads(x)["_id"] for x in finished_run.corpus_path.open()]
+    judged = _queries_file(tmp_path / "judged.jsonl", {
+        "q0": "Aerodynamics of a wing  in a propeller SLIPSTREAM", "q1": "flow over a wing",
+        "q2": "heat transfer at a stagnation point"})
+    qrels = tmp_path / "qrels.tsv"
+    qrels.write_text("".join(f"q{i}\t{corpus_ids[i]}\t1\n" for i in range(3)))
+    workdir = tmp_path / "examples"
+    shutil.copytree(finished_run.workdir / "prepare", workdir / "prepare")
+    ctx = StageContext(workdir, finished_run.corpus_path, config, finished_run.registry, judged,
+                       qrels)
+
+    assert run_stage("prepare", ctx).skipped
+    assert not run_stage("generate", ctx).skipped
+    shown = [json.loads(x) for x in (workdir / "generate" / "examples.jsonl").open()]
+    assert [(row["query"], row["passage_id"].split("#")[0]) for row in shown] == [
+        (examples[0], "1"), (examples[1], "3")]
+    manifest = json.loads((workdir / "generate" / "manifest.json").read_text())["counts"]
+    assert manifest["example_queries"] == 2
+    generated = [json.loads(x) for x in (workdir / "generate" / "queries.jsonl").open()]
+    assert generated and {q["query_type"] for q in generated} == {"like_examples"}
+    for stage in ("filter", "distill", "evaluate"):
+        assert not run_stage(stage, ctx).skipped
+    report = json.loads((workdir / "evaluate" / "report.json").read_text())
+    assert report["excluded_trained_queries"] == 1
+    assert set(report["per_query"]) == {"q1", "q2"}
+
+
 def test_without_synthetic_queries_a_job_trains_on_the_supplied_ones_alone(
     finished_run: StageContext, tmp_path: Path
 ) -> None:
