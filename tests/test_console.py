@@ -214,6 +214,27 @@ def test_the_job_form_starts_one_job_per_form_and_explains_mistakes(sqlite_api: 
                                                "hyperparameters": '{"training": {"lr": 1}}'})
     assert wrong.status_code == 422 and "hyperparameters.training.lr" in wrong.text
     assert caller.get("/v1/jobs").json()["count"] == 1
+    # Example queries, one per line, for the like_examples type; kept in the form on a mistake.
+    examples = "  panel flutter at supersonic speed\n\nheat transfer to a yawed cylinder  \n"
+    unticked = client.post("/console/jobs", data={**body, "form_id": "f4",
+                                                  "example_queries": examples})
+    assert unticked.status_code == 422
+    assert "add like_examples to generation.query_types" in unticked.text
+    assert "panel flutter at supersonic speed" in unticked.text
+    twice = client.post("/console/jobs", data={
+        **body, "form_id": "f5", "example_queries": examples,
+        "hyperparameters": json.dumps({"generation": {"example_queries": ["drag"]}})})
+    assert twice.status_code == 422 and "given both in the box" in twice.text
+    styled = client.post("/console/jobs", data={
+        **body, "form_id": "f6", "example_queries": examples,
+        "query_types": ["questions", "like_examples"]}, follow_redirects=False)
+    assert styled.status_code == 303, styled.text
+    recipe = caller.get(f"/v1/jobs/{styled.headers['location'].rsplit('/', 1)[1]}").json()[
+        "recipe"]
+    assert recipe["generation"]["example_queries"] == [
+        "panel flutter at supersonic speed", "heat transfer to a yawed cylinder"]
+    assert recipe["generation"]["query_types"] == ["questions", "like_examples"]
+    assert recipe["training"]["max_epochs"] == 1  # the JSON overrides still apply beside them
 
 
 def test_job_pages_show_only_the_tenants_jobs_and_say_when_there_is_no_report(

@@ -149,6 +149,17 @@ def _job_request(form: dict[str, Any]) -> JobCreate:
         if not isinstance(body["hyperparameters"], dict):
             raise ValueError("hyperparameters: a JSON object of recipe sections, e.g. "
                              '{"training": {"max_epochs": 4}}')
+    examples = [line.strip() for line in (form.get("example_queries") or "").splitlines()
+                if line.strip()]
+    if examples:
+        overrides = body.setdefault("hyperparameters", {})
+        generation = overrides.setdefault("generation", {})
+        if not isinstance(generation, dict):
+            raise ValueError("hyperparameters: generation must be a JSON object of settings")
+        if "example_queries" in generation:
+            raise ValueError("example queries: given both in the box and in the recipe "
+                             "overrides' generation.example_queries; keep one")
+        generation["example_queries"] = examples
     return JobCreate.model_validate(body)
 
 
@@ -168,6 +179,7 @@ def start_job(
     query_types: Annotated[list[str] | None, Form()] = None,
     passages: Annotated[str, Form(max_length=12)] = "",
     hyperparameters: Annotated[str, Form(max_length=100_000)] = "",
+    example_queries: Annotated[str, Form(max_length=100_000)] = "",
     form_id: Annotated[str, Form(max_length=64)] = "",
     csrf_token: Annotated[str, Form()] = "",
 ) -> Response:
@@ -176,6 +188,7 @@ def start_job(
         "corpus_id": corpus_id, "base_model": base_model, "preset": preset, "teacher": teacher,
         "generator": generator, "eval_set_id": eval_set_id, "query_types": query_types or [],
         "passages": passages, "hyperparameters": hyperparameters,
+        "example_queries": example_queries,
     }
     try:
         job_request = _job_request(form)
