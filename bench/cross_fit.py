@@ -16,7 +16,7 @@ from typing import Any
 from ml_core.config import RecipeConfig
 from ml_core.evaluation import paired_difference
 from ml_core.pipeline import STAGES, StageContext, run_stage
-from ml_core.records import no_progress, write_jsonl
+from ml_core.records import Query, no_progress, write_jsonl
 from ml_core.registry import ModelRegistry
 
 
@@ -26,6 +26,15 @@ def timed_stage(stage: str, ctx: StageContext, times: dict[str, float]) -> None:
     times[stage] = round(float(result.manifest["seconds"]), 1)
     note = " (reused)" if result.skipped else ""
     print(f"  {stage:<9} {times[stage]:.0f} s{note}", flush=True)
+
+
+def judged_queries(queries: Path, qrels: Path) -> list[Query]:
+    """The queries that have judgements, in file order (their texts stand in for a customer's
+    queries; the judgements themselves are not returned)."""
+    from ml_core.corpus import read_qrels, read_queries
+
+    judged = read_qrels(qrels)
+    return [q for q in read_queries(queries) if q.id in judged]
 
 
 def cross_fit_folds(query_ids: list[str], folds: int, seed: int) -> list[list[str]]:
@@ -74,10 +83,7 @@ def run_cross_fit(
     the other folds' judged query texts as training queries and fold f as the evaluation.
     Returns the joined report and the folds' summed filter counts; `times` gets each stage's
     seconds summed over the folds."""
-    from ml_core.corpus import read_qrels, read_queries
-
-    judged = read_qrels(qrels)
-    texts = [q for q in read_queries(queries) if q.id in judged]
+    texts = judged_queries(queries, qrels)
     reports, filtered = [], {}
     for f, fold in enumerate(cross_fit_folds([q.id for q in texts], folds, config.seed)):
         inside = set(fold)

@@ -81,7 +81,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.cross_fit import run_cross_fit, timed_stage
+from bench.cross_fit import judged_queries, run_cross_fit, timed_stage
 from bench.oracle import ORACLE_VARIANTS, judgements_as_teacher
 from ml_core.__main__ import default_model_store
 from ml_core.config import RecipeConfig, build_config
@@ -226,10 +226,7 @@ def _with_examples(variant: str, overrides: dict[str, Any], queries: Path,
     have some)."""
     if variant not in EXAMPLE_QUERIES:
         return overrides
-    from ml_core.corpus import read_qrels, read_queries
-
-    judged = read_qrels(qrels)
-    texts = sorted((q.id, q.text) for q in read_queries(queries) if q.id in judged)
+    texts = sorted((q.id, q.text) for q in judged_queries(queries, qrels))
     seed = overrides.get("seed", RecipeConfig().seed)
     chosen = random.Random(f"{seed}:examples").sample(texts, EXAMPLE_QUERIES[variant])
     generation = {**overrides.get("generation", {}), "example_queries": [t for _, t in chosen]}
