@@ -324,6 +324,10 @@ class EvaluationConfig(_Section):
     # judged queries (the teacher is the CPU bottleneck: queries x depth pairs).
     teacher_check_queries: Annotated[int, Field(ge=1, le=100_000)] = 100
     teacher_check_depth: Annotated[int, Field(ge=2, le=1000)] = 20
+    # The report's rows for each model on whole documents (and what chunking buys over them)
+    # cost one more encoding of every chunked document per model; off, the set-ups compared
+    # are BM25 and each model on chunks, alone and fused with BM25.
+    whole_documents: bool = True
 
 
 class RecipeConfig(_Section):

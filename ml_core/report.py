@@ -90,6 +90,9 @@ def setup_lines(report: dict[str, Any]) -> list[str]:
     for model, sig in (section.get("chunking") or {}).items():
         lines.append(f"chunking ({model}): {sig['difference']:+.4f} nDCG@10 over whole documents, "
                      f"{format_significance(sig)}")
+    if section.get("whole_documents") is False and section.get("chunked_documents"):
+        lines.append("whole-document rows left out (evaluation.whole_documents off): no figure "
+                     "for what chunking buys")
     gain = section.get("whole_gain")
     if gain:
         first, last = gain["models"]

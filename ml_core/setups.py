@@ -121,6 +121,7 @@ def compare_setups(
     rrf_k: int = RRF_K,
     batch_size: int = ENCODE_BATCH_SIZE,
     per_query: dict[str, dict[str, float]] | None = None,
+    whole_documents: bool = True,
 ) -> dict[str, Any]:
     """The report's "retrievers" section: one row per set-up (BM25 on documents; each model on
     chunks, and also on whole documents when any document was chunked; each of those fused with
@@ -133,7 +134,9 @@ def compare_setups(
 
     `passages` are the job's chunks with each model's vectors of them in `models`; `documents`
     the corpus documents those chunks come from, whole (ids are document ids). `per_query`, when
-    given, is filled with {row id: {query id: nDCG@10}}, for pairing rows across jobs.
+    given, is filled with {row id: {query id: nDCG@10}}, for pairing rows across jobs. With
+    `whole_documents` False no model encodes documents whole: no whole rows, "chunking" is
+    empty and "whole_gain" None, as when no document was chunked.
     """
     if not models:
         raise ValueError("compare_setups needs at least one dense model")
@@ -157,7 +160,7 @@ def compare_setups(
         # Whole documents cost an encoding of every chunked document; every model pays it, so
         # that tuning is also paired on the index a customer calling /v1/embed on whole
         # documents builds (a model may lose on chunks what it keeps whole, or the reverse).
-        if chunked:
+        if chunked and whole_documents:
             vectors, encoded = whole_document_vectors(
                 model.encoder, passages, documents, model.passage_vectors, batch_size)
             encoded_documents += encoded
@@ -230,6 +233,7 @@ def compare_setups(
         "chunk_overlap_tokens": chunk_overlap_tokens,
         "documents": len(documents),
         "chunked_documents": len(chunked),
+        "whole_documents": whole_documents,
         "encoded_documents": encoded_documents,
         "queries": scored[reference]["queries"],
         "rows": rows,

@@ -186,6 +186,39 @@ def test_chunks_find_what_a_whole_document_cut_at_the_models_length_never_sees(
     assert np.allclose(whole[0], direct[0], atol=1e-5)
 
 
+def test_without_whole_documents_no_document_is_encoded_whole_and_the_report_says_so(
+    student: Student, other_student: Student,
+) -> None:
+    """evaluation.whole_documents off (the quick preset): BM25 and each model on chunks, alone
+    and fused, the same figures as with it on; no whole rows, and no claim that no document
+    was long enough for one."""
+    documents, queries, qrels = _lexical_corpus()
+    passages, vectors = _setup(student, documents)
+    tuned_vectors = other_student.encode_passages(passages, batch_size=16)
+    models = [DenseModel("base", student, vectors, student.max_seq_length),
+              DenseModel("tuned", other_student, tuned_vectors, student.max_seq_length)]
+    both = compare_setups(models, passages, documents, queries, qrels, chunk_tokens=32,
+                          chunk_overlap_tokens=8)
+    section = compare_setups(models, passages, documents, queries, qrels, chunk_tokens=32,
+                             chunk_overlap_tokens=8, whole_documents=False)
+    rows = {row["id"]: row for row in section["rows"]}
+    assert list(rows) == ["bm25", "base-chunks", "base+bm25-chunks", "tuned-chunks",
+                          "tuned+bm25-chunks"]
+    assert section["encoded_documents"] == 0 and section["chunked_documents"] > 0
+    assert section["chunking"] == {} and section["whole_gain"] is None
+    assert section["whole_documents"] is False and both["whole_documents"] is True
+    full = {row["id"]: row for row in both["rows"]}
+    for rid, row in rows.items():
+        assert row["ndcg@10"] == pytest.approx(full[rid]["ndcg@10"])
+    text = "\n".join(report_lines({**sample_report(queries=40), "retrievers": section}))
+    assert "whole-document rows left out (evaluation.whole_documents off)" in text
+    assert "chunking (" not in text
+    html = render_report_html({**sample_report(queries=40), "version": 2,
+                               "retrievers": section})
+    assert "did not encode documents whole" in html
+    assert "No document is longer than a chunk" not in html
+
+
 def test_every_model_gets_whole_rows_and_tuning_is_paired_on_whole_documents(
     student: Student, other_student: Student,
 ) -> None:

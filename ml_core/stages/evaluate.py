@@ -106,13 +106,15 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
         tuned_metrics = evaluate_retriever(tuned, passages, queries, qrels,
                                            passage_vectors=tuned_vectors)
         dense.append(DenseModel("tuned", tuned, tuned_vectors, tuned_student.max_seq_length))
-    ctx.progress(0.55, "comparing BM25, hybrid and whole-document retrieval")
+    ctx.progress(0.55, "comparing BM25, hybrid" + (" and whole-document" if
+                       cfg.evaluation.whole_documents else "") + " retrieval")
     setup_scores: dict[str, dict[str, float]] = {}
     retrievers = compare_setups(
         dense, passages, corpus_documents(ctx.corpus_path, passages), queries, qrels,
         chunk_tokens=min(cfg.training.max_passage_length, base.max_passage_length),
         chunk_overlap_tokens=cfg.corpus.chunk_overlap_tokens,
         per_query=setup_scores,
+        whole_documents=cfg.evaluation.whole_documents,
     )
     # Each set-up row's nDCG@10 per query, beside the report (which keeps only the rows'
     # means): what pairs one job's set-ups with another's on the same judgements.
