@@ -361,14 +361,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     # The demo on a 2-core machine: a few hundred queries, short lists, few epochs. A quarter
     # of the queries select the checkpoint: a dev split of ~5 queries could not tell the tuned
-    # model from the base (docs/benchmarks.md, "Demo dev split").
+    # model from the base (docs/benchmarks.md, "Demo dev split"). Sized to finish within 15
+    # minutes from a fresh clone on the slowest 2-core machine measured: two-round filtering,
+    # no whole-document rows (docs/benchmarks.md, "The demo on the slowest machine").
     "quick": {
-        "generation": {"passages": 128, "query_types": ["claims", "keywords", "titles"],
+        "generation": {"passages": 96, "query_types": ["claims", "keywords", "titles"],
                        "max_new_tokens": 24},
-        "candidates": {"top_k": 10, "student_top_n": 10},
+        "candidates": {"top_k": 10, "student_top_n": 10, "filter_depth": 5},
         "training": {"list_size": 8, "batch_size": 16, "micro_batch_size": 16, "max_epochs": 4,
                      "max_passage_length": 128, "dev_fraction": 0.25},
-        "evaluation": {"teacher_check_queries": 40, "teacher_check_depth": 10},
+        "evaluation": {"teacher_check_queries": 40, "teacher_check_depth": 10,
+                       "whole_documents": False},
     },
 }
 
