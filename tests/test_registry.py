@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ml_core.registry import SPEC_FILE, ModelRegistry, ModelSpec, default_store, verify_files
@@ -319,3 +320,44 @@ def test_convert_bert_onnx_on_a_real_int8_export(tmp_path: Path) -> None:
         theirs = reference(ids, mask, torch.zeros_like(ids))[:, 0].numpy()
     cosine = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
     assert cosine.min() > 0.999  # int8 rounding only; a mis-mapped weight lands far below
+
+
+def test_a_gguf_file_is_parsed_once_while_transformers_opens_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Provisioning a GGUF generator: transformers opens the file for its tokenizer, config and
+    weights; within `parsed_once` each later opening gets the first reader, and afterwards the
+    gguf package is as it was."""
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from ml_core.provision import parsed_once
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_context_length(16)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    original = gguf.GGUFReader
+    parses: list[str] = []
+
+    class Counting(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            parses.append(str(args[0]))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    with parsed_once():
+        first = load_gguf_checkpoint(str(path))
+        again = load_gguf_checkpoint(str(path))
+        assert gguf.GGUFReader(path) is gguf.GGUFReader(str(path))
+    assert first["config"]["num_hidden_layers"] == again["config"]["num_hidden_layers"] == 1
+    assert len(parses) == 1
+    assert gguf.GGUFReader is Counting
+    gguf.GGUFReader(path)
+    assert len(parses) == 2
