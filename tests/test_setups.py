@@ -217,6 +217,11 @@ def test_without_whole_documents_no_document_is_encoded_whole_and_the_report_say
                                "retrievers": section})
     assert "did not encode documents whole" in html
     assert "No document is longer than a chunk" not in html
+    console = Console(record=True, width=240)
+    console.print(report_view({**sample_report(queries=40), "retrievers": section}, "job_1"))
+    shown = console.export_text()
+    assert "Whole-document rows left out (evaluation.whole_documents off)" in shown
+    assert "Chunking (" not in shown
 
 
 def test_every_model_gets_whole_rows_and_tuning_is_paired_on_whole_documents(

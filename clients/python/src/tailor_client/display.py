@@ -266,6 +266,8 @@ def best_setup_line(report: Report) -> Text | None:
     for model, sig in (section.get("chunking") or {}).items():
         text.append(f"\nChunking ({model}): {sig['difference']:+.4f} {_metric(PRIMARY)} over "
                     f"whole documents, 95% interval {_interval(sig)}, {_p(sig['p_value'])}")
+    if section.get("whole_documents") is False and section.get("chunked_documents"):
+        text.append("\nWhole-document rows left out (evaluation.whole_documents off)")
     return text
 
 
