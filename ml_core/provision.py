@@ -299,7 +299,8 @@ def parsed_once() -> Iterator[None]:
     transformers opens a GGUF file anew for its tokenizer, its config and its weights, and each
     opening parses the whole metadata (the tokenizer's vocabulary among it): for SmolLM2 the
     conversion took 32 s with three parses and 25 s with one, on 2 cores. A reader is only read
-    from, so one parse serves all three.
+    from, so one parse serves all three. It swaps a module attribute for the block, so it is
+    for single-threaded provisioning, not for loads that may run in threads side by side.
     """
     import gguf
 
