@@ -50,15 +50,19 @@ def load_passages(ctx: StageContext) -> list[Passage]:
 def load_splits(ctx: StageContext) -> dict[str, str]:
     """Sampled passage id -> "test" | "train" | "dev" (the extractive types' extra passages
     included)."""
-    rows = (json.loads(line) for line in (ctx.stage_dir("prepare") / "sample.jsonl").open())
-    return {row["id"]: row["split"] for row in rows}
+    return {row["id"]: row["split"] for row in _sample_rows(ctx)}
 
 
 def load_cheap_only(ctx: StageContext) -> set[str]:
     """Ids of the sampled passages only the extractive query types cover
     (generation.cheap_passages)."""
-    rows = (json.loads(line) for line in (ctx.stage_dir("prepare") / "sample.jsonl").open())
-    return {row["id"] for row in rows if row.get("cheap_only")}
+    return {row["id"] for row in _sample_rows(ctx) if row.get("cheap_only")}
+
+
+def _sample_rows(ctx: StageContext) -> list[dict[str, Any]]:
+    """prepare's sample.jsonl, its file closed once read."""
+    with (ctx.stage_dir("prepare") / "sample.jsonl").open(encoding="utf-8") as lines:
+        return [json.loads(line) for line in lines if line.strip()]
 
 
 def load_queries(path: Path) -> list[Query]:
