@@ -335,8 +335,9 @@ def test_setups_bench_reuses_stored_chunk_vectors_only_when_they_re_encode_the_s
         _cached_vectors(student, passages, path)
 
 
-def test_generate_bench_times_both_formats_on_the_same_sample(tmp_path, registry):
-    from bench.generate import print_table, run
+@pytest.mark.parametrize("compare", ["precision", "sampler"])
+def test_generate_bench_times_both_generators_on_the_same_sample(tmp_path, registry, compare):
+    from bench.generate import COMPARISONS, print_table, run
     from ml_core.config import build_config
 
     demo = Path(__file__).resolve().parents[1] / "demo" / "cranfield"
@@ -345,15 +346,30 @@ def test_generate_bench_times_both_formats_on_the_same_sample(tmp_path, registry
         "generation": {"query_types": ["questions", "keywords"], "max_new_tokens": 6,
                        "few_shot_examples": 1, "batch_size": 4},
     })
-    result = run(demo, 3, 2, tmp_path / "work", registry, config)
+    result = run(demo, 3, 2, tmp_path / "work", registry, config, compare=compare)
+    arms = COMPARISONS[compare]
+    assert result["arms"] == list(arms) and result["compare"] == compare
     assert result["passages"] == 3 and result["requested"] == 6
     assert result["query_types"] == ["questions", "keywords"]
-    assert all(len(result["seconds"][name]) == 2 for name in ("fp32", "bf16"))
-    assert all(0 <= result["queries"][name] <= 6 for name in ("fp32", "bf16"))
-    assert 0 <= result["identical"] <= result["queries"]["fp32"]
-    best = {name: min(result["seconds"][name]) for name in ("fp32", "bf16")}
-    assert result["speedup_bf16"] == pytest.approx(best["fp32"] / best["bf16"])
+    assert all(len(result["seconds"][name]) == 2 for name in arms)
+    assert all(0 <= result["queries"][name] <= 6 for name in arms)
+    assert 0 <= result["identical"] <= result["queries"][arms[0]]
+    best = {name: min(result["seconds"][name]) for name in arms}
+    assert result["speedup"] == pytest.approx(best[arms[0]] / best[arms[1]])
     print_table("demo", result)
+
+
+def test_the_sampler_bench_reference_samples_as_transformers_does(registry):
+    from bench.generate import MultinomialGenerator
+    from ml_core.generation import TransformersGenerator
+
+    plain = TransformersGenerator.load(registry.get("tiny-generator"), device="cpu",
+                                       precision="fp32")
+    reference = MultinomialGenerator(plain.model, plain.tokenizer, "cpu")
+    assert reference.sampling(0.7) == {"do_sample": True, "temperature": 0.7, "top_p": 1.0,
+                                       "top_k": 0}
+    assert "logits_processor" in plain.sampling(0.7)
+    assert plain.sampling(0.0) == reference.sampling(0.0) == {"do_sample": False}
 
 
 def test_train_bench_runs_one_epoch_in_both_formats_on_the_same_lists(tmp_path, registry, capsys):
