@@ -9,8 +9,8 @@ query type, the default prompts, batch size and temperature, retries included) w
 generators, alternating `--repeats` times so both see the same machine:
 
 - `precision` (the default): the default generator loaded in fp32 against bf16;
-- `sampler`: fp32 with transformers' own sampling (torch.multinomial) against the product's
-  inverse-CDF sampler (backends.InverseCdfSampler), which draws from the same distribution.
+- `sampler`: fp32 with the product's sampling (transformers' own, torch.multinomial) against an
+  inverse-CDF sampler (InverseCdfSampler below), which draws from the same distribution.
 
 Prints a table (seconds, queries per second, usable queries, the speed ratio, how many of the
 second generator's queries are word for word the first's) and writes JSON. Whether the queries
@@ -34,13 +34,43 @@ from ml_core.student import resolve_precision
 COMPARISONS = {"precision": ("fp32", "bf16"), "sampler": ("multinomial", "inverse-cdf")}
 
 
-class MultinomialGenerator(TransformersGenerator):
-    """The generator as it sampled before the inverse-CDF sampler: transformers' own sampling."""
+class InverseCdfSampler:
+    """A logits processor that draws each row's next token from softmax(scores / temperature).
+
+    It returns scores that are 0 at the drawn token and -inf elsewhere, so greedy decoding picks
+    the draw. The draw is an inverse-CDF lookup (a cumulative sum and a binary search, in float64)
+    on torch's seeded generator: the same distribution as transformers' sampling, which calls
+    torch.multinomial (~37 times slower per call on a CPU over a 49k-token vocabulary). A token
+    of probability 0 is never drawn. Measured as a candidate, not adopted (docs/benchmarks.md,
+    "Sampling by inverse CDF").
+    """
+
+    def __init__(self, temperature: float) -> None:
+        if temperature <= 0:
+            raise ValueError("temperature must be > 0 to sample")
+        self.temperature = temperature
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        probs = torch.softmax(scores.double() / self.temperature, dim=-1)
+        cumulative = probs.cumsum(dim=-1)
+        # u in [0, total): the first index whose cumulative sum exceeds u; a zero-probability
+        # token repeats its left neighbour's sum, so it is never the first to exceed it.
+        draws = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device)
+        tokens = torch.searchsorted(cumulative, draws * cumulative[:, -1:], right=True)
+        tokens = tokens.clamp_max(probs.shape[-1] - 1)
+        one_hot = torch.full_like(scores, float("-inf"))
+        return one_hot.scatter_(1, tokens, 0.0)
+
+
+class InverseCdfGenerator(TransformersGenerator):
+    """The product's generator with InverseCdfSampler in place of transformers' sampling."""
 
     def sampling(self, temperature: float) -> dict[str, Any]:
         if temperature <= 0:
             return {"do_sample": False}
-        return {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+        return {"do_sample": False, "logits_processor": [InverseCdfSampler(temperature)]}
 
 
 def _generators(compare: str, spec: Any) -> dict[str, TransformersGenerator]:
@@ -48,8 +78,8 @@ def _generators(compare: str, spec: Any) -> dict[str, TransformersGenerator]:
         return {name: TransformersGenerator.load(spec, device="cpu", precision=name)
                 for name in COMPARISONS["precision"]}
     plain = TransformersGenerator.load(spec, device="cpu", precision="fp32")
-    return {"multinomial": MultinomialGenerator(plain.model, plain.tokenizer, "cpu"),
-            "inverse-cdf": plain}
+    return {"multinomial": plain,
+            "inverse-cdf": InverseCdfGenerator(plain.model, plain.tokenizer, "cpu")}
 
 
 def run(data: Path, passages: int, repeats: int, work: Path, registry: ModelRegistry,

@@ -359,17 +359,58 @@ def test_generate_bench_times_both_generators_on_the_same_sample(tmp_path, regis
     print_table("demo", result)
 
 
-def test_the_sampler_bench_reference_samples_as_transformers_does(registry):
-    from bench.generate import MultinomialGenerator
+def test_the_sampler_bench_sets_the_inverse_cdf_sampler_against_the_products_sampling(registry):
+    from bench.generate import InverseCdfGenerator, InverseCdfSampler
     from ml_core.generation import TransformersGenerator
 
     plain = TransformersGenerator.load(registry.get("tiny-generator"), device="cpu",
                                        precision="fp32")
-    reference = MultinomialGenerator(plain.model, plain.tokenizer, "cpu")
-    assert reference.sampling(0.7) == {"do_sample": True, "temperature": 0.7, "top_p": 1.0,
-                                       "top_k": 0}
-    assert "logits_processor" in plain.sampling(0.7)
-    assert plain.sampling(0.0) == reference.sampling(0.0) == {"do_sample": False}
+    candidate = InverseCdfGenerator(plain.model, plain.tokenizer, "cpu")
+    assert plain.sampling(0.7) == {"do_sample": True, "temperature": 0.7, "top_p": 1.0,
+                                   "top_k": 0}
+    (processor,) = candidate.sampling(0.7)["logits_processor"]
+    assert isinstance(processor, InverseCdfSampler) and processor.temperature == 0.7
+    assert plain.sampling(0.0) == candidate.sampling(0.0) == {"do_sample": False}
+    conversations = [[{"role": "user", "content": "Passage: the wing"}]]
+    first = candidate.complete(conversations, temperature=0.8, max_new_tokens=6, seed=3)
+    assert first == candidate.complete(conversations, temperature=0.8, max_new_tokens=6, seed=3)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_inverse_cdf_sampler_draws_from_the_tempered_softmax(temperature: float) -> None:
+    import torch
+
+    from bench.generate import InverseCdfSampler
+
+    scores = torch.tensor([2.0, 1.0, 0.0, float("-inf"), 0.5, -1.0])
+    rows = 40_000
+    torch.manual_seed(0)
+    picked = InverseCdfSampler(temperature)(None, scores.repeat(rows, 1))
+    # One token per row: 0 there, -inf everywhere else, so greedy decoding takes the draw.
+    assert torch.equal((picked == 0).sum(dim=1), torch.ones(rows, dtype=torch.long))
+    assert torch.isinf(picked).sum() == rows * (len(scores) - 1)
+    counts = torch.bincount(picked.argmax(dim=1), minlength=len(scores)).double()
+    expected = torch.softmax(scores.double() / temperature, dim=0) * rows
+    assert counts[3] == 0  # probability 0: never drawn
+    # Each count within 5 standard deviations of its binomial expectation.
+    spread = (expected * (1 - expected / rows)).sqrt()
+    assert torch.all((counts - expected).abs() <= 5 * spread + 1e-9), (counts, expected)
+
+
+def test_inverse_cdf_sampler_is_seeded_and_refuses_temperature_zero() -> None:
+    import torch
+
+    from bench.generate import InverseCdfSampler
+
+    scores = torch.randn(64, 1000)
+    sampler = InverseCdfSampler(0.8)
+    torch.manual_seed(7)
+    first = sampler(None, scores).argmax(dim=1)
+    torch.manual_seed(7)
+    assert torch.equal(first, sampler(None, scores).argmax(dim=1))
+    assert len(set(first.tolist())) > 10  # a draw, not the argmax of every row
+    with pytest.raises(ValueError, match="temperature"):
+        InverseCdfSampler(0.0)
 
 
 def test_train_bench_runs_one_epoch_in_both_formats_on_the_same_lists(tmp_path, registry, capsys):

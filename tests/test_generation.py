@@ -371,43 +371,6 @@ def test_transformers_generator_is_seeded_and_decodes_only_new_tokens(tiny_gener
         assert len(reply) <= 6 * longest_token
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.5])
-def test_inverse_cdf_sampler_draws_from_the_tempered_softmax(temperature: float) -> None:
-    import torch
-
-    from ml_core.generation.backends import InverseCdfSampler
-
-    scores = torch.tensor([2.0, 1.0, 0.0, float("-inf"), 0.5, -1.0])
-    rows = 40_000
-    torch.manual_seed(0)
-    picked = InverseCdfSampler(temperature)(None, scores.repeat(rows, 1))
-    # One token per row: 0 there, -inf everywhere else, so greedy decoding takes the draw.
-    assert torch.equal((picked == 0).sum(dim=1), torch.ones(rows, dtype=torch.long))
-    assert torch.isinf(picked).sum() == rows * (len(scores) - 1)
-    counts = torch.bincount(picked.argmax(dim=1), minlength=len(scores)).double()
-    expected = torch.softmax(scores.double() / temperature, dim=0) * rows
-    assert counts[3] == 0  # probability 0: never drawn
-    # Each count within 5 standard deviations of its binomial expectation.
-    spread = (expected * (1 - expected / rows)).sqrt()
-    assert torch.all((counts - expected).abs() <= 5 * spread + 1e-9), (counts, expected)
-
-
-def test_inverse_cdf_sampler_is_seeded_and_refuses_temperature_zero() -> None:
-    import torch
-
-    from ml_core.generation.backends import InverseCdfSampler
-
-    scores = torch.randn(64, 1000)
-    sampler = InverseCdfSampler(0.8)
-    torch.manual_seed(7)
-    first = sampler(None, scores).argmax(dim=1)
-    torch.manual_seed(7)
-    assert torch.equal(first, sampler(None, scores).argmax(dim=1))
-    assert len(set(first.tolist())) > 10  # a draw, not the argmax of every row
-    with pytest.raises(ValueError, match="temperature"):
-        InverseCdfSampler(0.0)
-
-
 def test_transformers_generator_left_pads_so_batching_matches_single_greedy(tiny_generator) -> None:
     short = [{"role": "user", "content": "Passage: wing"}]
     long = [{"role": "user", "content": "Passage: " + "boundary layer flow " * 8}]

@@ -161,14 +161,12 @@ class TransformersGenerator:
             )
         return self.tokenizer.batch_decode(output[:, prompt_len:], skip_special_tokens=True)
 
-
     def sampling(self, temperature: float) -> dict[str, Any]:
-        """generate()'s decoding arguments: greedy at temperature 0; otherwise greedy over
-        InverseCdfSampler's one-hot scores, which draws from the same distribution as
-        transformers' own sampling without torch.multinomial's cost."""
+        """generate()'s decoding arguments: greedy at temperature 0, else transformers' own
+        sampling from the tempered softmax over the whole vocabulary."""
         if temperature <= 0:
             return {"do_sample": False}
-        return {"do_sample": False, "logits_processor": [InverseCdfSampler(temperature)]}
+        return {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
 
     def _encode_sharing_prefix(self, prompts: list[str]) -> tuple[dict[str, Any], Any]:
         """Token ids and mask for a batch, plus a KV cache of the prompts' shared prefix.
@@ -207,35 +205,6 @@ class TransformersGenerator:
         mask = torch.cat([torch.ones(len(ids), shared, dtype=torch.long), suffix_mask], dim=1)
         batch = {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
         return batch, cache
-
-
-class InverseCdfSampler:
-    """A logits processor that draws each row's next token from softmax(scores / temperature).
-
-    It returns scores that are 0 at the drawn token and -inf elsewhere, so greedy decoding picks
-    the draw. The draw is an inverse-CDF lookup (a cumulative sum and a binary search, in float64)
-    on torch's seeded generator: the same distribution as transformers' sampling, which calls
-    torch.multinomial, ~37 times slower on a CPU over a 49k-token vocabulary (docs/benchmarks.md,
-    "Sampling by inverse CDF"). A token of probability 0 is never drawn.
-    """
-
-    def __init__(self, temperature: float) -> None:
-        if temperature <= 0:
-            raise ValueError("temperature must be > 0 to sample")
-        self.temperature = temperature
-
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
-        import torch
-
-        probs = torch.softmax(scores.double() / self.temperature, dim=-1)
-        cumulative = probs.cumsum(dim=-1)
-        # u in [0, total): the first index whose cumulative sum exceeds u; a zero-probability
-        # token repeats its left neighbour's sum, so it is never the first to exceed it.
-        draws = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device)
-        tokens = torch.searchsorted(cumulative, draws * cumulative[:, -1:], right=True)
-        tokens = tokens.clamp_max(probs.shape[-1] - 1)
-        one_hot = torch.full_like(scores, float("-inf"))
-        return one_hot.scatter_(1, tokens, 0.0)
 
 
 class _FirstLineDone:
