@@ -384,8 +384,21 @@ class _Run:
     def _encode_passages(self, texts: list[str]) -> torch.Tensor:
         if self.cfg.tune == "queries":
             return self._frozen_side(texts, "passage")
+        # Lists of one chunk share hard negatives (neighbouring passages' queries find the same
+        # candidates): each distinct text is encoded once and its vector indexed into every
+        # slot, so a shared passage's gradient is the sum over its slots, as when each slot
+        # encoded it. With dropout on, the slots of one text share one dropout draw.
+        unique = list(dict.fromkeys(texts))
         with self._autocast():
-            return self.student.forward_passages(texts, self.passage_length).float()
+            vectors = self.student.forward_passages(unique, self.passage_length).float()
+        if len(unique) == len(texts):
+            return vectors
+        slot = {text: i for i, text in enumerate(unique)}
+        # index_select, not vectors[index]: the latter's backward (an accumulating index_put)
+        # sums a shared passage's slots in a varying order on a multi-threaded CPU, so two
+        # identical steps gave different gradients; index_select's backward does not.
+        index = torch.tensor([slot[t] for t in texts], device=vectors.device)
+        return vectors.index_select(0, index)
 
     def _frozen_side(self, texts: list[str], kind: str) -> torch.Tensor:
         assert self.frozen is not None

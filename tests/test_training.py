@@ -378,6 +378,37 @@ def test_train_layers_names_a_model_without_a_layer_list() -> None:
         freeze_lower_layers(nn.Linear(2, 2), 1)
 
 
+def test_a_passage_in_several_lists_is_encoded_once_with_the_same_vectors_and_gradients(
+    model_store: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ml_core.training import _Run
+
+    texts = [TOPICS[0], TOPICS[1], TOPICS[0], TOPICS[2], TOPICS[1], TOPICS[0]]
+    student = _student(model_store)
+    run = _Run(student, CFG.model_copy(update={"precision": "fp32"}))
+    weights = torch.randn(len(texts), student.forward_passages(texts[:1]).shape[1],
+                          generator=torch.Generator().manual_seed(1))
+
+    def gradients(reps: torch.Tensor) -> dict[str, torch.Tensor]:
+        student.zero_grad()
+        (reps * weights).sum().backward()
+        return {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+    every_slot = student.forward_passages(texts, run.passage_length).float()
+    expected = gradients(every_slot)
+    seen: list[int] = []
+    forward = student.forward_passages
+    monkeypatch.setattr(student, "forward_passages",
+                        lambda batch, *a: seen.append(len(batch)) or forward(batch, *a))
+    deduplicated = run._encode_passages(texts)
+    assert seen == [3]  # three distinct passages, encoded once each
+    assert torch.allclose(deduplicated, every_slot, atol=1e-5)
+    got = gradients(deduplicated)
+    assert got.keys() == expected.keys()
+    for name, grad in expected.items():
+        assert torch.allclose(got[name], grad, atol=1e-5, rtol=1e-4), name
+
+
 def test_query_side_tuning_encodes_passages_with_the_starting_weights_once(
     model_store: Path,
 ) -> None:
