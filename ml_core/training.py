@@ -384,9 +384,9 @@ class _Run:
     def _encode_passages(self, texts: list[str]) -> torch.Tensor:
         if self.cfg.tune == "queries":
             return self._frozen_side(texts, "passage")
-        # Lists of one chunk share hard negatives (neighbouring passages' queries find the same
-        # candidates): each distinct text is encoded once and its vector indexed into every
-        # slot, so a shared passage's gradient is the sum over its slots, as when each slot
+        # The lists of one micro-batch share hard negatives (neighbouring passages' queries find
+        # the same candidates): each distinct text is encoded once and its vector indexed into
+        # every slot, so a shared passage's gradient is the sum over its slots, as when each slot
         # encoded it. With dropout on, the slots of one text share one dropout draw.
         unique = list(dict.fromkeys(texts))
         with self._autocast():
