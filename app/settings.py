@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Defaults are anchored at the repository root so the API, the worker and the CLI agree on the
@@ -107,6 +107,15 @@ class Settings(BaseSettings):
     model_unpacked_max_bytes: int = Field(default=8 * GiB, ge=1)
     model_upload_max_files: int = Field(default=1000, ge=1)
 
+    # Where every job's query generation runs: a deployment choice, never a tenant's (an
+    # endpoint receives the operator's key, TAILOR_GENERATOR_API_KEY). None: the recipe's own
+    # (in-process transformers); "vllm": vLLM on the GPU worker (the `gpu` extra), loading the
+    # job's generator from the model store; "openai": the OpenAI-compatible server at
+    # generation_endpoint, and every job's generator is the model it serves, generation_model.
+    generation_backend: Literal["transformers", "vllm", "openai"] | None = None
+    generation_endpoint: str | None = None
+    generation_model: str | None = None
+
     # Worker / queue. Seconds a delivered but unacknowledged stage task may run before the
     # broker redelivers it (acks_late): longer than the slowest stage (tests use a few seconds).
     visibility_timeout: int = Field(default=6 * 3600, ge=1)
@@ -148,6 +157,16 @@ class Settings(BaseSettings):
     metrics_token: SecretStr | None = None
     worker_metrics_port: int = Field(default=0, ge=0, le=65535)
     worker_metrics_host: str = "127.0.0.1"
+
+    @model_validator(mode="after")
+    def _endpoint_and_model_for_openai(self) -> Settings:
+        if self.generation_backend == "openai":
+            missing = [f"TAILOR_{name.upper()}" for name in ("generation_endpoint",
+                                                              "generation_model")
+                       if not getattr(self, name)]
+            if missing:
+                raise ValueError(f"TAILOR_GENERATION_BACKEND=openai needs {' and '.join(missing)}")
+        return self
 
 
 @lru_cache

@@ -137,13 +137,42 @@ def _check_resolved(overrides: dict[str, Any], recipe: RecipeConfig) -> None:
         raise InvalidRecipe(f"{field}: each query type may be named once", field=field)
 
 
+def with_deployment_generation(
+    recipe: RecipeConfig, request: JobCreate, backend: str | None, endpoint: str | None,
+    model: str | None,
+) -> RecipeConfig:
+    """The recipe with the deployment's generation backend (Settings.generation_backend).
+
+    "openai": the OpenAI-compatible endpoint and the model it serves become the job's
+    generation.endpoint and generator (a `generator` the request names must be that model);
+    "vllm": the job's generator, a stored model, runs on vLLM; None or "transformers": as is.
+    """
+    if backend is None or backend == "transformers":
+        return recipe
+    generation = {"backend": backend}
+    changes: dict[str, Any] = {}
+    if backend == "openai":
+        if request.generator is not None and request.generator != model:
+            raise InvalidRecipe(
+                f"generator: this deployment writes queries with {model!r} at its endpoint; "
+                f"leave generator out (or name {model!r})",
+                field="generator",
+            )
+        generation["endpoint"] = endpoint or ""
+        changes["generator"] = model
+    changes["generation"] = recipe.generation.model_copy(update=generation)
+    return RecipeConfig.model_validate({**recipe.model_dump(), **changes})
+
+
 def check_models(
     recipe: RecipeConfig, registry: ModelRegistry, own_models: Collection[str] = ()
 ) -> None:
     """Every model the recipe names exists in the registry with the right role (422 otherwise);
-    the base model may also be one of the tenant's own (`own_models`: its `mdl_` ids)."""
+    the base model may also be one of the tenant's own (`own_models`: its `mdl_` ids). A
+    generator served at an OpenAI-compatible endpoint is the deployment's, not a stored one."""
     names = {"base_model": recipe.student, "teacher": recipe.teacher, "generator": recipe.generator}
-    checks = [(field, names[field], role) for field, role in MODEL_ROLES]
+    checks = [(field, names[field], role) for field, role in MODEL_ROLES
+              if not (field == "generator" and recipe.generation.backend == "openai")]
     checks += [(HELPERS_FIELD, name, "student") for name in recipe.candidates.helpers]
     checks += [(CO_TEACHERS_FIELD, name, "teacher") for name in recipe.candidates.co_teachers]
     for field, name, role in checks:

@@ -79,7 +79,8 @@ def create_job(
 ) -> Job:
     """Start a specialization job on a corpus; it is queued, then run stage by stage."""
     job, created = service.create_job(
-        session, tenant, request, registry, idempotency_key, settings.max_concurrent_jobs
+        session, tenant, request, registry, idempotency_key, settings.max_concurrent_jobs,
+        (settings.generation_backend, settings.generation_endpoint, settings.generation_model),
     )
     bind(job_id=job.id)
     if not created:

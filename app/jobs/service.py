@@ -30,7 +30,7 @@ from app.errors import IdempotencyConflict, InvalidRequest, InvalidState, NotFou
 from app.eval_sets.service import get_eval_set
 from app.ids import new_id
 from app.jobs import lifecycle
-from app.jobs.recipe import check_models, resolve_recipe
+from app.jobs.recipe import check_models, resolve_recipe, with_deployment_generation
 from app.jobs.schemas import JobCreate, JobUpdate
 from app.logs import current_fields
 from app.metadata import matches
@@ -69,9 +69,11 @@ def create_job(
     registry: ModelRegistry,
     idempotency_key: str | None,
     max_concurrent_jobs: int,
+    generation: tuple[str | None, str | None, str | None] | None = None,
 ) -> tuple[Job, bool]:
     """A new queued job, or the job an earlier request with the same Idempotency-Key created:
-    returns (job, created). The caller commits, then enqueues."""
+    returns (job, created). The caller commits, then enqueues. `generation`: the deployment's
+    (backend, endpoint, model) for query generation (Settings.generation_backend)."""
     digest = request_hash(request)
     if idempotency_key is not None:
         existing = _by_idempotency_key(session, tenant, idempotency_key)
@@ -96,6 +98,8 @@ def create_job(
                 field="query_set_id",
             )
     recipe = resolve_recipe(request)
+    if generation is not None:
+        recipe = with_deployment_generation(recipe, request, *generation)
     own = (find_tenant_model(session, tenant.id, recipe.student)
            if is_tenant_model(recipe.student) else None)
     check_models(recipe, registry, [own.id] if own is not None else [])
