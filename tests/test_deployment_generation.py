@@ -4,10 +4,7 @@ written where the operator says, an OpenAI-compatible endpoint's model included.
 from __future__ import annotations
 
 import contextlib
-import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,7 @@ from ml_core.pipeline import StageContext, run_stage
 from ml_core.records import Query, read_jsonl
 from ml_core.registry import ModelRegistry
 from tests.api_support import Api, job_body, start_api
+from tests.http_servers import JsonHandler, serving
 
 pytest_plugins = ["tests.api_fixtures"]
 
@@ -26,42 +24,26 @@ DEMO = Path(__file__).resolve().parents[1] / "demo" / "cranfield"
 SERVED = "served-llm"
 
 
-class _Endpoint(BaseHTTPRequestHandler):
+class _Endpoint(JsonHandler):
     """An OpenAI-compatible chat endpoint that writes a short query from the passage it is
     shown (the last user message), and records what it was sent."""
 
     requests: list[dict] = []
-    lock = threading.Lock()
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        with self.lock:
-            self.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
-                                  "body": body})
+        body = self.read_json()
         words = [w.strip(".,;:()") for w in body["messages"][-1]["content"].split()]
         long_words = [w.lower() for w in words if len(w) > 6][:3]
         reply = "what is known about " + " ".join(long_words or ["this"])
-        data = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant",
-                                                                "content": reply}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args) -> None:
-        pass
+        self.send_json(200, {"choices": [{"index": 0, "message": {"role": "assistant",
+                                                                  "content": reply}}]})
 
 
 @pytest.fixture()
 def endpoint() -> Iterator[str]:
     _Endpoint.requests = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Endpoint)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
+    with serving(_Endpoint) as url:
+        yield url + "/v1"
 
 
 @contextlib.contextmanager

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import random
 import sys
-import threading
 import types
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -26,6 +23,7 @@ from ml_core.generation import (
 )
 from ml_core.generation.prompts import customer_examples
 from ml_core.records import Passage
+from tests.http_servers import JsonHandler, serving
 
 PASSAGE = Passage(
     "p1",
@@ -421,56 +419,36 @@ def test_generate_queries_end_to_end_on_the_tiny_model(tiny_generator) -> None:
 # OpenAIGenerator against a real HTTP server
 
 
-class _ChatServer(BaseHTTPRequestHandler):
+class _ChatServer(JsonHandler):
     """A minimal OpenAI-compatible endpoint: echoes the last user message and the seed; the
     first request for a message containing "busy" gets a 429, "broken" always gets a 400."""
 
     seen_busy: set[str] = set()
     requests: list[dict] = []
-    lock = threading.Lock()
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        with self.lock:
-            self.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
-                                  "body": body})
+        body = self.read_json()
         last = body["messages"][-1]["content"]
         if "broken" in last:
-            return self._send(400, {"error": {"message": "bad request: broken"}})
+            return self.send_json(400, {"error": {"message": "bad request: broken"}})
         if "busy" in last:
             with self.lock:
                 first_time = last not in self.seen_busy
                 self.seen_busy.add(last)
             if first_time:
-                return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0"})
+                return self.send_json(429, {"error": {"message": "slow down"}},
+                                      {"Retry-After": "0"})
         reply = f"echo {last} seed={body['seed']} max={body['max_tokens']}"
-        self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant",
-                                                              "content": reply}}]})
-
-    def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args) -> None:
-        pass
+        self.send_json(200, {"choices": [{"index": 0, "message": {"role": "assistant",
+                                                                  "content": reply}}]})
 
 
 @pytest.fixture()
 def chat_server() -> Iterator[str]:
     _ChatServer.seen_busy = set()
     _ChatServer.requests = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _ChatServer)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(_ChatServer) as url:
+        yield url
 
 
 def _conv(text: str) -> list[dict[str, str]]:
