@@ -149,8 +149,8 @@ def with_deployment_generation(
     """
     if backend is None or backend == "transformers":
         return recipe
-    generation = {"backend": backend}
-    changes: dict[str, Any] = {}
+    resolved = recipe.model_dump()
+    resolved["generation"]["backend"] = backend
     if backend == "openai":
         if request.generator is not None and request.generator != model:
             raise InvalidRecipe(
@@ -158,10 +158,9 @@ def with_deployment_generation(
                 f"leave generator out (or name {model!r})",
                 field="generator",
             )
-        generation["endpoint"] = endpoint or ""
-        changes["generator"] = model
-    changes["generation"] = recipe.generation.model_copy(update=generation)
-    return RecipeConfig.model_validate({**recipe.model_dump(), **changes})
+        resolved["generation"]["endpoint"] = endpoint
+        resolved["generator"] = model
+    return RecipeConfig.model_validate(resolved)
 
 
 def check_models(
